@@ -1,0 +1,171 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Programs attached to the host side of every endpoint's veth (lxc...):
+ *   cil_from_container - tc ingress: packets the pod sends (egress policy)
+ *   cil_to_container   - tc egress:  packets delivered to the pod (ingress policy)
+ *
+ * One loaded copy serves every endpoint: the endpoint is found by the
+ * device's ifindex in cilium_lxc, so creating an endpoint needs no compile and
+ * no load, only map writes and an attach.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/events.h"
+#include "lib/ipcache.h"
+#include "lib/policy.h"
+#include "lib/conntrack.h"
+
+#define ETH_P_ARP_BE bpf_htons(0x0806)
+#define ETH_P_IP_BE bpf_htons(0x0800)
+
+static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, __u32 src_id,
+				__u32 dst_id, __u8 flags, __u8 metric_dir)
+{
+	emit_drop(skb, ep_id, (__u8)reason, src_id, dst_id, flags);
+	metrics_update(skb, (__u8)reason, metric_dir);
+	return TC_ACT_SHOT;
+}
+
+/*
+ * The policy decision shared by both hooks. `egress` selects the endpoint's
+ * egress (from-container) or ingress (to-container) policy; `peer_id` is the
+ * identity of the other side. Returns TC_ACT_OK or TC_ACT_SHOT.
+ */
+static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
+				   struct pkt *p, int egress, __u32 peer_id)
+{
+	__u8 ct_dir = egress ? CT_EGRESS : CT_INGRESS;
+	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
+	__u8 point = egress ? TRACE_FROM_LXC : TRACE_TO_LXC;
+	__u32 src_id = egress ? ep->sec_identity : peer_id;
+	__u32 dst_id = egress ? peer_id : ep->sec_identity;
+	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
+	struct ct_result ct;
+
+	ct_lookup(p, ct_dir, skb->len, &ct);
+
+	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
+		/* Replies of allowed connections pass without a policy lookup. */
+		if (ct.new_flags)
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id,
+				   dir_flag | (ct.status == CT_REPLY ? EVENT_F_REPLY : EVENT_F_RELATED));
+		metrics_update(skb, 0, metric_dir);
+		return TC_ACT_OK;
+	}
+
+	__u16 enforce_flag = egress ? EP_F_EGRESS_ENFORCE : EP_F_INGRESS_ENFORCE;
+	__u32 rev = policy_revision();
+	struct policy_result pol = { .verdict = 1, .proxy_port = 0, .match_type = POLICY_MATCH_ALL };
+
+	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {
+		/* Verdict cached for this connection at the current policy revision. */
+		if (ct.new_flags)
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+		metrics_update(skb, 0, metric_dir);
+		return TC_ACT_OK;
+	}
+
+	if (ep->flags & enforce_flag) {
+		policy_lookup(ep, peer_id, egress, p, &pol);
+		if (ct.status == CT_NEW)
+			emit_verdict(skb, ep->ep_id, src_id, dst_id, p, pol.verdict,
+				     pol.match_type,
+				     dir_flag | ((pol.verdict < 0 && (ep->flags & EP_F_AUDIT))
+							 ? EVENT_F_AUDIT : 0),
+				     pol.proxy_port);
+		if (pol.verdict < 0 && !(ep->flags & EP_F_AUDIT))
+			return drop(skb, ep->ep_id, -pol.verdict, src_id, dst_id, dir_flag,
+				    metric_dir);
+	}
+
+	if (ct.status == CT_NEW) {
+		int ret = ct_create(p, ct_dir, skb->len, src_id, rev, pol.proxy_port);
+		if (ret < 0)
+			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir);
+		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+	} else if (ct.entry) {
+		/* Re-checked after a policy change: remember the new revision. */
+		ct.entry->policy_rev = rev;
+		if (ct.new_flags)
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+	}
+	metrics_update(skb, 0, metric_dir);
+	return TC_ACT_OK;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, int egress)
+{
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *ep = bpf_map_lookup_elem(&cilium_lxc, &ifindex);
+	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
+	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
+
+	if (!ep)
+		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, dir_flag, metric_dir);
+	if (skb->protocol == ETH_P_ARP_BE)
+		return TC_ACT_OK;
+	if (skb->protocol != ETH_P_IP_BE)
+		return drop(skb, ep->ep_id, DROP_UNKNOWN_L3, 0, 0, dir_flag, metric_dir);
+
+	struct pkt p;
+	int ret = parse_ipv4(skb, &p);
+	if (ret < 0)
+		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir);
+
+	if (egress) {
+		/* A pod may only send from its own address. */
+		if (p.saddr != ep->ipv4)
+			return drop(skb, ep->ep_id, DROP_INVALID_SIP, ep->sec_identity, 0,
+				    dir_flag, metric_dir);
+		return enforce(skb, ep, &p, 1, ipcache_identity(p.daddr));
+	}
+	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr));
+}
+
+SEC("classifier")
+int cil_from_container(struct __sk_buff *skb)
+{
+	return handle(skb, 1);
+}
+
+SEC("classifier")
+int cil_to_container(struct __sk_buff *skb)
+{
+	return handle(skb, 0);
+}
+
+/*
+ * Anchor for the ABI check: puts every shared type into the object's BTF,
+ * including those only ever written to the ring buffer. Never attached.
+ */
+struct abi_anchor {
+	struct endpoint_info endpoint_info;
+	struct ipcache_key ipcache_key;
+	struct ipcache_value ipcache_value;
+	struct policy_key policy_key;
+	struct policy_entry policy_entry;
+	struct ct_key ct_key;
+	struct ct_entry ct_entry;
+	struct runtime_config runtime_config;
+	struct metrics_key metrics_key;
+	struct metrics_value metrics_value;
+	struct event event;
+	enum reserved_identity reserved_identity;
+	enum drop_reason drop_reason;
+	enum event_type event_type;
+	enum trace_point trace_point;
+	enum policy_match policy_match;
+	enum event_flags event_flags;
+	enum endpoint_flags endpoint_flags;
+	enum policy_entry_flags policy_entry_flags;
+	enum ct_dir ct_dir;
+	enum ct_entry_flags ct_entry_flags;
+	enum metric_dir metric_dir;
+};
+
+__attribute__((noinline)) int cilium_abi_anchor(struct abi_anchor *a)
+{
+	return a != 0;
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";

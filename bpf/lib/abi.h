@@ -1,0 +1,244 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * The ABI between the datapath and the agent: every type stored in a map or
+ * sent on the event ring buffer, and every numeric code either side reads.
+ *
+ * This header is the single definition. crates/abi mirrors it in Rust and a
+ * test of crates/datapath checks every size, offset and enum value against the
+ * BTF of the compiled object, so the two sides cannot drift apart silently.
+ *
+ * Rules: fixed-width types only, explicit padding, no bool, no bitfields.
+ * Addresses and ports are in network byte order unless a comment says otherwise.
+ */
+#ifndef CILIUM_ABI_H
+#define CILIUM_ABI_H
+
+#include <linux/types.h>
+
+/* ---- reserved identities (pkg/identity upstream) ---- */
+enum reserved_identity {
+	IDENTITY_UNKNOWN = 0,
+	IDENTITY_HOST = 1,
+	IDENTITY_WORLD = 2,
+	IDENTITY_UNMANAGED = 3,
+	IDENTITY_HEALTH = 4,
+	IDENTITY_INIT = 5,
+	IDENTITY_REMOTE_NODE = 6,
+	IDENTITY_KUBE_APISERVER = 7,
+	IDENTITY_INGRESS = 8,
+};
+
+/* ---- drop reasons: upstream's codes (bpf/lib/common.h, flow.proto) ---- */
+enum drop_reason {
+	DROP_INVALID_SIP = 132,
+	DROP_POLICY = 133,
+	DROP_INVALID = 134,
+	DROP_CT_INVALID_HDR = 135,
+	DROP_CT_UNKNOWN_PROTO = 137,
+	DROP_UNKNOWN_L3 = 139,
+	DROP_UNKNOWN_L4 = 142,
+	DROP_CT_CREATE_FAILED = 155,
+	DROP_FRAG_NOSUPPORT = 157,
+	DROP_NO_CONFIG = 165,
+	DROP_POLICY_DENY = 181,
+};
+
+/* ---- event types on the ring buffer (pkg/monitor/api upstream) ---- */
+enum event_type {
+	EVENT_DROP = 1,
+	EVENT_TRACE = 4,
+	EVENT_POLICY_VERDICT = 5,
+};
+
+/* ---- trace observation points (TRACE_* upstream) ---- */
+enum trace_point {
+	TRACE_TO_LXC = 0,
+	TRACE_TO_PROXY = 1,
+	TRACE_TO_HOST = 2,
+	TRACE_TO_STACK = 3,
+	TRACE_TO_OVERLAY = 4,
+	TRACE_FROM_LXC = 5,
+	TRACE_FROM_PROXY = 6,
+	TRACE_FROM_HOST = 7,
+	TRACE_FROM_STACK = 8,
+	TRACE_FROM_OVERLAY = 9,
+	TRACE_FROM_NETWORK = 10,
+	TRACE_TO_NETWORK = 11,
+};
+
+/* ---- policy match types, as upstream's policy-verdict notification ---- */
+enum policy_match {
+	POLICY_MATCH_NONE = 0,
+	POLICY_MATCH_L3_ONLY = 1,
+	POLICY_MATCH_L3_L4 = 2,
+	POLICY_MATCH_L4_ONLY = 3,
+	POLICY_MATCH_ALL = 4,
+};
+
+/* Flags of struct event. */
+enum event_flags {
+	EVENT_F_INGRESS = 1,     /* direction of the policy check: set = ingress */
+	EVENT_F_REPLY = 2,       /* packet is a reply of a tracked connection */
+	EVENT_F_AUDIT = 4,       /* verdict would drop, but the endpoint audits */
+	EVENT_F_RELATED = 8,     /* ICMP error related to a tracked connection */
+};
+
+/* ---- endpoint table: host-side ifindex -> endpoint ---- */
+enum endpoint_flags {
+	EP_F_INGRESS_ENFORCE = 1,
+	EP_F_EGRESS_ENFORCE = 2,
+	EP_F_AUDIT = 4,
+	EP_F_POLICY_GEN = 8,     /* which generation of policy entries is live */
+};
+
+struct endpoint_info {
+	__u32 ifindex;           /* host-side veth (lxc...) */
+	__u32 ipv4;              /* network byte order */
+	__u32 sec_identity;
+	__u16 ep_id;
+	__u16 flags;             /* enum endpoint_flags */
+	__u8 mac[6];             /* pod-side MAC */
+	__u8 node_mac[6];        /* host-side MAC */
+};
+
+/* ---- ipcache: LPM prefix -> identity (and tunnel endpoint for multi-node) ---- */
+struct ipcache_key {
+	__u32 prefixlen;         /* LPM prefix over addr */
+	__u32 addr;              /* IPv4, network byte order */
+};
+
+struct ipcache_value {
+	__u32 sec_identity;
+	__u32 tunnel_endpoint;   /* IPv4 of the owning node, 0 when local or none */
+	__u16 flags;
+	__u16 pad;
+};
+
+/*
+ * ---- policy: one LPM trie for all endpoints ----
+ * The LPM data (everything after prefixlen) is compared bit by bit from the
+ * first byte: ep_id, gen_dir, pad0, identity, protocol, pad1, dport.
+ *   prefixlen 64         : identity, any protocol and port (L3)
+ *   prefixlen 80         : identity and protocol, any port
+ *   prefixlen 80 + n     : identity, protocol and the first n bits of dport
+ * identity 0 is the wildcard, looked up as a second key.
+ * gen_dir bit 0: 1 = egress; bit 1: policy generation (see EP_F_POLICY_GEN).
+ */
+struct policy_key {
+	__u32 prefixlen;
+	__u16 ep_id;             /* host byte order, but always fully matched */
+	__u8 gen_dir;
+	__u8 pad0;
+	__u32 identity;          /* host byte order, fully matched or 0 */
+	__u8 protocol;           /* IPPROTO_*; 0 only when prefixlen is 64 */
+	__u8 pad1;
+	__u16 dport;             /* network byte order; ICMP: type */
+};
+
+#define POLICY_PREFIX_L3 64
+#define POLICY_PREFIX_PROTO 80
+#define POLICY_PREFIX_FULL 96
+#define POLICY_KEY_DIR_EGRESS 1
+#define POLICY_KEY_GEN 2
+
+enum policy_entry_flags {
+	POLICY_F_DENY = 1,
+};
+
+struct policy_entry {
+	__u16 proxy_port;        /* network byte order, 0 = no L7 redirect */
+	__u8 flags;              /* enum policy_entry_flags */
+	__u8 match_type;         /* enum policy_match, for the verdict event */
+	__u32 pad;
+};
+
+/* ---- connection tracking ---- */
+enum ct_dir {
+	CT_EGRESS = 0,           /* created by the source endpoint's egress hook */
+	CT_INGRESS = 1,          /* created by the destination endpoint's ingress hook */
+};
+
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;             /* ICMP echo: identifier */
+	__u16 dport;
+	__u8 protocol;
+	__u8 dir;                /* enum ct_dir */
+	__u16 pad;
+};
+
+enum ct_entry_flags {
+	CT_F_TX_CLOSING = 1,
+	CT_F_RX_CLOSING = 2,
+	CT_F_SEEN_REPLY = 4,
+};
+
+struct ct_entry {
+	__u64 tx_packets;
+	__u64 tx_bytes;
+	__u64 rx_packets;
+	__u64 rx_bytes;
+	__u32 lifetime;          /* CLOCK_BOOTTIME seconds at which it expires */
+	__u32 src_sec_id;        /* identity of the connection's originator */
+	__u32 policy_rev;        /* runtime.policy_rev when the verdict was taken */
+	__u16 flags;             /* enum ct_entry_flags */
+	__u8 tx_flags_seen;      /* TCP flags seen from the originator */
+	__u8 rx_flags_seen;      /* TCP flags seen in replies */
+	__u16 proxy_port;        /* network byte order */
+	__u16 rev_nat_index;     /* service reverse NAT, 0 = none */
+	__u32 pad;
+};
+
+/* Global runtime state, array index 0. */
+struct runtime_config {
+	__u32 policy_rev;        /* bumped by the agent on every policy or ipcache change */
+	__u32 pad;
+};
+
+/* ---- metrics: (reason, direction) -> packets/bytes, per CPU ---- */
+enum metric_dir {
+	METRIC_INGRESS = 1,
+	METRIC_EGRESS = 2,
+};
+
+struct metrics_key {
+	__u8 reason;             /* 0 = forwarded, otherwise enum drop_reason */
+	__u8 dir;                /* enum metric_dir */
+	__u16 pad;
+};
+
+struct metrics_value {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Index of the lost-events counter in cilium_event_stats. */
+#define EVENT_STATS_LOST 0
+
+/* ---- the event ring buffer record ---- */
+#define EVENT_DATA_LEN 128
+
+struct event {
+	__u8 type;               /* enum event_type */
+	__u8 subtype;            /* drop: enum drop_reason; trace: enum trace_point */
+	__u16 source_ep;         /* endpoint the hook ran for */
+	__u32 ifindex;
+	__u64 ktime_ns;          /* bpf_ktime_get_boot_ns */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 len_orig;          /* skb length */
+	__u16 len_cap;           /* bytes of data[] that are valid */
+	__u16 dst_port;          /* policy verdict: port (host byte order) */
+	__u8 protocol;           /* policy verdict: IPPROTO_* */
+	__u8 flags;              /* enum event_flags */
+	__u8 match_type;         /* enum policy_match */
+	__u8 pad0;
+	__s32 verdict;           /* policy verdict: 1 allowed, -reason denied */
+	__u16 proxy_port;        /* host byte order */
+	__u16 pad1;
+	__u32 pad2;
+	__u8 data[EVENT_DATA_LEN]; /* the packet from its Ethernet header */
+};
+
+#endif /* CILIUM_ABI_H */

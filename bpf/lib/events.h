@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Drop, trace and policy-verdict events on the ring buffer, and the metrics map. */
+#ifndef CILIUM_EVENTS_H
+#define CILIUM_EVENTS_H
+
+#include "maps.h"
+
+static __always_inline void metrics_update(struct __sk_buff *skb, __u8 reason, __u8 dir)
+{
+	struct metrics_key key = { .reason = reason, .dir = dir, .pad = 0 };
+	struct metrics_value *v = bpf_map_lookup_elem(&cilium_metrics, &key);
+	if (v) {
+		v->packets += 1;
+		v->bytes += skb->len;
+	} else {
+		struct metrics_value init = { .packets = 1, .bytes = skb->len };
+		bpf_map_update_elem(&cilium_metrics, &key, &init, BPF_NOEXIST);
+	}
+}
+
+static __always_inline void event_lost(void)
+{
+	__u32 idx = EVENT_STATS_LOST;
+	__u64 *lost = bpf_map_lookup_elem(&cilium_event_stats, &idx);
+	if (lost)
+		*lost += 1;
+}
+
+/* Reserves an event with its common header and packet capture filled in. */
+static __always_inline struct event *event_reserve(struct __sk_buff *skb, __u8 type,
+						   __u8 subtype, __u16 source_ep)
+{
+	struct event *ev = bpf_ringbuf_reserve(&cilium_events, sizeof(*ev), 0);
+	if (!ev) {
+		event_lost();
+		return 0;
+	}
+	ev->type = type;
+	ev->subtype = subtype;
+	ev->source_ep = source_ep;
+	ev->ifindex = skb->ifindex;
+	ev->ktime_ns = bpf_ktime_get_boot_ns();
+	ev->src_identity = 0;
+	ev->dst_identity = 0;
+	ev->len_orig = skb->len;
+	ev->dst_port = 0;
+	ev->protocol = 0;
+	ev->flags = 0;
+	ev->match_type = 0;
+	ev->pad0 = 0;
+	ev->verdict = 0;
+	ev->proxy_port = 0;
+	ev->pad1 = 0;
+	ev->pad2 = 0;
+	__u32 cap = skb->len;
+	if (cap > EVENT_DATA_LEN)
+		cap = EVENT_DATA_LEN;
+	if (cap < 1 || bpf_skb_load_bytes(skb, 0, ev->data, cap) < 0)
+		cap = 0;
+	ev->len_cap = cap;
+	return ev;
+}
+
+static __always_inline void emit_drop(struct __sk_buff *skb, __u16 ep_id, __u8 reason,
+				      __u32 src_id, __u32 dst_id, __u8 flags)
+{
+	struct event *ev = event_reserve(skb, EVENT_DROP, reason, ep_id);
+	if (!ev)
+		return;
+	ev->src_identity = src_id;
+	ev->dst_identity = dst_id;
+	ev->flags = flags;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit_trace(struct __sk_buff *skb, __u16 ep_id, __u8 point,
+				       __u32 src_id, __u32 dst_id, __u8 flags)
+{
+	struct event *ev = event_reserve(skb, EVENT_TRACE, point, ep_id);
+	if (!ev)
+		return;
+	ev->src_identity = src_id;
+	ev->dst_identity = dst_id;
+	ev->flags = flags;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit_verdict(struct __sk_buff *skb, __u16 ep_id, __u32 src_id,
+					 __u32 dst_id, const struct pkt *p, __s32 verdict,
+					 __u8 match_type, __u8 flags, __u16 proxy_port)
+{
+	struct event *ev = event_reserve(skb, EVENT_POLICY_VERDICT, 0, ep_id);
+	if (!ev)
+		return;
+	ev->src_identity = src_id;
+	ev->dst_identity = dst_id;
+	ev->protocol = p->protocol;
+	ev->dst_port = bpf_ntohs(p->policy_port);
+	ev->verdict = verdict;
+	ev->match_type = match_type;
+	ev->flags = flags;
+	ev->proxy_port = bpf_ntohs(proxy_port);
+	bpf_ringbuf_submit(ev, 0);
+}
+
+#endif /* CILIUM_EVENTS_H */

@@ -1,0 +1,16 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Address -> security identity. */
+#ifndef CILIUM_IPCACHE_H
+#define CILIUM_IPCACHE_H
+
+#include "maps.h"
+
+/* Identity of an address: the longest matching prefix, world when none matches. */
+static __always_inline __u32 ipcache_identity(__u32 addr)
+{
+	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
+	struct ipcache_value *v = bpf_map_lookup_elem(&cilium_ipcache, &key);
+	return v ? v->sec_identity : IDENTITY_WORLD;
+}
+
+#endif /* CILIUM_IPCACHE_H */

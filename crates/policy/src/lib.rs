@@ -1,0 +1,101 @@
+//! The policy language and its meaning.
+//!
+//! Reads CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and Kubernetes
+//! NetworkPolicy documents (`parse`), translates them into one normalized rule
+//! model (`rule`), and computes each endpoint's policy — enforcement per
+//! direction and the policy map entries — as pure data (`compute`,
+//! `mapstate`).
+//!
+//! Architecture invariant: this crate never touches the kernel, the network or
+//! the file system. It is tested without root; the agent writes its output to
+//! the datapath.
+
+pub mod api;
+pub mod compute;
+pub mod mapstate;
+pub mod parse;
+pub mod rule;
+
+use std::collections::BTreeMap;
+
+pub use api::{PolicyDocument, PolicyKind, PolicyRef};
+pub use compute::{EndpointPolicy, EnforcementMode, Input, NamedPorts, PolicyOptions, compute};
+pub use mapstate::{MapKey, MapState, MapValue};
+pub use parse::{PolicyError, parse_policies, parse_value};
+pub use rule::{Protocol, Rule};
+
+/// The set of imported policies, with a revision bumped on every change.
+#[derive(Debug, Clone, Default)]
+pub struct Repository {
+    docs: BTreeMap<PolicyRef, (PolicyDocument, Vec<Rule>)>,
+    rules: Vec<Rule>,
+    revision: u64,
+}
+
+impl Repository {
+    pub fn new() -> Repository {
+        Repository { revision: 1, ..Default::default() }
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Adds or replaces (by kind, namespace and name) already validated
+    /// documents. Returns the new revision.
+    pub fn apply(&mut self, parsed: Vec<(PolicyDocument, Vec<Rule>)>) -> u64 {
+        for (doc, rules) in parsed {
+            self.docs.insert(doc.key(), (doc, rules));
+        }
+        self.changed()
+    }
+
+    /// Deletes one policy. Returns whether it existed.
+    pub fn delete(&mut self, key: &PolicyRef) -> bool {
+        let existed = self.docs.remove(key).is_some();
+        if existed {
+            self.changed();
+        }
+        existed
+    }
+
+    /// Deletes every policy. Returns how many there were.
+    pub fn clear(&mut self) -> usize {
+        let n = self.docs.len();
+        self.docs.clear();
+        if n > 0 {
+            self.changed();
+        }
+        n
+    }
+
+    fn changed(&mut self) -> u64 {
+        self.rules = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Every rule of every policy.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn documents(&self) -> impl Iterator<Item = &PolicyDocument> {
+        self.docs.values().map(|(d, _)| d)
+    }
+
+    pub fn get(&self, key: &PolicyRef) -> Option<&PolicyDocument> {
+        self.docs.get(key).map(|(d, _)| d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,553 @@
+use std::collections::BTreeMap;
+
+use cilium_labels::{LabelSet, k8s_pod_labels};
+
+use super::*;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+/// A small cluster: identities of pods by (namespace, app), plus reserved ones.
+struct World {
+    ids: BTreeMap<u32, LabelSet>,
+    by_name: BTreeMap<String, u32>,
+}
+
+impl World {
+    fn new(pods: &[(&str, &str)]) -> World {
+        let mut ids = BTreeMap::new();
+        ids.insert(1, LabelSet::parse_all(["reserved:host"]));
+        ids.insert(2, LabelSet::parse_all(["reserved:world", "reserved:world-ipv4"]));
+        ids.insert(6, LabelSet::parse_all(["reserved:remote-node"]));
+        let mut by_name = BTreeMap::new();
+        for (i, (ns, app)) in pods.iter().enumerate() {
+            let mut l = BTreeMap::new();
+            l.insert("app".to_string(), app.to_string());
+            let id = 256 + i as u32;
+            ids.insert(id, k8s_pod_labels(ns, &l, &BTreeMap::new(), "default", "default"));
+            by_name.insert(format!("{ns}/{app}"), id);
+        }
+        World { ids, by_name }
+    }
+
+    fn id(&self, name: &str) -> u32 {
+        self.by_name[name]
+    }
+
+    fn policy(&self, yaml: &str, pod: &str) -> EndpointPolicy {
+        let parsed = parse_policies(yaml, "test.yaml").unwrap();
+        let rules: Vec<Rule> = parsed.into_iter().flat_map(|(_, r)| r).collect();
+        self.policy_for_rules(&rules, pod)
+    }
+
+    fn policy_for_rules(&self, rules: &[Rule], pod: &str) -> EndpointPolicy {
+        let labels = self.ids[&self.id(pod)].clone();
+        compute(&Input {
+            rules,
+            labels: &labels,
+            identities: &self.ids,
+            own_ports: &NamedPorts::new(),
+            cluster_ports: &NamedPorts::new(),
+            options: PolicyOptions { allow_localhost: false, ..Default::default() },
+        })
+    }
+}
+
+/// What the datapath would do: None = no enforcement or allowed.
+fn allowed(p: &EndpointPolicy, peer: u32, egress: bool, proto: u8, port: u16) -> bool {
+    let enforced = if egress { p.egress_enforced } else { p.ingress_enforced };
+    if !enforced {
+        return true;
+    }
+    matches!(p.entries.lookup(peer, egress, proto, port), Some((_, v)) if !v.deny)
+}
+
+const SEED_001: &str = r#"
+apiVersion: "cilium.io/v2"
+kind: CiliumNetworkPolicy
+metadata:
+  name: "frontend-to-backend"
+spec:
+  endpointSelector:
+    matchLabels:
+      app: frontend
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: backend
+    toPorts:
+    - ports:
+      - port: "8080"
+        protocol: TCP
+"#;
+
+#[test]
+fn seed_001_policy_means_what_upstream_means() {
+    let w = World::new(&[("default", "frontend"), ("default", "backend")]);
+    let fe = w.policy(SEED_001, "default/frontend");
+    assert!(fe.ingress_enforced);
+    assert!(!fe.egress_enforced, "an ingress-only policy never restricts the frontend's own egress");
+    assert!(allowed(&fe, w.id("default/backend"), false, TCP, 8080));
+    assert!(!allowed(&fe, w.id("default/backend"), false, TCP, 80));
+    assert!(!allowed(&fe, w.id("default/backend"), false, UDP, 8080));
+    assert!(!allowed(&fe, 2, false, TCP, 8080), "world is not backend");
+    // the backend is not selected at all
+    let be = w.policy(SEED_001, "default/backend");
+    assert!(!be.ingress_enforced && !be.egress_enforced);
+    assert_eq!(fe.selected_by, vec!["CiliumNetworkPolicy/default/frontend-to-backend".to_string()]);
+}
+
+#[test]
+fn cnp_peers_are_scoped_to_the_policy_namespace() {
+    let w = World::new(&[("prod", "web"), ("prod", "db"), ("dev", "web")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: web}}]
+"#,
+        "prod/db",
+    );
+    assert!(allowed(&p, w.id("prod/web"), false, TCP, 5432));
+    assert!(!allowed(&p, w.id("dev/web"), false, TCP, 5432), "other namespace's web is not selected");
+}
+
+#[test]
+fn explicit_namespace_in_peer_is_respected() {
+    let w = World::new(&[("prod", "db"), ("dev", "web")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: db}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: web, "k8s:io.kubernetes.pod.namespace": dev}
+"#,
+        "prod/db",
+    );
+    assert!(allowed(&p, w.id("dev/web"), false, TCP, 1));
+}
+
+#[test]
+fn cnp_endpoint_selector_only_selects_own_namespace() {
+    let w = World::new(&[("prod", "web"), ("dev", "web")]);
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p, namespace: prod}
+spec:
+  endpointSelector: {}
+  ingress: [{}]
+"#;
+    assert!(w.policy(yaml, "prod/web").ingress_enforced);
+    assert!(!w.policy(yaml, "dev/web").ingress_enforced);
+}
+
+#[test]
+fn empty_ingress_rule_denies_all_in_cnp_but_allows_all_in_knp() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let cnp = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress: [{}]
+"#,
+        "default/a",
+    );
+    assert!(cnp.ingress_enforced);
+    assert!(!allowed(&cnp, w.id("default/b"), false, TCP, 80));
+    assert!(!allowed(&cnp, 2, false, TCP, 80));
+
+    let knp = w.policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: p}
+spec:
+  podSelector: {matchLabels: {app: a}}
+  ingress: [{}]
+"#,
+        "default/a",
+    );
+    assert!(knp.ingress_enforced);
+    assert!(allowed(&knp, w.id("default/b"), false, TCP, 80));
+    assert!(allowed(&knp, 2, false, UDP, 53));
+}
+
+#[test]
+fn l4_only_rule_applies_to_every_peer() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#,
+        "default/a",
+    );
+    assert!(allowed(&p, w.id("default/b"), false, TCP, 80));
+    assert!(allowed(&p, 2, false, TCP, 80));
+    assert!(!allowed(&p, 2, false, TCP, 81));
+    let k = p.entries.lookup(2, false, TCP, 80).unwrap().0;
+    assert_eq!(k.identity, 0, "wildcard identity");
+    assert_eq!(k.match_type(), cilium_abi::PolicyMatch::L4Only);
+}
+
+#[test]
+fn deny_beats_allow() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: allow}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+    toPorts: [{ports: [{port: "80"}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: deny}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+"#,
+        "default/a",
+    );
+    assert!(!allowed(&p, w.id("default/b"), false, TCP, 80));
+    assert!(p.entries.lookup(w.id("default/b"), false, TCP, 80).unwrap().1.deny);
+}
+
+#[test]
+fn deny_of_all_peers_on_a_port_beats_specific_allow() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: b}}]
+  egressDeny:
+  - toPorts: [{ports: [{port: "22", protocol: TCP}]}]
+"#,
+        "default/a",
+    );
+    let b = w.id("default/b");
+    assert!(!allowed(&p, b, true, TCP, 22));
+    assert!(allowed(&p, b, true, TCP, 23));
+    assert!(!allowed(&p, 2, true, TCP, 443));
+}
+
+#[test]
+fn entities() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let yaml = |e: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a}}}}\n  egress:\n  - toEntities: [{e}]\n"
+        )
+    };
+    let b = w.id("default/b");
+    let world = w.policy(&yaml("world"), "default/a");
+    assert!(allowed(&world, 2, true, TCP, 443));
+    assert!(!allowed(&world, b, true, TCP, 443));
+    assert!(!allowed(&world, 1, true, TCP, 443));
+    let host = w.policy(&yaml("host"), "default/a");
+    assert!(allowed(&host, 1, true, TCP, 1));
+    assert!(!allowed(&host, 2, true, TCP, 1));
+    let cluster = w.policy(&yaml("cluster"), "default/a");
+    assert!(allowed(&cluster, b, true, TCP, 1));
+    assert!(allowed(&cluster, 1, true, TCP, 1));
+    assert!(allowed(&cluster, 6, true, TCP, 1));
+    assert!(!allowed(&cluster, 2, true, TCP, 1));
+    let all = w.policy(&yaml("all"), "default/a");
+    assert!(allowed(&all, 2, true, UDP, 53) && allowed(&all, b, true, TCP, 1));
+    let none = w.policy(&yaml("none"), "default/a");
+    assert!(none.egress_enforced && !allowed(&none, b, true, TCP, 1));
+}
+
+#[test]
+fn match_expressions_and_port_ranges() {
+    let w = World::new(&[("default", "a"), ("default", "b"), ("default", "c")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromEndpoints:
+    - matchExpressions:
+      - {key: app, operator: In, values: [b]}
+    toPorts:
+    - ports: [{port: "8000", endPort: 8100, protocol: TCP}]
+"#,
+        "default/a",
+    );
+    let b = w.id("default/b");
+    assert!(allowed(&p, b, false, TCP, 8000));
+    assert!(allowed(&p, b, false, TCP, 8050));
+    assert!(allowed(&p, b, false, TCP, 8100));
+    assert!(!allowed(&p, b, false, TCP, 8101));
+    assert!(!allowed(&p, b, false, TCP, 7999));
+    assert!(!allowed(&p, w.id("default/c"), false, TCP, 8000));
+}
+
+#[test]
+fn default_deny_off_allows_what_is_not_denied() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  enableDefaultDeny: {ingress: false}
+  ingressDeny:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+"#,
+        "default/a",
+    );
+    assert!(!allowed(&p, w.id("default/b"), false, TCP, 1));
+    assert!(allowed(&p, 2, false, TCP, 1));
+}
+
+#[test]
+fn knp_defaults_and_selectors() {
+    let w = World::new(&[("prod", "db"), ("prod", "web"), ("dev", "web")]);
+    let p = w.policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: web}}
+    ports:
+    - port: 5432
+"#,
+        "prod/db",
+    );
+    assert!(p.ingress_enforced && !p.egress_enforced, "policyTypes defaults to Ingress only");
+    assert!(allowed(&p, w.id("prod/web"), false, TCP, 5432));
+    assert!(!allowed(&p, w.id("prod/web"), false, UDP, 5432), "protocol defaults to TCP");
+    assert!(!allowed(&p, w.id("dev/web"), false, TCP, 5432));
+
+    let ns = w.policy(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: prod}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: dev}}
+"#,
+        "prod/db",
+    );
+    assert!(ns.egress_enforced, "Egress listed: deny all egress");
+    assert!(!allowed(&ns, w.id("prod/web"), true, TCP, 80));
+    assert!(allowed(&ns, w.id("dev/web"), false, TCP, 80));
+    assert!(!allowed(&ns, w.id("prod/web"), false, TCP, 80));
+    assert!(!allowed(&ns, 2, false, TCP, 80), "namespaceSelector selects pods, not the world");
+}
+
+#[test]
+fn enforcement_modes() {
+    let w = World::new(&[("default", "a")]);
+    let rules: Vec<Rule> = vec![];
+    let labels = w.ids[&w.id("default/a")].clone();
+    let run = |mode| {
+        compute(&Input {
+            rules: &rules,
+            labels: &labels,
+            identities: &w.ids,
+            own_ports: &NamedPorts::new(),
+            cluster_ports: &NamedPorts::new(),
+            options: PolicyOptions { mode, allow_localhost: true },
+        })
+    };
+    let d = run(EnforcementMode::Default);
+    assert!(!d.ingress_enforced && !d.egress_enforced);
+    let a = run(EnforcementMode::Always);
+    assert!(a.ingress_enforced && a.egress_enforced);
+    assert!(allowed(&a, 1, false, TCP, 80), "localhost allowed into the endpoint");
+    assert!(!allowed(&a, 2, false, TCP, 80));
+    let parsed = parse_policies(SEED_001, "x").unwrap();
+    let rules2: Vec<Rule> = parsed.into_iter().flat_map(|(_, r)| r).collect();
+    let n = compute(&Input {
+        rules: &rules2,
+        labels: &labels,
+        identities: &w.ids,
+        own_ports: &NamedPorts::new(),
+        cluster_ports: &NamedPorts::new(),
+        options: PolicyOptions { mode: EnforcementMode::Never, allow_localhost: true },
+    });
+    assert!(!n.ingress_enforced && n.entries.is_empty());
+}
+
+#[test]
+fn named_ports_resolve_against_the_endpoint() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let parsed = parse_policies(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - toPorts: [{ports: [{port: http, protocol: TCP}]}]
+"#,
+        "x",
+    )
+    .unwrap();
+    let rules: Vec<Rule> = parsed.into_iter().flat_map(|(_, r)| r).collect();
+    let mut own = NamedPorts::new();
+    own.entry("http".into()).or_default().insert((Protocol::Tcp, 8080));
+    let labels = w.ids[&w.id("default/a")].clone();
+    let p = compute(&Input {
+        rules: &rules,
+        labels: &labels,
+        identities: &w.ids,
+        own_ports: &own,
+        cluster_ports: &NamedPorts::new(),
+        options: PolicyOptions { allow_localhost: false, ..Default::default() },
+    });
+    assert!(allowed(&p, w.id("default/b"), false, TCP, 8080));
+    assert!(!allowed(&p, w.id("default/b"), false, TCP, 80));
+}
+
+fn parse_err(yaml: &str) -> PolicyError {
+    parse_policies(yaml, "bad.yaml").unwrap_err()
+}
+
+#[test]
+fn errors_name_the_field_and_value() {
+    let e = parse_err(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - toPorts: [{ports: [{port: "80", protocol: TCPX}]}]
+"#,
+    );
+    assert_eq!(e.field, "spec.ingress[0].toPorts[0].ports[0].protocol");
+    assert_eq!(e.value, "TCPX");
+    assert!(e.document.contains("bad.yaml document 1"), "{e}");
+    assert!(e.document.contains("\"p\""), "{e}");
+
+    let e = parse_err(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoint: []\n",
+    );
+    assert_eq!(e.field, "spec.ingress[0].fromEndpoint");
+    assert!(e.message.contains("fromEndpoint"), "{e}");
+
+    let e = parse_err(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toPorts: [{ports: [{port: \"70000\"}]}]\n",
+    );
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.egress[0].toPorts[0].ports[0].port", "70000"));
+
+    let e = parse_err(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toEntities: [wrld]\n",
+    );
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.egress[0].toEntities[0]", "wrld"));
+
+    let e = parse_err("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress: []\n");
+    assert_eq!(e.field, "spec");
+
+    let e = parse_err(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector:\n    matchExpressions: [{key: a, operator: Equals, values: [x]}]\n",
+    );
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.endpointSelector.matchExpressions[0].operator", "Equals"));
+
+    let e = parse_err("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n");
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("kind", "Pod"));
+
+    let e = parse_err(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [10.0.0.300/8]\n",
+    );
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.egress[0].toCIDR[0]", "10.0.0.300/8"));
+}
+
+#[test]
+fn second_invalid_document_fails_the_whole_text() {
+    let text = format!("{SEED_001}---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: q}}\nspec: {{endpointSelector: {{}}, ingress: [{{fromEntities: [nope]}}]}}\n");
+    let e = parse_policies(&text, "two.yaml").unwrap_err();
+    assert!(e.document.starts_with("two.yaml document 2"), "{e}");
+}
+
+#[test]
+fn repository_replaces_by_name_and_bumps_revision() {
+    let mut repo = Repository::new();
+    let r0 = repo.revision();
+    let r1 = repo.apply(parse_policies(SEED_001, "a").unwrap());
+    assert!(r1 > r0);
+    let r2 = repo.apply(parse_policies(SEED_001, "a").unwrap());
+    assert!(r2 > r1);
+    assert_eq!(repo.len(), 1, "same name replaces");
+    let key = repo.documents().next().unwrap().key();
+    assert!(repo.delete(&key));
+    assert!(!repo.delete(&key));
+    assert!(repo.rules().is_empty());
+}
+
+#[test]
+fn l7_sections_parse_and_validate() {
+    let ok = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - method: GET
+          path: "/api/v1/public/.*"
+        - method: POST
+          path: /api/v1/users
+          headers: ["X-API-Key"]
+  egress:
+  - toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}]
+  - toFQDNs: [{matchName: api.example.com}]
+"#;
+    let parsed = parse_policies(ok, "l7.yaml").unwrap();
+    assert!(parsed[0].1[0].ingress[0].has_l7);
+    let bad = ok.replace("/api/v1/public/.*", "/api/(");
+    let e = parse_policies(&bad, "l7.yaml").unwrap_err();
+    assert_eq!(e.field, "spec.ingress[0].toPorts[0].rules.http[0].path");
+}
