@@ -1,0 +1,125 @@
+//! An in-memory [`Datapath`] for tests of the layers above the kernel. It
+//! stores what it is told and can be made to fail, nothing more.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cilium_abi::{CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey};
+use ipnet::Ipv4Net;
+
+use crate::{Datapath, DatapathError, MapPressure, Result};
+
+/// The fake's state, public so tests can inspect it.
+#[derive(Debug, Default, Clone)]
+pub struct FakeDatapath {
+    pub endpoints: BTreeMap<u32, EndpointInfo>,
+    pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
+    pub policy: BTreeMap<PolicyKeyOrd, PolicyEntry>,
+    pub policy_rev: u32,
+    pub attached: BTreeSet<String>,
+    /// Fail policy inserts once this many entries exist (to test overflow).
+    pub policy_max: Option<usize>,
+    /// Every policy write, in order: (inserted?, key).
+    pub policy_log: Vec<(bool, PolicyKey)>,
+}
+
+/// PolicyKey with an order, for the fake's map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PolicyKeyOrd(pub u32, pub u16, pub u8, pub u32, pub u8, pub u16);
+
+impl From<&PolicyKey> for PolicyKeyOrd {
+    fn from(k: &PolicyKey) -> Self {
+        PolicyKeyOrd(k.prefixlen, k.ep_id, k.gen_dir, k.identity, k.protocol, k.dport)
+    }
+}
+
+impl PolicyKeyOrd {
+    pub fn key(&self) -> PolicyKey {
+        PolicyKey {
+            prefixlen: self.0,
+            ep_id: self.1,
+            gen_dir: self.2,
+            pad0: 0,
+            identity: self.3,
+            protocol: self.4,
+            pad1: 0,
+            dport: self.5,
+        }
+    }
+}
+
+impl Datapath for FakeDatapath {
+    fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()> {
+        self.endpoints.insert(info.ifindex, *info);
+        Ok(())
+    }
+    fn endpoint_delete(&mut self, ifindex: u32) -> Result<()> {
+        self.endpoints.remove(&ifindex);
+        Ok(())
+    }
+    fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
+        Ok(self.endpoints.values().copied().collect())
+    }
+    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()> {
+        self.ipcache.insert(prefix, *value);
+        Ok(())
+    }
+    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()> {
+        self.ipcache.remove(&prefix);
+        Ok(())
+    }
+    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>> {
+        Ok(self.ipcache.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()> {
+        if let Some(max) = self.policy_max {
+            if self.policy.len() >= max && !self.policy.contains_key(&key.into()) {
+                return Err(DatapathError::MapFull { map: "cilium_policy", max: max as u32, detail: "fake limit".into() });
+            }
+        }
+        self.policy_log.push((true, *key));
+        self.policy.insert(key.into(), *entry);
+        Ok(())
+    }
+    fn policy_delete(&mut self, key: &PolicyKey) -> Result<()> {
+        self.policy_log.push((false, *key));
+        self.policy.remove(&key.into());
+        Ok(())
+    }
+    fn policy_dump(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>> {
+        Ok(self.policy.iter().map(|(k, v)| (k.key(), *v)).collect())
+    }
+    fn bump_policy_revision(&mut self) -> Result<u32> {
+        self.policy_rev += 1;
+        Ok(self.policy_rev)
+    }
+    fn attach(&mut self, ifname: &str) -> Result<()> {
+        self.attached.insert(ifname.to_string());
+        Ok(())
+    }
+    fn detach(&mut self, ifname: &str) -> Result<()> {
+        self.attached.remove(ifname);
+        Ok(())
+    }
+    fn attached(&self) -> Result<Vec<String>> {
+        Ok(self.attached.iter().cloned().collect())
+    }
+    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        Ok(vec![])
+    }
+    fn ct_gc(&mut self, _now: u32) -> Result<usize> {
+        Ok(0)
+    }
+    fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
+        Ok(vec![])
+    }
+    fn lost_events(&self) -> Result<u64> {
+        Ok(0)
+    }
+    fn pressure(&self) -> Vec<MapPressure> {
+        vec![MapPressure {
+            name: "cilium_policy",
+            entries: self.policy.len(),
+            max_entries: self.policy_max.unwrap_or(1 << 20) as u32,
+        }]
+    }
+}

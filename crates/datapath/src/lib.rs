@@ -1,0 +1,116 @@
+//! The kernel side of cilium-rs.
+//!
+//! The C programs in `bpf/` are compiled by this crate's build script and
+//! embedded here ([`BPF_LXC`]). [`Loaded`] loads them with aya, pins maps,
+//! programs and links under a bpffs directory so enforcement survives the
+//! agent, and reads and writes every map through typed ABI structs.
+//! [`netlink`] configures links, addresses and routes; [`sys`] mounts bpffs
+//! and switches network namespaces.
+//!
+//! Everything above this crate reaches the maps through the [`Datapath`]
+//! trait; [`fake::FakeDatapath`] implements it in memory so the agent's logic
+//! is tested without root.
+//!
+//! Architecture invariant: this is the only crate that makes BPF syscalls or
+//! netlink requests. It holds no policy logic: it writes what it is told.
+
+use std::net::Ipv4Addr;
+
+use cilium_abi::{CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey};
+use ipnet::Ipv4Net;
+
+pub mod events;
+pub mod fake;
+mod loader;
+pub mod netlink;
+pub mod sys;
+
+pub use loader::{LoadOptions, Loaded, Program};
+
+/// The compiled per-endpoint programs (bpf/bpf_lxc.c).
+pub static BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+
+/// What went wrong talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the BPF object: {0}")]
+    Load(#[from] Box<aya::EbpfError>),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("map {map} is full ({max} entries): {detail}")]
+    MapFull { map: &'static str, max: u32, detail: String },
+    #[error("pinning {path}: {detail}")]
+    Pin { path: String, detail: String },
+    #[error("interface {ifname}: {detail}")]
+    Interface { ifname: String, detail: String },
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Fill level of a map, for `cilium status` and `cilium bpf ... list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapPressure {
+    pub name: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+/// The maps and attachments the agent drives. Implemented by [`Loaded`] on a
+/// real kernel and by [`fake::FakeDatapath`] in memory.
+pub trait Datapath: Send {
+    fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()>;
+    fn endpoint_delete(&mut self, ifindex: u32) -> Result<()>;
+    fn endpoints(&self) -> Result<Vec<EndpointInfo>>;
+
+    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()>;
+    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()>;
+    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>>;
+
+    fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()>;
+    fn policy_delete(&mut self, key: &PolicyKey) -> Result<()>;
+    fn policy_dump(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>>;
+    /// Bumps the revision every established connection re-checks against.
+    fn bump_policy_revision(&mut self) -> Result<u32>;
+
+    /// Attaches the endpoint programs to a host-side interface (idempotent).
+    fn attach(&mut self, ifname: &str) -> Result<()>;
+    /// Detaches them (idempotent; succeeds when the interface is gone).
+    fn detach(&mut self, ifname: &str) -> Result<()>;
+    /// Interfaces with pinned attachments.
+    fn attached(&self) -> Result<Vec<String>>;
+
+    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>>;
+    /// Removes expired entries; returns how many.
+    fn ct_gc(&mut self, now_secs: u32) -> Result<usize>;
+    fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;
+    fn lost_events(&self) -> Result<u64>;
+    fn pressure(&self) -> Vec<MapPressure>;
+}
+
+/// An IPv4 address as the datapath stores it (network byte order in a u32).
+pub fn ip_to_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The inverse of [`ip_to_be`].
+pub fn be_to_ip(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}

@@ -1,0 +1,540 @@
+//! Loading the datapath object, pinning, attaching, and typed map access.
+
+use std::collections::HashMap as StdHashMap;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuHashMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, Pod};
+use cilium_abi::{
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey,
+    RuntimeConfig,
+};
+use ipnet::Ipv4Net;
+use tracing::{info, warn};
+
+use crate::{BPF_LXC, Datapath, DatapathError, MapPressure, Result, be_to_ip, ip_to_be};
+
+/// The programs of the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Program {
+    FromContainer,
+    ToContainer,
+}
+
+impl Program {
+    pub fn name(self) -> &'static str {
+        match self {
+            Program::FromContainer => "cil_from_container",
+            Program::ToContainer => "cil_to_container",
+        }
+    }
+
+    fn attach_type(self) -> TcAttachType {
+        match self {
+            Program::FromContainer => TcAttachType::Ingress,
+            Program::ToContainer => TcAttachType::Egress,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Program::FromContainer => "ingress",
+            Program::ToContainer => "egress",
+        }
+    }
+}
+
+const MAP_LXC: &str = "cilium_lxc";
+const MAP_IPCACHE: &str = "cilium_ipcache";
+const MAP_POLICY: &str = "cilium_policy";
+const MAP_CT: &str = "cilium_ct4";
+const MAP_RUNTIME: &str = "cilium_runtime";
+const MAP_METRICS: &str = "cilium_metrics";
+const MAP_EVENT_STATS: &str = "cilium_event_stats";
+pub(crate) const MAP_EVENTS: &str = "cilium_events";
+
+const ALL_MAPS: &[&str] =
+    &[MAP_LXC, MAP_IPCACHE, MAP_POLICY, MAP_CT, MAP_RUNTIME, MAP_METRICS, MAP_EVENT_STATS, MAP_EVENTS];
+
+/// How to load the datapath.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// bpffs directory for maps and links. `None` loads private, unpinned
+    /// maps (for BPF_PROG_RUN tests): nothing outlives the process.
+    pub pin_dir: Option<PathBuf>,
+    pub ct_max: u32,
+    pub policy_max: u32,
+    pub ipcache_max: u32,
+    pub endpoints_max: u32,
+    /// Ring buffer size in bytes (a power of two, at least a page).
+    pub events_bytes: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            pin_dir: None,
+            ct_max: 262_144,
+            policy_max: 1 << 20,
+            ipcache_max: 512_000,
+            endpoints_max: 65_536,
+            events_bytes: 1 << 22,
+        }
+    }
+}
+
+// LPM keys as aya wants them: Key<data> has the prefix length in front, which
+// makes them byte-identical to the C structs (policy_key, ipcache_key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PolicyLpm {
+    ep_id: u16,
+    gen_dir: u8,
+    pad0: u8,
+    identity: u32,
+    protocol: u8,
+    pad1: u8,
+    dport: u16,
+}
+// SAFETY: repr(C), integers only, no padding.
+unsafe impl Pod for PolicyLpm {}
+
+const _: () = assert!(size_of::<Key<PolicyLpm>>() == size_of::<PolicyKey>());
+const _: () = assert!(size_of::<Key<u32>>() == size_of::<cilium_abi::IpcacheKey>());
+
+fn to_lpm(k: &PolicyKey) -> Key<PolicyLpm> {
+    Key::new(
+        k.prefixlen,
+        PolicyLpm {
+            ep_id: k.ep_id,
+            gen_dir: k.gen_dir,
+            pad0: 0,
+            identity: k.identity,
+            protocol: k.protocol,
+            pad1: 0,
+            dport: k.dport,
+        },
+    )
+}
+
+fn from_lpm(k: &Key<PolicyLpm>) -> PolicyKey {
+    let d = k.data();
+    PolicyKey {
+        prefixlen: k.prefix_len(),
+        ep_id: d.ep_id,
+        gen_dir: d.gen_dir,
+        pad0: 0,
+        identity: d.identity,
+        protocol: d.protocol,
+        pad1: 0,
+        dport: d.dport,
+    }
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |e| DatapathError::Map { map, source: Box::new(e) }
+}
+
+/// True when the kernel said the map has no room (E2BIG or ENOSPC).
+fn is_full(e: &aya::maps::MapError) -> bool {
+    if let aya::maps::MapError::SyscallError(s) = e {
+        return matches!(s.io_error.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC));
+    }
+    false
+}
+
+/// The datapath loaded into the kernel.
+pub struct Loaded {
+    ebpf: Ebpf,
+    opts: LoadOptions,
+    /// Attachments kept alive by this process when nothing is pinned.
+    unpinned_links: StdHashMap<String, Vec<SchedClassifierLink>>,
+}
+
+impl Loaded {
+    /// Loads the object. With a pin directory, maps already pinned there are
+    /// reused (so enforcement state survives restarts) unless their shape
+    /// changed, in which case they are replaced and a warning says so.
+    pub fn load(opts: LoadOptions) -> Result<Loaded> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(MAP_CT, opts.ct_max)
+            .map_max_entries(MAP_POLICY, opts.policy_max)
+            .map_max_entries(MAP_IPCACHE, opts.ipcache_max)
+            .map_max_entries(MAP_LXC, opts.endpoints_max)
+            .map_max_entries(MAP_EVENTS, opts.events_bytes);
+        let mut pins = Vec::new();
+        if let Some(dir) = &opts.pin_dir {
+            std::fs::create_dir_all(dir.join("links"))
+                .map_err(|source| DatapathError::Io { what: format!("creating {}", dir.display()), source })?;
+            for name in ALL_MAPS {
+                let path = dir.join(name);
+                drop_incompatible_pin(&path, name, &opts);
+                pins.push((*name, path));
+            }
+        }
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BPF_LXC).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        for p in [Program::FromContainer, Program::ToContainer] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(p.name())
+                .ok_or_else(|| DatapathError::Netlink(format!("program {} missing from object", p.name())))?
+                .try_into()
+                .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
+            prog.load().map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
+        }
+        Ok(Loaded { ebpf, opts, unpinned_links: StdHashMap::new() })
+    }
+
+    pub fn options(&self) -> &LoadOptions {
+        &self.opts
+    }
+
+    fn prog(&mut self, p: Program) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(p.name())
+            .and_then(|prog| prog.try_into().ok())
+            .ok_or_else(|| DatapathError::Netlink(format!("program {} not loaded", p.name())))
+    }
+
+    /// Runs a program once on a packet through BPF_PROG_RUN, as if it arrived
+    /// on the interface `ifindex`. Returns the verdict and the packet after.
+    pub fn test_run(&mut self, p: Program, packet: &[u8], ifindex: u32) -> Result<(i32, Vec<u8>)> {
+        use aya::programs::TestRun as _;
+        // struct __sk_buff with only ifindex (offset 40) set
+        let mut ctx = vec![0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; packet.len() + 256];
+        let prog = self.prog(p)?;
+        let res = prog
+            .test_run(aya::programs::TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..Default::default()
+            })
+            .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
+        out.truncate(res.data_size_out as usize);
+        Ok((res.return_value as i32, out))
+    }
+
+    fn link_path(&self, ifname: &str, ifindex: u32, p: Program) -> Option<PathBuf> {
+        self.opts
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join("links").join(format!("{ifname}.{ifindex}.{}", p.suffix())))
+    }
+
+    fn pinned_links(&self) -> Vec<(String, PathBuf)> {
+        let Some(dir) = &self.opts.pin_dir else { return vec![] };
+        let Ok(rd) = std::fs::read_dir(dir.join("links")) else { return vec![] };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ifname = name.split('.').next()?.to_string();
+                Some((ifname, e.path()))
+            })
+            .collect()
+    }
+
+    /// Takes the event ring buffer (once) for an [`crate::events::EventReader`].
+    pub fn take_events(&mut self) -> Option<aya::maps::Map> {
+        self.ebpf.take_map(MAP_EVENTS)
+    }
+
+    fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<&MapData, K, V>> {
+        let m = self.ebpf.map(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    fn hash_mut<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>> {
+        let m = self.ebpf.map_mut(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    fn lpm<K: Pod, V: Pod>(&self, name: &'static str) -> Result<LpmTrie<&MapData, K, V>> {
+        let m = self.ebpf.map(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        LpmTrie::try_from(m).map_err(map_err(name))
+    }
+
+    fn lpm_mut<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<LpmTrie<&mut MapData, K, V>> {
+        let m = self.ebpf.map_mut(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        LpmTrie::try_from(m).map_err(map_err(name))
+    }
+
+}
+
+/// Removes a pinned map whose shape no longer matches what this build loads,
+/// so loading creates a fresh one instead of failing.
+fn drop_incompatible_pin(path: &Path, name: &str, opts: &LoadOptions) {
+    if !path.exists() {
+        return;
+    }
+    let expected_max = match name {
+        MAP_CT => Some(opts.ct_max),
+        MAP_POLICY => Some(opts.policy_max),
+        MAP_IPCACHE => Some(opts.ipcache_max),
+        MAP_LXC => Some(opts.endpoints_max),
+        MAP_EVENTS => Some(opts.events_bytes),
+        _ => None,
+    };
+    let expected_sizes: Option<(usize, usize)> = match name {
+        MAP_LXC => Some((4, size_of::<EndpointInfo>())),
+        MAP_IPCACHE => Some((size_of::<cilium_abi::IpcacheKey>(), size_of::<IpcacheValue>())),
+        MAP_POLICY => Some((size_of::<PolicyKey>(), size_of::<PolicyEntry>())),
+        MAP_CT => Some((size_of::<CtKey>(), size_of::<CtEntry>())),
+        MAP_RUNTIME => Some((4, size_of::<RuntimeConfig>())),
+        MAP_METRICS => Some((size_of::<MetricsKey>(), size_of::<MetricsValue>())),
+        _ => None,
+    };
+    let ok = match MapInfo::from_pin(path) {
+        Ok(info) => {
+            expected_max.is_none_or(|m| m == info.max_entries())
+                && expected_sizes.is_none_or(|(k, v)| k == info.key_size() as usize && v == info.value_size() as usize)
+        }
+        Err(_) => false,
+    };
+    if !ok {
+        warn!(map = name, path = %path.display(), "pinned map has a different shape; replacing it (its entries are lost)");
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn ipcache_key(prefix: Ipv4Net) -> Key<u32> {
+    Key::new(prefix.prefix_len() as u32, ip_to_be(prefix.network()))
+}
+
+impl Datapath for Loaded {
+    fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()> {
+        let max = self.opts.endpoints_max;
+        let mut m = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?;
+        m.insert(info.ifindex, *info, 0).map_err(|e| {
+            if is_full(&e) {
+                DatapathError::MapFull { map: MAP_LXC, max, detail: e.to_string() }
+            } else {
+                map_err(MAP_LXC)(e)
+            }
+        })
+    }
+
+    fn endpoint_delete(&mut self, ifindex: u32) -> Result<()> {
+        let mut m = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?;
+        match m.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(MAP_LXC)(e)),
+        }
+    }
+
+    fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
+        let m = self.hash::<u32, EndpointInfo>(MAP_LXC)?;
+        m.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(MAP_LXC))).collect()
+    }
+
+    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()> {
+        let max = self.opts.ipcache_max;
+        let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
+        m.insert(&ipcache_key(prefix), *value, 0).map_err(|e| {
+            if is_full(&e) {
+                DatapathError::MapFull { map: MAP_IPCACHE, max, detail: e.to_string() }
+            } else {
+                map_err(MAP_IPCACHE)(e)
+            }
+        })
+    }
+
+    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()> {
+        let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
+        match m.remove(&ipcache_key(prefix)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+        }
+    }
+
+    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>> {
+        let m = self.lpm::<u32, IpcacheValue>(MAP_IPCACHE)?;
+        m.iter()
+            .map(|r| {
+                let (k, v) = r.map_err(map_err(MAP_IPCACHE))?;
+                let net = Ipv4Net::new(be_to_ip(k.data()), k.prefix_len() as u8)
+                    .map_err(|e| DatapathError::Netlink(format!("bad ipcache prefix: {e}")))?;
+                Ok((net, v))
+            })
+            .collect()
+    }
+
+    fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()> {
+        let max = self.opts.policy_max;
+        let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
+        m.insert(&to_lpm(key), *entry, 0).map_err(|e| {
+            if is_full(&e) {
+                DatapathError::MapFull { map: MAP_POLICY, max, detail: e.to_string() }
+            } else {
+                map_err(MAP_POLICY)(e)
+            }
+        })
+    }
+
+    fn policy_delete(&mut self, key: &PolicyKey) -> Result<()> {
+        let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
+        match m.remove(&to_lpm(key)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(MAP_POLICY)(e)),
+        }
+    }
+
+    fn policy_dump(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>> {
+        let m = self.lpm::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
+        m.iter().map(|r| r.map(|(k, v)| (from_lpm(&k), v)).map_err(map_err(MAP_POLICY))).collect()
+    }
+
+    fn bump_policy_revision(&mut self) -> Result<u32> {
+        let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
+        let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
+        let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
+        rt.policy_rev = rt.policy_rev.wrapping_add(1);
+        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))?;
+        Ok(rt.policy_rev)
+    }
+
+    fn attach(&mut self, ifname: &str) -> Result<()> {
+        let ifindex = crate::sys::ifindex(ifname)
+            .ok_or_else(|| DatapathError::Interface { ifname: ifname.to_string(), detail: "no such interface".into() })?;
+        if self.opts.pin_dir.is_none() && self.unpinned_links.contains_key(ifname) {
+            return Ok(());
+        }
+        let mut kept = Vec::new();
+        for p in [Program::FromContainer, Program::ToContainer] {
+            let path = self.link_path(ifname, ifindex, p);
+            let prog = self.prog(p)?;
+            let iferr = |e: aya::programs::ProgramError| DatapathError::Interface {
+                ifname: ifname.to_string(),
+                detail: format!("attaching {}: {e}", p.name()),
+            };
+            match path {
+                Some(path) => {
+                    // Replace the program behind an existing pinned link
+                    // atomically; attach afresh when there is none.
+                    if let Ok(pinned) = PinnedLink::from_pin(&path) {
+                        let fd: FdLink = pinned.into();
+                        if let Ok(link) = SchedClassifierLink::try_from(fd) {
+                            match prog.attach_to_link(link) {
+                                Ok(id) => {
+                                    drop(prog.take_link(id).map_err(iferr)?);
+                                    continue;
+                                }
+                                Err(e) => {
+                                    warn!(ifname, error = %e, "pinned link unusable, attaching again");
+                                    let _ = std::fs::remove_file(&path);
+                                }
+                            }
+                        }
+                    }
+                    let id = prog.attach(ifname, p.attach_type()).map_err(iferr)?;
+                    let link = prog.take_link(id).map_err(iferr)?;
+                    let fd = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+                        path: path.display().to_string(),
+                        detail: format!("link is not a BPF link (is TCX available?): {e}"),
+                    })?;
+                    fd.pin(&path).map_err(|e| DatapathError::Pin { path: path.display().to_string(), detail: e.to_string() })?;
+                }
+                None => {
+                    let id = prog.attach(ifname, p.attach_type()).map_err(iferr)?;
+                    kept.push(prog.take_link(id).map_err(iferr)?);
+                }
+            }
+        }
+        if !kept.is_empty() {
+            self.unpinned_links.insert(ifname.to_string(), kept);
+        }
+        info!(ifname, ifindex, "endpoint programs attached");
+        Ok(())
+    }
+
+    fn detach(&mut self, ifname: &str) -> Result<()> {
+        self.unpinned_links.remove(ifname);
+        for (name, path) in self.pinned_links() {
+            if name == ifname {
+                if let Ok(link) = PinnedLink::from_pin(&path) {
+                    let _ = link.unpin();
+                } else {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attached(&self) -> Result<Vec<String>> {
+        let mut v: Vec<String> = self.pinned_links().into_iter().map(|(n, _)| n).collect();
+        v.extend(self.unpinned_links.keys().cloned());
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+
+    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        let m = self.hash::<CtKey, CtEntry>(MAP_CT)?;
+        m.iter().map(|r| r.map_err(map_err(MAP_CT))).collect()
+    }
+
+    fn ct_gc(&mut self, now_secs: u32) -> Result<usize> {
+        let expired: Vec<CtKey> = self
+            .ct_dump()?
+            .into_iter()
+            .filter(|(_, v)| v.lifetime < now_secs)
+            .map(|(k, _)| k)
+            .collect();
+        let mut m = self.hash_mut::<CtKey, CtEntry>(MAP_CT)?;
+        let mut n = 0;
+        for k in &expired {
+            if m.remove(k).is_ok() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
+        let m = self.ebpf.map(MAP_METRICS).ok_or_else(|| DatapathError::Netlink("metrics map missing".into()))?;
+        let h: PerCpuHashMap<&MapData, MetricsKey, MetricsValue> = PerCpuHashMap::try_from(m).map_err(map_err(MAP_METRICS))?;
+        h.iter()
+            .map(|r| {
+                let (k, per_cpu) = r.map_err(map_err(MAP_METRICS))?;
+                let sum = per_cpu.iter().fold(MetricsValue::default(), |a, v| MetricsValue {
+                    packets: a.packets + v.packets,
+                    bytes: a.bytes + v.bytes,
+                });
+                Ok((k, sum))
+            })
+            .collect()
+    }
+
+    fn lost_events(&self) -> Result<u64> {
+        let m = self.ebpf.map(MAP_EVENT_STATS).ok_or_else(|| DatapathError::Netlink("event stats map missing".into()))?;
+        let a: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m).map_err(map_err(MAP_EVENT_STATS))?;
+        let v = a.get(&0, 0).map_err(map_err(MAP_EVENT_STATS))?;
+        Ok(v.iter().sum())
+    }
+
+    fn pressure(&self) -> Vec<MapPressure> {
+        let lxc = self.hash::<u32, EndpointInfo>(MAP_LXC).map(|m| m.keys().count()).unwrap_or(0);
+        let ipcache = self.lpm::<u32, IpcacheValue>(MAP_IPCACHE).map(|m| m.keys().count()).unwrap_or(0);
+        let policy = self.lpm::<PolicyLpm, PolicyEntry>(MAP_POLICY).map(|m| m.keys().count()).unwrap_or(0);
+        let ct = self.hash::<CtKey, CtEntry>(MAP_CT).map(|m| m.keys().count()).unwrap_or(0);
+        vec![
+            MapPressure { name: MAP_LXC, entries: lxc, max_entries: self.opts.endpoints_max },
+            MapPressure { name: MAP_IPCACHE, entries: ipcache, max_entries: self.opts.ipcache_max },
+            MapPressure { name: MAP_POLICY, entries: policy, max_entries: self.opts.policy_max },
+            MapPressure { name: MAP_CT, entries: ct, max_entries: self.opts.ct_max },
+        ]
+    }
+}

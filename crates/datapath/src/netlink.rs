@@ -1,0 +1,209 @@
+//! Links, addresses and routes over rtnetlink.
+//!
+//! Callers are synchronous: [`run`] gives a closure a netlink handle of the
+//! calling thread's network namespace on a private single-threaded runtime.
+//! Call it from a plain or blocking thread, never from inside async code.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::{DatapathError, Result};
+
+/// What we need to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub up: bool,
+}
+
+fn nl(what: &str) -> impl Fn(rtnetlink::Error) -> DatapathError + '_ {
+    move |e| DatapathError::Netlink(format!("{what}: {e}"))
+}
+
+/// Runs `f` with a netlink handle for the calling thread's namespace.
+pub fn run<T, F, Fut>(f: F) -> Result<T>
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|source| DatapathError::Io { what: "netlink runtime".into(), source })?;
+    rt.block_on(async move {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|source| DatapathError::Io { what: "netlink socket".into(), source })?;
+        let task = tokio::spawn(conn);
+        let out = f(handle).await;
+        task.abort();
+        out
+    })
+}
+
+fn is_enoent(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV || m.raw_code() == -libc::ENOENT)
+}
+
+fn is_eexist(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+/// The link called `name`, if it exists.
+pub async fn link(h: &Handle, name: &str) -> Result<Option<Link>> {
+    let mut s = h.link().get().match_name(name.to_string()).execute();
+    match s.try_next().await {
+        Ok(Some(msg)) => {
+            let mut mac = [0u8; 6];
+            for a in &msg.attributes {
+                if let LinkAttribute::Address(b) = a {
+                    if b.len() == 6 {
+                        mac.copy_from_slice(b);
+                    }
+                }
+            }
+            Ok(Some(Link {
+                index: msg.header.index,
+                name: name.to_string(),
+                mac,
+                up: msg.header.flags.contains(LinkFlags::Up),
+            }))
+        }
+        Ok(None) => Ok(None),
+        Err(e) if is_enoent(&e) => Ok(None),
+        Err(e) => Err(nl("getting link")(e)),
+    }
+}
+
+/// Deletes a link by name. Returns whether it existed.
+pub async fn delete_link(h: &Handle, name: &str) -> Result<bool> {
+    let Some(l) = link(h, name).await? else { return Ok(false) };
+    match h.link().del(l.index).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if is_enoent(&e) => Ok(false),
+        Err(e) => Err(nl("deleting link")(e)),
+    }
+}
+
+/// Creates a veth pair whose peer is placed (and named) directly in the
+/// network namespace `peer_netns`, so the pair appears in one step.
+pub async fn create_veth_into_netns(
+    h: &Handle,
+    host: &str,
+    peer: &str,
+    peer_netns: &std::fs::File,
+    mtu: u32,
+) -> Result<()> {
+    let peer_msg = LinkMessageBuilder::<LinkUnspec>::new()
+        .name(peer.to_string())
+        .mtu(mtu)
+        .setns_by_fd(peer_netns.as_raw_fd())
+        .build();
+    let msg = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(host.to_string())
+        .mtu(mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+        .build();
+    h.link().add(msg).execute().await.map_err(nl("creating veth"))
+}
+
+/// Creates a veth pair with both ends in the current namespace.
+pub async fn create_veth(h: &Handle, a: &str, b: &str) -> Result<()> {
+    match h.link().add(LinkVeth::new(a, b).build()).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_eexist(&e) => Ok(()),
+        Err(e) => Err(nl("creating veth")(e)),
+    }
+}
+
+/// Sets a link up.
+pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(nl("setting link up"))
+}
+
+/// Moves a link into another network namespace.
+pub async fn set_netns(h: &Handle, index: u32, netns: &std::fs::File) -> Result<()> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).setns_by_fd(netns.as_raw_fd()).build())
+        .execute()
+        .await
+        .map_err(nl("moving link"))
+}
+
+/// Renames a link.
+pub async fn rename(h: &Handle, index: u32, name: &str) -> Result<()> {
+    h.link()
+        .set(LinkUnspec::new_with_index(index).name(name.to_string()).build())
+        .execute()
+        .await
+        .map_err(nl("renaming link"))
+}
+
+/// Adds an address (succeeds when it is already there).
+pub async fn add_address(h: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
+    match h.address().add(index, IpAddr::V4(ip), prefix).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if is_eexist(&e) => Ok(()),
+        Err(e) => Err(nl("adding address")(e)),
+    }
+}
+
+/// Every IPv4 address of the namespace: (ifindex, address, prefix length).
+pub async fn addresses(h: &Handle) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+    let mut s = h.address().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = s.try_next().await.map_err(nl("listing addresses"))? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                out.push((msg.header.index, *ip, msg.header.prefix_len));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Adds or replaces a route to `dst` out of a link, without a gateway.
+pub async fn route_replace_dev(h: &Handle, dst: Ipv4Net, index: u32, src: Option<Ipv4Addr>) -> Result<()> {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .output_interface(index)
+        .scope(RouteScope::Link);
+    if let Some(s) = src {
+        b = b.pref_source(s);
+    }
+    h.route().add(b.build()).replace().execute().await.map_err(nl("adding route"))
+}
+
+/// Adds or replaces a route to `dst` via a gateway on a link.
+pub async fn route_replace_via(h: &Handle, dst: Ipv4Net, gateway: Ipv4Addr, index: u32) -> Result<()> {
+    let b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.network(), dst.prefix_len())
+        .gateway(gateway)
+        .output_interface(index);
+    h.route().add(b.build()).replace().execute().await.map_err(nl("adding route"))
+}
+
+/// Deletes the route to `dst` from the main table (absent is fine).
+pub async fn route_delete(h: &Handle, dst: Ipv4Net) -> Result<()> {
+    let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.network(), dst.prefix_len()).build();
+    match h.route().del(msg).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => Ok(()),
+        Err(e) if is_enoent(&e) => Ok(()),
+        Err(e) => Err(nl("deleting route")(e)),
+    }
+}

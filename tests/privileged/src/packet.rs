@@ -1,0 +1,94 @@
+//! Building Ethernet/IPv4 packets with TCP, UDP or ICMP for BPF_PROG_RUN.
+
+use std::net::Ipv4Addr;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+fn csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        sum += w as u32;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8], frag_off: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14];
+    p[12] = 0x08;
+    p[13] = 0x00;
+    let total = 20 + payload.len();
+    let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 1, (frag_off >> 8) as u8, frag_off as u8, 64, proto, 0, 0];
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = csum(&ip);
+    ip[10] = (c >> 8) as u8;
+    ip[11] = c as u8;
+    p.extend(ip);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TCP segment with the given flags.
+pub fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14] = 0xff;
+    t[15] = 0xff;
+    ipv4(src, dst, 6, &t, 0)
+}
+
+/// A UDP datagram with a small payload.
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&12u16.to_be_bytes());
+    u.extend_from_slice(b"ping");
+    ipv4(src, dst, 17, &u, 0)
+}
+
+/// An ICMP echo request (type 8) or reply (type 0).
+pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, reply: bool, id: u16) -> Vec<u8> {
+    let mut i = vec![if reply { 0 } else { 8 }, 0, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&1u16.to_be_bytes());
+    let c = csum(&i);
+    i[2] = (c >> 8) as u8;
+    i[3] = c as u8;
+    ipv4(src, dst, 1, &i, 0)
+}
+
+/// An ICMP destination-unreachable from `src` to `dst` quoting `inner`
+/// (an IPv4 packet with its Ethernet header, as built above).
+pub fn icmp_unreachable(src: Ipv4Addr, dst: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut i = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    i.extend_from_slice(&inner[14..14 + 28]);
+    let c = csum(&i);
+    i[2] = (c >> 8) as u8;
+    i[3] = c as u8;
+    ipv4(src, dst, 1, &i, 0)
+}
+
+/// A non-first IPv4 fragment of a UDP datagram.
+pub fn udp_fragment(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4(src, dst, 17, &[0u8; 16], 185)
+}
+
+/// An ARP request.
+pub fn arp() -> Vec<u8> {
+    let mut p = vec![0xffu8; 6];
+    p.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&[0u8; 20]);
+    p
+}

@@ -1,0 +1,296 @@
+//! The endpoint programs run through BPF_PROG_RUN on crafted packets: policy,
+//! conntrack, anti-spoofing and events, one check per test. Each test loads
+//! its own private (unpinned) copy of the maps, so tests cannot interfere and
+//! nothing outlives them.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{MapData, RingBuf};
+use cilium_abi::{
+    DropReason, EndpointFlag, EndpointInfo, Event, EventFlag, EventType, IpcacheValue, POLICY_KEY_DIR_EGRESS,
+    POLICY_PREFIX_FULL, POLICY_PREFIX_L3, PolicyEntry, PolicyKey, PolicyMatch, TracePoint,
+};
+use cilium_datapath::{Datapath, LoadOptions, Loaded, Program, ip_to_be};
+use cilium_privileged_tests::packet::{self, TCP_ACK, TCP_FIN, TCP_SYN};
+use cilium_privileged_tests::require_root;
+
+const OK: i32 = 0;
+const SHOT: i32 = 2;
+/// BPF_PROG_RUN delivers on loopback: the endpoint under test is ifindex 1.
+const IFINDEX: u32 = 1;
+const EP_ID: u16 = 42;
+const EP_IDENTITY: u32 = 1000;
+const PEER_IDENTITY: u32 = 2000;
+const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+
+struct Harness {
+    dp: Loaded,
+    ring: RingBuf<MapData>,
+}
+
+impl Harness {
+    fn new(flags: u16) -> Harness {
+        require_root();
+        let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 1024, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16 })
+            .expect("load datapath");
+        let ring = RingBuf::try_from(dp.take_events().unwrap()).unwrap();
+        let mut h = Harness { dp, ring };
+        h.dp.endpoint_upsert(&EndpointInfo {
+            ifindex: IFINDEX,
+            ipv4: ip_to_be(POD),
+            sec_identity: EP_IDENTITY,
+            ep_id: EP_ID,
+            flags,
+            ..Default::default()
+        })
+        .unwrap();
+        h.ipcache(POD, EP_IDENTITY);
+        h.ipcache(PEER, PEER_IDENTITY);
+        h
+    }
+
+    fn ipcache(&mut self, ip: Ipv4Addr, identity: u32) {
+        self.dp
+            .ipcache_upsert(ipnet::Ipv4Net::new(ip, 32).unwrap(), &IpcacheValue { sec_identity: identity, ..Default::default() })
+            .unwrap();
+    }
+
+    fn rule(&mut self, egress: bool, identity: u32, proto: u8, port: Option<u16>, deny: bool) {
+        let key = PolicyKey {
+            prefixlen: match (proto, port) {
+                (0, _) => POLICY_PREFIX_L3,
+                (_, None) => 80,
+                (_, Some(_)) => POLICY_PREFIX_FULL,
+            },
+            ep_id: EP_ID,
+            gen_dir: if egress { POLICY_KEY_DIR_EGRESS } else { 0 },
+            identity,
+            protocol: proto,
+            dport: port.unwrap_or(0).to_be(),
+            ..Default::default()
+        };
+        let entry = PolicyEntry { flags: deny as u8, match_type: PolicyMatch::L3L4.code(), ..Default::default() };
+        self.dp.policy_insert(&key, &entry).unwrap();
+    }
+
+    fn from_container(&mut self, pkt: &[u8]) -> i32 {
+        self.dp.test_run(Program::FromContainer, pkt, IFINDEX).unwrap().0
+    }
+
+    fn to_container(&mut self, pkt: &[u8]) -> i32 {
+        self.dp.test_run(Program::ToContainer, pkt, IFINDEX).unwrap().0
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        let mut v = Vec::new();
+        while let Some(item) = self.ring.next() {
+            v.push(Event::from_bytes(&item).unwrap());
+        }
+        v
+    }
+
+    fn drops(&mut self) -> Vec<u8> {
+        self.events().iter().filter(|e| e.r#type == EventType::Drop.code()).map(|e| e.subtype).collect()
+    }
+}
+
+const EGRESS: u16 = EndpointFlag::EgressEnforce as u16;
+const INGRESS: u16 = EndpointFlag::IngressEnforce as u16;
+
+#[test]
+fn unknown_interface_is_dropped_not_passed() {
+    let mut h = Harness::new(0);
+    h.dp.endpoint_delete(IFINDEX).unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::NoConfiguration.code()]);
+}
+
+#[test]
+fn no_enforcement_passes_and_traces() {
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    let ev = h.events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].r#type, EventType::Trace.code());
+    assert_eq!(ev[0].subtype, TracePoint::FromLxc.code());
+    assert_eq!((ev[0].src_identity, ev[0].dst_identity), (EP_IDENTITY, PEER_IDENTITY));
+    assert!(ev[0].len_cap as usize >= 54, "packet captured");
+}
+
+#[test]
+fn spoofed_source_is_dropped() {
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::tcp(Ipv4Addr::new(10, 0, 1, 99), 1000, PEER, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::InvalidSourceIp.code()]);
+}
+
+#[test]
+fn egress_default_deny() {
+    let mut h = Harness::new(EGRESS);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), SHOT);
+    let ev = h.events();
+    let verdict = ev.iter().find(|e| e.r#type == EventType::PolicyVerdict.code()).expect("verdict event");
+    assert_eq!(verdict.verdict, -(DropReason::PolicyDenied.code() as i32));
+    assert_eq!(verdict.dst_port, 80);
+    assert_eq!(verdict.protocol, 6);
+    assert_eq!(verdict.flags & EventFlag::Ingress as u8, 0);
+    assert!(ev.iter().any(|e| e.r#type == EventType::Drop.code() && e.subtype == DropReason::PolicyDenied.code()));
+}
+
+#[test]
+fn egress_allow_by_identity_and_port() {
+    let mut h = Harness::new(EGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1001, PEER, 81, TCP_SYN)), SHOT);
+    assert_eq!(h.from_container(&packet::udp(POD, 1002, PEER, 80)), SHOT);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1003, OUTSIDE, 80, TCP_SYN)), SHOT, "world is another identity");
+}
+
+#[test]
+fn wildcard_identity_entry_allows_every_peer() {
+    let mut h = Harness::new(EGRESS);
+    h.rule(true, 0, 17, Some(53), false);
+    assert_eq!(h.from_container(&packet::udp(POD, 1000, OUTSIDE, 53)), OK);
+    assert_eq!(h.from_container(&packet::udp(POD, 1000, PEER, 53)), OK);
+    assert_eq!(h.from_container(&packet::udp(POD, 1000, PEER, 54)), SHOT);
+}
+
+#[test]
+fn deny_beats_allow() {
+    let mut h = Harness::new(EGRESS);
+    h.rule(true, PEER_IDENTITY, 0, None, false);
+    h.rule(true, 0, 6, Some(22), true);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 22, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::PolicyDeny.code()]);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 23, TCP_SYN)), OK);
+}
+
+#[test]
+fn replies_of_allowed_connections_pass_ingress_enforcement() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    // the reply comes in through the ingress hook, which allows nothing
+    assert_eq!(h.to_container(&packet::tcp(PEER, 80, POD, 1000, TCP_SYN | TCP_ACK)), OK);
+    // but a new connection from the peer does not pass
+    assert_eq!(h.to_container(&packet::tcp(PEER, 5555, POD, 1000, TCP_SYN)), SHOT);
+}
+
+#[test]
+fn ingress_allow_and_reply_out() {
+    let mut h = Harness::new(INGRESS | EGRESS);
+    h.rule(false, PEER_IDENTITY, 6, Some(8080), false);
+    assert_eq!(h.to_container(&packet::tcp(PEER, 3333, POD, 8080, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 8080, PEER, 3333, TCP_SYN | TCP_ACK)), OK, "reply passes egress enforcement");
+    assert_eq!(h.to_container(&packet::tcp(PEER, 3333, POD, 8081, TCP_SYN)), SHOT);
+}
+
+#[test]
+fn udp_and_icmp_echo_are_tracked() {
+    let mut h = Harness::new(INGRESS | EGRESS);
+    h.rule(true, PEER_IDENTITY, 17, Some(53), false);
+    h.rule(true, PEER_IDENTITY, 1, Some(8), false);
+    assert_eq!(h.from_container(&packet::udp(POD, 4000, PEER, 53)), OK);
+    assert_eq!(h.to_container(&packet::udp(PEER, 53, POD, 4000)), OK);
+    assert_eq!(h.to_container(&packet::udp(PEER, 53, POD, 4001)), SHOT);
+    assert_eq!(h.from_container(&packet::icmp_echo(POD, PEER, false, 77)), OK);
+    assert_eq!(h.to_container(&packet::icmp_echo(PEER, POD, true, 77)), OK);
+    assert_eq!(h.to_container(&packet::icmp_echo(PEER, POD, true, 78)), SHOT);
+}
+
+#[test]
+fn related_icmp_errors_pass() {
+    let mut h = Harness::new(INGRESS | EGRESS);
+    h.rule(true, 0, 17, Some(9999), false);
+    let out = packet::udp(POD, 4000, OUTSIDE, 9999);
+    assert_eq!(h.from_container(&out), OK);
+    assert_eq!(h.to_container(&packet::icmp_unreachable(OUTSIDE, POD, &out)), OK);
+    let unrelated = packet::udp(POD, 4001, OUTSIDE, 9999);
+    assert_eq!(h.to_container(&packet::icmp_unreachable(OUTSIDE, POD, &unrelated)), SHOT);
+}
+
+#[test]
+fn policy_change_rechecks_established_connections() {
+    let mut h = Harness::new(EGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
+    let key = PolicyKey {
+        prefixlen: POLICY_PREFIX_FULL,
+        ep_id: EP_ID,
+        gen_dir: POLICY_KEY_DIR_EGRESS,
+        identity: PEER_IDENTITY,
+        protocol: 6,
+        dport: 80u16.to_be(),
+        ..Default::default()
+    };
+    h.dp.policy_delete(&key).unwrap();
+    // without a revision bump the cached verdict still holds
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
+    h.dp.bump_policy_revision().unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), SHOT);
+}
+
+#[test]
+fn trace_events_are_aggregated_per_connection() {
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_FIN | TCP_ACK)), OK);
+    let traces = h.events().iter().filter(|e| e.r#type == EventType::Trace.code()).count();
+    assert_eq!(traces, 3, "SYN, first ACK, FIN: established traffic does not flood");
+}
+
+#[test]
+fn audit_mode_passes_would_be_drops() {
+    let mut h = Harness::new(EGRESS | EndpointFlag::Audit as u16);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
+    let ev = h.events();
+    let v = ev.iter().find(|e| e.r#type == EventType::PolicyVerdict.code()).unwrap();
+    assert_ne!(v.flags & EventFlag::Audit as u8, 0);
+    assert!(v.verdict < 0);
+    assert!(!ev.iter().any(|e| e.r#type == EventType::Drop.code()));
+}
+
+#[test]
+fn non_first_fragments_are_dropped() {
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::udp_fragment(POD, PEER)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::FragmentationNotSupported.code()]);
+}
+
+#[test]
+fn arp_passes() {
+    let mut h = Harness::new(INGRESS | EGRESS);
+    assert_eq!(h.from_container(&packet::arp()), OK);
+    assert_eq!(h.to_container(&packet::arp()), OK);
+}
+
+#[test]
+fn policy_generation_switch_is_atomic() {
+    let mut h = Harness::new(EGRESS);
+    // generation 0 allows port 80; generation 1 allows port 81
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    let gen1 = PolicyKey {
+        prefixlen: POLICY_PREFIX_FULL,
+        ep_id: EP_ID,
+        gen_dir: POLICY_KEY_DIR_EGRESS | cilium_abi::POLICY_KEY_GEN,
+        identity: PEER_IDENTITY,
+        protocol: 6,
+        dport: 81u16.to_be(),
+        ..Default::default()
+    };
+    h.dp.policy_insert(&gen1, &PolicyEntry::default()).unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 1, PEER, 80, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp(POD, 2, PEER, 81, TCP_SYN)), SHOT);
+    let mut ep = h.dp.endpoints().unwrap()[0];
+    ep.flags |= EndpointFlag::PolicyGen as u16;
+    h.dp.endpoint_upsert(&ep).unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 3, PEER, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.from_container(&packet::tcp(POD, 4, PEER, 81, TCP_SYN)), OK);
+}
