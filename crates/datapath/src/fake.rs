@@ -2,6 +2,7 @@
 //! stores what it is told and can be made to fail, nothing more.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use cilium_abi::{CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey};
 use ipnet::Ipv4Net;
@@ -20,6 +21,10 @@ pub struct FakeDatapath {
     pub policy_max: Option<usize>,
     /// Every policy write, in order: (inserted?, key).
     pub policy_log: Vec<(bool, PolicyKey)>,
+    /// Interfaces that exist: name -> ifindex.
+    pub links: BTreeMap<String, u32>,
+    pub up: BTreeSet<String>,
+    pub routes: BTreeMap<Ipv4Addr, String>,
 }
 
 /// PolicyKey with an order, for the fake's map.
@@ -102,6 +107,24 @@ impl Datapath for FakeDatapath {
     }
     fn attached(&self) -> Result<Vec<String>> {
         Ok(self.attached.iter().cloned().collect())
+    }
+    fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>> {
+        Ok(self.links.get(ifname).map(|i| (*i, [2, 0, 0, 0, 0, *i as u8])))
+    }
+    fn link_up(&mut self, ifname: &str) -> Result<()> {
+        if !self.links.contains_key(ifname) {
+            return Err(DatapathError::Interface { ifname: ifname.into(), detail: "no such interface".into() });
+        }
+        self.up.insert(ifname.to_string());
+        Ok(())
+    }
+    fn route_endpoint(&mut self, ip: Ipv4Addr, ifname: &str, _src: Ipv4Addr) -> Result<()> {
+        self.routes.insert(ip, ifname.to_string());
+        Ok(())
+    }
+    fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        self.routes.remove(&ip);
+        Ok(())
     }
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         Ok(vec![])

@@ -97,6 +97,16 @@ pub trait Datapath: Send {
     /// Interfaces with pinned attachments.
     fn attached(&self) -> Result<Vec<String>>;
 
+    /// ifindex and MAC of an interface of the agent's namespace, if it exists.
+    fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>>;
+    /// Sets an interface up.
+    fn link_up(&mut self, ifname: &str) -> Result<()>;
+    /// Routes `ip/32` to an endpoint's host interface, preferring `src` as the
+    /// node's source address towards it.
+    fn route_endpoint(&mut self, ip: Ipv4Addr, ifname: &str, src: Ipv4Addr) -> Result<()>;
+    /// Removes the route to an endpoint (absent is fine).
+    fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()>;
+
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>>;
     /// Removes expired entries; returns how many.
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize>;

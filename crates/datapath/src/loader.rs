@@ -481,6 +481,35 @@ impl Datapath for Loaded {
         Ok(v)
     }
 
+    fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>> {
+        let name = ifname.to_string();
+        Ok(crate::netlink::run(|h| async move { crate::netlink::link(&h, &name).await })?.map(|l| (l.index, l.mac)))
+    }
+
+    fn link_up(&mut self, ifname: &str) -> Result<()> {
+        let name = ifname.to_string();
+        crate::netlink::run(|h| async move {
+            let l = crate::netlink::link(&h, &name)
+                .await?
+                .ok_or_else(|| DatapathError::Interface { ifname: name.clone(), detail: "no such interface".into() })?;
+            crate::netlink::set_up(&h, l.index).await
+        })
+    }
+
+    fn route_endpoint(&mut self, ip: std::net::Ipv4Addr, ifname: &str, src: std::net::Ipv4Addr) -> Result<()> {
+        let name = ifname.to_string();
+        crate::netlink::run(|h| async move {
+            let l = crate::netlink::link(&h, &name)
+                .await?
+                .ok_or_else(|| DatapathError::Interface { ifname: name.clone(), detail: "no such interface".into() })?;
+            crate::netlink::route_replace_dev(&h, Ipv4Net::new(ip, 32).expect("/32"), l.index, Some(src)).await
+        })
+    }
+
+    fn unroute_endpoint(&mut self, ip: std::net::Ipv4Addr) -> Result<()> {
+        crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, Ipv4Net::new(ip, 32).expect("/32")).await })
+    }
+
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let m = self.hash::<CtKey, CtEntry>(MAP_CT)?;
         m.iter().map(|r| r.map_err(map_err(MAP_CT))).collect()

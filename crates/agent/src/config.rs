@@ -1,0 +1,321 @@
+//! Agent configuration: flags, then `CILIUM_*` environment variables, then a
+//! config file (YAML map of flag names to values), then defaults. Everything
+//! is validated before the agent touches anything; a bad value ends the agent
+//! with status 64 and a message naming the setting.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use cilium_policy::EnforcementMode;
+use ipnet::Ipv4Net;
+
+/// Exit status for invalid configuration (EX_USAGE, as linkerd2-proxy).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cilium-agent", version, about = "cilium-rs node agent", args_override_self = true)]
+pub struct Config {
+    /// YAML file mapping flag names (without --) to values.
+    #[arg(long, env = "CILIUM_CONFIG_FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// This node's name.
+    #[arg(long, env = "CILIUM_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The node's pod CIDR (host-scope IPAM); its first address is the router.
+    #[arg(long = "ipv4-range", env = "CILIUM_IPV4_RANGE", value_name = "CIDR")]
+    pub ipv4_range: Option<String>,
+
+    /// Directory on bpffs where this agent pins its maps and links.
+    #[arg(long, env = "CILIUM_BPF_ROOT", default_value = "/sys/fs/bpf/cilium")]
+    pub bpf_root: PathBuf,
+
+    /// Directory keeping endpoints, identities, IPAM and policies across restarts.
+    #[arg(long, env = "CILIUM_STATE_DIR", default_value = "/var/run/cilium/state")]
+    pub state_dir: PathBuf,
+
+    /// The API socket (mode 0600).
+    #[arg(long, env = "CILIUM_SOCKET_PATH", default_value = cilium_api::DEFAULT_SOCKET)]
+    pub socket_path: PathBuf,
+
+    /// cgroup v2 directory for this agent's socket-level programs.
+    #[arg(long, env = "CILIUM_CGROUP_ROOT", default_value = "/sys/fs/cgroup/unified/cilium")]
+    pub cgroup_root: PathBuf,
+
+    /// Policy enforcement: default, always or never.
+    #[arg(long, env = "CILIUM_ENABLE_POLICY", default_value = "default")]
+    pub enable_policy: String,
+
+    /// Whether the host may always reach its endpoints: always or policy.
+    #[arg(long, env = "CILIUM_ALLOW_LOCALHOST", default_value = "always")]
+    pub allow_localhost: String,
+
+    /// Report would-be policy drops as AUDIT verdicts and let the traffic pass.
+    #[arg(long, env = "CILIUM_POLICY_AUDIT_MODE", default_value_t = false)]
+    pub policy_audit_mode: bool,
+
+    /// Directory of policy files, imported and re-imported on change.
+    #[arg(long, env = "CILIUM_POLICY_DIR")]
+    pub policy_dir: Option<PathBuf>,
+
+    /// MTU of endpoint interfaces.
+    #[arg(long, env = "CILIUM_MTU", default_value_t = 1500)]
+    pub mtu: u32,
+
+    /// Connection tracking entries (TCP, UDP and ICMP share one table).
+    #[arg(long, env = "CILIUM_BPF_CT_GLOBAL_TCP_MAX", default_value_t = 262_144)]
+    pub bpf_ct_global_tcp_max: u32,
+
+    /// Policy map entries, all endpoints together.
+    #[arg(long, env = "CILIUM_BPF_POLICY_MAP_MAX", default_value_t = 1 << 20)]
+    pub bpf_policy_map_max: u32,
+
+    /// ipcache entries.
+    #[arg(long, env = "CILIUM_BPF_IPCACHE_MAP_MAX", default_value_t = 512_000)]
+    pub bpf_ipcache_map_max: u32,
+
+    /// Event ring buffer size in bytes (a power of two).
+    #[arg(long, env = "CILIUM_BPF_EVENTS_RING_SIZE", default_value_t = 1 << 22)]
+    pub bpf_events_ring_size: u32,
+
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, env = "CILIUM_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format: text or json.
+    #[arg(long, env = "CILIUM_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+fn bad(key: &str, value: impl ToString, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.to_string(), value: value.to_string(), reason: reason.into() }
+}
+
+/// Validated settings the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub bpf_root: PathBuf,
+    pub state_dir: PathBuf,
+    pub socket_path: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub enforcement: EnforcementMode,
+    pub allow_localhost: bool,
+    pub audit_mode: bool,
+    pub policy_dir: Option<PathBuf>,
+    pub mtu: u32,
+    pub ct_max: u32,
+    pub policy_max: u32,
+    pub ipcache_max: u32,
+    pub events_bytes: u32,
+    pub log_level: tracing::Level,
+    pub json_logs: bool,
+}
+
+/// Parses flags, environment and config file. `args` includes argv[0].
+pub fn load(args: Vec<String>) -> Result<Settings, ConfigError> {
+    let first = Config::try_parse_from(&args).map_err(clap_error)?;
+    let merged = match &first.config_file {
+        None => first,
+        Some(path) => {
+            let mut argv = vec![args[0].clone()];
+            argv.extend(file_args(path)?);
+            argv.extend(args.iter().skip(1).cloned());
+            let matches = Config::command().try_get_matches_from(argv).map_err(clap_error)?;
+            Config::from_arg_matches(&matches).map_err(clap_error)?
+        }
+    };
+    merged.validate()
+}
+
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue};
+    let key = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().unwrap_or("").trim_start_matches('-').to_string(),
+        _ => "(arguments)".to_string(),
+    };
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    let reason = e.render().to_string().lines().next().unwrap_or("").trim_start_matches("error: ").to_string();
+    ConfigError { key, value, reason }
+}
+
+/// Turns the config file into `--key=value` arguments, skipping keys whose
+/// environment variable is set (the environment wins over the file).
+fn file_args(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let key = "config-file";
+    let text = std::fs::read_to_string(path).map_err(|e| bad(key, path.display(), format!("cannot read: {e}")))?;
+    let map: BTreeMap<String, serde_yaml::Value> =
+        serde_yaml::from_str(&text).map_err(|e| bad(key, path.display(), format!("not a YAML map of settings: {e}")))?;
+    let cmd = Config::command();
+    let mut out = Vec::new();
+    for (k, v) in map {
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(k.as_str()))
+            .ok_or_else(|| bad(&k, "", format!("unknown setting in {}", path.display())))?;
+        if k == key {
+            return Err(bad(&k, "", "a config file cannot name another config file"));
+        }
+        if let Some(env) = arg.get_env() {
+            if std::env::var_os(env).is_some() {
+                continue;
+            }
+        }
+        let value = match v {
+            serde_yaml::Value::String(s) => s,
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            other => return Err(bad(&k, format!("{other:?}"), "must be a string, number or boolean")),
+        };
+        out.push(format!("--{k}={value}"));
+    }
+    Ok(out)
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".to_string())
+}
+
+impl Config {
+    /// Checks every value; touches nothing.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let cidr_text = self.ipv4_range.clone().ok_or_else(|| bad("ipv4-range", "", "required: the node's pod CIDR, e.g. 10.0.1.0/24"))?;
+        let pod_cidr: Ipv4Net = cidr_text.parse().map_err(|_| bad("ipv4-range", &cidr_text, "not an IPv4 CIDR"))?;
+        if pod_cidr.prefix_len() > 28 {
+            return Err(bad("ipv4-range", &cidr_text, "too small: use at most a /28"));
+        }
+        if pod_cidr.trunc() != pod_cidr {
+            return Err(bad("ipv4-range", &cidr_text, format!("host bits set: did you mean {}?", pod_cidr.trunc())));
+        }
+        let enforcement: EnforcementMode = self.enable_policy.parse().map_err(|e: String| bad("enable-policy", &self.enable_policy, e))?;
+        let allow_localhost = match self.allow_localhost.as_str() {
+            "always" | "auto" => true,
+            "policy" => false,
+            other => return Err(bad("allow-localhost", other, "want always, auto or policy")),
+        };
+        for (key, p) in [("bpf-root", &self.bpf_root), ("state-dir", &self.state_dir), ("socket-path", &self.socket_path), ("cgroup-root", &self.cgroup_root)] {
+            if !p.is_absolute() {
+                return Err(bad(key, p.display(), "must be an absolute path"));
+            }
+        }
+        if !self.bpf_root.starts_with("/sys/fs/bpf") && !cilium_datapath::sys::is_bpffs(self.bpf_root.parent().unwrap_or(Path::new("/"))) {
+            return Err(bad("bpf-root", self.bpf_root.display(), "must be on a bpf filesystem (under /sys/fs/bpf)"));
+        }
+        if self.cgroup_root.exists() && !self.cgroup_root.is_dir() {
+            return Err(bad("cgroup-root", self.cgroup_root.display(), "exists and is not a directory"));
+        }
+        if let Some(d) = &self.policy_dir {
+            if !d.is_dir() {
+                return Err(bad("policy-dir", d.display(), "not a directory"));
+            }
+        }
+        if !(576..=65535).contains(&self.mtu) {
+            return Err(bad("mtu", self.mtu, "must be between 576 and 65535"));
+        }
+        if self.bpf_ct_global_tcp_max < 1024 {
+            return Err(bad("bpf-ct-global-tcp-max", self.bpf_ct_global_tcp_max, "must be at least 1024"));
+        }
+        if self.bpf_policy_map_max < 1024 {
+            return Err(bad("bpf-policy-map-max", self.bpf_policy_map_max, "must be at least 1024"));
+        }
+        if self.bpf_ipcache_map_max < 1024 {
+            return Err(bad("bpf-ipcache-map-max", self.bpf_ipcache_map_max, "must be at least 1024"));
+        }
+        if !self.bpf_events_ring_size.is_power_of_two() || self.bpf_events_ring_size < 4096 {
+            return Err(bad("bpf-events-ring-size", self.bpf_events_ring_size, "must be a power of two of at least 4096"));
+        }
+        let log_level: tracing::Level = self.log_level.parse().map_err(|_| bad("log-level", &self.log_level, "want error, warn, info, debug or trace"))?;
+        let json_logs = match self.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => return Err(bad("log-format", other, "want text or json")),
+        };
+        Ok(Settings {
+            node_name: self.node_name.unwrap_or_else(hostname),
+            pod_cidr,
+            bpf_root: self.bpf_root,
+            state_dir: self.state_dir,
+            socket_path: self.socket_path,
+            cgroup_root: self.cgroup_root,
+            enforcement,
+            allow_localhost,
+            audit_mode: self.policy_audit_mode,
+            policy_dir: self.policy_dir,
+            mtu: self.mtu,
+            ct_max: self.bpf_ct_global_tcp_max,
+            policy_max: self.bpf_policy_map_max,
+            ipcache_max: self.bpf_ipcache_map_max,
+            events_bytes: self.bpf_events_ring_size,
+            log_level,
+            json_logs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        std::iter::once("cilium-agent").chain(a.iter().copied()).map(String::from).collect()
+    }
+
+    #[test]
+    fn minimal_flags() {
+        let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--node-name", "n1"])).unwrap();
+        assert_eq!(s.pod_cidr.to_string(), "10.0.1.0/24");
+        assert_eq!(s.node_name, "n1");
+        assert_eq!(s.enforcement, EnforcementMode::Default);
+        assert!(s.allow_localhost);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = load(args(&["--ipv4-range", "10.0.1.5/24"])).unwrap_err();
+        assert_eq!(e.key, "ipv4-range");
+        assert!(e.reason.contains("10.0.1.0/24"), "{e}");
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--enable-policy", "sometimes"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("enable-policy", "sometimes"));
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "abc"])).unwrap_err();
+        assert_eq!(e.key, "mtu");
+        let e = load(args(&[])).unwrap_err();
+        assert_eq!(e.key, "ipv4-range");
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-events-ring-size", "5000"])).unwrap_err();
+        assert_eq!(e.key, "bpf-events-ring-size");
+    }
+
+    #[test]
+    fn config_file_is_below_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "ipv4-range: 10.0.2.0/24\nmtu: 1400\nnode-name: from-file\n").unwrap();
+        let s = load(args(&["--config-file", f.to_str().unwrap(), "--node-name", "from-flag"])).unwrap();
+        assert_eq!(s.pod_cidr.to_string(), "10.0.2.0/24");
+        assert_eq!(s.mtu, 1400);
+        assert_eq!(s.node_name, "from-flag");
+    }
+
+    #[test]
+    fn config_file_unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "ipv4-range: 10.0.2.0/24\nmtuu: 1400\n").unwrap();
+        let e = load(args(&["--config-file", f.to_str().unwrap()])).unwrap_err();
+        assert_eq!(e.key, "mtuu");
+    }
+}

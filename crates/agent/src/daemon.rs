@@ -1,0 +1,848 @@
+//! The agent's core: endpoints, identities, IPAM, policies and pods, and how
+//! they become datapath state. Synchronous and generic over the datapath, so
+//! it runs against [`cilium_datapath::fake::FakeDatapath`] in tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use cilium_abi::{
+    EndpointFlag, EndpointInfo, IpcacheValue, POLICY_KEY_DIR_EGRESS, POLICY_KEY_GEN, PolicyEntry, PolicyKey,
+    ReservedIdentity,
+};
+use cilium_api::{EndpointCreate, NamespaceMeta, PodMeta};
+use cilium_datapath::{Datapath, DatapathError, ip_to_be};
+use cilium_identity::{Allocator, IdentityError};
+use cilium_ipam::{Ipam, IpamError};
+use cilium_labels::{LabelSet, k8s_pod_labels};
+use cilium_policy::{
+    EndpointPolicy, Input, MapKey, NamedPorts, PolicyDocument, PolicyError, PolicyOptions, PolicyRef, Protocol,
+    Repository, compute, parse_policies, parse_value,
+};
+use ipnet::Ipv4Net;
+use tracing::{error, info, warn};
+
+use crate::state::{EndpointRecord, STATE_VERSION, State, StateError, StateStore};
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{field}: {message} (got {value:?})")]
+    Invalid { field: String, value: String, message: String },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error("saving state: {0}")]
+    State(#[from] StateError),
+}
+
+fn invalid(field: &str, value: impl ToString, message: impl Into<String>) -> DaemonError {
+    DaemonError::Invalid { field: field.to_string(), value: value.to_string(), message: message.into() }
+}
+
+/// What the daemon needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub node_name: String,
+    pub pod_cidr: Ipv4Net,
+    pub mtu: u32,
+    pub policy: PolicyOptions,
+    pub audit_mode: bool,
+}
+
+/// Policy as written to the datapath for one endpoint.
+#[derive(Debug, Clone)]
+struct Realized {
+    policy: EndpointPolicy,
+    generation: bool,
+    keys: Vec<PolicyKey>,
+    flags: u16,
+}
+
+/// An endpoint's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpState {
+    Ready,
+    /// Its policy could not be written; it denies everything until it can.
+    PolicyError,
+}
+
+#[derive(Debug, Clone)]
+struct Endpoint {
+    rec: EndpointRecord,
+    realized: Option<Realized>,
+    state: EpState,
+    error: Option<String>,
+    /// Policy keys found in the map at restore, not yet owned by a generation.
+    stale: Vec<PolicyKey>,
+}
+
+/// The agent's core state.
+pub struct Daemon<D: Datapath> {
+    cfg: DaemonConfig,
+    dp: D,
+    store: Option<StateStore>,
+    ipam: Ipam,
+    identities: Allocator,
+    endpoints: BTreeMap<u16, Endpoint>,
+    repo: Repository,
+    policy_sources: BTreeMap<PolicyRef, String>,
+    pods: BTreeMap<String, PodMeta>,
+    namespaces: BTreeMap<String, NamespaceMeta>,
+    next_endpoint_id: u16,
+    node_ips: Vec<Ipv4Addr>,
+    started: Instant,
+    warnings: BTreeMap<String, String>,
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let mut out = [0u8; 6];
+    for (i, part) in s.split(':').take(6).enumerate() {
+        out[i] = u8::from_str_radix(part, 16).unwrap_or(0);
+    }
+    out
+}
+
+/// The datapath key of a computed policy map key.
+pub fn datapath_key(ep_id: u16, generation: bool, k: &MapKey) -> PolicyKey {
+    PolicyKey {
+        prefixlen: k.prefixlen(),
+        ep_id,
+        gen_dir: if k.egress { POLICY_KEY_DIR_EGRESS } else { 0 } | if generation { POLICY_KEY_GEN } else { 0 },
+        pad0: 0,
+        identity: k.identity,
+        protocol: k.protocol,
+        pad1: 0,
+        dport: k.port.to_be(),
+    }
+}
+
+impl<D: Datapath> Daemon<D> {
+    /// A daemon with no state. `node_ips` are the node's own addresses.
+    pub fn new(cfg: DaemonConfig, dp: D, store: Option<StateStore>, node_ips: Vec<Ipv4Addr>) -> Result<Self, DaemonError> {
+        let ipam = Ipam::new(cfg.pod_cidr)?;
+        Ok(Daemon {
+            cfg,
+            dp,
+            store,
+            ipam,
+            identities: Allocator::new(),
+            endpoints: BTreeMap::new(),
+            repo: Repository::new(),
+            policy_sources: BTreeMap::new(),
+            pods: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            next_endpoint_id: 1,
+            node_ips,
+            started: Instant::now(),
+            warnings: BTreeMap::new(),
+        })
+    }
+
+    pub fn datapath(&self) -> &D {
+        &self.dp
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut D {
+        &mut self.dp
+    }
+
+    pub fn config(&self) -> &DaemonConfig {
+        &self.cfg
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    pub fn router_ip(&self) -> Ipv4Addr {
+        self.ipam.router()
+    }
+
+    pub fn node_ips(&self) -> &[Ipv4Addr] {
+        &self.node_ips
+    }
+
+    pub fn ipam(&self) -> &Ipam {
+        &self.ipam
+    }
+
+    pub fn repository(&self) -> &Repository {
+        &self.repo
+    }
+
+    pub fn identities(&self) -> &Allocator {
+        &self.identities
+    }
+
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.values().cloned().collect()
+    }
+
+    // ------------------------------------------------------------ state ---
+
+    fn snapshot(&self) -> State {
+        State {
+            version: STATE_VERSION,
+            ipam: self.ipam.clone(),
+            endpoints: self.endpoints.iter().map(|(id, e)| (*id, e.rec.clone())).collect(),
+            identities: self.identities.iter().filter(|i| i.id >= 256).map(|i| (i.id, i.labels.clone())).collect(),
+            policies: self
+                .repo
+                .documents()
+                .map(|d| {
+                    let src = self.policy_sources.get(&d.key()).cloned().unwrap_or_default();
+                    (src, serde_json::to_value(d).expect("policy serializes"))
+                })
+                .collect(),
+            pods: self.pods.clone(),
+            namespaces: self.namespaces.clone(),
+            next_endpoint_id: self.next_endpoint_id,
+        }
+    }
+
+    fn save(&self) -> Result<(), DaemonError> {
+        if let Some(store) = &self.store {
+            store.save(&self.snapshot())?;
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the daemon from saved state and reconciles the datapath with
+    /// it: atomically, endpoint by endpoint, without interrupting traffic.
+    pub fn restore(&mut self, state: State) -> Result<(), DaemonError> {
+        if state.ipam.cidr() != self.cfg.pod_cidr {
+            return Err(invalid(
+                "ipv4-range",
+                self.cfg.pod_cidr,
+                format!("the state directory holds pod CIDR {}; use it or start with an empty state directory", state.ipam.cidr()),
+            ));
+        }
+        self.ipam = state.ipam;
+        self.pods = state.pods;
+        self.namespaces = state.namespaces;
+        self.next_endpoint_id = state.next_endpoint_id.max(1);
+        for (source, doc) in state.policies {
+            let value: serde_yaml::Value = match serde_yaml::to_value(&doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    error!(%source, error = %e, "dropping unreadable saved policy");
+                    continue;
+                }
+            };
+            match parse_value(&source, value) {
+                Ok((d, rules)) => {
+                    self.policy_sources.insert(d.key(), source);
+                    self.repo.apply(vec![(d, rules)]);
+                }
+                Err(e) => error!(%source, error = %e, "dropping saved policy that no longer validates"),
+            }
+        }
+        // Endpoints whose interface vanished while the agent was away are gone.
+        for (id, rec) in state.endpoints {
+            match self.dp.link(&rec.host_ifname)? {
+                Some((ifindex, _)) if ifindex == rec.host_ifindex => {
+                    let labels = state.identities.get(&rec.identity);
+                    if rec.identity >= 256 {
+                        match labels {
+                            Some(l) if *l == rec.labels => self.identities.restore(rec.identity, l)?,
+                            _ => {
+                                let (idn, _) = self.identities.allocate(&rec.labels)?;
+                                warn!(endpoint = id, old = rec.identity, new = idn, "identity re-allocated on restore");
+                            }
+                        }
+                    }
+                    let identity = self.identities.lookup(&rec.labels).unwrap_or(rec.identity);
+                    let mut rec = rec;
+                    rec.identity = identity;
+                    self.endpoints.insert(id, Endpoint { rec, realized: None, state: EpState::Ready, error: None, stale: vec![] });
+                }
+                _ => {
+                    info!(endpoint = id, ifname = %rec.host_ifname, "endpoint interface is gone; removing endpoint");
+                    self.ipam.release(rec.ipv4);
+                }
+            }
+        }
+        self.reconcile_datapath()?;
+        self.save()
+    }
+
+    /// Makes the datapath match the daemon: endpoints, ipcache, policy and
+    /// attachments. Used at start-up, after restore.
+    pub fn reconcile_datapath(&mut self) -> Result<(), DaemonError> {
+        // ipcache: exactly the desired entries
+        let desired = self.desired_ipcache();
+        for (prefix, _) in self.dp.ipcache_dump()? {
+            if !desired.contains_key(&prefix) {
+                self.dp.ipcache_delete(prefix)?;
+            }
+        }
+        for (prefix, id) in &desired {
+            self.dp.ipcache_upsert(*prefix, &IpcacheValue { sec_identity: *id, ..Default::default() })?;
+        }
+        // endpoints in the map that we do not know
+        let known: BTreeSet<u32> = self.endpoints.values().map(|e| e.rec.host_ifindex).collect();
+        let existing = self.dp.endpoints()?;
+        for info in &existing {
+            if !known.contains(&info.ifindex) {
+                self.dp.endpoint_delete(info.ifindex)?;
+            }
+        }
+        let gens: BTreeMap<u32, bool> =
+            existing.iter().map(|i| (i.ifindex, i.flags & EndpointFlag::PolicyGen as u16 != 0)).collect();
+        // policy entries: group by endpoint; drop those of unknown endpoints
+        let mut by_ep: BTreeMap<u16, Vec<PolicyKey>> = BTreeMap::new();
+        for (k, _) in self.dp.policy_dump()? {
+            if self.endpoints.contains_key(&k.ep_id) {
+                by_ep.entry(k.ep_id).or_default().push(k);
+            } else {
+                self.dp.policy_delete(&k)?;
+            }
+        }
+        let ids: Vec<u16> = self.endpoints.keys().copied().collect();
+        for id in &ids {
+            let ep = self.endpoints.get_mut(id).expect("listed");
+            let live_gen = gens.get(&ep.rec.host_ifindex).copied().unwrap_or(false);
+            let stale = by_ep.remove(id).unwrap_or_default();
+            // entries of the live generation stay until the new one is in
+            ep.realized = Some(Realized {
+                policy: EndpointPolicy::default(),
+                generation: live_gen,
+                keys: stale.iter().filter(|k| (k.gen_dir & POLICY_KEY_GEN != 0) == live_gen).copied().collect(),
+                flags: u16::MAX,
+            });
+            ep.stale = stale.into_iter().filter(|k| (k.gen_dir & POLICY_KEY_GEN != 0) != live_gen).collect();
+        }
+        let attached: BTreeSet<String> = self.dp.attached()?.into_iter().collect();
+        let wanted: BTreeSet<String> = self.endpoints.values().map(|e| e.rec.host_ifname.clone()).collect();
+        for ifname in attached.difference(&wanted) {
+            self.dp.detach(ifname)?;
+        }
+        for id in ids {
+            self.regenerate(id);
+            let rec = self.endpoints[&id].rec.clone();
+            self.dp.attach(&rec.host_ifname)?;
+            self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
+            self.dp.link_up(&rec.host_ifname)?;
+        }
+        Ok(())
+    }
+
+    fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, u32> {
+        let mut m = BTreeMap::new();
+        let host = ReservedIdentity::Host.code();
+        m.insert(Ipv4Net::new(self.ipam.router(), 32).expect("/32"), host);
+        for ip in &self.node_ips {
+            m.insert(Ipv4Net::new(*ip, 32).expect("/32"), host);
+        }
+        for e in self.endpoints.values() {
+            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
+        }
+        m
+    }
+
+    // ------------------------------------------------------------- IPAM ---
+
+    pub fn ipam_allocate(&mut self, owner: &str) -> Result<Ipv4Addr, DaemonError> {
+        if owner.is_empty() {
+            return Err(invalid("owner", owner, "must name the container and interface"));
+        }
+        let ip = self.ipam.allocate(owner)?;
+        self.save()?;
+        Ok(ip)
+    }
+
+    pub fn ipam_release(&mut self, ip: Ipv4Addr) -> Result<bool, DaemonError> {
+        if self.endpoints.values().any(|e| e.rec.ipv4 == ip) {
+            return Err(invalid("ip", ip, "still used by an endpoint; delete the endpoint first"));
+        }
+        let released = self.ipam.release(ip);
+        self.save()?;
+        Ok(released)
+    }
+
+    // -------------------------------------------------------- endpoints ---
+
+    fn pod_key(ns: &str, name: &str) -> String {
+        format!("{ns}/{name}")
+    }
+
+    fn labels_for(&self, namespace: &str, pod: &str) -> LabelSet {
+        let empty = BTreeMap::new();
+        let meta = self.pods.get(&Self::pod_key(namespace, pod));
+        let ns_labels = self.namespaces.get(namespace).map(|n| &n.labels).unwrap_or(&empty);
+        k8s_pod_labels(
+            namespace,
+            meta.map(|m| &m.labels).unwrap_or(&empty),
+            ns_labels,
+            meta.map(|m| m.service_account.as_str()).unwrap_or("default"),
+            cilium_policy::rule::CLUSTER_NAME,
+        )
+    }
+
+    fn alloc_endpoint_id(&mut self) -> Result<u16, DaemonError> {
+        for _ in 0..u16::MAX {
+            let id = self.next_endpoint_id;
+            self.next_endpoint_id = if id >= 65534 { 1 } else { id + 1 };
+            if !self.endpoints.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(invalid("endpoint", "", "no endpoint ID left"))
+    }
+
+    /// Creates (or returns the existing) endpoint for a wired pod interface.
+    pub fn endpoint_create(&mut self, req: &EndpointCreate) -> Result<u16, DaemonError> {
+        let owner = format!("{}/{}", req.container_id, req.ifname);
+        if let Some((id, ep)) = self.endpoints.iter().find(|(_, e)| e.rec.container_id == req.container_id && e.rec.ifname == req.ifname) {
+            let same = ep.rec.ipv4 == req.ipv4 && ep.rec.host_ifname == req.host_ifname;
+            let id = *id;
+            if same && self.dp.link(&req.host_ifname)?.map(|l| l.0) == Some(ep.rec.host_ifindex) {
+                return Ok(id);
+            }
+            self.endpoint_remove(id)?;
+        }
+        match self.ipam.owner(req.ipv4) {
+            Some(o) if o == owner => {}
+            Some(o) => return Err(invalid("ipv4", req.ipv4, format!("allocated to {o}, not {owner}"))),
+            None => self.ipam.allocate_ip(req.ipv4, &owner)?,
+        }
+        let (ifindex, host_mac) = self
+            .dp
+            .link(&req.host_ifname)?
+            .ok_or_else(|| invalid("host_ifname", &req.host_ifname, "no such interface on this node"))?;
+        let labels = self.labels_for(&req.namespace, &req.pod_name);
+        let (identity, new_identity) = self.identities.allocate(&labels)?;
+        let id = self.alloc_endpoint_id()?;
+        let rec = EndpointRecord {
+            id,
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            host_ifname: req.host_ifname.clone(),
+            host_ifindex: ifindex,
+            ipv4: req.ipv4,
+            mac: req.mac.clone(),
+            host_mac: mac_string(&host_mac),
+            namespace: req.namespace.clone(),
+            pod_name: req.pod_name.clone(),
+            labels,
+            identity,
+        };
+        self.endpoints.insert(id, Endpoint { rec: rec.clone(), realized: None, state: EpState::Ready, error: None, stale: vec![] });
+        let result = self.wire_endpoint(id, new_identity);
+        if let Err(e) = result {
+            error!(endpoint = id, error = %e, "endpoint creation failed; rolling back");
+            let _ = self.endpoint_remove(id);
+            return Err(e);
+        }
+        self.save()?;
+        info!(endpoint = id, pod = %format!("{}/{}", rec.namespace, rec.pod_name), ip = %rec.ipv4, identity, "endpoint created");
+        Ok(id)
+    }
+
+    fn wire_endpoint(&mut self, id: u16, new_identity: bool) -> Result<(), DaemonError> {
+        let rec = self.endpoints[&id].rec.clone();
+        self.dp.ipcache_upsert(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &IpcacheValue { sec_identity: rec.identity, ..Default::default() })?;
+        if new_identity {
+            self.regenerate_all();
+        } else {
+            self.regenerate(id);
+        }
+        // policy is in place before the first packet can flow
+        self.dp.attach(&rec.host_ifname)?;
+        self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
+        self.dp.link_up(&rec.host_ifname)?;
+        self.dp.bump_policy_revision()?;
+        Ok(())
+    }
+
+    fn endpoint_remove(&mut self, id: u16) -> Result<(), DaemonError> {
+        let Some(ep) = self.endpoints.remove(&id) else { return Ok(()) };
+        let rec = &ep.rec;
+        self.dp.detach(&rec.host_ifname)?;
+        self.dp.endpoint_delete(rec.host_ifindex)?;
+        for k in ep.realized.iter().flat_map(|r| r.keys.iter()).chain(ep.stale.iter()) {
+            self.dp.policy_delete(k)?;
+        }
+        self.dp.ipcache_delete(Ipv4Net::new(rec.ipv4, 32).expect("/32"))?;
+        self.dp.unroute_endpoint(rec.ipv4)?;
+        self.ipam.release(rec.ipv4);
+        self.warnings.remove(&format!("endpoint {id}"));
+        if self.identities.release(rec.identity).unwrap_or(false) {
+            self.regenerate_all();
+        }
+        self.dp.bump_policy_revision()?;
+        Ok(())
+    }
+
+    /// Deletes the endpoint of a container interface. Returns its ID when
+    /// there was one; deleting nothing is not an error (CNI DEL is idempotent).
+    pub fn endpoint_delete(&mut self, container_id: &str, ifname: &str) -> Result<Option<u16>, DaemonError> {
+        let owner = format!("{container_id}/{ifname}");
+        let found = self.endpoints.iter().find(|(_, e)| e.rec.container_id == container_id && e.rec.ifname == ifname).map(|(id, _)| *id);
+        if let Some(id) = found {
+            self.endpoint_remove(id)?;
+        }
+        self.ipam.release_owner(&owner);
+        self.save()?;
+        if let Some(id) = found {
+            info!(endpoint = id, container_id, "endpoint deleted");
+        }
+        Ok(found)
+    }
+
+    /// Deletes every endpoint not in `valid` (CNI GC).
+    pub fn endpoint_gc(&mut self, valid: &[(String, String)]) -> Result<Vec<String>, DaemonError> {
+        let keep: BTreeSet<(String, String)> = valid.iter().cloned().collect();
+        let gone: Vec<(String, String)> = self
+            .endpoints
+            .values()
+            .map(|e| (e.rec.container_id.clone(), e.rec.ifname.clone()))
+            .filter(|k| !keep.contains(k))
+            .collect();
+        let mut out = Vec::new();
+        for (c, i) in gone {
+            self.endpoint_delete(&c, &i)?;
+            out.push(format!("{c}/{i}"));
+        }
+        // addresses held by containers that never became endpoints
+        let orphans: Vec<String> = self
+            .ipam
+            .allocations()
+            .filter(|(_, o)| *o != "router")
+            .map(|(_, o)| o.to_string())
+            .filter(|o| !keep.iter().any(|(c, i)| *o == format!("{c}/{i}")))
+            .collect();
+        for o in orphans {
+            self.ipam.release_owner(&o);
+            out.push(o);
+        }
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Changes the labels of existing endpoints after their pod or namespace
+    /// changed, re-allocating identities.
+    fn relabel(&mut self, filter: impl Fn(&EndpointRecord) -> bool) -> Result<(), DaemonError> {
+        let ids: Vec<u16> = self.endpoints.iter().filter(|(_, e)| filter(&e.rec)).map(|(id, _)| *id).collect();
+        let mut changed = false;
+        for id in ids {
+            let rec = self.endpoints[&id].rec.clone();
+            let labels = self.labels_for(&rec.namespace, &rec.pod_name);
+            if labels == rec.labels {
+                continue;
+            }
+            let (identity, _) = self.identities.allocate(&labels)?;
+            let _ = self.identities.release(rec.identity);
+            let ep = self.endpoints.get_mut(&id).expect("listed");
+            ep.rec.labels = labels;
+            ep.rec.identity = identity;
+            self.dp.ipcache_upsert(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &IpcacheValue { sec_identity: identity, ..Default::default() })?;
+            let mut info = self.endpoint_info(id);
+            info.sec_identity = identity;
+            self.dp.endpoint_upsert(&info)?;
+            changed = true;
+        }
+        if changed {
+            self.regenerate_all();
+            self.dp.bump_policy_revision()?;
+        }
+        Ok(())
+    }
+
+    pub fn pod_upsert(&mut self, meta: PodMeta) -> Result<(), DaemonError> {
+        if meta.name.is_empty() || meta.namespace.is_empty() {
+            return Err(invalid("name", &meta.name, "pods need a namespace and a name"));
+        }
+        let key = Self::pod_key(&meta.namespace, &meta.name);
+        let (ns, name) = (meta.namespace.clone(), meta.name.clone());
+        self.pods.insert(key, meta);
+        self.relabel(|r| r.namespace == ns && r.pod_name == name)?;
+        self.save()
+    }
+
+    pub fn pod_delete(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
+        let existed = self.pods.remove(&Self::pod_key(namespace, name)).is_some();
+        self.save()?;
+        Ok(existed)
+    }
+
+    pub fn namespace_upsert(&mut self, meta: NamespaceMeta) -> Result<(), DaemonError> {
+        let name = meta.name.clone();
+        self.namespaces.insert(name.clone(), meta);
+        self.relabel(|r| r.namespace == name)?;
+        self.save()
+    }
+
+    // ----------------------------------------------------------- policy ---
+
+    /// Imports policy text: every document valid, or nothing changes.
+    pub fn policy_import(&mut self, text: &str, source: &str, dry_run: bool) -> Result<(u64, Vec<String>), DaemonError> {
+        let parsed = parse_policies(text, source)?;
+        if parsed.is_empty() {
+            return Err(invalid("(document)", source, "no policy documents found"));
+        }
+        let names: Vec<String> = parsed.iter().map(|(d, _)| d.key().to_string()).collect();
+        if dry_run {
+            return Ok((self.repo.revision(), names));
+        }
+        for (d, _) in &parsed {
+            self.policy_sources.insert(d.key(), source.to_string());
+        }
+        let rev = self.repo.apply(parsed);
+        self.regenerate_all();
+        self.dp.bump_policy_revision()?;
+        self.save()?;
+        info!(revision = rev, policies = ?names, "policies imported");
+        Ok((rev, names))
+    }
+
+    /// Deletes policies matching a filter. Returns the revision and names.
+    pub fn policy_delete(&mut self, matches: impl Fn(&PolicyRef) -> bool) -> Result<(u64, Vec<String>), DaemonError> {
+        let keys: Vec<PolicyRef> = self.repo.documents().map(|d| d.key()).filter(|k| matches(k)).collect();
+        for k in &keys {
+            self.repo.delete(k);
+            self.policy_sources.remove(k);
+        }
+        if !keys.is_empty() {
+            self.regenerate_all();
+            self.dp.bump_policy_revision()?;
+            self.save()?;
+        }
+        Ok((self.repo.revision(), keys.iter().map(|k| k.to_string()).collect()))
+    }
+
+    /// Replaces every policy imported from `source` with `text` (the policy
+    /// directory watcher). Invalid text changes nothing.
+    pub fn policy_replace_source(&mut self, source: &str, text: &str) -> Result<u64, DaemonError> {
+        let parsed = if text.trim().is_empty() { vec![] } else { parse_policies(text, source)? };
+        let new_keys: BTreeSet<PolicyRef> = parsed.iter().map(|(d, _)| d.key()).collect();
+        let old: Vec<PolicyRef> = self.policy_sources.iter().filter(|(k, s)| s.as_str() == source && !new_keys.contains(*k)).map(|(k, _)| k.clone()).collect();
+        for k in &old {
+            self.repo.delete(k);
+            self.policy_sources.remove(k);
+        }
+        for k in &new_keys {
+            self.policy_sources.insert(k.clone(), source.to_string());
+        }
+        if !parsed.is_empty() {
+            self.repo.apply(parsed);
+        }
+        self.regenerate_all();
+        self.dp.bump_policy_revision()?;
+        self.save()?;
+        Ok(self.repo.revision())
+    }
+
+    pub fn policies(&self) -> Vec<&PolicyDocument> {
+        self.repo.documents().collect()
+    }
+
+    // ------------------------------------------------------ regeneration ---
+
+    fn identity_map(&self) -> BTreeMap<u32, LabelSet> {
+        self.identities.iter().map(|i| (i.id, i.labels.clone())).collect()
+    }
+
+    fn named_ports(meta: Option<&PodMeta>, into: &mut NamedPorts) {
+        for (name, proto, port) in meta.into_iter().flat_map(|m| m.ports.iter()) {
+            let Some(name) = name else { continue };
+            let p = match proto.as_str() {
+                "UDP" => Protocol::Udp,
+                "SCTP" => Protocol::Sctp,
+                _ => Protocol::Tcp,
+            };
+            into.entry(name.clone()).or_default().insert((p, *port));
+        }
+    }
+
+    /// Regenerates every endpoint's policy.
+    pub fn regenerate_all(&mut self) {
+        let identities = self.identity_map();
+        let mut cluster_ports = NamedPorts::new();
+        for m in self.pods.values() {
+            Self::named_ports(Some(m), &mut cluster_ports);
+        }
+        let ids: Vec<u16> = self.endpoints.keys().copied().collect();
+        for id in ids {
+            self.regenerate_with(id, &identities, &cluster_ports);
+        }
+    }
+
+    fn regenerate(&mut self, id: u16) {
+        let identities = self.identity_map();
+        let mut cluster_ports = NamedPorts::new();
+        for m in self.pods.values() {
+            Self::named_ports(Some(m), &mut cluster_ports);
+        }
+        self.regenerate_with(id, &identities, &cluster_ports);
+    }
+
+    fn endpoint_info(&self, id: u16) -> EndpointInfo {
+        let ep = &self.endpoints[&id];
+        EndpointInfo {
+            ifindex: ep.rec.host_ifindex,
+            ipv4: ip_to_be(ep.rec.ipv4),
+            sec_identity: ep.rec.identity,
+            ep_id: id,
+            flags: ep.realized.as_ref().map(|r| r.flags).filter(|f| *f != u16::MAX).unwrap_or(0),
+            mac: parse_mac(&ep.rec.mac),
+            node_mac: parse_mac(&ep.rec.host_mac),
+        }
+    }
+
+    /// Computes an endpoint's policy and switches the datapath to it
+    /// atomically: the new entries go in under the other generation, one
+    /// endpoint-table write flips to them, then the old ones go. If the new
+    /// entries do not fit, the endpoint denies everything (never fails open)
+    /// and the failure is reported in its state and in `cilium status`.
+    fn regenerate_with(&mut self, id: u16, identities: &BTreeMap<u32, LabelSet>, cluster_ports: &NamedPorts) {
+        let Some(ep) = self.endpoints.get(&id) else { return };
+        let mut own_ports = NamedPorts::new();
+        Self::named_ports(self.pods.get(&Self::pod_key(&ep.rec.namespace, &ep.rec.pod_name)), &mut own_ports);
+        let policy = compute(&Input {
+            rules: self.repo.rules(),
+            labels: &ep.rec.labels,
+            identities,
+            own_ports: &own_ports,
+            cluster_ports,
+            options: self.cfg.policy,
+        });
+        let mut flags = 0u16;
+        if policy.ingress_enforced {
+            flags |= EndpointFlag::IngressEnforce as u16;
+        }
+        if policy.egress_enforced {
+            flags |= EndpointFlag::EgressEnforce as u16;
+        }
+        if self.cfg.audit_mode {
+            flags |= EndpointFlag::Audit as u16;
+        }
+        if let Some(r) = &ep.realized {
+            if r.policy == policy && r.flags & !(EndpointFlag::PolicyGen as u16) == flags && ep.state == EpState::Ready && ep.stale.is_empty() {
+                return;
+            }
+        }
+        let old = ep.realized.clone();
+        let stale = ep.stale.clone();
+        let generation = !old.as_ref().map(|r| r.generation).unwrap_or(true);
+        if generation {
+            flags |= EndpointFlag::PolicyGen as u16;
+        }
+        // leftovers of the generation we are about to fill
+        for k in &stale {
+            let _ = self.dp.policy_delete(k);
+        }
+        let mut written = Vec::with_capacity(policy.entries.len());
+        let mut failure = None;
+        for (k, v) in policy.entries.iter() {
+            let key = datapath_key(id, generation, k);
+            let entry = PolicyEntry { proxy_port: v.proxy_port.to_be(), flags: v.deny as u8, match_type: k.match_type().code(), pad: 0 };
+            match self.dp.policy_insert(&key, &entry) {
+                Ok(()) => written.push(key),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let ep_state;
+        let realized_policy;
+        if let Some(e) = failure {
+            // Fail closed: the new generation holds nothing, enforcement on.
+            for k in &written {
+                let _ = self.dp.policy_delete(k);
+            }
+            written.clear();
+            flags |= EndpointFlag::IngressEnforce as u16 | EndpointFlag::EgressEnforce as u16;
+            flags &= !(EndpointFlag::Audit as u16);
+            let msg = format!("policy for endpoint {id} does not fit the datapath ({e}); the endpoint denies all traffic until it does (raise --bpf-policy-map-max)");
+            error!(endpoint = id, error = %e, "policy map full: endpoint fails closed");
+            self.warnings.insert(format!("endpoint {id}"), msg.clone());
+            ep_state = (EpState::PolicyError, Some(msg));
+            realized_policy = EndpointPolicy { ingress_enforced: true, egress_enforced: true, ..Default::default() };
+        } else {
+            self.warnings.remove(&format!("endpoint {id}"));
+            ep_state = (EpState::Ready, None);
+            realized_policy = policy;
+        }
+        let realized = Realized { policy: realized_policy, generation, keys: written, flags };
+        {
+            let ep = self.endpoints.get_mut(&id).expect("exists");
+            ep.realized = Some(realized);
+            ep.state = ep_state.0;
+            ep.error = ep_state.1;
+            ep.stale.clear();
+        }
+        let info = self.endpoint_info(id);
+        if let Err(e) = self.dp.endpoint_upsert(&info) {
+            error!(endpoint = id, error = %e, "writing endpoint table");
+        }
+        for k in old.iter().flat_map(|r| r.keys.iter()) {
+            let _ = self.dp.policy_delete(k);
+        }
+    }
+
+    // ------------------------------------------------------------ views ---
+
+    pub fn endpoint_ids(&self) -> Vec<u16> {
+        self.endpoints.keys().copied().collect()
+    }
+
+    pub fn endpoint_view(&self, id: u16) -> Option<cilium_api::Endpoint> {
+        let e = self.endpoints.get(&id)?;
+        let r = e.realized.as_ref();
+        Some(cilium_api::Endpoint {
+            id,
+            container_id: e.rec.container_id.clone(),
+            ifname: e.rec.ifname.clone(),
+            netns: e.rec.netns.clone(),
+            host_ifname: e.rec.host_ifname.clone(),
+            host_ifindex: e.rec.host_ifindex,
+            ipv4: e.rec.ipv4,
+            mac: e.rec.mac.clone(),
+            namespace: e.rec.namespace.clone(),
+            pod_name: e.rec.pod_name.clone(),
+            labels: e.rec.labels.to_strings(),
+            identity: e.rec.identity,
+            ingress_enforced: r.is_some_and(|r| r.policy.ingress_enforced),
+            egress_enforced: r.is_some_and(|r| r.policy.egress_enforced),
+            policy_revision: self.repo.revision(),
+            state: match e.state {
+                EpState::Ready => "ready",
+                EpState::PolicyError => "policy-error",
+            }
+            .to_string(),
+            error: e.error.clone(),
+            policy_entries: r.map(|r| r.keys.len()).unwrap_or(0),
+            selected_by: r.map(|r| r.policy.selected_by.clone()).unwrap_or_default(),
+        })
+    }
+
+    pub fn endpoint_policy(&self, id: u16) -> Option<&EndpointPolicy> {
+        self.endpoints.get(&id)?.realized.as_ref().map(|r| &r.policy)
+    }
+
+    pub fn endpoints_ready(&self) -> usize {
+        self.endpoints.values().filter(|e| e.state == EpState::Ready).count()
+    }
+
+    pub fn find_endpoint_by_ifindex(&self, ifindex: u32) -> Option<u16> {
+        self.endpoints.iter().find(|(_, e)| e.rec.host_ifindex == ifindex).map(|(id, _)| *id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,26 @@
+//! cilium-agent: parse and validate the configuration, set up logging, run.
+
+fn main() {
+    let settings = match cilium_agent::config::load(std::env::args().collect()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cilium-agent: {e}");
+            std::process::exit(cilium_agent::config::EXIT_CONFIG);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::new(settings.log_level.as_str().to_lowercase());
+    if settings.json_logs {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(cilium_agent::run::run(settings)) {
+        tracing::error!(error = format!("{e:#}"), "agent failed");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,213 @@
+//! Wiring the agent to the real kernel: start-up, background tasks, the API
+//! server, and shutdown that leaves the datapath enforcing.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use cilium_api::MonitorEvent;
+use cilium_datapath::events::EventReader;
+use cilium_datapath::{Datapath, LoadOptions, Loaded, sys};
+use cilium_policy::PolicyOptions;
+use tokio::sync::broadcast;
+use tracing::{error, info, warn};
+
+use crate::config::Settings;
+use crate::daemon::{Daemon, DaemonConfig};
+use crate::server::{AppState, bind, router};
+use crate::state::StateStore;
+
+/// Everything that touches the system at start-up, in order, on a blocking
+/// thread: bpffs, directories, saved state, host devices, the datapath.
+fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if s.bpf_root.starts_with(bpffs) {
+        sys::ensure_bpffs(bpffs).context("mounting bpffs")?;
+    }
+    std::fs::create_dir_all(&s.bpf_root).with_context(|| format!("creating {}", s.bpf_root.display()))?;
+    std::fs::create_dir_all(&s.state_dir).with_context(|| format!("creating {}", s.state_dir.display()))?;
+    if let Err(e) = std::fs::create_dir_all(&s.cgroup_root) {
+        warn!(path = %s.cgroup_root.display(), error = %e, "cannot create the cgroup root (socket-level load balancing needs it)");
+    }
+    let store = StateStore::new(&s.state_dir);
+    let saved = store.load().context("reading saved state")?;
+    let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
+    let node_ips = crate::node::setup(router).context("setting up host devices")?;
+    let mut dp = Loaded::load(LoadOptions {
+        pin_dir: Some(s.bpf_root.clone()),
+        ct_max: s.ct_max,
+        policy_max: s.policy_max,
+        ipcache_max: s.ipcache_max,
+        endpoints_max: 65_536,
+        events_bytes: s.events_bytes,
+    })
+    .context("loading the datapath")?;
+    let events = dp.take_events().context("event ring buffer missing")?;
+    let cfg = DaemonConfig {
+        node_name: s.node_name.clone(),
+        pod_cidr: s.pod_cidr,
+        mtu: s.mtu,
+        policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost },
+        audit_mode: s.audit_mode,
+    };
+    let mut daemon = Daemon::new(cfg, dp, Some(store), node_ips)?;
+    match saved {
+        Some(state) => {
+            info!(endpoints = state.endpoints.len(), policies = state.policies.len(), "restoring state");
+            daemon.restore(state)?;
+        }
+        None => {
+            info!("no saved state: starting fresh");
+            daemon.reconcile_datapath()?;
+        }
+    }
+    Ok((daemon, events))
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(s: Settings) -> anyhow::Result<()> {
+    info!(node = %s.node_name, pod_cidr = %s.pod_cidr, bpf_root = %s.bpf_root.display(), state_dir = %s.state_dir.display(), "starting cilium-agent");
+    let settings = s.clone();
+    let (daemon, events) = tokio::task::spawn_blocking(move || setup(&settings)).await??;
+    let daemon = Arc::new(Mutex::new(daemon));
+    let (tx, _) = broadcast::channel(8192);
+    let state = Arc::new(AppState {
+        daemon: daemon.clone(),
+        monitor: tx.clone(),
+        subscribers: AtomicUsize::new(0),
+        monitor_lost: AtomicU64::new(0),
+        bpf_root: s.bpf_root.display().to_string(),
+        state_dir: s.state_dir.display().to_string(),
+        socket: s.socket_path.display().to_string(),
+    });
+
+    tokio::spawn(monitor_events(events, tx));
+    tokio::spawn(ct_gc(daemon.clone()));
+    if let Some(dir) = s.policy_dir.clone() {
+        tokio::spawn(watch_policy_dir(daemon.clone(), dir));
+    }
+
+    let listener = bind(&s.socket_path).with_context(|| format!("binding {}", s.socket_path.display()))?;
+    info!(socket = %s.socket_path.display(), "API listening");
+    let app = router(state);
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    server.await.context("API server")?;
+    let _ = std::fs::remove_file(&s.socket_path);
+    info!("stopped; the datapath keeps enforcing");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+}
+
+/// Offset from CLOCK_BOOTTIME to the Unix epoch, in nanoseconds.
+fn boot_to_unix_ns() -> u64 {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0);
+    now.saturating_sub(boot)
+}
+
+async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEvent>>) {
+    let mut reader = match EventReader::new(map) {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot read datapath events");
+            return;
+        }
+    };
+    let offset = boot_to_unix_ns();
+    loop {
+        match reader.next_batch().await {
+            Ok(batch) => {
+                for ev in batch {
+                    if let Some(m) = MonitorEvent::from_event(&ev, offset) {
+                        // no subscriber is fine: events are dropped here, the datapath never waits
+                        let _ = tx.send(Arc::new(m));
+                    }
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "reading datapath events");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn ct_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tick.tick().await;
+        let d = daemon.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut g = d.lock().unwrap_or_else(|p| p.into_inner());
+            g.datapath_mut().ct_gc(sys::boottime_secs())
+        })
+        .await;
+        match res {
+            Ok(Ok(n)) if n > 0 => info!(removed = n, "conntrack garbage collected"),
+            Ok(Err(e)) => warn!(error = %e, "conntrack GC"),
+            _ => {}
+        }
+    }
+}
+
+/// The directory's files, concatenated in name order, and a fingerprint.
+fn read_policy_dir(dir: &Path) -> std::io::Result<(String, Vec<(PathBuf, SystemTime, u64)>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    let mut stamp = Vec::new();
+    for f in files {
+        let meta = std::fs::metadata(&f)?;
+        stamp.push((f.clone(), meta.modified()?, meta.len()));
+        text.push_str(&std::fs::read_to_string(&f)?);
+        text.push_str("\n---\n");
+    }
+    Ok((text, stamp))
+}
+
+/// Polls the policy directory and re-imports it as one set when it changes;
+/// an invalid set is reported and the previous one stays in force.
+async fn watch_policy_dir(daemon: Arc<Mutex<Daemon<Loaded>>>, dir: PathBuf) {
+    let source = format!("policy-dir:{}", dir.display());
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let (text, stamp) = match read_policy_dir(&dir) {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "reading the policy directory");
+                continue;
+            }
+        };
+        if last.as_ref() == Some(&stamp) {
+            continue;
+        }
+        last = Some(stamp);
+        let d = daemon.clone();
+        let src = source.clone();
+        let res = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).policy_replace_source(&src, &text)).await;
+        match res {
+            Ok(Ok(rev)) => info!(dir = %dir.display(), revision = rev, "policy directory imported"),
+            Ok(Err(e)) => error!(dir = %dir.display(), error = %e, "policy directory rejected; previous policies stay in force"),
+            Err(e) => error!(error = %e, "policy directory import panicked"),
+        }
+    }
+}

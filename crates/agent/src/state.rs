@@ -1,0 +1,118 @@
+//! The agent's persisted state: everything a restart needs to rebuild its
+//! view without touching traffic. Written atomically (temporary file, fsync,
+//! rename) after every change and before the change is acknowledged.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use cilium_api::{NamespaceMeta, PodMeta};
+use cilium_ipam::Ipam;
+use cilium_labels::LabelSet;
+use serde::{Deserialize, Serialize};
+
+/// One endpoint as persisted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub id: u16,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ipv4: Ipv4Addr,
+    pub mac: String,
+    pub host_mac: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub labels: LabelSet,
+    pub identity: u32,
+}
+
+/// Everything the agent keeps on disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub ipam: Ipam,
+    pub endpoints: BTreeMap<u16, EndpointRecord>,
+    /// Allocated identities and their labels (reference counts are derived
+    /// from the endpoints on restore).
+    pub identities: BTreeMap<u32, LabelSet>,
+    /// Imported policy documents, as JSON, with the source they came from.
+    pub policies: Vec<(String, serde_json::Value)>,
+    pub pods: BTreeMap<String, PodMeta>,
+    pub namespaces: BTreeMap<String, NamespaceMeta>,
+    pub next_endpoint_id: u16,
+}
+
+pub const STATE_VERSION: u32 = 1;
+
+/// Reading or writing the state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid agent state ({detail}); move it away to start fresh")]
+    Corrupt { path: String, detail: String },
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: &Path) -> StateStore {
+        StateStore { dir: dir.to_path_buf() }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    /// The saved state, or `None` on first start.
+    pub fn load(&self) -> Result<Option<State>, StateError> {
+        let path = self.file();
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path: path.display().to_string(), source }),
+        };
+        let state: State = serde_json::from_slice(&text)
+            .map_err(|e| StateError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
+        if state.version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: path.display().to_string(),
+                detail: format!("version {} (this agent reads {STATE_VERSION})", state.version),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    /// Saves atomically: a crash leaves the old or the new state, never a mix.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        let io = |path: &Path| {
+            let p = path.display().to_string();
+            move |source| StateError::Io { path: p, source }
+        };
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        let tmp = self.dir.join("state.json.tmp");
+        let data = serde_json::to_vec_pretty(state).expect("state serializes");
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&data).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, self.file()).map_err(io(&self.file()))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,361 @@
+//! The agent's API: JSON over HTTP/1.1 on a unix socket readable only by
+//! root, as upstream's. This crate holds the request and response models and a
+//! small client; the server is in `cilium-agent`. It knows nothing about how
+//! the agent does its work.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+pub use cilium_flow::MonitorEvent;
+
+/// Default socket of the agent.
+pub const DEFAULT_SOCKET: &str = "/var/run/cilium/cilium.sock";
+
+/// An error the agent returned, or a failure to reach it.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("cannot reach the agent at {socket}: {source} (is cilium-agent running? set -H/--host or CILIUM_SOCK)")]
+    Unreachable {
+        socket: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Agent(ErrorBody),
+    #[error("talking to the agent: {0}")]
+    Protocol(String),
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub status: u16,
+    pub error: String,
+    /// For invalid input: the document, field and value at fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+// ------------------------------------------------------------------ models ---
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapStatus {
+    pub name: String,
+    pub entries: usize,
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub node_name: String,
+    pub healthy: bool,
+    pub uptime_secs: u64,
+    pub pod_cidr: String,
+    pub router_ip: Ipv4Addr,
+    pub node_ips: Vec<Ipv4Addr>,
+    pub endpoints: usize,
+    pub endpoints_ready: usize,
+    pub identities: usize,
+    pub policies: usize,
+    pub policy_revision: u64,
+    pub enforcement: String,
+    pub ipam_used: usize,
+    pub ipam_available: usize,
+    pub maps: Vec<MapStatus>,
+    pub monitor_lost_events: u64,
+    pub monitor_subscribers: usize,
+    pub state_dir: String,
+    pub bpf_root: String,
+    pub socket: String,
+    /// Problems worth a human's attention (e.g. a policy that did not fit).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamRequest {
+    /// Who holds the address: container ID and interface.
+    pub owner: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamResponse {
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub cidr: String,
+    pub mtu: u32,
+}
+
+/// What the CNI plugin tells the agent after wiring a pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointCreate {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub ipv4: Ipv4Addr,
+    pub mac: String,
+    pub namespace: String,
+    pub pod_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub id: u16,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub ipv4: Ipv4Addr,
+    pub mac: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub labels: Vec<String>,
+    pub identity: u32,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub policy_revision: u64,
+    /// "ready", "not-ready", or "policy-error".
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub policy_entries: usize,
+    pub selected_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointDelete {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointGc {
+    /// Attachments still valid: (container ID, interface).
+    pub valid: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deleted {
+    pub deleted: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: u32,
+    pub labels: Vec<String>,
+    pub references: u32,
+}
+
+/// A pod as the Kubernetes API would describe it (fed by the lab today, by
+/// the pod watcher later): the agent learns endpoints' labels from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodMeta {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    /// Container ports: (name, protocol, port).
+    #[serde(default)]
+    pub ports: Vec<(Option<String>, String, u16)>,
+}
+
+fn default_sa() -> String {
+    "default".to_string()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceMeta {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyImport {
+    /// YAML or JSON, one or more documents.
+    pub text: String,
+    /// Names the text in error messages (a file name).
+    pub source: String,
+    /// Only validate; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyChange {
+    pub revision: u64,
+    /// `Kind/namespace/name` of each policy touched.
+    pub policies: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyList {
+    pub revision: u64,
+    /// The documents, as JSON.
+    pub documents: Vec<serde_json::Value>,
+}
+
+/// Which policies `DELETE /v1/policy` removes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyDelete {
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyMapEntry {
+    pub egress: bool,
+    pub identity: u32,
+    pub labels: Vec<String>,
+    pub protocol: u8,
+    /// First port and prefix bits, as in the map.
+    pub port: u16,
+    pub port_prefix: u8,
+    pub deny: bool,
+    pub proxy_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CtEntry {
+    pub protocol: u8,
+    pub src: String,
+    pub dst: String,
+    pub direction: String,
+    pub expires_in_secs: i64,
+    pub flags: Vec<String>,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub src_identity: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcacheEntry {
+    pub prefix: String,
+    pub identity: u32,
+    pub tunnel_endpoint: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricEntry {
+    pub reason: String,
+    pub direction: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+// ------------------------------------------------------------------ client ---
+
+/// A client of one agent socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Client {
+        Client { socket: socket.into() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn send(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<hyper::body::Incoming>, ApiError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ApiError::Unreachable { socket: self.socket.display().to_string(), source })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "cilium-agent")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ApiError::Protocol(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| ApiError::Protocol(e.to_string()))?;
+        if !resp.status().is_success() {
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.map_err(|e| ApiError::Protocol(e.to_string()))?.to_bytes();
+            let err = serde_json::from_slice::<ErrorBody>(&bytes).unwrap_or_else(|_| ErrorBody {
+                status,
+                error: String::from_utf8_lossy(&bytes).into_owned(),
+                document: None,
+                field: None,
+                value: None,
+            });
+            return Err(ApiError::Agent(err));
+        }
+        Ok(resp)
+    }
+
+    /// Sends a request and decodes the JSON answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(&self, method: &str, path: &str, body: Option<&Req>) -> Result<Resp, ApiError> {
+        let body = body.map(|b| serde_json::to_vec(b)).transpose().map_err(|e| ApiError::Protocol(e.to_string()))?;
+        let resp = self.send(method, path, body).await?;
+        let bytes = resp.into_body().collect().await.map_err(|e| ApiError::Protocol(e.to_string()))?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol(format!("decoding {path}: {e}")))
+    }
+
+    pub async fn get<Resp: DeserializeOwned>(&self, path: &str) -> Result<Resp, ApiError> {
+        self.call::<(), Resp>("GET", path, None).await
+    }
+
+    /// Streams newline-delimited JSON values (the monitor), calling `f` for
+    /// each until it returns false or the stream ends.
+    pub async fn stream<T: DeserializeOwned>(&self, path: &str, mut f: impl FnMut(T) -> bool) -> Result<(), ApiError> {
+        let resp = self.send("GET", path, None).await?;
+        let mut body = resp.into_body();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::Protocol(e.to_string()))?;
+            if let Some(data) = frame.data_ref() {
+                buf.extend_from_slice(data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if line.len() <= 1 {
+                        continue;
+                    }
+                    let v: T = serde_json::from_slice(&line).map_err(|e| ApiError::Protocol(e.to_string()))?;
+                    if !f(v) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
