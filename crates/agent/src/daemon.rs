@@ -333,8 +333,8 @@ impl<D: Datapath> Daemon<D> {
             self.regenerate(id);
             let rec = self.endpoints[&id].rec.clone();
             self.dp.attach(&rec.host_ifname)?;
-            self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
             self.dp.link_up(&rec.host_ifname)?;
+            self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
         }
         Ok(())
     }
@@ -462,8 +462,8 @@ impl<D: Datapath> Daemon<D> {
         }
         // policy is in place before the first packet can flow
         self.dp.attach(&rec.host_ifname)?;
-        self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
         self.dp.link_up(&rec.host_ifname)?;
+        self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
         self.dp.bump_policy_revision()?;
         Ok(())
     }

@@ -9,10 +9,11 @@ fn main() {
         }
     };
     let filter = tracing_subscriber::EnvFilter::new(settings.log_level.as_str().to_lowercase());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     if settings.json_logs {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

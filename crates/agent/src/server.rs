@@ -74,7 +74,7 @@ async fn with<T: Send + 'static>(
 
 pub fn router(state: Shared) -> Router {
     Router::new()
-        .route("/v1/healthz", get(|| async { "ok" }))
+        .route("/v1/healthz", get(|| async { Json("ok") }))
         .route("/v1/status", get(status))
         .route("/v1/ipam", post(ipam_allocate))
         .route("/v1/ipam/{ip}", delete(ipam_release))

@@ -228,7 +228,7 @@ impl Loaded {
         self.opts
             .pin_dir
             .as_ref()
-            .map(|d| d.join("links").join(format!("{ifname}.{ifindex}.{}", p.suffix())))
+            .map(|d| d.join("links").join(format!("{ifname}_{ifindex}_{}", p.suffix())))
     }
 
     fn pinned_links(&self) -> Vec<(String, PathBuf)> {
@@ -237,7 +237,8 @@ impl Loaded {
         rd.flatten()
             .filter_map(|e| {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let ifname = name.split('.').next()?.to_string();
+                // <ifname>_<ifindex>_<direction>: bpffs forbids '.' in names
+                let ifname = name.rsplitn(3, '_').nth(2)?.to_string();
                 Some((ifname, e.path()))
             })
             .collect()

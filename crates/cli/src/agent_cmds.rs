@@ -1,0 +1,425 @@
+//! Commands answered by the agent over its socket, and `policy validate`,
+//! which needs no agent.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use cilium_api::{
+    Client, CtEntry, Endpoint, Identity, IpcacheEntry, MetricEntry, MonitorEvent, PolicyChange, PolicyDelete, PolicyImport,
+    PolicyList, PolicyMapEntry, Status,
+};
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Output format: text or json.
+    #[arg(short, long, default_value = "text")]
+    output: String,
+    /// Exit non-zero unless the agent is healthy.
+    #[arg(long)]
+    brief: bool,
+}
+
+#[derive(Subcommand)]
+pub enum EndpointCmd {
+    /// List endpoints.
+    List {
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+    /// Show one endpoint.
+    Get { id: u16 },
+}
+
+#[derive(Subcommand)]
+pub enum IdentityCmd {
+    /// List identities.
+    List {
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Import policy files (YAML or JSON; `-` for stdin). All or nothing.
+    Import { files: Vec<PathBuf> },
+    /// Print the imported policies.
+    Get {
+        #[arg(short, long, default_value = "yaml")]
+        output: String,
+    },
+    /// Delete a policy by name, or all of them.
+    Delete {
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy.
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Check policy files without an agent. Exits 1 if any is invalid.
+    Validate {
+        files: Vec<PathBuf>,
+        /// Print what each valid document means (its normalized rules).
+        #[arg(long)]
+        print: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BpfCmd {
+    /// The policy map.
+    #[command(subcommand)]
+    Policy(BpfPolicyCmd),
+    /// Connection tracking.
+    #[command(subcommand)]
+    Ct(BpfListCmd),
+    /// The ipcache.
+    #[command(subcommand)]
+    Ipcache(BpfListCmd),
+    /// Forwarded and dropped packet counters.
+    #[command(subcommand)]
+    Metrics(BpfListCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BpfPolicyCmd {
+    /// Show an endpoint's policy map entries.
+    Get {
+        id: Option<u16>,
+        #[arg(long)]
+        all: bool,
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BpfListCmd {
+    /// List entries (`global` accepted for upstream compatibility).
+    List {
+        #[arg(hide = true)]
+        scope: Option<String>,
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+#[derive(Args)]
+pub struct MonitorArgs {
+    /// Only these event types: drop, trace, policy-verdict (repeatable).
+    #[arg(short = 't', long = "type")]
+    types: Vec<String>,
+    /// Output format: text or json.
+    #[arg(short, long, default_value = "text")]
+    output: String,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<usize>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> anyhow::Result<i32> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(0)
+}
+
+fn table(rows: Vec<Vec<String>>) {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.len()).max().unwrap_or(0)).collect();
+    for r in rows {
+        let line: Vec<String> = r.iter().enumerate().map(|(i, s)| format!("{:w$}", s, w = widths[i])).collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
+pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
+    let s: Status = c.get("/v1/status").await?;
+    if a.output == "json" {
+        return json(&s);
+    }
+    if a.brief {
+        println!("{}", if s.healthy { "OK" } else { "Warning" });
+        return Ok(if s.healthy { 0 } else { 1 });
+    }
+    println!("KVStore:                 Disabled");
+    println!("Kubernetes:              Disabled (pods and namespaces are fed through the agent API)");
+    println!("Cilium:                  {}   {} (cilium-rs), node {}, up {}s", if s.healthy { "Ok" } else { "Warning" }, s.version, s.node_name, s.uptime_secs);
+    println!("NodeMonitor:             Listening for events: {} subscribers, {} events lost", s.monitor_subscribers, s.monitor_lost_events);
+    println!("IPAM:                    IPv4: {}/{} allocated from {}, router {}", s.ipam_used, s.ipam_used + s.ipam_available, s.pod_cidr, s.router_ip);
+    println!("Routing:                 Network: Native (single node)   Host: Legacy");
+    println!("Endpoints:               {}/{} ready", s.endpoints_ready, s.endpoints);
+    println!("Identities:              {}", s.identities);
+    println!("Policy:                  revision {}, {} policies, enforcement {}", s.policy_revision, s.policies, s.enforcement);
+    println!("BPF Maps:");
+    for m in &s.maps {
+        let pct = if m.max_entries > 0 { 100.0 * m.entries as f64 / m.max_entries as f64 } else { 0.0 };
+        println!("  {:<22} {:>8}/{:<8} ({:.1}%)", m.name, m.entries, m.max_entries, pct);
+    }
+    println!("State:                   {}   bpffs: {}   socket: {}", s.state_dir, s.bpf_root, s.socket);
+    for w in &s.warnings {
+        println!("Warning:                 {w}");
+    }
+    Ok(0)
+}
+
+pub async fn endpoint(c: &Client, cmd: EndpointCmd) -> anyhow::Result<i32> {
+    match cmd {
+        EndpointCmd::List { output } => {
+            let eps: Vec<Endpoint> = c.get("/v1/endpoint").await?;
+            if output == "json" {
+                return json(&eps);
+            }
+            let mut rows = vec![
+                vec!["ENDPOINT", "POLICY (ingress)", "POLICY (egress)", "IDENTITY", "LABELS (source:key[=value])", "IPv6", "IPv4", "STATUS"].into_iter().map(String::from).collect(),
+                vec!["", "ENFORCEMENT", "ENFORCEMENT", "", "", "", "", ""].into_iter().map(String::from).collect::<Vec<String>>(),
+            ];
+            let enf = |b: bool| if b { "Enabled" } else { "Disabled" }.to_string();
+            for e in eps {
+                let labels: Vec<&String> = e.labels.iter().filter(|l| !l.contains("io.cilium.k8s.namespace.labels") && !l.contains("io.cilium.k8s.policy")).collect();
+                let first = labels.first().map(|s| s.to_string()).unwrap_or_default();
+                rows.push(vec![e.id.to_string(), enf(e.ingress_enforced), enf(e.egress_enforced), e.identity.to_string(), first, String::new(), e.ipv4.to_string(), e.state.clone()]);
+                for l in labels.iter().skip(1) {
+                    rows.push(vec![String::new(), String::new(), String::new(), String::new(), l.to_string()]);
+                }
+            }
+            table(rows);
+            Ok(0)
+        }
+        EndpointCmd::Get { id } => {
+            let e: Endpoint = c.get(&format!("/v1/endpoint/{id}")).await?;
+            json(&e)
+        }
+    }
+}
+
+pub async fn identity(c: &Client, cmd: IdentityCmd) -> anyhow::Result<i32> {
+    let IdentityCmd::List { output } = cmd;
+    let ids: Vec<Identity> = c.get("/v1/identity").await?;
+    if output == "json" {
+        return json(&ids);
+    }
+    let mut rows = vec![vec!["ID".to_string(), "LABELS".to_string()]];
+    for i in ids {
+        let mut labels = i.labels.into_iter().filter(|l| !l.contains("io.cilium.k8s.namespace.labels"));
+        rows.push(vec![i.id.to_string(), labels.next().unwrap_or_default()]);
+        for l in labels {
+            rows.push(vec![String::new(), l]);
+        }
+    }
+    table(rows);
+    Ok(0)
+}
+
+fn read_inputs(files: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+    if files.is_empty() {
+        bail!("name at least one file (or - for stdin)");
+    }
+    files
+        .iter()
+        .map(|f| {
+            if f.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::stdin().read_to_string(&mut s)?;
+                Ok(("<stdin>".to_string(), s))
+            } else {
+                Ok((f.display().to_string(), std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?))
+            }
+        })
+        .collect()
+}
+
+pub async fn policy(c: &Client, cmd: PolicyCmd) -> anyhow::Result<i32> {
+    match cmd {
+        PolicyCmd::Import { files } => {
+            let inputs = read_inputs(&files)?;
+            // every file is checked before anything is sent: all or nothing
+            for (name, text) in &inputs {
+                cilium_policy::parse_policies(text, name)?;
+            }
+            let text = inputs.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join("\n---\n");
+            let source = inputs.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ");
+            let r: PolicyChange = c.call("PUT", "/v1/policy", Some(&PolicyImport { text, source, dry_run: false })).await?;
+            println!("Revision: {}", r.revision);
+            for p in r.policies {
+                println!("  imported {p}");
+            }
+            Ok(0)
+        }
+        PolicyCmd::Get { output } => {
+            let l: PolicyList = c.get("/v1/policy").await?;
+            if output == "json" {
+                return json(&l);
+            }
+            for d in &l.documents {
+                println!("---\n{}", serde_yaml::to_string(d)?.trim_end());
+            }
+            println!("Revision: {}", l.revision);
+            Ok(0)
+        }
+        PolicyCmd::Delete { name, all, namespace, kind } => {
+            if !all && name.is_none() {
+                bail!("name a policy or pass --all");
+            }
+            let r: PolicyChange = c.call("DELETE", "/v1/policy", Some(&PolicyDelete { all, kind, namespace, name })).await?;
+            if r.policies.is_empty() {
+                println!("No matching policy (revision {})", r.revision);
+                return Ok(1);
+            }
+            println!("Revision: {}", r.revision);
+            for p in r.policies {
+                println!("  deleted {p}");
+            }
+            Ok(0)
+        }
+        PolicyCmd::Validate { files, print } => {
+            let mut failed = false;
+            for (name, text) in read_inputs(&files)? {
+                match cilium_policy::parse_policies(&text, &name) {
+                    Ok(docs) => {
+                        for (d, rules) in docs {
+                            println!("OK: {name}: {}", d.key());
+                            if print {
+                                println!("{}", serde_json::to_string_pretty(&rules)?);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed = true;
+                        eprintln!("Invalid: {e}");
+                    }
+                }
+            }
+            Ok(if failed { 1 } else { 0 })
+        }
+    }
+}
+
+fn proto_name(p: u8) -> String {
+    match p {
+        0 => "ANY".into(),
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        58 => "ICMPv6".into(),
+        132 => "SCTP".into(),
+        n => n.to_string(),
+    }
+}
+
+pub async fn bpf(c: &Client, cmd: BpfCmd) -> anyhow::Result<i32> {
+    match cmd {
+        BpfCmd::Policy(BpfPolicyCmd::Get { id, all, output }) => {
+            let ids: Vec<u16> = match (id, all) {
+                (Some(i), _) => vec![i],
+                (None, true) => c.get::<Vec<Endpoint>>("/v1/endpoint").await?.into_iter().map(|e| e.id).collect(),
+                (None, false) => bail!("name an endpoint ID or pass --all"),
+            };
+            for id in ids {
+                let entries: Vec<PolicyMapEntry> = c.get(&format!("/v1/bpf/policy/{id}")).await?;
+                if output == "json" {
+                    json(&entries)?;
+                    continue;
+                }
+                println!("Endpoint {id}:");
+                let mut rows = vec!["POLICY DIRECTION IDENTITY LABELS PORT/PROTO PROXY-PORT".split(' ').map(|s| s.replace('-', " ")).collect::<Vec<String>>()];
+                for e in entries {
+                    let port = if e.protocol == 0 || e.port_prefix == 0 {
+                        proto_name(e.protocol)
+                    } else if e.port_prefix == 16 {
+                        format!("{}/{}", e.port, proto_name(e.protocol))
+                    } else {
+                        let hi = e.port as u32 + (1u32 << (16 - e.port_prefix as u32)) - 1;
+                        format!("{}-{}/{}", e.port, hi, proto_name(e.protocol))
+                    };
+                    rows.push(vec![
+                        if e.deny { "Deny" } else { "Allow" }.into(),
+                        if e.egress { "Egress" } else { "Ingress" }.into(),
+                        e.identity.to_string(),
+                        e.labels.iter().filter(|l| !l.contains("io.cilium.k8s.namespace.labels") && !l.contains("io.cilium.k8s.policy")).cloned().collect::<Vec<_>>().join(","),
+                        port,
+                        if e.proxy_port == 0 { "NONE".into() } else { e.proxy_port.to_string() },
+                    ]);
+                }
+                table(rows);
+            }
+            Ok(0)
+        }
+        BpfCmd::Ct(BpfListCmd::List { output, .. }) => {
+            let entries: Vec<CtEntry> = c.get("/v1/bpf/ct").await?;
+            if output == "json" {
+                return json(&entries);
+            }
+            for e in entries {
+                println!(
+                    "{} {} {} -> {} expires={}s RxPackets={} RxBytes={} TxPackets={} TxBytes={} Flags=[{}] SourceSecurityID={}",
+                    proto_name(e.protocol),
+                    e.direction,
+                    e.src,
+                    e.dst,
+                    e.expires_in_secs,
+                    e.rx_packets,
+                    e.rx_bytes,
+                    e.tx_packets,
+                    e.tx_bytes,
+                    e.flags.join(","),
+                    e.src_identity
+                );
+            }
+            Ok(0)
+        }
+        BpfCmd::Ipcache(BpfListCmd::List { output, .. }) => {
+            let entries: Vec<IpcacheEntry> = c.get("/v1/bpf/ipcache").await?;
+            if output == "json" {
+                return json(&entries);
+            }
+            let mut rows = vec![vec!["IP PREFIX/ADDRESS".to_string(), "IDENTITY".into(), "TUNNEL ENDPOINT".into()]];
+            for e in entries {
+                rows.push(vec![e.prefix, format!("identity={}", e.identity), e.tunnel_endpoint.to_string()]);
+            }
+            table(rows);
+            Ok(0)
+        }
+        BpfCmd::Metrics(BpfListCmd::List { output, .. }) => {
+            let entries: Vec<MetricEntry> = c.get("/v1/bpf/metrics").await?;
+            if output == "json" {
+                return json(&entries);
+            }
+            let mut rows = vec![vec!["REASON".to_string(), "DIRECTION".into(), "PACKETS".into(), "BYTES".into()]];
+            for e in entries {
+                rows.push(vec![e.reason, e.direction, e.packets.to_string(), e.bytes.to_string()]);
+            }
+            table(rows);
+            Ok(0)
+        }
+    }
+}
+
+pub async fn monitor(c: &Client, a: MonitorArgs) -> anyhow::Result<i32> {
+    for t in &a.types {
+        if !matches!(t.as_str(), "drop" | "trace" | "policy-verdict") {
+            bail!("--type {t:?}: want drop, trace or policy-verdict");
+        }
+    }
+    if a.output != "json" {
+        println!("Listening for events. Press Ctrl-C to quit");
+    }
+    let mut seen = 0usize;
+    c.stream::<MonitorEvent>("/v1/monitor", |ev| {
+        if !a.types.is_empty() && !a.types.contains(&ev.kind) {
+            return true;
+        }
+        if a.output == "json" {
+            println!("{}", serde_json::to_string(&ev).unwrap_or_default());
+        } else {
+            println!("{}", ev.summary());
+        }
+        seen += 1;
+        a.count.is_none_or(|n| seen < n)
+    })
+    .await?;
+    Ok(0)
+}

@@ -1,0 +1,347 @@
+//! `cilium lab ...`
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cilium_lab::{Lab, probe, workload};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+#[derive(Args, Clone)]
+pub struct LabName {
+    /// Which lab (default: $CILIUM_LAB, then "default").
+    #[arg(long, global = true)]
+    name: Option<String>,
+}
+
+impl LabName {
+    fn get(&self) -> String {
+        self.name.clone().unwrap_or_else(default_lab_name)
+    }
+}
+
+pub fn default_lab_name() -> String {
+    std::env::var("CILIUM_LAB").unwrap_or_else(|_| "default".to_string())
+}
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Create a lab (node, world, agent) and apply manifests to it.
+    Up {
+        #[command(flatten)]
+        lab: LabName,
+        /// Manifest files (Namespace, Pod, Deployment, Service, policies).
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<PathBuf>,
+        /// Extra agent flag, e.g. --agent-arg=--policy-audit-mode (repeatable).
+        #[arg(long = "agent-arg", allow_hyphen_values = true)]
+        agent_args: Vec<String>,
+    },
+    /// Create or update objects, as kubectl apply.
+    Apply {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Delete the objects of manifest files.
+    Delete {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List pods (or nodes).
+    Get {
+        #[command(flatten)]
+        lab: LabName,
+        /// pods or nodes
+        what: String,
+        #[arg(short, long, default_value = "text")]
+        output: String,
+        /// Only pods with this label (key=value).
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+    },
+    /// Run a command in a pod's (or node's, or world's) network namespace.
+    Exec {
+        #[command(flatten)]
+        lab: LabName,
+        /// NAMESPACE/POD, POD (default namespace), a node name, or `world`.
+        target: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Try one connection and print a JSON verdict.
+    Probe {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(long)]
+        from: String,
+        /// NAMESPACE/POD, a node name, `world`, or an IP address.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value = "tcp")]
+        protocol: String,
+        /// Seconds.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
+    /// Remove everything the lab made (also after a crash).
+    Down {
+        #[command(flatten)]
+        lab: LabName,
+    },
+    /// List labs.
+    List,
+    /// Stop, start or restart a node's agent.
+    Agent {
+        #[command(flatten)]
+        lab: LabName,
+        /// stop, start or restart
+        action: String,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Print `export CILIUM_SOCK=...` for a node's agent.
+    Env {
+        #[command(flatten)]
+        lab: LabName,
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Invoke the CNI plugin for a pod (ADD, DEL, CHECK).
+    #[command(hide = true)]
+    Cni {
+        #[command(flatten)]
+        lab: LabName,
+        command: String,
+        pod: String,
+    },
+    /// The built-in pod workload (run by the lab inside each pod).
+    #[command(hide = true)]
+    Workload {
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        tcp: Vec<u16>,
+        #[arg(long)]
+        udp: Vec<u16>,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    Ok(exe.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+fn require_root() -> anyhow::Result<()> {
+    if !nix_is_root() {
+        bail!("the lab needs root (it creates network namespaces and loads BPF programs)");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
+    match cmd {
+        LabCmd::Workload { pod, tcp, udp, ready_file } => {
+            workload::serve(workload::Workload { pod, tcp, udp, ready_file })?;
+            Ok(0)
+        }
+        LabCmd::List => {
+            for l in cilium_lab::list() {
+                println!("{l}");
+            }
+            Ok(0)
+        }
+        LabCmd::Up { lab, files, agent_args } => {
+            require_root()?;
+            let objects = cilium_lab::parse_files(&files)?;
+            let name = lab.get();
+            let mut l = Lab::up(&name, &bin_dir()?, agent_args)?;
+            println!("lab {name} is up: node {} ({}), agent socket {}", l.state.nodes[0].name, l.state.nodes[0].ip, l.state.nodes[0].socket.display());
+            for line in l.apply(objects)? {
+                println!("{line}");
+            }
+            Ok(0)
+        }
+        LabCmd::Apply { lab, files } => {
+            require_root()?;
+            let objects = cilium_lab::parse_files(&files)?;
+            let mut l = Lab::open(&lab.get(), &bin_dir()?)?;
+            for line in l.apply(objects)? {
+                println!("{line}");
+            }
+            Ok(0)
+        }
+        LabCmd::Delete { lab, files } => {
+            require_root()?;
+            let objects = cilium_lab::parse_files(&files)?;
+            let mut l = Lab::open(&lab.get(), &bin_dir()?)?;
+            for line in l.delete(objects)? {
+                println!("{line}");
+            }
+            Ok(0)
+        }
+        LabCmd::Get { lab, what, output, selector } => {
+            let l = Lab::open(&lab.get(), &bin_dir()?)?;
+            match what.as_str() {
+                "pods" | "pod" | "po" => get_pods(&l, &output, selector.as_deref()),
+                "nodes" | "node" => {
+                    if output == "json" {
+                        println!("{}", serde_json::to_string_pretty(&l.state.nodes)?);
+                    } else {
+                        println!("NAME\tIP\tPOD CIDR\tAGENT");
+                        for n in &l.state.nodes {
+                            let alive = n.agent_pid.is_some_and(cilium_lab::sys::alive);
+                            println!("{}\t{}\t{}\t{}", n.name, n.ip, n.pod_cidr, if alive { "running" } else { "stopped" });
+                        }
+                    }
+                    Ok(0)
+                }
+                other => bail!("cannot get {other:?}: want pods or nodes"),
+            }
+        }
+        LabCmd::Exec { lab, target, command } => {
+            require_root()?;
+            let l = Lab::open(&lab.get(), &bin_dir()?)?;
+            let (netns, _) = l.resolve(&target)?;
+            if netns.is_empty() {
+                bail!("{target} is an address, not a pod, node or `world`");
+            }
+            drop(l);
+            let status = cilium_lab::sys::command_in(&netns, &command[0])?
+                .args(&command[1..])
+                .status()
+                .with_context(|| format!("running {}", command[0]))?;
+            Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        }
+        LabCmd::Probe { lab, from, to, port, protocol, timeout } => {
+            require_root()?;
+            let udp = match protocol.to_ascii_lowercase().as_str() {
+                "tcp" => false,
+                "udp" => true,
+                other => bail!("--protocol {other:?}: want tcp or udp"),
+            };
+            let l = Lab::open(&lab.get(), &bin_dir()?)?;
+            let (src_ns, _) = l.resolve(&from)?;
+            if src_ns.is_empty() {
+                bail!("--from {from}: want a pod, a node or `world`");
+            }
+            let (_, ip) = l.resolve(&to)?;
+            let ip = ip.with_context(|| format!("{to} has no address yet"))?;
+            drop(l);
+            let (reachable, detail, ms) = probe::probe(cilium_lab::sys::netns_path(&src_ns), ip, port, udp, Duration::from_secs_f64(timeout));
+            let r = probe::ProbeResult { from, to, ip, port, protocol: protocol.to_ascii_lowercase(), reachable, detail, latency_ms: (ms * 1000.0).round() / 1000.0 };
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(0)
+        }
+        LabCmd::Down { lab } => {
+            require_root()?;
+            let name = lab.get();
+            let done = cilium_lab::down(&name)?;
+            if done.is_empty() {
+                println!("lab {name}: nothing to remove");
+            }
+            for d in done {
+                println!("lab {name}: {d}");
+            }
+            Ok(0)
+        }
+        LabCmd::Agent { lab, action, node } => {
+            require_root()?;
+            let mut l = Lab::open(&lab.get(), &bin_dir()?)?;
+            let i = l.node_index(node.as_deref())?;
+            match action.as_str() {
+                "stop" => l.stop_agent(i)?,
+                "start" => l.start_agent(i)?,
+                "restart" => {
+                    l.stop_agent(i)?;
+                    l.start_agent(i)?;
+                }
+                other => bail!("agent {other:?}: want stop, start or restart"),
+            }
+            println!("agent of {}: {action} done", l.state.nodes[i].name);
+            Ok(0)
+        }
+        LabCmd::Env { lab, node } => {
+            let l = Lab::open(&lab.get(), &bin_dir()?)?;
+            let i = l.node_index(node.as_deref())?;
+            println!("export CILIUM_SOCK={}", l.state.nodes[i].socket.display());
+            Ok(0)
+        }
+        LabCmd::Cni { lab, command, pod } => {
+            require_root()?;
+            let l = Lab::open(&lab.get(), &bin_dir()?)?;
+            let key = if pod.contains('/') { pod } else { format!("default/{pod}") };
+            let out = l.cni_raw(&command, &key)?;
+            println!("{}", serde_json::to_string(&out)?);
+            Ok(0)
+        }
+    }
+}
+
+fn get_pods(l: &Lab, output: &str, selector: Option<&str>) -> anyhow::Result<i32> {
+    let eps: Vec<cilium_api::Endpoint> = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(l.client(0).get("/v1/endpoint"))
+        .unwrap_or_default();
+    let sel = selector.map(|s| s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).unwrap_or((s.to_string(), String::new())));
+    let mut pods = Vec::new();
+    for p in l.state.pods.values() {
+        if let Some((k, v)) = &sel {
+            if p.labels.get(k) != Some(v) {
+                continue;
+            }
+        }
+        let ep = eps.iter().find(|e| e.container_id == p.container_id);
+        pods.push(json!({
+            "namespace": p.namespace,
+            "name": p.name,
+            "labels": p.labels,
+            "ip": p.ip,
+            "node": p.node,
+            "identity": ep.map(|e| e.identity),
+            "endpoint": ep.map(|e| e.id),
+            "status": match (ep, p.workload_pid.is_some_and(cilium_lab::sys::alive)) {
+                (Some(e), true) if e.state == "ready" => "Running",
+                (Some(_), true) => "PolicyError",
+                (_, false) => "WorkloadStopped",
+                (None, true) => "NoEndpoint",
+            },
+        }));
+    }
+    if output == "json" {
+        println!("{}", serde_json::to_string_pretty(&pods)?);
+        return Ok(0);
+    }
+    println!("{:<12} {:<32} {:<14} {:<10} {:<10} {:<8} LABELS", "NAMESPACE", "NAME", "STATUS", "IP", "IDENTITY", "NODE");
+    for p in pods {
+        let labels: Vec<String> = p["labels"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect()).unwrap_or_default();
+        println!(
+            "{:<12} {:<32} {:<14} {:<10} {:<10} {:<8} {}",
+            p["namespace"].as_str().unwrap_or(""),
+            p["name"].as_str().unwrap_or(""),
+            p["status"].as_str().unwrap_or(""),
+            p["ip"].as_str().unwrap_or("-"),
+            p["identity"].as_u64().map(|i| i.to_string()).unwrap_or("-".into()),
+            p["node"].as_str().unwrap_or(""),
+            labels.join(",")
+        );
+    }
+    Ok(0)
+}

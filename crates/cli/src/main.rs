@@ -1,0 +1,92 @@
+//! `cilium`: the operator's command line. Agent commands talk to the agent's
+//! socket; `cilium lab` builds and drives the lab.
+
+mod agent_cmds;
+mod lab_cmds;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cilium", version, about = "cilium-rs: eBPF networking, security and observability")]
+struct Cli {
+    /// Agent socket (`unix:///path` or a path). Default: $CILIUM_SOCK, then
+    /// /var/run/cilium/cilium.sock, then the default lab's node.
+    #[arg(short = 'H', long = "host", global = true)]
+    host: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Agent health and a summary of its state.
+    Status(agent_cmds::StatusArgs),
+    /// Endpoints managed by the agent.
+    #[command(subcommand)]
+    Endpoint(agent_cmds::EndpointCmd),
+    /// Security identities.
+    #[command(subcommand)]
+    Identity(agent_cmds::IdentityCmd),
+    /// Import, inspect, delete and validate policies.
+    #[command(subcommand)]
+    Policy(agent_cmds::PolicyCmd),
+    /// The datapath's maps.
+    #[command(subcommand)]
+    Bpf(agent_cmds::BpfCmd),
+    /// Live datapath events: drops with reasons, traces, policy verdicts.
+    Monitor(agent_cmds::MonitorArgs),
+    /// The lab: a cluster of network namespaces on this machine.
+    #[command(subcommand)]
+    Lab(lab_cmds::LabCmd),
+}
+
+/// Where the agent's socket is.
+pub fn resolve_socket(host: Option<&str>) -> PathBuf {
+    if let Some(h) = host {
+        return PathBuf::from(h.strip_prefix("unix://").unwrap_or(h));
+    }
+    if let Ok(s) = std::env::var("CILIUM_SOCK") {
+        return PathBuf::from(s.strip_prefix("unix://").unwrap_or(&s));
+    }
+    let default = PathBuf::from(cilium_api::DEFAULT_SOCKET);
+    if default.exists() {
+        return default;
+    }
+    let lab = std::path::Path::new(cilium_lab::LAB_ROOT).join(lab_cmds::default_lab_name()).join("node1").join("cilium.sock");
+    if lab.exists() {
+        return lab;
+    }
+    default
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let socket = resolve_socket(cli.host.as_deref());
+    let result = match cli.cmd {
+        Cmd::Lab(c) => lab_cmds::run(c),
+        other => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let client = cilium_api::Client::new(socket);
+            rt.block_on(async move {
+                match other {
+                    Cmd::Status(a) => agent_cmds::status(&client, a).await,
+                    Cmd::Endpoint(c) => agent_cmds::endpoint(&client, c).await,
+                    Cmd::Identity(c) => agent_cmds::identity(&client, c).await,
+                    Cmd::Policy(c) => agent_cmds::policy(&client, c).await,
+                    Cmd::Bpf(c) => agent_cmds::bpf(&client, c).await,
+                    Cmd::Monitor(a) => agent_cmds::monitor(&client, a).await,
+                    Cmd::Lab(_) => unreachable!(),
+                }
+            })
+        }
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,725 @@
+//! The lab: the embedded single-machine mode.
+//!
+//! A lab is a set of network namespaces on this machine: a node (its agent
+//! runs inside it), a namespace standing for the outside world, and one per
+//! pod, wired by the real `cilium-cni` and enforced by the real datapath. It
+//! is built from Kubernetes manifests (Namespace, Pod, Deployment, Service,
+//! CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy) and
+//! every pod runs a built-in workload serving its containerPorts.
+//!
+//! Architecture invariant: no lab address is ever configured in, or routed
+//! through, the machine's root namespace; the node reaches the "world" only
+//! through the lab's own world namespace, and service ranges are blackholed.
+
+pub mod probe;
+pub mod sys;
+pub mod workload;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use cilium_api::{Client, NamespaceMeta, PodMeta, PolicyChange, PolicyDelete, PolicyImport};
+use cilium_k8s::{Object, PodSpec};
+use serde::{Deserialize, Serialize};
+
+/// Where labs keep their state and logs.
+pub const LAB_ROOT: &str = "/var/run/cilium-lab";
+/// bpffs directory of all labs.
+pub const LAB_BPF_ROOT: &str = "/sys/fs/bpf/cilium-lab";
+/// cgroup v2 directory of all labs.
+pub const LAB_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/cilium-lab";
+/// The world namespace's address on the underlay.
+pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
+/// An address further out in the world, on the world namespace's loopback.
+pub const WORLD_FAR_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// Service addresses; blackholed so an untranslated one can never leave.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Ports the world namespace serves (HTTP echo on TCP, echo on UDP).
+pub const WORLD_PORTS: &[u16] = &[80, 443, 8080];
+pub const WORLD_UDP_PORTS: &[u16] = &[53];
+
+/// A node of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpf_root: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub log: PathBuf,
+    pub agent_pid: Option<u32>,
+}
+
+/// A pod of the lab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub node: String,
+    pub netns: String,
+    pub ip: Option<Ipv4Addr>,
+    pub container_id: String,
+    /// (name, protocol, port)
+    pub ports: Vec<(Option<String>, String, u16)>,
+    pub workload_pid: Option<u32>,
+    /// `Deployment/ns/name` for pods a Deployment made.
+    pub owner: Option<String>,
+}
+
+/// Everything the lab made, persisted in `lab.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub name: String,
+    pub nodes: Vec<NodeState>,
+    pub world_netns: String,
+    pub world_pid: Option<u32>,
+    pub agent_args: Vec<String>,
+    pub pods: BTreeMap<String, PodState>,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    pub services: BTreeMap<String, serde_json::Value>,
+    pub policies: BTreeSet<String>,
+}
+
+/// An open lab (holding its lock).
+pub struct Lab {
+    pub state: LabState,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    _lock: std::fs::File,
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// A short, Kubernetes-looking, deterministic suffix.
+fn suffix(seed: &str, len: usize) -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut h = fnv(seed);
+    (0..len)
+        .map(|_| {
+            let c = ALPHABET[(h % ALPHABET.len() as u64) as usize] as char;
+            h /= ALPHABET.len() as u64;
+            c
+        })
+        .collect()
+}
+
+pub fn validate_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 16 || !name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+        bail!("lab name {name:?} must be 1-16 characters of a-z, 0-9 and '-'");
+    }
+    Ok(())
+}
+
+fn lab_dir(name: &str) -> PathBuf {
+    Path::new(LAB_ROOT).join(name)
+}
+
+fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    // SAFETY: flock on an owned, open fd.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("locking {}: {}", dir.display(), std::io::Error::last_os_error());
+    }
+    Ok(f)
+}
+
+/// Every lab with state on this machine.
+pub fn list() -> Vec<String> {
+    std::fs::read_dir(LAB_ROOT)
+        .map(|rd| {
+            let mut v: Vec<String> = rd
+                .flatten()
+                .filter(|e| e.path().join("lab.json").exists())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        })
+        .unwrap_or_default()
+}
+
+/// Reads all manifests first, so nothing is made when one is invalid.
+pub fn parse_files(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        out.extend(cilium_k8s::parse_manifest(&text, &f.display().to_string())?);
+    }
+    Ok(out)
+}
+
+impl Lab {
+    /// Creates a lab: namespaces, underlay, world, the node and its agent.
+    pub fn up(name: &str, bin_dir: &Path, agent_args: Vec<String>) -> anyhow::Result<Lab> {
+        validate_name(name)?;
+        let dir = lab_dir(name);
+        let lock = lock(&dir)?;
+        if dir.join("lab.json").exists() {
+            bail!("lab {name} already exists: use `cilium lab apply`, or `cilium lab down --name {name}` first");
+        }
+        for bin in ["cilium-agent", "cilium-cni"] {
+            if !bin_dir.join(bin).exists() {
+                bail!("{} not found next to this binary (build the workspace first)", bin_dir.join(bin).display());
+            }
+        }
+        let node_name = "node1";
+        let lab_bpf = Path::new(LAB_BPF_ROOT).join(name);
+        let lab_cg = Path::new(LAB_CGROUP_ROOT).join(name);
+        let node = NodeState {
+            name: node_name.to_string(),
+            netns: format!("cl-{name}-{node_name}"),
+            ip: Ipv4Addr::new(172, 30, 0, 11),
+            pod_cidr: "10.0.1.0/24".to_string(),
+            socket: dir.join(node_name).join("cilium.sock"),
+            state_dir: dir.join(node_name).join("state"),
+            bpf_root: lab_bpf.join(node_name),
+            cgroup_root: lab_cg.join(node_name),
+            log: dir.join(node_name).join("agent.log"),
+            agent_pid: None,
+        };
+        let state = LabState {
+            name: name.to_string(),
+            nodes: vec![node],
+            world_netns: format!("cl-{name}-world"),
+            world_pid: None,
+            agent_args,
+            pods: BTreeMap::new(),
+            namespaces: BTreeMap::from([("default".to_string(), BTreeMap::new())]),
+            services: BTreeMap::new(),
+            policies: BTreeSet::new(),
+        };
+        let mut lab = Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock };
+        // Record what we are about to make before making it, so `down`
+        // finds it even if we crash half way.
+        lab.save()?;
+        if let Err(e) = lab.build_topology() {
+            let _ = down(name);
+            return Err(e.context(format!("creating lab {name} (rolled back)")));
+        }
+        Ok(lab)
+    }
+
+    fn build_topology(&mut self) -> anyhow::Result<()> {
+        cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        let world = self.state.world_netns.clone();
+        sys::netns_add(&world)?;
+        sys::ip(&["-n", &world, "link", "set", "lo", "up"])?;
+        sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_FAR_IP}/32"), "dev", "lo"])?;
+        sys::ip(&["-n", &world, "route", "add", "blackhole", SERVICE_CIDR])?;
+        sys::netns_sysctl(&world, "net.ipv4.ip_forward", "1")?;
+        sys::netns_sysctl(&world, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        for i in 0..self.state.nodes.len() {
+            let n = self.state.nodes[i].clone();
+            sys::netns_add(&n.netns)?;
+            sys::netns_sysctl(&n.netns, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            sys::ip(&["-n", &n.netns, "link", "set", "lo", "up"])?;
+            let peer = format!("to-{}", n.name);
+            sys::ip(&["-n", &n.netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &world])?;
+            sys::ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"])?;
+            sys::ip(&["-n", &n.netns, "link", "set", "eth0", "up"])?;
+            sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP}/24"), "dev", &peer])?;
+            sys::ip(&["-n", &world, "link", "set", &peer, "up"])?;
+            sys::ip(&["-n", &n.netns, "route", "add", "default", "via", &WORLD_IP.to_string()])?;
+            sys::ip(&["-n", &n.netns, "route", "add", "blackhole", SERVICE_CIDR])?;
+            sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
+            std::fs::create_dir_all(n.log.parent().expect("node dir"))?;
+            std::fs::create_dir_all(&n.cgroup_root).with_context(|| format!("creating cgroup {}", n.cgroup_root.display()))?;
+            self.start_agent(i)?;
+        }
+        self.start_world()?;
+        self.save()
+    }
+
+    fn start_world(&mut self) -> anyhow::Result<()> {
+        let ready = self.dir.join("world.ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut args = vec!["lab".to_string(), "workload".into(), "--pod".into(), "world".into()];
+        for p in WORLD_PORTS {
+            args.extend(["--tcp".into(), p.to_string()]);
+        }
+        for p in WORLD_UDP_PORTS {
+            args.extend(["--udp".into(), p.to_string()]);
+        }
+        args.extend(["--ready-file".into(), ready.display().to_string()]);
+        let pid = sys::spawn_daemon(&self.state.world_netns, &self.bin_dir.join("cilium"), &args, &self.dir.join("world.log"))?;
+        self.state.world_pid = Some(pid);
+        wait_for(|| ready.exists(), Duration::from_secs(10)).context("world workload did not start")?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) a node's agent and waits until it answers.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let n = &self.state.nodes[i];
+        let mut args = vec![
+            format!("--node-name={}", n.name),
+            format!("--ipv4-range={}", n.pod_cidr),
+            format!("--bpf-root={}", n.bpf_root.display()),
+            format!("--state-dir={}", n.state_dir.display()),
+            format!("--socket-path={}", n.socket.display()),
+            format!("--cgroup-root={}", n.cgroup_root.display()),
+        ];
+        args.extend(self.state.agent_args.iter().cloned());
+        let pid = sys::spawn_daemon(&n.netns, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;
+        let client = Client::new(&n.socket);
+        let log = n.log.clone();
+        self.state.nodes[i].agent_pid = Some(pid);
+        self.save()?;
+        wait_for(
+            || sys::alive(pid) && block_on(client.get::<String>("/v1/healthz")).is_ok(),
+            Duration::from_secs(30),
+        )
+        .map_err(|_| {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+            anyhow!("the agent of {} did not become ready; its log ends:\n{}", self.state.nodes[i].name, tail.join("\n"))
+        })?;
+        Ok(())
+    }
+
+    /// Stops a node's agent (SIGTERM: the datapath keeps enforcing).
+    pub fn stop_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(pid) = self.state.nodes[i].agent_pid.take() {
+            sys::stop(pid, Duration::from_secs(10));
+        }
+        self.save()
+    }
+
+    /// Opens an existing lab.
+    pub fn open(name: &str, bin_dir: &Path) -> anyhow::Result<Lab> {
+        validate_name(name)?;
+        let dir = lab_dir(name);
+        if !dir.join("lab.json").exists() {
+            bail!("lab {name} does not exist (create it with `cilium lab up`)");
+        }
+        let lock = lock(&dir)?;
+        let text = std::fs::read(dir.join("lab.json"))?;
+        let state: LabState = serde_json::from_slice(&text).with_context(|| format!("reading {}/lab.json", dir.display()))?;
+        Ok(Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock })
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let tmp = self.dir.join("lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state)?)?;
+        std::fs::rename(&tmp, self.dir.join("lab.json"))?;
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn node_index(&self, name: Option<&str>) -> anyhow::Result<usize> {
+        match name {
+            None => Ok(0),
+            Some(n) => self.state.nodes.iter().position(|x| x.name == n).ok_or_else(|| anyhow!("no node {n} in lab {}", self.state.name)),
+        }
+    }
+
+    pub fn client(&self, node: usize) -> Client {
+        Client::new(&self.state.nodes[node].socket)
+    }
+
+    fn clients(&self) -> Vec<Client> {
+        (0..self.state.nodes.len()).map(|i| self.client(i)).collect()
+    }
+
+    // --------------------------------------------------------- manifests ---
+
+    /// Applies objects as `kubectl apply` would. Returns one line per object.
+    pub fn apply(&mut self, objects: Vec<Object>) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        // namespaces first, then pod metadata, then policies, then wiring:
+        // pods start life under the policy that selects them.
+        let mut wanted_pods: Vec<(PodState, PodSpec)> = Vec::new();
+        let mut policy_docs: Vec<(String, String)> = Vec::new();
+        let mut deployments: Vec<(String, BTreeSet<String>)> = Vec::new();
+        for obj in &objects {
+            let ns = obj.metadata().namespace.clone().unwrap_or_else(|| "default".to_string());
+            match obj {
+                Object::Namespace(n) => {
+                    let existed = self.state.namespaces.insert(n.metadata.name.clone(), n.metadata.labels.clone());
+                    for c in self.clients() {
+                        let _: bool = block_on(c.call("PUT", "/v1/k8s/namespace", Some(&NamespaceMeta { name: n.metadata.name.clone(), labels: n.metadata.labels.clone() })))?;
+                    }
+                    out.push(format!("namespace/{} {}", n.metadata.name, if existed.is_some() { "configured" } else { "created" }));
+                }
+                Object::Pod(p) => {
+                    wanted_pods.push((self.pod_state(&ns, &p.metadata.name, &p.metadata.labels, &p.spec, None), p.spec.clone()));
+                }
+                Object::Deployment(d) => {
+                    let owner = format!("Deployment/{ns}/{}", d.metadata.name);
+                    let mut names = BTreeSet::new();
+                    for i in 0..d.spec.replicas {
+                        let name = format!("{}-{}-{}", d.metadata.name, suffix(&format!("{owner}/rs"), 10), suffix(&format!("{owner}/{i}"), 5));
+                        names.insert(name.clone());
+                        wanted_pods.push((self.pod_state(&ns, &name, &d.spec.template.metadata.labels, &d.spec.template.spec, Some(owner.clone())), d.spec.template.spec.clone()));
+                    }
+                    deployments.push((owner, names));
+                }
+                Object::Service(s) => {
+                    let key = format!("{ns}/{}", s.metadata.name);
+                    let existed = self.state.services.insert(key, serde_json::to_value(s)?);
+                    out.push(format!("service/{} {}", s.metadata.name, if existed.is_some() { "configured" } else { "created" }));
+                }
+                Object::Policy(doc, _) => {
+                    policy_docs.push((doc.key().to_string(), serde_yaml::to_string(doc)?));
+                }
+            }
+        }
+        for (p, _) in &wanted_pods {
+            if !self.state.namespaces.contains_key(&p.namespace) {
+                self.state.namespaces.insert(p.namespace.clone(), BTreeMap::new());
+                for c in self.clients() {
+                    let _: bool = block_on(c.call("PUT", "/v1/k8s/namespace", Some(&NamespaceMeta { name: p.namespace.clone(), labels: BTreeMap::new() })))?;
+                }
+            }
+            for c in self.clients() {
+                let _: bool = block_on(c.call("PUT", "/v1/k8s/pod", Some(&pod_meta(p))))?;
+            }
+        }
+        if !policy_docs.is_empty() {
+            let text = policy_docs.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>().join("---\n");
+            for c in self.clients() {
+                let _: PolicyChange = block_on(c.call("PUT", "/v1/policy", Some(&PolicyImport { text: text.clone(), source: "cilium lab apply".into(), dry_run: false })))?;
+            }
+            for (key, _) in &policy_docs {
+                let existed = !self.state.policies.insert(key.clone());
+                out.push(format!("{} {}", kubectl_name(key), if existed { "configured" } else { "created" }));
+            }
+        }
+        // scale down deployments
+        for (owner, names) in &deployments {
+            let extra: Vec<String> = self
+                .state
+                .pods
+                .iter()
+                .filter(|(_, p)| p.owner.as_deref() == Some(owner.as_str()) && !names.contains(&p.name))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in extra {
+                self.delete_pod(&k)?;
+            }
+        }
+        for (mut p, _spec) in wanted_pods {
+            let key = format!("{}/{}", p.namespace, p.name);
+            match self.state.pods.get(&key) {
+                Some(existing) if existing.ports == p.ports && existing.ip.is_some() => {
+                    let changed = existing.labels != p.labels;
+                    if let Some(e) = self.state.pods.get_mut(&key) {
+                        e.labels = p.labels.clone();
+                    }
+                    out.push(format!("pod/{} {}", p.name, if changed { "configured" } else { "unchanged" }));
+                    continue;
+                }
+                Some(_) => self.delete_pod(&key)?,
+                None => {}
+            }
+            self.create_pod(&mut p)?;
+            out.push(format!("pod/{} created ({})", p.name, p.ip.map(|i| i.to_string()).unwrap_or_default()));
+            self.state.pods.insert(key, p);
+            self.save()?;
+        }
+        for (owner, _) in deployments {
+            out.push(format!("deployment.apps/{} applied", owner.rsplit('/').next().unwrap_or("")));
+        }
+        self.save()?;
+        Ok(out)
+    }
+
+    /// Deletes the objects (pods, deployments' pods, policies, services, namespaces).
+    pub fn delete(&mut self, objects: Vec<Object>) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for obj in objects {
+            let ns = obj.metadata().namespace.clone().unwrap_or_else(|| "default".to_string());
+            let name = obj.metadata().name.clone();
+            match obj {
+                Object::Pod(_) => {
+                    let key = format!("{ns}/{name}");
+                    if self.state.pods.contains_key(&key) {
+                        self.delete_pod(&key)?;
+                        out.push(format!("pod/{name} deleted"));
+                    }
+                }
+                Object::Deployment(_) => {
+                    let owner = format!("Deployment/{ns}/{name}");
+                    let keys: Vec<String> = self.state.pods.iter().filter(|(_, p)| p.owner.as_deref() == Some(owner.as_str())).map(|(k, _)| k.clone()).collect();
+                    for k in keys {
+                        self.delete_pod(&k)?;
+                    }
+                    out.push(format!("deployment.apps/{name} deleted"));
+                }
+                Object::Service(_) => {
+                    if self.state.services.remove(&format!("{ns}/{name}")).is_some() {
+                        out.push(format!("service/{name} deleted"));
+                    }
+                }
+                Object::Policy(doc, _) => {
+                    let key = doc.key();
+                    for c in self.clients() {
+                        let _: PolicyChange = block_on(c.call(
+                            "DELETE",
+                            "/v1/policy",
+                            Some(&PolicyDelete { all: false, kind: Some(key.kind.as_str().into()), namespace: key.namespace.clone(), name: Some(key.name.clone()) }),
+                        ))?;
+                    }
+                    self.state.policies.remove(&key.to_string());
+                    out.push(format!("{} deleted", kubectl_name(&key.to_string())));
+                }
+                Object::Namespace(_) => {
+                    let keys: Vec<String> = self.state.pods.iter().filter(|(_, p)| p.namespace == name).map(|(k, _)| k.clone()).collect();
+                    for k in keys {
+                        self.delete_pod(&k)?;
+                    }
+                    self.state.namespaces.remove(&name);
+                    out.push(format!("namespace/{name} deleted"));
+                }
+            }
+            self.save()?;
+        }
+        Ok(out)
+    }
+
+    fn pod_state(&self, ns: &str, name: &str, labels: &BTreeMap<String, String>, spec: &PodSpec, owner: Option<String>) -> PodState {
+        let node = spec.node_name.clone().unwrap_or_else(|| self.state.nodes[0].name.clone());
+        PodState {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            labels: labels.clone(),
+            node,
+            netns: format!("cl-{}-{}", self.state.name, suffix(&format!("{ns}/{name}"), 12)),
+            ip: None,
+            container_id: format!("lab-{}-{}-{}", self.state.name, ns, name),
+            ports: spec
+                .containers
+                .iter()
+                .flat_map(|c| c.ports.iter().map(|p| (p.name.clone(), p.protocol.clone(), p.container_port)))
+                .collect(),
+            workload_pid: None,
+            owner,
+        }
+    }
+
+    fn cni(&self, node: usize, command: &str, p: &PodState) -> anyhow::Result<serde_json::Value> {
+        use std::io::Write;
+        let n = &self.state.nodes[node];
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "cilium",
+            "type": "cilium-cni",
+            "socket-path": n.socket.display().to_string(),
+        });
+        let mut cmd = sys::command_in(&n.netns, self.bin_dir.join("cilium-cni"))?;
+        cmd.env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &p.container_id)
+            .env("CNI_NETNS", sys::netns_path(&p.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", &self.bin_dir)
+            .env("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={}", p.namespace, p.name))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("running cilium-cni")?;
+        child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("cilium-cni {command} for {}/{} failed: {}{}", p.namespace, p.name, stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        if stdout.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        Ok(serde_json::from_str(&stdout)?)
+    }
+
+    fn create_pod(&mut self, p: &mut PodState) -> anyhow::Result<()> {
+        let node = self.node_index(Some(&p.node))?;
+        sys::netns_add(&p.netns)?;
+        let result = (|| -> anyhow::Result<()> {
+            let res = self.cni(node, "ADD", p)?;
+            let addr = res["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("CNI result without an address: {res}"))?;
+            p.ip = Some(addr.split('/').next().unwrap_or("").parse()?);
+            let tcp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "TCP").map(|(_, _, port)| *port).collect();
+            let udp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "UDP").map(|(_, _, port)| *port).collect();
+            let pods_dir = self.dir.join("pods");
+            std::fs::create_dir_all(&pods_dir)?;
+            let ready = pods_dir.join(format!("{}_{}.ready", p.namespace, p.name));
+            let _ = std::fs::remove_file(&ready);
+            let mut args = vec!["lab".to_string(), "workload".into(), "--pod".into(), format!("{}/{}", p.namespace, p.name)];
+            for port in tcp {
+                args.extend(["--tcp".into(), port.to_string()]);
+            }
+            for port in udp {
+                args.extend(["--udp".into(), port.to_string()]);
+            }
+            args.extend(["--ready-file".into(), ready.display().to_string()]);
+            let log = pods_dir.join(format!("{}_{}.log", p.namespace, p.name));
+            let pid = sys::spawn_daemon(&p.netns, &self.bin_dir.join("cilium"), &args, &log)?;
+            p.workload_pid = Some(pid);
+            wait_for(|| ready.exists() || !sys::alive(pid), Duration::from_secs(10))?;
+            if !ready.exists() {
+                bail!("the workload of {}/{} exited: {}", p.namespace, p.name, std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            if let Some(pid) = p.workload_pid {
+                sys::stop(pid, Duration::from_secs(1));
+            }
+            let _ = self.cni(node, "DEL", p);
+            sys::netns_delete(&p.netns);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn delete_pod(&mut self, key: &str) -> anyhow::Result<()> {
+        let Some(p) = self.state.pods.get(key).cloned() else { return Ok(()) };
+        if let Some(pid) = p.workload_pid {
+            sys::stop(pid, Duration::from_secs(2));
+        }
+        for pid in sys::processes_in(std::slice::from_ref(&p.netns)) {
+            sys::stop(pid, Duration::from_secs(1));
+        }
+        let node = self.node_index(Some(&p.node))?;
+        self.cni(node, "DEL", &p)?;
+        sys::netns_delete(&p.netns);
+        for c in self.clients() {
+            let _: Result<bool, _> = block_on(c.call::<(), bool>("DELETE", &format!("/v1/k8s/pod/{}/{}", p.namespace, p.name), None));
+        }
+        self.state.pods.remove(key);
+        self.save()
+    }
+
+    /// Invokes the CNI plugin for a pod directly (for tests of its semantics).
+    pub fn cni_raw(&self, command: &str, key: &str) -> anyhow::Result<serde_json::Value> {
+        let p = self.state.pods.get(key).ok_or_else(|| anyhow!("no pod {key}"))?;
+        self.cni(self.node_index(Some(&p.node))?, command, p)
+    }
+
+    /// The network namespace and address of `ns/pod`, a node name, `world`,
+    /// or an IP address (destination only).
+    pub fn resolve(&self, target: &str) -> anyhow::Result<(String, Option<Ipv4Addr>)> {
+        if target == "world" {
+            return Ok((self.state.world_netns.clone(), Some(WORLD_IP)));
+        }
+        if let Some(n) = self.state.nodes.iter().find(|n| n.name == target) {
+            return Ok((n.netns.clone(), Some(n.ip)));
+        }
+        if let Ok(ip) = target.parse::<Ipv4Addr>() {
+            return Ok((String::new(), Some(ip)));
+        }
+        let key = if target.contains('/') { target.to_string() } else { format!("default/{target}") };
+        let p = self.state.pods.get(&key).ok_or_else(|| anyhow!("no pod {key} in lab {} (see `cilium lab get pods`)", self.state.name))?;
+        Ok((p.netns.clone(), p.ip))
+    }
+}
+
+fn pod_meta(p: &PodState) -> PodMeta {
+    PodMeta {
+        namespace: p.namespace.clone(),
+        name: p.name.clone(),
+        labels: p.labels.clone(),
+        service_account: "default".into(),
+        ports: p.ports.clone(),
+    }
+}
+
+fn kubectl_name(key: &str) -> String {
+    let mut parts = key.split('/');
+    let kind = parts.next().unwrap_or("");
+    let name = key.rsplit('/').next().unwrap_or("");
+    let res = match kind {
+        "CiliumNetworkPolicy" => "ciliumnetworkpolicy.cilium.io",
+        "CiliumClusterwideNetworkPolicy" => "ciliumclusterwidenetworkpolicy.cilium.io",
+        _ => "networkpolicy.networking.k8s.io",
+    };
+    format!("{res}/{name}")
+}
+
+fn wait_for(mut f: impl FnMut() -> bool, timeout: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("timed out after {timeout:?}")
+}
+
+/// Removes everything a lab made, whatever state it is in: processes in its
+/// namespaces, the namespaces, its bpffs pins, cgroups and state.
+pub fn down(name: &str) -> anyhow::Result<Vec<String>> {
+    validate_name(name)?;
+    let dir = lab_dir(name);
+    let mut done = Vec::new();
+    let state: Option<LabState> = std::fs::read(dir.join("lab.json")).ok().and_then(|t| serde_json::from_slice(&t).ok());
+    let prefix = format!("cl-{name}-");
+    let namespaces = sys::netns_list(&prefix);
+    let mut pids: BTreeSet<u32> = sys::processes_in(&namespaces).into_iter().collect();
+    if let Some(s) = &state {
+        pids.extend(s.nodes.iter().filter_map(|n| n.agent_pid));
+        pids.extend(s.pods.values().filter_map(|p| p.workload_pid));
+        pids.extend(s.world_pid);
+    }
+    for pid in &pids {
+        if sys::alive(*pid) {
+            sys::stop(*pid, Duration::from_secs(5));
+        }
+    }
+    if !pids.is_empty() {
+        done.push(format!("stopped {} processes", pids.len()));
+    }
+    for ns in &namespaces {
+        sys::netns_delete(ns);
+    }
+    if !namespaces.is_empty() {
+        done.push(format!("deleted {} network namespaces", namespaces.len()));
+    }
+    let bpf = Path::new(LAB_BPF_ROOT).join(name);
+    if bpf.exists() {
+        std::fs::remove_dir_all(&bpf).with_context(|| format!("removing {}", bpf.display()))?;
+        done.push(format!("removed {}", bpf.display()));
+    }
+    let cg = Path::new(LAB_CGROUP_ROOT).join(name);
+    if cg.exists() {
+        remove_cgroup_tree(&cg);
+        done.push(format!("removed {}", cg.display()));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        done.push(format!("removed {}", dir.display()));
+    }
+    Ok(done)
+}
+
+fn remove_cgroup_tree(p: &Path) {
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(p);
+}
