@@ -11,3 +11,5 @@ pub fn require_root() {
     let uid = unsafe { libc::geteuid() };
     assert_eq!(uid, 0, "privileged tests need root (run the README's test command as root)");
 }
+
+pub mod lab;
