@@ -59,6 +59,7 @@ pub enum LabCmd {
         lab: LabName,
         /// pods or nodes
         what: String,
+        /// text, json, name (namespace/name per line) or ip (one per line).
         #[arg(short, long, default_value = "text")]
         output: String,
         /// Only pods with this label (key=value).
@@ -325,9 +326,23 @@ fn get_pods(l: &Lab, output: &str, selector: Option<&str>) -> anyhow::Result<i32
             },
         }));
     }
-    if output == "json" {
-        println!("{}", serde_json::to_string_pretty(&pods)?);
-        return Ok(0);
+    match output {
+        "json" => {
+            println!("{}", serde_json::to_string_pretty(&pods)?);
+            return Ok(0);
+        }
+        "name" | "ip" => {
+            for p in &pods {
+                if output == "ip" {
+                    println!("{}", p["ip"].as_str().unwrap_or(""));
+                } else {
+                    println!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or(""));
+                }
+            }
+            return Ok(0);
+        }
+        "text" | "wide" => {}
+        other => bail!("-o {other:?}: want text, json, name or ip"),
     }
     println!("{:<12} {:<32} {:<14} {:<10} {:<10} {:<8} LABELS", "NAMESPACE", "NAME", "STATUS", "IP", "IDENTITY", "NODE");
     for p in pods {

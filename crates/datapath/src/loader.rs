@@ -1,12 +1,10 @@
 //! Loading the datapath object, pinning, attaching, and typed map access.
 
-use std::collections::HashMap as StdHashMap;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuHashMap};
-use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::tc::SchedClassifierLink;
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
@@ -39,13 +37,14 @@ impl Program {
             Program::ToContainer => TcAttachType::Egress,
         }
     }
+}
 
-    fn suffix(self) -> &'static str {
-        match self {
-            Program::FromContainer => "ingress",
-            Program::ToContainer => "egress",
-        }
-    }
+/// Priority and handle of our cls_bpf filters on endpoint interfaces.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+fn is_eexist(e: &aya::programs::ProgramError) -> bool {
+    matches!(e, aya::programs::ProgramError::TcError(TcError::NetlinkError(n)) if n.raw_os_error() == Some(libc::EEXIST))
 }
 
 const MAP_LXC: &str = "cilium_lxc";
@@ -151,8 +150,6 @@ fn is_full(e: &aya::maps::MapError) -> bool {
 pub struct Loaded {
     ebpf: Ebpf,
     opts: LoadOptions,
-    /// Attachments kept alive by this process when nothing is pinned.
-    unpinned_links: StdHashMap<String, Vec<SchedClassifierLink>>,
 }
 
 impl Loaded {
@@ -169,7 +166,7 @@ impl Loaded {
             .map_max_entries(MAP_EVENTS, opts.events_bytes);
         let mut pins = Vec::new();
         if let Some(dir) = &opts.pin_dir {
-            std::fs::create_dir_all(dir.join("links"))
+            std::fs::create_dir_all(dir)
                 .map_err(|source| DatapathError::Io { what: format!("creating {}", dir.display()), source })?;
             for name in ALL_MAPS {
                 let path = dir.join(name);
@@ -189,7 +186,7 @@ impl Loaded {
                 .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
             prog.load().map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
         }
-        Ok(Loaded { ebpf, opts, unpinned_links: StdHashMap::new() })
+        Ok(Loaded { ebpf, opts })
     }
 
     pub fn options(&self) -> &LoadOptions {
@@ -222,26 +219,6 @@ impl Loaded {
             .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
         out.truncate(res.data_size_out as usize);
         Ok((res.return_value as i32, out))
-    }
-
-    fn link_path(&self, ifname: &str, ifindex: u32, p: Program) -> Option<PathBuf> {
-        self.opts
-            .pin_dir
-            .as_ref()
-            .map(|d| d.join("links").join(format!("{ifname}_{ifindex}_{}", p.suffix())))
-    }
-
-    fn pinned_links(&self) -> Vec<(String, PathBuf)> {
-        let Some(dir) = &self.opts.pin_dir else { return vec![] };
-        let Ok(rd) = std::fs::read_dir(dir.join("links")) else { return vec![] };
-        rd.flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // <ifname>_<ifindex>_<direction>: bpffs forbids '.' in names
-                let ifname = name.rsplitn(3, '_').nth(2)?.to_string();
-                Some((ifname, e.path()))
-            })
-            .collect()
     }
 
     /// Takes the event ring buffer (once) for an [`crate::events::EventReader`].
@@ -407,78 +384,59 @@ impl Datapath for Loaded {
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
-        let ifindex = crate::sys::ifindex(ifname)
-            .ok_or_else(|| DatapathError::Interface { ifname: ifname.to_string(), detail: "no such interface".into() })?;
-        if self.opts.pin_dir.is_none() && self.unpinned_links.contains_key(ifname) {
-            return Ok(());
+        let iferr = |detail: String| DatapathError::Interface { ifname: ifname.to_string(), detail };
+        if crate::sys::ifindex(ifname).is_none() {
+            return Err(iferr("no such interface".into()));
         }
-        let mut kept = Vec::new();
-        for p in [Program::FromContainer, Program::ToContainer] {
-            let path = self.link_path(ifname, ifindex, p);
-            let prog = self.prog(p)?;
-            let iferr = |e: aya::programs::ProgramError| DatapathError::Interface {
-                ifname: ifname.to_string(),
-                detail: format!("attaching {}: {e}", p.name()),
-            };
-            match path {
-                Some(path) => {
-                    // Replace the program behind an existing pinned link
-                    // atomically; attach afresh when there is none.
-                    if let Ok(pinned) = PinnedLink::from_pin(&path) {
-                        let fd: FdLink = pinned.into();
-                        if let Ok(link) = SchedClassifierLink::try_from(fd) {
-                            match prog.attach_to_link(link) {
-                                Ok(id) => {
-                                    drop(prog.take_link(id).map_err(iferr)?);
-                                    continue;
-                                }
-                                Err(e) => {
-                                    warn!(ifname, error = %e, "pinned link unusable, attaching again");
-                                    let _ = std::fs::remove_file(&path);
-                                }
-                            }
-                        }
-                    }
-                    let id = prog.attach(ifname, p.attach_type()).map_err(iferr)?;
-                    let link = prog.take_link(id).map_err(iferr)?;
-                    let fd = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
-                        path: path.display().to_string(),
-                        detail: format!("link is not a BPF link (is TCX available?): {e}"),
-                    })?;
-                    fd.pin(&path).map_err(|e| DatapathError::Pin { path: path.display().to_string(), detail: e.to_string() })?;
-                }
-                None => {
-                    let id = prog.attach(ifname, p.attach_type()).map_err(iferr)?;
-                    kept.push(prog.take_link(id).map_err(iferr)?);
-                }
+        // clsact + cls_bpf filters: attaching takes ~1 ms (TCX links wait for
+        // an RCU grace period, ~10 ms each here), they outlive this process
+        // without pinning, and a restarted agent swaps programs atomically
+        // by replacing the filter at the same priority and handle.
+        if let Err(e) = qdisc_add_clsact(ifname) {
+            let exists = matches!(&e, TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(iferr(format!("adding clsact qdisc: {e}")));
             }
         }
-        if !kept.is_empty() {
-            self.unpinned_links.insert(ifname.to_string(), kept);
+        for p in [Program::FromContainer, Program::ToContainer] {
+            let prog = self.prog(p)?;
+            let opts = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None });
+            let id = match prog.attach_with_options(ifname, p.attach_type(), opts) {
+                Ok(id) => id,
+                Err(e) if is_eexist(&e) => {
+                    // already attached (agent restart): replace atomically
+                    let link = SchedClassifierLink::attached(ifname, p.attach_type(), TC_PRIORITY, TC_HANDLE, None)
+                        .map_err(|e| iferr(e.to_string()))?;
+                    prog.attach_to_link(link).map_err(|e| iferr(format!("replacing {}: {e}", p.name())))?
+                }
+                Err(e) => return Err(iferr(format!("attaching {}: {e}", p.name()))),
+            };
+            // Dropping a link detaches it; the attachment must outlive us.
+            let link = prog.take_link(id).map_err(|e| iferr(e.to_string()))?;
+            std::mem::forget(link);
         }
-        info!(ifname, ifindex, "endpoint programs attached");
+        info!(ifname, "endpoint programs attached");
         Ok(())
     }
 
     fn detach(&mut self, ifname: &str) -> Result<()> {
-        self.unpinned_links.remove(ifname);
-        for (name, path) in self.pinned_links() {
-            if name == ifname {
-                if let Ok(link) = PinnedLink::from_pin(&path) {
-                    let _ = link.unpin();
-                } else {
-                    let _ = std::fs::remove_file(&path);
-                }
+        for p in [Program::FromContainer, Program::ToContainer] {
+            if let Ok(link) = SchedClassifierLink::attached(ifname, p.attach_type(), TC_PRIORITY, TC_HANDLE, None) {
+                // absent filter or interface: nothing to do
+                let _ = aya::programs::links::Link::detach(link);
             }
         }
         Ok(())
     }
 
     fn attached(&self) -> Result<Vec<String>> {
-        let mut v: Vec<String> = self.pinned_links().into_iter().map(|(n, _)| n).collect();
-        v.extend(self.unpinned_links.keys().cloned());
+        // every endpoint interface of this namespace carries our filters
+        let mut v: Vec<String> = crate::netlink::run(|h| async move { crate::netlink::links(&h).await })?
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| n.starts_with("lxc"))
+            .collect();
         v.sort();
-        v.dedup();
         Ok(v)
     }
 

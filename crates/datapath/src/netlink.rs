@@ -85,6 +85,25 @@ pub async fn link(h: &Handle, name: &str) -> Result<Option<Link>> {
     }
 }
 
+/// Every link of the namespace.
+pub async fn links(h: &Handle) -> Result<Vec<Link>> {
+    let mut s = h.link().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = s.try_next().await.map_err(nl("listing links"))? {
+        let mut mac = [0u8; 6];
+        let mut name = String::new();
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::Address(b) if b.len() == 6 => mac.copy_from_slice(b),
+                LinkAttribute::IfName(n) => name = n.clone(),
+                _ => {}
+            }
+        }
+        out.push(Link { index: msg.header.index, name, mac, up: msg.header.flags.contains(LinkFlags::Up) });
+    }
+    Ok(out)
+}
+
 /// Deletes a link by name. Returns whether it existed.
 pub async fn delete_link(h: &Handle, name: &str) -> Result<bool> {
     let Some(l) = link(h, name).await? else { return Ok(false) };

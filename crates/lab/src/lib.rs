@@ -72,6 +72,9 @@ pub struct PodState {
     pub workload_pid: Option<u32>,
     /// `Deployment/ns/name` for pods a Deployment made.
     pub owner: Option<String>,
+    /// How long CNI ADD took (it returns once the endpoint is enforced).
+    #[serde(default)]
+    pub cni_add_ms: Option<f64>,
 }
 
 /// Everything the lab made, persisted in `lab.json`.
@@ -516,6 +519,7 @@ impl Lab {
                 .collect(),
             workload_pid: None,
             owner,
+            cni_add_ms: None,
         }
     }
 
@@ -555,7 +559,9 @@ impl Lab {
         let node = self.node_index(Some(&p.node))?;
         sys::netns_add(&p.netns)?;
         let result = (|| -> anyhow::Result<()> {
+            let started = Instant::now();
             let res = self.cni(node, "ADD", p)?;
+            p.cni_add_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
             let addr = res["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("CNI result without an address: {res}"))?;
             p.ip = Some(addr.split('/').next().unwrap_or("").parse()?);
             let tcp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "TCP").map(|(_, _, port)| *port).collect();

@@ -1,0 +1,391 @@
+//! cilium-bench: measures pod-to-pod request/response rate, new connections
+//! per second and throughput through our datapath with an L3/L4 policy, each
+//! against the same pods over plain veth routing without BPF taken in the
+//! same run; the agent's memory with 100 endpoints; and endpoint creation
+//! latency (CNI ADD until the endpoint is enforced). Client, server and their
+//! softirq processing are pinned to one CPU. Writes BENCHMARKS.md.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "cilium-rs benchmarks")]
+struct Args {
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Endpoints for the memory and creation-latency measurement.
+    #[arg(long, default_value_t = 100)]
+    pods: u32,
+}
+
+const RR_PORT: u16 = 7777;
+const IPERF_PORT: u16 = 5201;
+const CPU: usize = 0;
+
+fn bin_dir() -> PathBuf {
+    std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)).unwrap_or_default()
+}
+
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {}: {}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Pins every thread of a process to one CPU.
+fn pin_pid(pid: u32) {
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() {
+                let mut set = nix::sched::CpuSet::new();
+                let _ = set.set(CPU);
+                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+            }
+        }
+    }
+}
+
+fn pin_self() {
+    let mut set = nix::sched::CpuSet::new();
+    let _ = set.set(CPU);
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+}
+
+/// Runs `f` on a thread inside `netns`, pinned.
+fn in_ns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    let path = cilium_lab::sys::netns_path(netns);
+    std::thread::spawn(move || {
+        cilium_datapath::sys::enter_netns(&path)?;
+        pin_self();
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
+}
+
+fn rr(netns: &str, server: Ipv4Addr, secs: u64) -> anyhow::Result<f64> {
+    in_ns(netns, move || {
+        let mut s = TcpStream::connect(SocketAddr::from((server, RR_PORT)))?;
+        s.set_nodelay(true)?;
+        let mut buf = [0u8; 2];
+        // warm up
+        for _ in 0..1000 {
+            s.write_all(b"x\n")?;
+            s.read_exact(&mut buf)?;
+        }
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            for _ in 0..100 {
+                s.write_all(b"x\n")?;
+                s.read_exact(&mut buf)?;
+            }
+            n += 100;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+fn crr(netns: &str, server: Ipv4Addr, secs: u64) -> anyhow::Result<f64> {
+    in_ns(netns, move || {
+        let addr = SocketAddr::from((server, RR_PORT));
+        let start = Instant::now();
+        let mut n = 0u64;
+        let mut buf = [0u8; 2];
+        while start.elapsed() < Duration::from_secs(secs) {
+            let mut s = TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            // close with RST: no TIME_WAIT, so ports never run out
+            set_linger_zero(&s)?;
+            s.write_all(b"x\n")?;
+            s.read_exact(&mut buf)?;
+            n += 1;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&l as *const libc::linger).cast(), size_of::<libc::linger>() as u32)
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn iperf(netns: &str, server: Ipv4Addr, secs: u64) -> anyhow::Result<f64> {
+    let mut cmd = cilium_lab::sys::command_in(netns, "taskset")?;
+    let out = cmd
+        .args(["-c", &CPU.to_string(), "iperf3", "-c", &server.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-J"])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 result")?;
+    Ok(bps / 1e9)
+}
+
+/// Starts the echo server and iperf3 server in `netns`, pinned. Returns pids.
+fn servers(netns: &str, log_dir: &Path) -> anyhow::Result<Vec<u32>> {
+    let ready = log_dir.join(format!("{netns}.ready"));
+    let _ = std::fs::remove_file(&ready);
+    let w = cilium_lab::sys::spawn_daemon(
+        netns,
+        &bin_dir().join("cilium"),
+        &["lab".into(), "workload".into(), "--pod".into(), "bench".into(), "--tcp".into(), RR_PORT.to_string(), "--ready-file".into(), ready.display().to_string()],
+        &log_dir.join(format!("{netns}.log")),
+    )?;
+    let i = cilium_lab::sys::spawn_daemon(netns, Path::new("/usr/bin/iperf3"), &["-s".into(), "-p".into(), IPERF_PORT.to_string()], &log_dir.join(format!("{netns}.iperf.log")))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    pin_pid(w);
+    pin_pid(i);
+    Ok(vec![w, i])
+}
+
+/// The baseline: the same addressing as a lab node, plain veths, kernel
+/// routing, no BPF anywhere.
+struct Baseline {
+    prefix: String,
+    pids: Vec<u32>,
+}
+
+impl Baseline {
+    fn client(&self) -> String {
+        format!("{}-client", self.prefix)
+    }
+    fn server(&self) -> String {
+        format!("{}-server", self.prefix)
+    }
+    fn up(log_dir: &Path) -> anyhow::Result<Baseline> {
+        let prefix = format!("cb{}", std::process::id());
+        let mut b = Baseline { prefix: prefix.clone(), pids: vec![] };
+        let router = format!("{prefix}-router");
+        for ns in [&router, &b.client(), &b.server()] {
+            sh("ip", &["netns", "add", ns])?;
+            sh("ip", &["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        cilium_lab::sys::netns_sysctl(&router, "net.ipv4.ip_forward", "1")?;
+        sh("ip", &["-n", &router, "addr", "add", "10.0.1.1/32", "dev", "lo"])?;
+        for (ns, ip, dev) in [(b.client(), "10.0.1.2", "c"), (b.server(), "10.0.1.3", "s")] {
+            sh("ip", &["-n", &router, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            sh("ip", &["-n", &router, "link", "set", dev, "up"])?;
+            sh("ip", &["-n", &router, "route", "add", &format!("{ip}/32"), "dev", dev, "src", "10.0.1.1"])?;
+            sh("ip", &["-n", &ns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+            sh("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+            sh("ip", &["-n", &ns, "route", "add", "10.0.1.1/32", "dev", "eth0", "scope", "link"])?;
+            sh("ip", &["-n", &ns, "route", "add", "default", "via", "10.0.1.1", "dev", "eth0"])?;
+        }
+        b.pids = servers(&b.server(), log_dir)?;
+        Ok(b)
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        for p in &self.pids {
+            cilium_lab::sys::stop(*p, Duration::from_secs(2));
+        }
+        for ns in ["router", "client", "server"] {
+            cilium_lab::sys::netns_delete(&format!("{}-{ns}", self.prefix));
+        }
+    }
+}
+
+struct LabGuard(String);
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = cilium_lab::down(&self.0);
+    }
+}
+
+const BENCH_PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, labels: {app: server}}
+spec: {containers: [{name: s}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-ingress}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "7777", protocol: TCP}, {port: "5201", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+    toPorts: [{ports: [{port: "7777", protocol: TCP}, {port: "5201", protocol: TCP}]}]
+"#;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).context("VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let logs = tempdir()?;
+    let bin = bin_dir();
+    if !Path::new("/usr/bin/iperf3").exists() {
+        bail!("iperf3 missing: apt-get install iperf3 (scripts/setup.sh does)");
+    }
+    cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+
+    eprintln!("bench: baseline topology (plain veth routing, no BPF)");
+    let base = Baseline::up(&logs)?;
+    eprintln!("bench: lab with an L3/L4 policy on both pods");
+    let name = format!("bench{}", std::process::id() % 10000);
+    let _ = cilium_lab::down(&name);
+    let _guard = LabGuard(name.clone());
+    let manifest = logs.join("bench.yaml");
+    std::fs::write(&manifest, BENCH_PODS)?;
+    let mut lab = cilium_lab::Lab::up(&name, &bin, vec![])?;
+    lab.apply(cilium_lab::parse_files(&[manifest])?)?;
+    let client_ns = lab.state.pods["default/client"].netns.clone();
+    let server_ns = lab.state.pods["default/server"].netns.clone();
+    let server_ip = lab.state.pods["default/server"].ip.context("server ip")?;
+    let lab_pids = servers(&server_ns, &logs)?;
+    drop(lab);
+
+    let mut results: Vec<(&str, Vec<f64>, Vec<f64>)> = vec![("rr", vec![], vec![]), ("crr", vec![], vec![]), ("tput", vec![], vec![])];
+    let base_ip = Ipv4Addr::new(10, 0, 1, 3);
+    for round in 0..a.rounds {
+        eprintln!("bench: round {}/{}", round + 1, a.rounds);
+        // alternate which goes first, so drift does not favour one side
+        let order: Vec<bool> = if round % 2 == 0 { vec![false, true] } else { vec![true, false] };
+        for ours in order {
+            let (ns, ip) = if ours { (client_ns.clone(), server_ip) } else { (base.client(), base_ip) };
+            let r = rr(&ns, ip, a.seconds)?;
+            let c = crr(&ns, ip, a.seconds)?;
+            let t = iperf(&ns, ip, a.seconds)?;
+            for (i, v) in [r, c, t].into_iter().enumerate() {
+                if ours { results[i].2.push(v) } else { results[i].1.push(v) }
+            }
+        }
+    }
+    for p in lab_pids {
+        cilium_lab::sys::stop(p, Duration::from_secs(2));
+    }
+    drop(base);
+    let _ = cilium_lab::down(&name);
+
+    eprintln!("bench: {} endpoints for memory and creation latency", a.pods);
+    let mname = format!("benchm{}", std::process::id() % 10000);
+    let _ = cilium_lab::down(&mname);
+    let _mguard = LabGuard(mname.clone());
+    let dep = logs.join("many.yaml");
+    std::fs::write(
+        &dep,
+        format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: many}}\nspec:\n  replicas: {}\n  selector: {{matchLabels: {{app: many}}}}\n  template:\n    metadata: {{labels: {{app: many}}}}\n    spec: {{containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n", a.pods),
+    )?;
+    let mut mlab = cilium_lab::Lab::up(&mname, &bin, vec![])?;
+    mlab.apply(cilium_lab::parse_files(&[dep])?)?;
+    let agent = mlab.state.nodes[0].agent_pid.context("agent pid")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss = rss_mb(agent)?;
+    let adds: Vec<f64> = mlab.state.pods.values().filter_map(|p| p.cni_add_ms).collect();
+    let (p50, p99) = (percentile(adds.clone(), 0.5), percentile(adds.clone(), 0.99));
+    drop(mlab);
+    let _ = cilium_lab::down(&mname);
+
+    let rev = sh("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default().trim().to_string();
+    let dirty = !sh("git", &["status", "--porcelain"]).unwrap_or_default().trim().is_empty();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let kernel = sh("uname", &["-r"]).unwrap_or_default().trim().to_string();
+    let date = sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default().trim().to_string();
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+
+    let row = |label: &str, unit: &str, i: usize, goal: f64| {
+        let (b, o) = (median(results[i].1.clone()), median(results[i].2.clone()));
+        let ratio = o / b;
+        format!(
+            "| {label} | {b:.1} {unit} | {o:.1} {unit} | **{ratio:.3}** | ≥ {goal:.2} | {} |",
+            if ratio >= goal { "met" } else { "not met" }
+        )
+    };
+    let mut md = String::new();
+    md.push_str("# Benchmarks\n\n");
+    md.push_str("Generated by `scripts/bench.sh` (the `cilium-bench` binary). Every ratio compares\n");
+    md.push_str("two measurements taken in the same run on the same machine: our datapath against\n");
+    md.push_str("the same pods over plain veth routing with no BPF (the baseline). Client, server\n");
+    md.push_str("and their softirq work are pinned to CPU 0. Medians of the rounds.\n\n");
+    md.push_str(&format!("- Date: {date}\n- Commit: {rev}{}\n- Machine: {ncpu} vCPU, {cpu}, kernel {kernel}\n", if dirty { " (with uncommitted changes)" } else { "" }));
+    md.push_str(&format!("- Method: {} rounds × {} s per measurement; L3/L4 policy on both pods (client egress, server ingress)\n\n", a.rounds, a.seconds));
+    md.push_str("## Pod to pod through the datapath\n\n");
+    md.push_str("| Metric | Baseline (plain veth) | cilium-rs | Ratio | Goal | |\n|---|---|---|---|---|---|\n");
+    md.push_str(&row("Request/response (TCP, 2-byte echo)", "tx/s", 0, 0.95));
+    md.push('\n');
+    md.push_str(&row("New connections (connect, echo, close)", "conn/s", 1, 0.95));
+    md.push('\n');
+    md.push_str(&row("Throughput (iperf3, 1 stream)", "Gbit/s", 2, 0.97));
+    md.push_str("\n\nAll rounds (baseline / ours):\n\n");
+    for (i, label) in ["rr tx/s", "crr conn/s", "throughput Gbit/s"].iter().enumerate() {
+        let f = |v: &Vec<f64>| v.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ");
+        md.push_str(&format!("- {label}: {} / {}\n", f(&results[i].1), f(&results[i].2)));
+    }
+    md.push_str(&format!("\n## The agent with {} endpoints\n\n", a.pods));
+    md.push_str("| Metric | Value | Goal | |\n|---|---|---|---|\n");
+    md.push_str(&format!("| Agent resident memory (VmRSS) | {rss:.1} MB | ≤ 30 MB | {} |\n", if rss <= 30.0 { "met" } else { "not met" }));
+    md.push_str(&format!(
+        "| Endpoint creation, CNI ADD to enforced, p50 | {p50:.1} ms | ≤ 20 ms | {} |\n",
+        if p50 <= 20.0 { "met" } else { "not met" }
+    ));
+    md.push_str(&format!("| Endpoint creation, CNI ADD to enforced, p99 | {p99:.1} ms | | |\n"));
+    md.push_str("\nCNI ADD is timed from starting the `cilium-cni` process until it returns; it returns\n");
+    md.push_str("once the agent has written the endpoint's policy, attached the programs and routed it.\n");
+    std::fs::write(&a.out, md)?;
+    eprintln!("bench: wrote {}", a.out.display());
+    print!("{}", std::fs::read_to_string(&a.out)?);
+    Ok(())
+}
+
+fn tempdir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("cilium-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
