@@ -15,6 +15,10 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
 #define ETH_P_ARP_BE bpf_htons(0x0806)
 #define ETH_P_IP_BE bpf_htons(0x0800)
 
@@ -32,7 +36,7 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
  * identity of the other side. Returns TC_ACT_OK or TC_ACT_SHOT.
  */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
-				   struct pkt *p, int egress, __u32 peer_id)
+				   struct pkt *p, int egress, __u32 peer_id, __u32 now)
 {
 	__u8 ct_dir = egress ? CT_EGRESS : CT_INGRESS;
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
@@ -42,7 +46,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
 	struct ct_result ct;
 
-	ct_lookup(p, ct_dir, skb->len, &ct);
+	ct_lookup(p, ct_dir, skb->len, now, &ct);
 
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
 		/* Replies of allowed connections pass without a policy lookup. */
@@ -79,7 +83,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	}
 
 	if (ct.status == CT_NEW) {
-		int ret = ct_create(p, ct_dir, skb->len, src_id, rev, pol.proxy_port);
+		int ret = ct_create(p, ct_dir, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
 			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir);
 		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
@@ -91,6 +95,33 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	}
 	metrics_update(skb, 0, metric_dir);
 	return TC_ACT_OK;
+}
+
+/*
+ * Delivers a packet from one local endpoint straight into another's network
+ * namespace, as the node's router would, without the detour through the
+ * node's stack: MACs rewritten, TTL decremented. The destination's ingress
+ * policy has been applied by the caller. A TTL about to expire goes to the
+ * stack instead, which answers with ICMP time exceeded.
+ */
+static __always_inline int redirect_to_endpoint(struct __sk_buff *skb, const struct endpoint_info *dst,
+						__u16 src_ep)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return TC_ACT_OK;
+	if (ip->ttl <= 1)
+		return TC_ACT_OK;
+	__u16 old = *(__u16 *)&ip->ttl;
+	ip->ttl -= 1;
+	__u16 new = *(__u16 *)&ip->ttl;
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, dst->mac, 6, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 6, dst->node_mac, 6, 0) < 0)
+		return drop(skb, src_ep, DROP_WRITE_ERROR, 0, 0, 0, METRIC_EGRESS);
+	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int egress)
@@ -112,14 +143,28 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 	if (ret < 0)
 		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir);
 
+	__u32 now = now_seconds();
 	if (egress) {
 		/* A pod may only send from its own address. */
 		if (p.saddr != ep->ipv4)
 			return drop(skb, ep->ep_id, DROP_INVALID_SIP, ep->sec_identity, 0,
 				    dir_flag, metric_dir);
-		return enforce(skb, ep, &p, 1, ipcache_identity(p.daddr));
+		/* Another endpoint of this node: its identity is known without an
+		 * ipcache lookup, its ingress policy is applied here, and the
+		 * packet goes straight to it. */
+		__u32 *dst_ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.daddr);
+		struct endpoint_info *dst = dst_ifindex ? bpf_map_lookup_elem(&cilium_lxc, dst_ifindex) : 0;
+		if (!dst)
+			return enforce(skb, ep, &p, 1, ipcache_identity(p.daddr), now);
+		ret = enforce(skb, ep, &p, 1, dst->sec_identity, now);
+		if (ret != TC_ACT_OK)
+			return ret;
+		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now);
+		if (ret != TC_ACT_OK)
+			return ret;
+		return redirect_to_endpoint(skb, dst, ep->ep_id);
 	}
-	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr));
+	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now);
 }
 
 SEC("classifier")
@@ -147,7 +192,6 @@ struct abi_anchor {
 	struct ct_key ct_key;
 	struct ct_entry ct_entry;
 	struct runtime_config runtime_config;
-	struct metrics_key metrics_key;
 	struct metrics_value metrics_value;
 	struct event event;
 	enum reserved_identity reserved_identity;

@@ -37,6 +37,7 @@ enum drop_reason {
 	DROP_CT_UNKNOWN_PROTO = 137,
 	DROP_UNKNOWN_L3 = 139,
 	DROP_UNKNOWN_L4 = 142,
+	DROP_WRITE_ERROR = 141,
 	DROP_CT_CREATE_FAILED = 155,
 	DROP_FRAG_NOSUPPORT = 157,
 	DROP_NO_CONFIG = 165,
@@ -183,8 +184,8 @@ struct ct_entry {
 	__u32 src_sec_id;        /* identity of the connection's originator */
 	__u32 policy_rev;        /* runtime.policy_rev when the verdict was taken */
 	__u16 flags;             /* enum ct_entry_flags */
-	__u8 tx_flags_seen;      /* TCP flags seen from the originator */
-	__u8 rx_flags_seen;      /* TCP flags seen in replies */
+	__u8 tx_flags_seen;      /* SYN/FIN/RST seen (and traced) from the originator */
+	__u8 rx_flags_seen;      /* SYN/FIN/RST seen (and traced) in replies */
 	__u16 proxy_port;        /* network byte order */
 	__u16 rev_nat_index;     /* service reverse NAT, 0 = none */
 	__u32 pad;
@@ -196,17 +197,17 @@ struct runtime_config {
 	__u32 pad;
 };
 
-/* ---- metrics: (reason, direction) -> packets/bytes, per CPU ---- */
+/* ---- metrics: packets/bytes per (reason, direction), per CPU ----
+ * A per-CPU array indexed by METRICS_INDEX(reason, dir): reason 0 is
+ * "forwarded", otherwise an enum drop_reason. */
 enum metric_dir {
 	METRIC_INGRESS = 1,
 	METRIC_EGRESS = 2,
 };
 
-struct metrics_key {
-	__u8 reason;             /* 0 = forwarded, otherwise enum drop_reason */
-	__u8 dir;                /* enum metric_dir */
-	__u16 pad;
-};
+#define METRICS_DIR_BITS 2
+#define METRICS_MAX_ENTRIES 1024
+#define METRICS_INDEX(reason, dir) (((__u32)(reason) << METRICS_DIR_BITS) | (dir))
 
 struct metrics_value {
 	__u64 packets;

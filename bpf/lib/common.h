@@ -112,9 +112,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 
-	if (data + PULL_LEN > data_end) {
-		__u32 len = skb->len < PULL_LEN ? skb->len : PULL_LEN;
-		if (bpf_skb_pull_data(skb, len) < 0)
+	/* Pull only when headers sit outside the linear area: pulling makes
+	 * the skb writable, which copies every cloned (TCP) skb. */
+	__u32 want = skb->len < PULL_LEN ? skb->len : PULL_LEN;
+	if (data + want > data_end) {
+		if (bpf_skb_pull_data(skb, want) < 0)
 			return -DROP_INVALID;
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;

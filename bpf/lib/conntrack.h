@@ -29,7 +29,7 @@ enum ct_status {
 struct ct_result {
 	enum ct_status status;
 	struct ct_entry *entry;   /* the entry the packet belongs to, if any */
-	__u8 new_flags;           /* TCP flags not seen before in this direction */
+	__u8 new_flags;           /* SYN/FIN/RST not seen before in this direction */
 	__u8 pad[3];
 };
 
@@ -66,6 +66,11 @@ static __always_inline __u32 ct_lifetime(const struct ct_entry *e, __u8 protocol
 	return CT_LIFETIME_TCP;
 }
 
+/* TCP flags whose first appearance in a direction is reported as a trace
+ * event, as upstream's "medium" monitor aggregation: a connection reports its
+ * opening, its closing and resets, not every ACK. */
+#define TRACE_TCP_FLAGS (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
+
 static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, __u32 len,
 				       int reply, __u32 now)
 {
@@ -73,17 +78,17 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
 	if (reply) {
 		e->rx_packets += 1;
 		e->rx_bytes += len;
-		new_flags = p->tcp_flags & ~e->rx_flags_seen;
+		new_flags = p->tcp_flags & TRACE_TCP_FLAGS & ~e->rx_flags_seen;
 		if (new_flags)
-			e->rx_flags_seen |= p->tcp_flags;
+			e->rx_flags_seen |= new_flags;
 		if (!(e->flags & CT_F_SEEN_REPLY))
 			e->flags |= CT_F_SEEN_REPLY;
 	} else {
 		e->tx_packets += 1;
 		e->tx_bytes += len;
-		new_flags = p->tcp_flags & ~e->tx_flags_seen;
+		new_flags = p->tcp_flags & TRACE_TCP_FLAGS & ~e->tx_flags_seen;
 		if (new_flags)
-			e->tx_flags_seen |= p->tcp_flags;
+			e->tx_flags_seen |= new_flags;
 	}
 	if (p->protocol == IPPROTO_TCP) {
 		if (p->tcp_flags & TCP_FLAG_RST)
@@ -106,12 +111,11 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
  * that hook would create entries): reply or related to a connection the other
  * way, established in this direction, or new.
  */
-static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len,
+static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len, __u32 now,
 				      struct ct_result *res)
 {
 	__u8 other = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
 	struct ct_key key;
-	__u32 now = now_seconds();
 	struct ct_entry *e;
 
 	res->entry = 0;
@@ -158,12 +162,11 @@ static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len,
 }
 
 /* Creates the entry for a new connection in direction `dir`. Returns 0 or -reason. */
-static __always_inline int ct_create(const struct pkt *p, __u8 dir, __u32 len,
+static __always_inline int ct_create(const struct pkt *p, __u8 dir, __u32 len, __u32 now,
 				     __u32 src_sec_id, __u32 policy_rev, __u16 proxy_port)
 {
 	struct ct_key key;
 	struct ct_entry e = {};
-	__u32 now = now_seconds();
 
 	ct_key_forward(&key, p, dir);
 	e.src_sec_id = src_sec_id;

@@ -17,6 +17,15 @@ struct {
 	__uint(max_entries, 65536);
 } cilium_lxc SEC(".maps");
 
+/* local endpoint IPv4 (network order) -> host-side ifindex, for delivery
+ * straight into the destination pod */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+} cilium_lxc_ip SEC(".maps");
+
 /* IPv4 prefix -> identity */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -51,10 +60,10 @@ struct {
 } cilium_runtime SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__type(key, struct metrics_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
 	__type(value, struct metrics_value);
-	__uint(max_entries, 1024);
+	__uint(max_entries, METRICS_MAX_ENTRIES);
 } cilium_metrics SEC(".maps");
 
 struct {
@@ -67,7 +76,7 @@ struct {
 /* drops, traces and policy verdicts for the agent's monitor and Hubble */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
+	__uint(max_entries, 1 << 21);
 } cilium_events SEC(".maps");
 
 #endif /* CILIUM_MAPS_H */

@@ -85,6 +85,7 @@ abi_enum!(
         CtInvalidHeader = 135 => "DROP_CT_INVALID_HDR",
         CtUnknownL4Protocol = 137 => "DROP_CT_UNKNOWN_PROTO",
         UnsupportedL3Protocol = 139 => "DROP_UNKNOWN_L3",
+        WriteError = 141 => "DROP_WRITE_ERROR",
         UnknownL4Protocol = 142 => "DROP_UNKNOWN_L4",
         CtMapInsertionFailed = 155 => "DROP_CT_CREATE_FAILED",
         FragmentationNotSupported = 157 => "DROP_FRAG_NOSUPPORT",
@@ -103,6 +104,7 @@ impl DropReason {
             DropReason::CtInvalidHeader => "CT_TRUNCATED_OR_INVALID_HEADER",
             DropReason::CtUnknownL4Protocol => "CT_UNKNOWN_L4_PROTOCOL",
             DropReason::UnsupportedL3Protocol => "UNSUPPORTED_L3_PROTOCOL",
+            DropReason::WriteError => "ERROR_WRITING_TO_PACKET",
             DropReason::UnknownL4Protocol => "UNKNOWN_L4_PROTOCOL",
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::FragmentationNotSupported => "IP_FRAGMENTATION_NOT_SUPPORTED",
@@ -120,6 +122,7 @@ impl DropReason {
             DropReason::CtInvalidHeader => "CT: Truncated or invalid header",
             DropReason::CtUnknownL4Protocol => "CT: Unknown L4 protocol",
             DropReason::UnsupportedL3Protocol => "Unsupported L3 protocol",
+            DropReason::WriteError => "Error writing to packet",
             DropReason::UnknownL4Protocol => "Unknown L4 protocol",
             DropReason::CtMapInsertionFailed => "CT: Map insertion failed",
             DropReason::FragmentationNotSupported => "Fragmented packet not supported",
@@ -294,5 +297,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("POLICY_KEY_GEN", POLICY_KEY_GEN as i64),
         ("EVENT_DATA_LEN", crate::EVENT_DATA_LEN as i64),
         ("EVENT_STATS_LOST", 0),
+        ("METRICS_DIR_BITS", crate::METRICS_DIR_BITS as i64),
+        ("METRICS_MAX_ENTRIES", crate::METRICS_MAX_ENTRIES as i64),
     ]
 }

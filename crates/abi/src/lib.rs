@@ -148,14 +148,29 @@ abi_struct!(
     }
 );
 
-abi_struct!(
-    /// cilium_metrics key.
-    MetricsKey = "metrics_key" {
-        reason: u8,
-        dir: u8,
-        pad: u16,
+/// What a cilium_metrics slot counts: a reason (0 = forwarded, otherwise a
+/// drop reason) and a direction (`MetricDir`). The map is an array indexed by
+/// [`MetricsKey::index`] (`METRICS_INDEX` in abi.h).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MetricsKey {
+    pub reason: u8,
+    pub dir: u8,
+}
+
+/// Bits of a metrics index that hold the direction.
+pub const METRICS_DIR_BITS: u32 = 2;
+/// Slots of cilium_metrics.
+pub const METRICS_MAX_ENTRIES: u32 = 1024;
+
+impl MetricsKey {
+    pub fn index(self) -> u32 {
+        ((self.reason as u32) << METRICS_DIR_BITS) | self.dir as u32
     }
-);
+
+    pub fn from_index(i: u32) -> MetricsKey {
+        MetricsKey { reason: (i >> METRICS_DIR_BITS) as u8, dir: (i & ((1 << METRICS_DIR_BITS) - 1)) as u8 }
+    }
+}
 
 abi_struct!(
     /// cilium_metrics value (per CPU).
@@ -261,7 +276,6 @@ pub fn all_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usiz
         one::<CtKey>(),
         one::<CtEntry>(),
         one::<RuntimeConfig>(),
-        one::<MetricsKey>(),
         one::<MetricsValue>(),
         one::<Event>(),
     ]

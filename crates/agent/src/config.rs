@@ -77,7 +77,7 @@ pub struct Config {
     pub bpf_ipcache_map_max: u32,
 
     /// Event ring buffer size in bytes (a power of two).
-    #[arg(long, env = "CILIUM_BPF_EVENTS_RING_SIZE", default_value_t = 1 << 22)]
+    #[arg(long, env = "CILIUM_BPF_EVENTS_RING_SIZE", default_value_t = 1 << 21)]
     pub bpf_events_ring_size: u32,
 
     /// Log level: error, warn, info, debug or trace.

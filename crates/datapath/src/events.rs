@@ -10,6 +10,9 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{DatapathError, Result};
 
+/// How often the reader looks for events submitted without a wakeup.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// An async reader of [`Event`]s.
 pub struct EventReader {
     ring: AsyncFd<RawRing>,
@@ -35,24 +38,32 @@ impl EventReader {
         Ok(EventReader { ring })
     }
 
+    fn drain(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        let ring = &mut self.ring.get_mut().0;
+        while let Some(item) = ring.next() {
+            if let Some(ev) = Event::from_bytes(&item) {
+                out.push(ev);
+            }
+        }
+        out
+    }
+
     /// Waits for events and returns every one available (at least one).
+    /// The datapath submits without waking us (see bpf/lib/events.h), so
+    /// besides waiting for a wakeup this polls every [`POLL_INTERVAL`].
     pub async fn next_batch(&mut self) -> Result<Vec<Event>> {
         loop {
-            let mut guard = self
-                .ring
-                .readable_mut()
-                .await
-                .map_err(|source| DatapathError::Io { what: "waiting for events".into(), source })?;
-            let mut out = Vec::new();
-            let ring = &mut guard.get_inner_mut().0;
-            while let Some(item) = ring.next() {
-                if let Some(ev) = Event::from_bytes(&item) {
-                    out.push(ev);
-                }
-            }
-            guard.clear_ready();
+            let out = self.drain();
             if !out.is_empty() {
                 return Ok(out);
+            }
+            tokio::select! {
+                ready = self.ring.readable_mut() => {
+                    let mut guard = ready.map_err(|source| DatapathError::Io { what: "waiting for events".into(), source })?;
+                    guard.clear_ready();
+                }
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
     }

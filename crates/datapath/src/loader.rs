@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -48,6 +48,7 @@ fn is_eexist(e: &aya::programs::ProgramError) -> bool {
 }
 
 const MAP_LXC: &str = "cilium_lxc";
+const MAP_LXC_IP: &str = "cilium_lxc_ip";
 const MAP_IPCACHE: &str = "cilium_ipcache";
 const MAP_POLICY: &str = "cilium_policy";
 const MAP_CT: &str = "cilium_ct4";
@@ -57,7 +58,7 @@ const MAP_EVENT_STATS: &str = "cilium_event_stats";
 pub(crate) const MAP_EVENTS: &str = "cilium_events";
 
 const ALL_MAPS: &[&str] =
-    &[MAP_LXC, MAP_IPCACHE, MAP_POLICY, MAP_CT, MAP_RUNTIME, MAP_METRICS, MAP_EVENT_STATS, MAP_EVENTS];
+    &[MAP_LXC, MAP_LXC_IP, MAP_IPCACHE, MAP_POLICY, MAP_CT, MAP_RUNTIME, MAP_METRICS, MAP_EVENT_STATS, MAP_EVENTS];
 
 /// How to load the datapath.
 #[derive(Debug, Clone)]
@@ -81,7 +82,7 @@ impl Default for LoadOptions {
             policy_max: 1 << 20,
             ipcache_max: 512_000,
             endpoints_max: 65_536,
-            events_bytes: 1 << 22,
+            events_bytes: 1 << 21,
         }
     }
 }
@@ -158,11 +159,15 @@ impl Loaded {
     /// changed, in which case they are replaced and a warning says so.
     pub fn load(opts: LoadOptions) -> Result<Loaded> {
         let mut loader = EbpfLoader::new();
+        // Our programs use no CO-RE relocations, so the kernel's BTF (several
+        // MB once parsed) is not needed: skipping it keeps the agent small.
         loader
+            .btf(None)
             .map_max_entries(MAP_CT, opts.ct_max)
             .map_max_entries(MAP_POLICY, opts.policy_max)
             .map_max_entries(MAP_IPCACHE, opts.ipcache_max)
             .map_max_entries(MAP_LXC, opts.endpoints_max)
+            .map_max_entries(MAP_LXC_IP, opts.endpoints_max)
             .map_max_entries(MAP_EVENTS, opts.events_bytes);
         let mut pins = Vec::new();
         if let Some(dir) = &opts.pin_dir {
@@ -258,17 +263,18 @@ fn drop_incompatible_pin(path: &Path, name: &str, opts: &LoadOptions) {
         MAP_CT => Some(opts.ct_max),
         MAP_POLICY => Some(opts.policy_max),
         MAP_IPCACHE => Some(opts.ipcache_max),
-        MAP_LXC => Some(opts.endpoints_max),
+        MAP_LXC | MAP_LXC_IP => Some(opts.endpoints_max),
         MAP_EVENTS => Some(opts.events_bytes),
         _ => None,
     };
     let expected_sizes: Option<(usize, usize)> = match name {
         MAP_LXC => Some((4, size_of::<EndpointInfo>())),
+        MAP_LXC_IP => Some((4, 4)),
         MAP_IPCACHE => Some((size_of::<cilium_abi::IpcacheKey>(), size_of::<IpcacheValue>())),
         MAP_POLICY => Some((size_of::<PolicyKey>(), size_of::<PolicyEntry>())),
         MAP_CT => Some((size_of::<CtKey>(), size_of::<CtEntry>())),
         MAP_RUNTIME => Some((4, size_of::<RuntimeConfig>())),
-        MAP_METRICS => Some((size_of::<MetricsKey>(), size_of::<MetricsValue>())),
+        MAP_METRICS => Some((4, size_of::<MetricsValue>())),
         _ => None,
     };
     let ok = match MapInfo::from_pin(path) {
@@ -291,23 +297,30 @@ fn ipcache_key(prefix: Ipv4Net) -> Key<u32> {
 impl Datapath for Loaded {
     fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()> {
         let max = self.opts.endpoints_max;
-        let mut m = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?;
-        m.insert(info.ifindex, *info, 0).map_err(|e| {
-            if is_full(&e) {
-                DatapathError::MapFull { map: MAP_LXC, max, detail: e.to_string() }
-            } else {
-                map_err(MAP_LXC)(e)
+        let full = |map: &'static str| {
+            move |e: aya::maps::MapError| {
+                if is_full(&e) { DatapathError::MapFull { map, max, detail: e.to_string() } } else { map_err(map)(e) }
             }
-        })
+        };
+        self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
+        self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))
     }
 
     fn endpoint_delete(&mut self, ifindex: u32) -> Result<()> {
-        let mut m = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?;
-        match m.remove(&ifindex) {
+        let gone = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(MAP_LXC)(e)),
+            Err(e) => Err(map_err(map)(e)),
+        };
+        let existing = self.hash::<u32, EndpointInfo>(MAP_LXC)?.get(&ifindex, 0).ok();
+        if let Some(info) = existing {
+            let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
+            if ips.get(&info.ipv4, 0).ok() == Some(ifindex) {
+                gone(ips.remove(&info.ipv4), MAP_LXC_IP)?;
+            }
         }
+        let r = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.remove(&ifindex);
+        gone(r, MAP_LXC)
     }
 
     fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
@@ -493,17 +506,19 @@ impl Datapath for Loaded {
 
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
         let m = self.ebpf.map(MAP_METRICS).ok_or_else(|| DatapathError::Netlink("metrics map missing".into()))?;
-        let h: PerCpuHashMap<&MapData, MetricsKey, MetricsValue> = PerCpuHashMap::try_from(m).map_err(map_err(MAP_METRICS))?;
-        h.iter()
-            .map(|r| {
-                let (k, per_cpu) = r.map_err(map_err(MAP_METRICS))?;
-                let sum = per_cpu.iter().fold(MetricsValue::default(), |a, v| MetricsValue {
-                    packets: a.packets + v.packets,
-                    bytes: a.bytes + v.bytes,
-                });
-                Ok((k, sum))
-            })
-            .collect()
+        let a: PerCpuArray<&MapData, MetricsValue> = PerCpuArray::try_from(m).map_err(map_err(MAP_METRICS))?;
+        let mut out = Vec::new();
+        for (i, r) in a.iter().enumerate() {
+            let per_cpu = r.map_err(map_err(MAP_METRICS))?;
+            let sum = per_cpu.iter().fold(MetricsValue::default(), |a, v| MetricsValue {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+            });
+            if sum.packets > 0 {
+                out.push((MetricsKey::from_index(i as u32), sum));
+            }
+        }
+        Ok(out)
     }
 
     fn lost_events(&self) -> Result<u64> {

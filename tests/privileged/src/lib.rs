@@ -3,6 +3,7 @@
 //! loudly (never skip) without it, and clean up what they make even when they
 //! fail.
 
+pub mod containerd;
 pub mod packet;
 
 /// Fails the test unless it runs as root.

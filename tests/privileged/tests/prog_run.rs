@@ -243,7 +243,7 @@ fn trace_events_are_aggregated_per_connection() {
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_FIN | TCP_ACK)), OK);
     let traces = h.events().iter().filter(|e| e.r#type == EventType::Trace.code()).count();
-    assert_eq!(traces, 3, "SYN, first ACK, FIN: established traffic does not flood");
+    assert_eq!(traces, 2, "SYN and FIN only: established traffic does not flood");
 }
 
 #[test]
@@ -293,4 +293,57 @@ fn policy_generation_switch_is_atomic() {
     h.dp.endpoint_upsert(&ep).unwrap();
     assert_eq!(h.from_container(&packet::tcp(POD, 3, PEER, 80, TCP_SYN)), SHOT);
     assert_eq!(h.from_container(&packet::tcp(POD, 4, PEER, 81, TCP_SYN)), OK);
+}
+
+const REDIRECT: i32 = 7;
+
+fn add_local_peer(h: &mut Harness, flags: u16) {
+    h.dp.endpoint_upsert(&EndpointInfo {
+        ifindex: 999,
+        ipv4: ip_to_be(PEER),
+        sec_identity: PEER_IDENTITY,
+        ep_id: 43,
+        flags,
+        mac: [2, 0, 0, 0, 0, 0xbb],
+        node_mac: [2, 0, 0, 0, 0, 0xcc],
+    })
+    .unwrap();
+}
+
+#[test]
+fn local_destination_is_delivered_directly() {
+    let mut h = Harness::new(0);
+    add_local_peer(&mut h, 0);
+    let pkt = packet::tcp(POD, 1000, PEER, 80, TCP_SYN);
+    let (ret, out) = h.dp.test_run(Program::FromContainer, &pkt, IFINDEX).unwrap();
+    assert_eq!(ret, REDIRECT);
+    assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 0xbb], "destination MAC is the pod's");
+    assert_eq!(&out[6..12], &[2, 0, 0, 0, 0, 0xcc], "source MAC is its host-side veth");
+    assert_eq!(out[14 + 8], 63, "TTL decremented");
+    // the IPv4 header checksum still verifies
+    let hdr = &out[14..34];
+    let sum: u32 = hdr.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+    assert_eq!(((sum & 0xffff) + (sum >> 16)) as u16, 0xffff);
+    let ev = h.events();
+    assert!(ev.iter().any(|e| e.r#type == EventType::Trace.code() && e.subtype == TracePoint::ToLxc.code() && e.source_ep == 43));
+}
+
+#[test]
+fn local_destination_ingress_policy_applies() {
+    let mut h = Harness::new(0);
+    add_local_peer(&mut h, INGRESS);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), SHOT);
+    let ev = h.events();
+    let d = ev.iter().find(|e| e.r#type == EventType::Drop.code()).expect("drop");
+    assert_eq!((d.subtype, d.source_ep), (DropReason::PolicyDenied.code(), 43));
+    assert_eq!((d.src_identity, d.dst_identity), (EP_IDENTITY, PEER_IDENTITY));
+}
+
+#[test]
+fn expiring_ttl_goes_to_the_stack() {
+    let mut h = Harness::new(0);
+    add_local_peer(&mut h, 0);
+    let mut pkt = packet::tcp(POD, 1000, PEER, 80, TCP_SYN);
+    pkt[14 + 8] = 1;
+    assert_eq!(h.from_container(&pkt), OK);
 }
