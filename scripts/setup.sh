@@ -11,7 +11,7 @@ fi
 packages=(
   clang-19 llvm-19 libbpf-dev bpftool   # compiling and inspecting the C datapath
   iproute2 curl iperf3                  # the lab, the demo, the benchmarks
-  containerd crun busybox-static containernetworking-plugins  # CNI interop test
+  containerd crun busybox-static        # CNI interop test (ctr run --cni)
 )
 missing=()
 for p in "${packages[@]}"; do

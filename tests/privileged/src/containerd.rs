@@ -630,6 +630,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("containerd's log ends:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         self.cleanup();
     }
 }
