@@ -103,7 +103,7 @@ pub enum LabCmd {
     Agent {
         #[command(flatten)]
         lab: LabName,
-        /// stop, start or restart
+        /// stop (SIGTERM), kill (SIGKILL), start or restart
         action: String,
         #[arg(long)]
         node: Option<String>,
@@ -268,12 +268,13 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             let i = l.node_index(node.as_deref())?;
             match action.as_str() {
                 "stop" => l.stop_agent(i)?,
+                "kill" => l.kill_agent(i)?,
                 "start" => l.start_agent(i)?,
                 "restart" => {
                     l.stop_agent(i)?;
                     l.start_agent(i)?;
                 }
-                other => bail!("agent {other:?}: want stop, start or restart"),
+                other => bail!("agent {other:?}: want stop, kill, start or restart"),
             }
             println!("agent of {}: {action} done", l.state.nodes[i].name);
             Ok(0)

@@ -307,6 +307,15 @@ impl Lab {
         self.save()
     }
 
+    /// Kills a node's agent with SIGKILL, as a crash would.
+    pub fn kill_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(pid) = self.state.nodes[i].agent_pid.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            sys::stop(pid, Duration::from_secs(5));
+        }
+        self.save()
+    }
+
     /// Opens an existing lab.
     pub fn open(name: &str, bin_dir: &Path) -> anyhow::Result<Lab> {
         validate_name(name)?;
