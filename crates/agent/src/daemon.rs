@@ -100,6 +100,8 @@ pub struct Daemon<D: Datapath> {
     node_ips: Vec<Ipv4Addr>,
     started: Instant,
     warnings: BTreeMap<String, String>,
+    /// Identities of the CIDRs policies name (node-local range).
+    cidr_identities: BTreeMap<Ipv4Net, u32>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -147,6 +149,7 @@ impl<D: Datapath> Daemon<D> {
             node_ips,
             started: Instant::now(),
             warnings: BTreeMap::new(),
+            cidr_identities: BTreeMap::new(),
         })
     }
 
@@ -274,8 +277,41 @@ impl<D: Datapath> Daemon<D> {
                 }
             }
         }
+        self.sync_cidr_identities()?;
         self.reconcile_datapath()?;
         self.save()
+    }
+
+    /// Gives every CIDR the policies name an identity and an ipcache entry,
+    /// and removes those no longer named. IPv6 prefixes wait for the IPv6
+    /// datapath. Returns whether anything changed.
+    fn sync_cidr_identities(&mut self) -> Result<bool, DaemonError> {
+        let wanted: BTreeSet<Ipv4Net> = cilium_policy::rule::referenced_cidrs(self.repo.rules())
+            .into_iter()
+            .filter_map(|n| match n {
+                ipnet::IpNet::V4(v4) => Some(v4.trunc()),
+                ipnet::IpNet::V6(_) => None,
+            })
+            .collect();
+        let mut changed = false;
+        let gone: Vec<Ipv4Net> = self.cidr_identities.keys().filter(|n| !wanted.contains(n)).copied().collect();
+        for net in gone {
+            let id = self.cidr_identities.remove(&net).expect("listed");
+            self.dp.ipcache_delete(net)?;
+            let _ = self.identities.release(id);
+            changed = true;
+        }
+        for net in wanted {
+            if self.cidr_identities.contains_key(&net) {
+                continue;
+            }
+            let labels = cilium_policy::rule::cidr_identity_labels(&ipnet::IpNet::V4(net));
+            let (id, _) = self.identities.allocate(&labels)?;
+            self.dp.ipcache_upsert(net, &IpcacheValue { sec_identity: id, ..Default::default() })?;
+            self.cidr_identities.insert(net, id);
+            changed = true;
+        }
+        Ok(changed)
     }
 
     /// Makes the datapath match the daemon: endpoints, ipcache, policy and
@@ -345,6 +381,9 @@ impl<D: Datapath> Daemon<D> {
         m.insert(Ipv4Net::new(self.ipam.router(), 32).expect("/32"), host);
         for ip in &self.node_ips {
             m.insert(Ipv4Net::new(*ip, 32).expect("/32"), host);
+        }
+        for (net, id) in &self.cidr_identities {
+            m.entry(*net).or_insert(*id);
         }
         for e in self.endpoints.values() {
             m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
@@ -602,6 +641,7 @@ impl<D: Datapath> Daemon<D> {
             self.policy_sources.insert(d.key(), source.to_string());
         }
         let rev = self.repo.apply(parsed);
+        self.sync_cidr_identities()?;
         self.regenerate_all();
         self.dp.bump_policy_revision()?;
         self.save()?;
@@ -617,6 +657,7 @@ impl<D: Datapath> Daemon<D> {
             self.policy_sources.remove(k);
         }
         if !keys.is_empty() {
+            self.sync_cidr_identities()?;
             self.regenerate_all();
             self.dp.bump_policy_revision()?;
             self.save()?;
@@ -640,6 +681,7 @@ impl<D: Datapath> Daemon<D> {
         if !parsed.is_empty() {
             self.repo.apply(parsed);
         }
+        self.sync_cidr_identities()?;
         self.regenerate_all();
         self.dp.bump_policy_revision()?;
         self.save()?;

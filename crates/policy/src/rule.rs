@@ -186,6 +186,45 @@ pub fn cidr_label(net: &IpNet) -> Label {
     Label::new(SOURCE_CIDR, &net.trunc().to_string(), "")
 }
 
+/// The labels of the identity of a CIDR: `cidr:` labels for the prefix and
+/// every prefix containing it (so a rule naming 10.0.0.0/8 selects the
+/// identity of 10.1.0.0/16), and `reserved:world`.
+pub fn cidr_identity_labels(net: &IpNet) -> cilium_labels::LabelSet {
+    let mut set = cilium_labels::LabelSet::new();
+    let net = net.trunc();
+    for len in 0..=net.prefix_len() {
+        if let Ok(n) = IpNet::new(net.addr(), len) {
+            set.insert(cidr_label(&n));
+        }
+    }
+    set.insert(Label::reserved("world"));
+    set
+}
+
+/// Every CIDR the rules name (allowed prefixes and exceptions), which need an
+/// identity and an ipcache entry.
+pub fn referenced_cidrs(rules: &[Rule]) -> std::collections::BTreeSet<IpNet> {
+    let mut out = std::collections::BTreeSet::new();
+    for r in rules {
+        for pr in r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny) {
+            let sels = match &pr.peers {
+                Peers::Selected(v) => v.iter().collect::<Vec<_>>(),
+                Peers::All => vec![],
+            };
+            for sel in sels.into_iter().chain(pr.requires.iter()) {
+                for req in &sel.requirements {
+                    if req.source == SOURCE_CIDR {
+                        if let Ok(n) = req.key.parse::<IpNet>() {
+                            out.insert(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 struct Ctx<'a> {
     doc: &'a str,
     namespace: Option<&'a str>,

@@ -1,6 +1,7 @@
 use std::collections::BTreeMap;
 
 use cilium_labels::{LabelSet, k8s_pod_labels};
+use crate::rule;
 
 use super::*;
 
@@ -550,4 +551,47 @@ spec:
     let bad = ok.replace("/api/v1/public/.*", "/api/(");
     let e = parse_policies(&bad, "l7.yaml").unwrap_err();
     assert_eq!(e.field, "spec.ingress[0].toPorts[0].rules.http[0].path");
+}
+
+#[test]
+fn cidr_rules_select_cidr_identities_with_except_and_never_pods() {
+    let mut w = World::new(&[("default", "a"), ("default", "b")]);
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toCIDRSet:
+    - cidr: 10.0.0.0/8
+      except: [10.96.0.0/12]
+  - toCIDR: [192.0.2.0/24]
+"#;
+    let parsed = parse_policies(yaml, "x").unwrap();
+    let rules: Vec<Rule> = parsed.into_iter().flat_map(|(_, r)| r).collect();
+    let cidrs = rule::referenced_cidrs(&rules);
+    assert_eq!(cidrs.len(), 3);
+    let mut by_net = BTreeMap::new();
+    for (i, net) in cidrs.iter().enumerate() {
+        let id = (1 << 24) + i as u32;
+        w.ids.insert(id, rule::cidr_identity_labels(net));
+        by_net.insert(net.to_string(), id);
+    }
+    // a more specific prefix that only the ipcache knows, inside 10.0.0.0/8
+    let inner: ipnet::IpNet = "10.1.0.0/16".parse().unwrap();
+    w.ids.insert((1 << 24) + 10, rule::cidr_identity_labels(&inner));
+    let p = w.policy_for_rules(&rules, "default/a");
+    assert!(allowed(&p, by_net["10.0.0.0/8"], true, TCP, 443));
+    assert!(allowed(&p, (1 << 24) + 10, true, TCP, 443), "prefixes inside the CIDR are selected too");
+    assert!(!allowed(&p, by_net["10.96.0.0/12"], true, TCP, 443), "except");
+    assert!(allowed(&p, by_net["192.0.2.0/24"], true, UDP, 53));
+    assert!(!allowed(&p, 2, true, TCP, 443), "the rest of the world");
+    assert!(!allowed(&p, w.id("default/b"), true, TCP, 443), "CIDR rules never select pods");
+    // and the world entity covers CIDR identities
+    let world = w.policy(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: q}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  egress: [{toEntities: [world]}]\n",
+        "default/a",
+    );
+    assert!(allowed(&world, by_net["192.0.2.0/24"], true, TCP, 1));
 }

@@ -377,3 +377,70 @@ fn concurrent_cni_adds_get_distinct_addresses() {
     let eps: Vec<Value> = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
     assert!(eps.is_empty());
 }
+
+#[test]
+fn cidr_egress_rules() {
+    let lab = TestLab::up(&[ABC]);
+    assert!(lab.probe("default/a", "203.0.113.10", 80, "tcp"));
+    lab.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-cidr}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toCIDR: [172.30.0.1/32]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-cidrset}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  egress:
+  - toCIDRSet:
+    - cidr: 0.0.0.0/0
+      except: [203.0.113.0/24]
+"#,
+    );
+    assert!(lab.probe("default/a", "world", 80, "tcp"), "172.30.0.1:80 allowed");
+    assert!(!lab.probe("default/a", "world", 8080, "tcp"), "other port");
+    assert!(!lab.probe("default/a", "203.0.113.10", 80, "tcp"), "other address");
+    assert!(!lab.probe("default/a", "default/c", 80, "tcp"), "CIDR rules do not select pods");
+    assert!(lab.probe("default/b", "world", 80, "tcp"));
+    assert!(!lab.probe("default/b", "203.0.113.10", 80, "tcp"), "except");
+    assert!(!lab.probe("default/b", "default/c", 80, "tcp"), "0.0.0.0/0 does not select pods either");
+    let ipcache: Vec<Value> = serde_json::from_str(&lab.cilium_ok(&["bpf", "ipcache", "list", "-o", "json"])).unwrap();
+    for prefix in ["172.30.0.1/32", "0.0.0.0/0", "203.0.113.0/24"] {
+        let e = ipcache.iter().find(|e| e["prefix"] == prefix).unwrap_or_else(|| panic!("{prefix} in the ipcache"));
+        assert!(e["identity"].as_u64().unwrap() >= 1 << 24, "CIDR identities are node-local");
+    }
+}
+
+#[test]
+fn down_cleans_up_after_a_crash() {
+    let lab = TestLab::up(&[ABC]);
+    let state: Value = serde_json::from_slice(&std::fs::read(format!("/var/run/cilium-lab/{}/lab.json", lab.name)).unwrap()).unwrap();
+    // every process of the lab dies at once, and its record is lost
+    let mut pids: Vec<i32> = vec![state["nodes"][0]["agent_pid"].as_i64().unwrap() as i32, state["world_pid"].as_i64().unwrap() as i32];
+    pids.extend(state["pods"].as_object().unwrap().values().map(|p| p["workload_pid"].as_i64().unwrap() as i32));
+    for p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+    }
+    std::fs::remove_file(format!("/var/run/cilium-lab/{}/lab.json", lab.name)).unwrap();
+    lab.lab(&["down"]);
+    let prefix = format!("cl-{}-", lab.name);
+    let left: Vec<String> = std::fs::read_dir("/var/run/netns")
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    assert!(!std::path::Path::new(&format!("/sys/fs/bpf/cilium-lab/{}", lab.name)).exists(), "pins left");
+    assert!(!std::path::Path::new(&format!("/var/run/cilium-lab/{}", lab.name)).exists(), "state left");
+    assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/unified/cilium-lab/{}", lab.name)).exists(), "cgroups left");
+    std::thread::sleep(Duration::from_millis(200));
+    for p in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.contains(") Z "), "process {p} still running");
+    }
+}
