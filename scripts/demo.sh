@@ -65,6 +65,10 @@ step "What the datapath reported (cilium monitor): verdicts and drops with upstr
 grep -v '^Listening' "$mon" | head -8
 rm -f "$mon"
 
+step "Why: cilium policy trace explains both directions (the source's egress, the destination's ingress)"
+BACKEND_POD_NAME=$(cilium lab get pods -l app=backend -o name)
+run cilium policy trace --src-k8s-pod "${BACKEND_POD_NAME/\//:}" --dst-k8s-pod "${FRONTEND_POD_NAME/\//:}" --dport 80/TCP || true
+
 step "Done"
 if [ "${KEEP:-0}" = 1 ]; then
   echo "The lab is still up. Try: cilium lab get pods; cilium monitor; cilium lab down"

@@ -837,6 +837,67 @@ impl<D: Datapath> Daemon<D> {
         }
     }
 
+    /// Resolves one side of a trace to labels, whether it is an endpoint, and
+    /// its named ports.
+    fn trace_party(&self, field: &str, p: &cilium_api::TraceParty) -> Result<(LabelSet, bool, NamedPorts), DaemonError> {
+        let mut ports = NamedPorts::new();
+        match (&p.pod, p.identity, p.labels.is_empty()) {
+            (Some(pod), None, true) => {
+                let (ns, name) = pod
+                    .split_once('/')
+                    .or_else(|| pod.split_once(':'))
+                    .ok_or_else(|| invalid(&format!("{field}.pod"), pod, "want namespace/pod or namespace:pod"))?;
+                let meta = self.pods.get(&Self::pod_key(ns, name));
+                let ep = self.endpoints.values().find(|e| e.rec.namespace == ns && e.rec.pod_name == name);
+                if meta.is_none() && ep.is_none() {
+                    return Err(DaemonError::NotFound { what: format!("pod {ns}/{name}") });
+                }
+                Self::named_ports(meta, &mut ports);
+                let labels = ep.map(|e| e.rec.labels.clone()).unwrap_or_else(|| self.labels_for(ns, name));
+                Ok((labels, true, ports))
+            }
+            (None, Some(id), true) => {
+                let ident = self.identities.get(id).ok_or_else(|| invalid(&format!("{field}.identity"), id, "no such identity"))?;
+                let is_ep = (cilium_identity::MIN_CLUSTER_IDENTITY..cilium_identity::MIN_LOCAL_IDENTITY).contains(&id);
+                Ok((ident.labels.clone(), is_ep, ports))
+            }
+            (None, None, false) => {
+                let labels = LabelSet::parse_all(p.labels.iter().map(String::as_str));
+                let is_ep = !labels.iter().any(|l| l.source == cilium_labels::SOURCE_RESERVED || l.source == cilium_labels::SOURCE_CIDR);
+                Ok((labels, is_ep, ports))
+            }
+            _ => Err(invalid(field, "", "give exactly one of a pod, an identity or labels")),
+        }
+    }
+
+    /// `cilium policy trace`.
+    pub fn policy_trace(&self, req: &cilium_api::PolicyTraceRequest) -> Result<cilium_api::PolicyTraceResponse, DaemonError> {
+        let protocol = match req.protocol.to_ascii_uppercase().as_str() {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            "ICMP" => Protocol::Icmp,
+            other => return Err(invalid("protocol", other, "want TCP, UDP, SCTP or ICMP")),
+        };
+        let (sl, s_ep, sp) = self.trace_party("src", &req.src)?;
+        let (dl, d_ep, dp) = self.trace_party("dst", &req.dst)?;
+        let t = cilium_policy::trace::trace(
+            self.repo.rules(),
+            &cilium_policy::trace::Party { labels: &sl, is_endpoint: s_ep, named_ports: &sp },
+            &cilium_policy::trace::Party { labels: &dl, is_endpoint: d_ep, named_ports: &dp },
+            protocol,
+            req.dport,
+            self.cfg.policy,
+        );
+        Ok(cilium_api::PolicyTraceResponse {
+            src_labels: sl.to_strings(),
+            dst_labels: dl.to_strings(),
+            verdict: if t.verdict == cilium_policy::trace::Verdict::Allowed { "ALLOWED" } else { "DENIED" }.to_string(),
+            rendered: t.render(&format!("[{sl}]"), &format!("[{dl}]")),
+            trace: serde_json::to_value(&t).expect("trace serializes"),
+        })
+    }
+
     // ------------------------------------------------------------ views ---
 
     pub fn endpoint_ids(&self) -> Vec<u16> {

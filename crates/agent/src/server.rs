@@ -86,6 +86,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/pod/{ns}/{name}", delete(pod_delete))
         .route("/v1/k8s/namespace", put(namespace_upsert))
         .route("/v1/policy", put(policy_import).get(policy_list).delete(policy_delete))
+        .route("/v1/policy/trace", post(policy_trace))
         .route("/v1/bpf/policy/{id}", get(bpf_policy))
         .route("/v1/bpf/ct", get(bpf_ct))
         .route("/v1/bpf/ipcache", get(bpf_ipcache))
@@ -240,6 +241,10 @@ async fn policy_delete(State(s): State<Shared>, Json(req): Json<PolicyDelete>) -
     })
     .await
     .map(Json)
+}
+
+async fn policy_trace(State(s): State<Shared>, Json(req): Json<cilium_api::PolicyTraceRequest>) -> Result<Json<cilium_api::PolicyTraceResponse>, ApiError> {
+    with(&s, move |d| d.policy_trace(&req)).await.map(Json)
 }
 
 async fn bpf_policy(State(s): State<Shared>, UrlPath(id): UrlPath<u16>) -> Result<Json<Vec<PolicyMapEntry>>, ApiError> {

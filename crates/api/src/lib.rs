@@ -229,6 +229,41 @@ pub struct PolicyDelete {
     pub name: Option<String>,
 }
 
+/// One side of a policy trace: a pod, an identity, or labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceParty {
+    /// `namespace/pod` or `namespace:pod`.
+    #[serde(default)]
+    pub pod: Option<String>,
+    #[serde(default)]
+    pub identity: Option<u32>,
+    /// `source:key=value` labels.
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyTraceRequest {
+    pub src: TraceParty,
+    pub dst: TraceParty,
+    /// TCP, UDP, SCTP or ICMP.
+    pub protocol: String,
+    /// Destination port (ICMP: type).
+    pub dport: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyTraceResponse {
+    pub src_labels: Vec<String>,
+    pub dst_labels: Vec<String>,
+    /// "ALLOWED" or "DENIED".
+    pub verdict: String,
+    /// The full explanation, structured.
+    pub trace: serde_json::Value,
+    /// The explanation as `cilium policy trace` prints it.
+    pub rendered: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyMapEntry {
     pub egress: bool,

@@ -61,6 +61,9 @@ pub enum PolicyCmd {
         #[arg(long)]
         kind: Option<String>,
     },
+    /// Explain the verdict for traffic from a source to a destination, in both
+    /// directions: the source's egress and the destination's ingress.
+    Trace(TraceArgs),
     /// Check policy files without an agent. Exits 1 if any is invalid.
     Validate {
         files: Vec<PathBuf>,
@@ -68,6 +71,33 @@ pub enum PolicyCmd {
         #[arg(long)]
         print: bool,
     },
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    /// Source pod, `namespace:pod` (or namespace/pod).
+    #[arg(long)]
+    src_k8s_pod: Option<String>,
+    /// Destination pod, `namespace:pod`.
+    #[arg(long)]
+    dst_k8s_pod: Option<String>,
+    /// Source identity.
+    #[arg(long)]
+    src_identity: Option<u32>,
+    /// Destination identity.
+    #[arg(long)]
+    dst_identity: Option<u32>,
+    /// Source labels (`k8s:app=web`), repeatable.
+    #[arg(short = 's', long = "src")]
+    src: Vec<String>,
+    /// Destination labels, repeatable.
+    #[arg(short = 'd', long = "dst")]
+    dst: Vec<String>,
+    /// Destination port and protocol: `80`, `80/TCP`, `53/UDP`, `8/ICMP`.
+    #[arg(long, default_value = "0/TCP")]
+    dport: String,
+    #[arg(short, long, default_value = "text")]
+    output: String,
 }
 
 #[derive(Subcommand)]
@@ -274,6 +304,25 @@ pub async fn policy(c: &Client, cmd: PolicyCmd) -> anyhow::Result<i32> {
                 println!("  deleted {p}");
             }
             Ok(0)
+        }
+        PolicyCmd::Trace(t) => {
+            let (port, proto) = match t.dport.split_once('/') {
+                Some((p, proto)) => (p, proto.to_string()),
+                None => (t.dport.as_str(), "TCP".to_string()),
+            };
+            let dport: u16 = port.parse().with_context(|| format!("--dport {:?}: not a port", t.dport))?;
+            let req = cilium_api::PolicyTraceRequest {
+                src: cilium_api::TraceParty { pod: t.src_k8s_pod, identity: t.src_identity, labels: t.src },
+                dst: cilium_api::TraceParty { pod: t.dst_k8s_pod, identity: t.dst_identity, labels: t.dst },
+                protocol: proto,
+                dport,
+            };
+            let r: cilium_api::PolicyTraceResponse = c.call("POST", "/v1/policy/trace", Some(&req)).await?;
+            if t.output == "json" {
+                return json(&r);
+            }
+            print!("{}", r.rendered);
+            Ok(if r.verdict == "ALLOWED" { 0 } else { 1 })
         }
         PolicyCmd::Validate { files, print } => {
             let mut failed = false;

@@ -15,6 +15,7 @@ pub mod compute;
 pub mod mapstate;
 pub mod parse;
 pub mod rule;
+pub mod trace;
 
 use std::collections::BTreeMap;
 

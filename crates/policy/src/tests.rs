@@ -595,3 +595,70 @@ spec:
     );
     assert!(allowed(&world, by_net["192.0.2.0/24"], true, TCP, 1));
 }
+
+/// `policy trace` and the computed map state must always agree.
+#[test]
+fn trace_agrees_with_the_computed_datapath_state() {
+    let w = World::new(&[("default", "a"), ("default", "b"), ("prod", "a"), ("prod", "c")]);
+    let policies = [
+        SEED_001,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p1}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n    toPorts: [{ports: [{port: \"80\"}]}]\n  egressDeny:\n  - toPorts: [{ports: [{port: \"53\", protocol: UDP}]}]\n  egress:\n  - toEntities: [cluster]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p2}\nspec:\n  endpointSelector: {matchLabels: {app: c}}\n  ingress:\n  - fromEndpoints: [{}]\n    toPorts: [{ports: [{port: \"80\", endPort: 81, protocol: TCP}]}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p3, namespace: prod}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}}]}]\n  egress: [{ports: [{port: 80}]}]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p4}\nspec:\n  endpointSelector: {matchLabels: {app: b}}\n  enableDefaultDeny: {egress: false}\n  egressDeny:\n  - toEndpoints: [{matchLabels: {app: a}}]\n    toPorts: [{ports: [{port: \"81\"}]}]\n",
+    ];
+    let mut rules: Vec<Rule> = Vec::new();
+    for p in policies {
+        rules.extend(parse_policies(p, "x").unwrap().into_iter().flat_map(|(_, r)| r));
+    }
+    let names = ["default/a", "default/b", "prod/a", "prod/c"];
+    let named = NamedPorts::new();
+    let options = PolicyOptions { allow_localhost: true, ..Default::default() };
+    let mut checked = 0;
+    for src in names {
+        for dst in names {
+            let (sl, dl) = (&w.ids[&w.id(src)], &w.ids[&w.id(dst)]);
+            let sp = compute(&Input { rules: &rules, labels: sl, identities: &w.ids, own_ports: &named, cluster_ports: &named, options });
+            let dp = compute(&Input { rules: &rules, labels: dl, identities: &w.ids, own_ports: &named, cluster_ports: &named, options });
+            for (proto, pnum) in [(Protocol::Tcp, TCP), (Protocol::Udp, UDP)] {
+                for port in [53u16, 80, 81, 82] {
+                    let datapath = allowed(&sp, w.id(dst), true, pnum, port) && allowed(&dp, w.id(src), false, pnum, port);
+                    let t = trace::trace(
+                        &rules,
+                        &trace::Party { labels: sl, is_endpoint: true, named_ports: &named },
+                        &trace::Party { labels: dl, is_endpoint: true, named_ports: &named },
+                        proto,
+                        port,
+                        options,
+                    );
+                    assert_eq!(t.verdict == trace::Verdict::Allowed, datapath, "{src} -> {dst} {port}/{proto:?}:\n{}", t.render(src, dst));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 128);
+}
+
+#[test]
+fn trace_explains_the_seed_policy() {
+    let w = World::new(&[("default", "frontend"), ("default", "backend")]);
+    let rules: Vec<Rule> = parse_policies(SEED_001, "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+    let named = NamedPorts::new();
+    let (be, fe) = (&w.ids[&w.id("default/backend")], &w.ids[&w.id("default/frontend")]);
+    let party = |l| trace::Party { labels: l, is_endpoint: true, named_ports: &named };
+    let t = trace::trace(&rules, &party(be), &party(fe), Protocol::Tcp, 80, PolicyOptions::default());
+    assert_eq!(t.verdict, trace::Verdict::Denied);
+    let ing = t.ingress.as_ref().unwrap();
+    assert!(ing.enforced);
+    assert!(ing.steps[0].contains("spec.ingress[0]") && ing.steps[0].contains("80/TCP is not in 8080/TCP"), "{:?}", ing.steps);
+    assert!(!t.egress.as_ref().unwrap().enforced, "backend's egress is open");
+    let t = trace::trace(&rules, &party(be), &party(fe), Protocol::Tcp, 8080, PolicyOptions::default());
+    assert_eq!(t.verdict, trace::Verdict::Allowed);
+    assert!(t.ingress.unwrap().reason.contains("frontend-to-backend spec.ingress[0]"));
+    // the world: no egress side to trace
+    let world = LabelSet::parse_all(["reserved:world"]);
+    let t = trace::trace(&rules, &trace::Party { labels: &world, is_endpoint: false, named_ports: &named }, &party(fe), Protocol::Tcp, 8080, PolicyOptions::default());
+    assert!(t.egress.is_none());
+    assert_eq!(t.verdict, trace::Verdict::Denied);
+}

@@ -50,6 +50,14 @@ fn seed_001_walkthrough_with_real_semantics() {
     assert!(!lab.probe("world", &fe, 80, "tcp"));
     // the node itself may always reach its pods (allow-localhost)
     assert!(lab.probe("node1", &fe, 80, "tcp"));
+    // policy trace explains both directions and agrees with the datapath
+    let (be_pod, fe_pod) = (be.replacen('/', ":", 1), fe.replacen('/', ":", 1));
+    let out = lab.cilium(&["policy", "trace", "--src-k8s-pod", &be_pod, "--dst-k8s-pod", &fe_pod, "--dport", "80/TCP"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Final verdict: DENIED") && text.contains("80/TCP is not in 8080/TCP"), "{text}");
+    let out = lab.cilium(&["policy", "trace", "--src-k8s-pod", &be_pod, "--dst-k8s-pod", &fe_pod, "--dport", "8080/TCP"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
     let eps: Vec<Value> = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
     let fe_ep = eps.iter().find(|e| e["labels"].as_array().unwrap().iter().any(|l| l == "k8s:app=frontend")).unwrap();
     assert_eq!(fe_ep["ingress_enforced"], true);
