@@ -297,7 +297,7 @@ pub async fn policy(c: &Client, cmd: PolicyCmd) -> anyhow::Result<i32> {
             let r: PolicyChange = c.call("DELETE", "/v1/policy", Some(&PolicyDelete { all, kind, namespace, name })).await?;
             if r.policies.is_empty() {
                 println!("No matching policy (revision {})", r.revision);
-                return Ok(1);
+                return Ok(if all { 0 } else { 1 });
             }
             println!("Revision: {}", r.revision);
             for p in r.policies {

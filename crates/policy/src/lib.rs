@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod compute;
+pub mod conformance;
 pub mod mapstate;
 pub mod parse;
 pub mod rule;
