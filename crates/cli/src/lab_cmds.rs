@@ -84,8 +84,10 @@ pub enum LabCmd {
         /// NAMESPACE/POD, a node name, `world`, or an IP address.
         #[arg(long)]
         to: String,
-        #[arg(long)]
+        /// Destination port (ignored for icmp).
+        #[arg(long, default_value_t = 0)]
         port: u16,
+        /// tcp, udp or icmp (echo request).
         #[arg(long, default_value = "tcp")]
         protocol: String,
         /// Seconds.
@@ -232,10 +234,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
         }
         LabCmd::Probe { lab, from, to, port, protocol, timeout } => {
             require_root()?;
-            let udp = match protocol.to_ascii_lowercase().as_str() {
-                "tcp" => false,
-                "udp" => true,
-                other => bail!("--protocol {other:?}: want tcp or udp"),
+            let kind = match protocol.to_ascii_lowercase().as_str() {
+                "tcp" => probe::Kind::Tcp,
+                "udp" => probe::Kind::Udp,
+                "icmp" => probe::Kind::Icmp,
+                other => bail!("--protocol {other:?}: want tcp, udp or icmp"),
             };
             let l = Lab::open(&lab.get(), &bin_dir()?)?;
             let (src_ns, _) = l.resolve(&from)?;
@@ -245,7 +248,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             let (_, ip) = l.resolve(&to)?;
             let ip = ip.with_context(|| format!("{to} has no address yet"))?;
             drop(l);
-            let (reachable, detail, ms) = probe::probe(cilium_lab::sys::netns_path(&src_ns), ip, port, udp, Duration::from_secs_f64(timeout));
+            let (reachable, detail, ms) = probe::probe_kind(cilium_lab::sys::netns_path(&src_ns), ip, port, kind, Duration::from_secs_f64(timeout));
             let r = probe::ProbeResult { from, to, ip, port, protocol: protocol.to_ascii_lowercase(), reachable, detail, latency_ms: (ms * 1000.0).round() / 1000.0 };
             println!("{}", serde_json::to_string(&r)?);
             Ok(0)

@@ -92,3 +92,13 @@ pub fn arp() -> Vec<u8> {
     p.extend_from_slice(&[0u8; 20]);
     p
 }
+
+/// An SCTP packet (common header and an INIT chunk header).
+pub fn sctp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut s = vec![0u8; 16];
+    s[0..2].copy_from_slice(&sport.to_be_bytes());
+    s[2..4].copy_from_slice(&dport.to_be_bytes());
+    s[12] = 1; // INIT
+    s[15] = 4;
+    ipv4(src, dst, 132, &s, 0)
+}

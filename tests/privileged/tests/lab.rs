@@ -452,3 +452,56 @@ fn down_cleans_up_after_a_crash() {
         assert!(stat.is_empty() || stat.contains(") Z "), "process {p} still running");
     }
 }
+
+#[test]
+fn icmp_rules_by_type_name() {
+    let lab = TestLab::up(&[ABC]);
+    assert!(lab.probe("default/b", "default/a", 0, "icmp"));
+    lab.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: ping-from-b}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+    icmps:
+    - fields: [{type: EchoRequest, family: IPv4}]
+"#,
+    );
+    assert!(lab.probe("default/b", "default/a", 0, "icmp"), "echo request allowed, the reply passes by conntrack");
+    assert!(!lab.probe("default/c", "default/a", 0, "icmp"));
+    assert!(!lab.probe("default/b", "default/a", 80, "tcp"), "ICMP rules allow nothing else");
+}
+
+#[test]
+fn audit_mode_reports_but_passes() {
+    let lab = TestLab::up_with(&[ABC], &["--policy-audit-mode"]);
+    lab.apply("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress: [{}]\n");
+    let mon = std::process::Command::new(cilium_privileged_tests::lab::bin_dir().join("cilium"))
+        .args(["monitor", "--type", "policy-verdict", "-o", "json", "--count", "1"])
+        .env("CILIUM_SOCK", lab.socket())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(lab.probe("default/b", "default/a", 80, "tcp"), "audit mode lets it pass");
+    let out = mon.wait_with_output().unwrap();
+    let ev: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(ev["action"], "audit");
+    assert_eq!(ev["drop_reason"][0], 133, "what would have happened");
+}
+
+#[test]
+fn enable_policy_always_isolates_everything() {
+    let lab = TestLab::up_with(&[ABC], &["--enable-policy=always"]);
+    assert!(!lab.probe("default/b", "default/a", 80, "tcp"));
+    assert!(!lab.probe("default/a", "world", 80, "tcp"));
+    assert!(lab.probe("node1", "default/a", 80, "tcp"), "the host still reaches its pods");
+    lab.apply(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: b}}\n  egress: [{toEndpoints: [{matchLabels: {app: a}}]}]\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: q}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: b}}]}]\n",
+    );
+    assert!(lab.probe("default/b", "default/a", 80, "tcp"));
+    assert!(!lab.probe("default/c", "default/a", 80, "tcp"));
+}

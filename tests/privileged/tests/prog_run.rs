@@ -347,3 +347,13 @@ fn expiring_ttl_goes_to_the_stack() {
     pkt[14 + 8] = 1;
     assert_eq!(h.from_container(&pkt), OK);
 }
+
+#[test]
+fn sctp_is_enforced_by_port() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 132, Some(80), false);
+    assert_eq!(h.from_container(&packet::sctp(POD, 5000, PEER, 80)), OK);
+    assert_eq!(h.to_container(&packet::sctp(PEER, 80, POD, 5000)), OK, "the reply passes by conntrack");
+    assert_eq!(h.from_container(&packet::sctp(POD, 5000, PEER, 81)), SHOT);
+    assert_eq!(h.from_container(&packet::tcp(POD, 5000, PEER, 80, TCP_SYN)), SHOT, "SCTP rules allow only SCTP");
+}
