@@ -745,6 +745,47 @@ impl<D: Datapath> Daemon<D> {
         }
     }
 
+    /// Changes an endpoint's live policy entries in place, in an order that
+    /// never allows more than the old or the new policy: new and tightened
+    /// denies first, then removed allows go, then new allows come, then
+    /// removed denies go. Touches only the entries that differ (a label
+    /// change of one pod rewrites only that identity's entries). Returns the
+    /// live keys.
+    fn apply_diff(&mut self, id: u16, old: &Realized, new: &EndpointPolicy, inserted: &mut Vec<PolicyKey>) -> Result<Vec<PolicyKey>, DaemonError> {
+        let generation = old.generation;
+        let entry = |k: &MapKey, v: &cilium_policy::MapValue| PolicyEntry {
+            proxy_port: v.proxy_port.to_be(),
+            flags: v.deny as u8,
+            match_type: k.match_type().code(),
+            pad: 0,
+        };
+        let before: BTreeMap<MapKey, cilium_policy::MapValue> = old.policy.entries.iter().map(|(k, v)| (*k, *v)).collect();
+        let after: BTreeMap<MapKey, cilium_policy::MapValue> = new.entries.iter().map(|(k, v)| (*k, *v)).collect();
+        let changed = |want_deny: bool| -> Vec<(MapKey, cilium_policy::MapValue)> {
+            after.iter().filter(|(k, v)| v.deny == want_deny && before.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect()
+        };
+        let removed = |was_deny: bool| -> Vec<MapKey> {
+            before.iter().filter(|(k, v)| v.deny == was_deny && !after.contains_key(k)).map(|(k, _)| *k).collect()
+        };
+        for (k, v) in changed(true) {
+            let key = datapath_key(id, generation, &k);
+            self.dp.policy_insert(&key, &entry(&k, &v))?;
+            inserted.push(key);
+        }
+        for k in removed(false) {
+            self.dp.policy_delete(&datapath_key(id, generation, &k))?;
+        }
+        for (k, v) in changed(false) {
+            let key = datapath_key(id, generation, &k);
+            self.dp.policy_insert(&key, &entry(&k, &v))?;
+            inserted.push(key);
+        }
+        for k in removed(true) {
+            self.dp.policy_delete(&datapath_key(id, generation, &k))?;
+        }
+        Ok(after.keys().map(|k| datapath_key(id, generation, k)).collect())
+    }
+
     /// Computes an endpoint's policy and switches the datapath to it
     /// atomically: the new entries go in under the other generation, one
     /// endpoint-table write flips to them, then the old ones go. If the new
@@ -779,6 +820,30 @@ impl<D: Datapath> Daemon<D> {
         }
         let old = ep.realized.clone();
         let stale = ep.stale.clone();
+        // Same enforcement, healthy, known entries: change only what differs.
+        if let Some(r) = &old {
+            let same_flags = r.flags != u16::MAX && (r.flags & !(EndpointFlag::PolicyGen as u16)) == flags;
+            if same_flags && ep.state == EpState::Ready && stale.is_empty() {
+                let mut inserted = Vec::new();
+                match self.apply_diff(id, r, &policy, &mut inserted) {
+                    Ok(keys) => {
+                        let ep = self.endpoints.get_mut(&id).expect("exists");
+                        let generation = r.generation;
+                        let flags = r.flags;
+                        ep.realized = Some(Realized { policy, generation, keys, flags });
+                        return;
+                    }
+                    Err(e) => {
+                        warn!(endpoint = id, error = %e, "incremental policy update failed; rewriting the endpoint's policy");
+                        // what the diff added to the live generation goes with it
+                        if let Some(r) = self.endpoints.get_mut(&id).and_then(|e| e.realized.as_mut()) {
+                            r.keys.extend(inserted);
+                        }
+                    }
+                }
+            }
+        }
+        let old = self.endpoints[&id].realized.clone();
         let generation = !old.as_ref().map(|r| r.generation).unwrap_or(true);
         if generation {
             flags |= EndpointFlag::PolicyGen as u16;

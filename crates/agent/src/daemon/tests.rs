@@ -263,3 +263,39 @@ fn cidr_mismatch_on_restore_is_an_error() {
     let e = d2.restore(store.load().unwrap().unwrap()).unwrap_err();
     assert!(e.to_string().contains("10.0.1.0/24"), "{e}");
 }
+
+#[test]
+fn relabelling_one_pod_touches_only_its_entries() {
+    let mut d = daemon(None);
+    for i in 0..8u32 {
+        pod(&mut d, &format!("p{i}"), &format!("app{i}"));
+        create(&mut d, &format!("p{i}"), i);
+    }
+    // every pod accepts every other pod by label `tier: web`, so each endpoint
+    // holds one entry per web identity
+    for i in 0..8u32 {
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), format!("app{i}"));
+        labels.insert("tier".to_string(), "web".to_string());
+        d.pod_upsert(PodMeta { namespace: "default".into(), name: format!("p{i}"), labels, service_account: "default".into(), ports: vec![] }).unwrap();
+    }
+    d.policy_import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {}\n  ingress: [{fromEndpoints: [{matchLabels: {tier: web}}]}]\n",
+        "p.yaml",
+        false,
+    )
+    .unwrap();
+    let before = d.datapath().policy.len();
+    d.datapath_mut().policy_log.clear();
+    // one pod leaves the web tier
+    let mut labels = BTreeMap::new();
+    labels.insert("app".to_string(), "app3".to_string());
+    d.pod_upsert(PodMeta { namespace: "default".into(), name: "p3".into(), labels, service_account: "default".into(), ports: vec![] }).unwrap();
+    let writes = d.datapath().policy_log.len();
+    // each of the 8 endpoints (p3 included: the policy selects every pod)
+    // drops the entry of p3's old identity: 8 writes, not a rewrite of all
+    // 8 × 9 entries
+    assert_eq!(writes, 8, "{writes} writes for one relabel");
+    assert_eq!(d.datapath().policy.len(), before - 8);
+    assert!(d.datapath().policy_log.iter().all(|(inserted, _)| !inserted));
+}
