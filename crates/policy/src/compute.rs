@@ -80,19 +80,49 @@ pub struct EndpointPolicy {
 struct Resolver<'a> {
     identities: &'a BTreeMap<u32, LabelSet>,
     cache: BTreeMap<Selector, Vec<u32>>,
+    /// (key, value) -> identities carrying it (any source), built on first use.
+    index: Option<std::collections::HashMap<(&'a str, &'a str), Vec<u32>>>,
 }
 
-impl Resolver<'_> {
+impl<'a> Resolver<'a> {
+    fn new(identities: &'a BTreeMap<u32, LabelSet>) -> Self {
+        Resolver { identities, cache: BTreeMap::new(), index: None }
+    }
+
     fn select(&mut self, s: &Selector) -> Vec<u32> {
         if let Some(v) = self.cache.get(s) {
             return v.clone();
         }
-        let ids: Vec<u32> = self
-            .identities
-            .iter()
-            .filter(|(_, labels)| s.matches(labels))
-            .map(|(id, _)| *id)
-            .collect();
+        // A selector with an `In` requirement can only match identities that
+        // carry one of its values: look those up instead of scanning (CIDR
+        // selectors over thousands of CIDR identities, large clusters).
+        let narrowing = s.requirements.iter().find_map(|r| match &r.op {
+            cilium_labels::Operator::In(values) => Some((r.key.as_str(), values)),
+            _ => None,
+        });
+        let ids: Vec<u32> = match narrowing {
+            Some((key, values)) => {
+                let identities = self.identities;
+                let index = self.index.get_or_insert_with(|| {
+                    let mut m: std::collections::HashMap<(&str, &str), Vec<u32>> = std::collections::HashMap::new();
+                    for (id, labels) in identities {
+                        for l in labels.iter() {
+                            m.entry((l.key.as_str(), l.value.as_str())).or_default().push(*id);
+                        }
+                    }
+                    m
+                });
+                let mut c: Vec<u32> = values
+                    .iter()
+                    .flat_map(|v| index.get(&(key, v.as_str())).into_iter().flatten().copied())
+                    .filter(|id| s.matches(&identities[id]))
+                    .collect();
+                c.sort_unstable();
+                c.dedup();
+                c
+            }
+            None => self.identities.iter().filter(|(_, labels)| s.matches(labels)).map(|(id, _)| *id).collect(),
+        };
         self.cache.insert(s.clone(), ids.clone());
         ids
     }
@@ -180,7 +210,7 @@ pub fn compute(input: &Input) -> EndpointPolicy {
     if input.options.mode == EnforcementMode::Never {
         return out;
     }
-    let mut resolver = Resolver { identities: input.identities, cache: BTreeMap::new() };
+    let mut resolver = Resolver::new(input.identities);
     let mut state = MapState::new();
 
     for egress in [false, true] {
