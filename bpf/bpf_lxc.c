@@ -82,10 +82,13 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 				    metric_dir);
 	}
 
-	if (ct.status == CT_NEW) {
+	if (ct.status == CT_NEW && !p->untracked && !p->is_icmp_error) {
 		int ret = ct_create(p, ct_dir, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
 			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir);
+		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+	} else if (ct.status == CT_NEW) {
+		/* untracked ICMP and ICMP errors: every packet is judged and traced */
 		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
 	} else if (ct.entry) {
 		/* Re-checked after a policy change: remember the new revision. */
@@ -164,6 +167,10 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 			return ret;
 		return redirect_to_endpoint(skb, dst, ep->ep_id);
 	}
+	/* Traffic between local endpoints is delivered directly (above) and
+	 * never arrives here: a local endpoint's address as source is spoofed. */
+	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
+		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir);
 	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now);
 }
 

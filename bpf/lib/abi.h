@@ -41,6 +41,7 @@ enum drop_reason {
 	DROP_CT_CREATE_FAILED = 155,
 	DROP_FRAG_NOSUPPORT = 157,
 	DROP_NO_CONFIG = 165,
+	DROP_PROXY_LOOKUP_FAILED = 178,
 	DROP_POLICY_DENY = 181,
 };
 
@@ -145,6 +146,10 @@ struct policy_key {
 enum policy_entry_flags {
 	POLICY_F_DENY = 1,
 };
+
+/* proxy_port of an entry whose L7 rules cannot be enforced yet: matching
+ * traffic is dropped (178) rather than allowed unfiltered. */
+#define POLICY_PROXY_PORT_PENDING 65535
 
 struct policy_entry {
 	__u16 proxy_port;        /* network byte order, 0 = no L7 redirect */

@@ -62,7 +62,7 @@ struct pkt {
 	__u8 icmp_type;
 	__u8 is_icmp_error;   /* inner tuple below is valid */
 	__u8 is_echo_reply;
-	__u8 pad;
+	__u8 untracked;       /* ICMP other than echo: no conntrack entry of its own */
 	/* ICMP errors: the tuple of the packet that caused the error */
 	__u32 inner_saddr;
 	__u32 inner_daddr;
@@ -138,7 +138,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->icmp_type = 0;
 	p->is_icmp_error = 0;
 	p->is_echo_reply = 0;
-	p->pad = 0;
+	p->untracked = 0;
 	p->inner_saddr = 0;
 	p->inner_daddr = 0;
 	p->inner_sport = 0;
@@ -169,6 +169,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		p->icmp_type = icmp->type;
 		p->policy_port = bpf_htons(icmp->type);
 		p->is_echo_reply = icmp->type == ICMP_ECHOREPLY_T;
+		p->untracked = icmp->type != ICMP_ECHO_T && icmp->type != ICMP_ECHOREPLY_T;
 		if (icmp->type == ICMP_DEST_UNREACH_T || icmp->type == ICMP_TIME_EXCEEDED_T ||
 		    icmp->type == ICMP_PARAMETERPROB_T) {
 			struct iphdr *inner = (void *)(icmp + 1);

@@ -122,21 +122,34 @@ static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len, 
 	res->new_flags = 0;
 
 	if (p->is_icmp_error) {
-		/* The inner packet is one this side sent (or received): look it up
-		 * as the connection it belongs to, in either direction. */
+		/* An ICMP error is related to the connection of the packet it
+		 * quotes, and only between that packet's own endpoints: leaving a
+		 * pod, it must answer a packet the pod received (outer source =
+		 * quoted destination, outer destination = quoted source); reaching
+		 * a pod, it must be about a packet the pod sent (a router on the
+		 * way may be its source). Anything else is a new packet. */
+		int ok = dir == CT_EGRESS
+				 ? (p->saddr == p->inner_daddr && p->daddr == p->inner_saddr)
+				 : (p->daddr == p->inner_saddr);
+		res->status = CT_NEW;
+		if (!ok)
+			return;
 		key.saddr = p->inner_saddr;
 		key.daddr = p->inner_daddr;
 		key.sport = p->inner_sport;
 		key.dport = p->inner_dport;
 		key.protocol = p->inner_protocol;
-		key.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
+		key.dir = other;
 		key.pad = 0;
 		e = bpf_map_lookup_elem(&cilium_ct4, &key);
 		if (e && e->lifetime >= now) {
 			res->status = CT_RELATED;
 			res->entry = e;
-			return;
 		}
+		return;
+	}
+	if (p->untracked) {
+		/* ICMP without a request/reply pairing: always judged by policy */
 		res->status = CT_NEW;
 		return;
 	}

@@ -59,9 +59,14 @@ static __always_inline void policy_lookup(const struct endpoint_info *ep, __u32 
 	}
 	struct policy_entry *allow = specific ? specific : wildcard;
 	if (allow) {
+		res->match_type = allow->match_type;
+		if (allow->proxy_port == bpf_htons(POLICY_PROXY_PORT_PENDING)) {
+			/* L7 rules without an L7 proxy: fail closed */
+			res->verdict = -DROP_PROXY_LOOKUP_FAILED;
+			return;
+		}
 		res->verdict = 1;
 		res->proxy_port = allow->proxy_port;
-		res->match_type = allow->match_type;
 		return;
 	}
 	res->verdict = -DROP_POLICY;

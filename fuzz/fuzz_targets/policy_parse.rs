@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
             labels: &pod,
             identities: &ids,
             own_ports: &Default::default(),
-            cluster_ports: &Default::default(),
+            peer_ports: &Default::default(),
             options: Default::default(),
         });
     }

@@ -90,6 +90,7 @@ abi_enum!(
         CtMapInsertionFailed = 155 => "DROP_CT_CREATE_FAILED",
         FragmentationNotSupported = 157 => "DROP_FRAG_NOSUPPORT",
         NoConfiguration = 165 => "DROP_NO_CONFIG",
+        ProxyLookupFailed = 178 => "DROP_PROXY_LOOKUP_FAILED",
         PolicyDeny = 181 => "DROP_POLICY_DENY",
     }
 );
@@ -109,6 +110,7 @@ impl DropReason {
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::FragmentationNotSupported => "IP_FRAGMENTATION_NOT_SUPPORTED",
             DropReason::NoConfiguration => "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
+            DropReason::ProxyLookupFailed => "PROXY_LOOKUP_FAILED",
             DropReason::PolicyDeny => "POLICY_DENY",
         }
     }
@@ -127,6 +129,7 @@ impl DropReason {
             DropReason::CtMapInsertionFailed => "CT: Map insertion failed",
             DropReason::FragmentationNotSupported => "Fragmented packet not supported",
             DropReason::NoConfiguration => "No configuration available to perform policy decision",
+            DropReason::ProxyLookupFailed => "Proxy lookup failed (L7 rules cannot be enforced)",
             DropReason::PolicyDeny => "Policy denied by denylist",
         }
     }
@@ -261,6 +264,9 @@ pub const POLICY_PREFIX_L3: u32 = 64;
 pub const POLICY_PREFIX_PROTO: u32 = 80;
 /// LPM prefix length of a fully specified policy key.
 pub const POLICY_PREFIX_FULL: u32 = 96;
+/// Proxy port of an entry whose L7 rules cannot be enforced yet: the
+/// datapath drops matching traffic (178) instead of allowing it unfiltered.
+pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
 /// `gen_dir` bit of a policy key: egress.
 pub const POLICY_KEY_DIR_EGRESS: u8 = 1;
 /// `gen_dir` bit of a policy key: generation 1.
@@ -295,6 +301,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("POLICY_PREFIX_FULL", POLICY_PREFIX_FULL as i64),
         ("POLICY_KEY_DIR_EGRESS", POLICY_KEY_DIR_EGRESS as i64),
         ("POLICY_KEY_GEN", POLICY_KEY_GEN as i64),
+        ("POLICY_PROXY_PORT_PENDING", POLICY_PROXY_PORT_PENDING as i64),
         ("EVENT_DATA_LEN", crate::EVENT_DATA_LEN as i64),
         ("EVENT_STATS_LOST", 0),
         ("METRICS_DIR_BITS", crate::METRICS_DIR_BITS as i64),

@@ -102,6 +102,8 @@ pub struct Daemon<D: Datapath> {
     warnings: BTreeMap<String, String>,
     /// Identities of the CIDRs policies name (node-local range).
     cidr_identities: BTreeMap<Ipv4Net, u32>,
+    /// The ipcache as last written (prefix -> identity).
+    ipcache_written: BTreeMap<Ipv4Net, u32>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -150,6 +152,7 @@ impl<D: Datapath> Daemon<D> {
             started: Instant::now(),
             warnings: BTreeMap::new(),
             cidr_identities: BTreeMap::new(),
+            ipcache_written: BTreeMap::new(),
         })
     }
 
@@ -252,6 +255,22 @@ impl<D: Datapath> Daemon<D> {
                 Err(e) => error!(%source, error = %e, "dropping saved policy that no longer validates"),
             }
         }
+        // CIDR identities keep their numbers across restarts
+        for (id, labels) in &state.identities {
+            if *id < cilium_identity::MIN_LOCAL_IDENTITY {
+                continue;
+            }
+            let prefix = labels
+                .iter()
+                .filter(|l| l.source == cilium_labels::SOURCE_CIDR)
+                .filter_map(|l| l.key.parse::<Ipv4Net>().ok())
+                .max_by_key(|n| n.prefix_len());
+            if let Some(net) = prefix {
+                if self.identities.restore(*id, labels).is_ok() {
+                    self.cidr_identities.insert(net, *id);
+                }
+            }
+        }
         // Endpoints whose interface vanished while the agent was away are gone.
         for (id, rec) in state.endpoints {
             match self.dp.link(&rec.host_ifname)? {
@@ -297,7 +316,6 @@ impl<D: Datapath> Daemon<D> {
         let gone: Vec<Ipv4Net> = self.cidr_identities.keys().filter(|n| !wanted.contains(n)).copied().collect();
         for net in gone {
             let id = self.cidr_identities.remove(&net).expect("listed");
-            self.dp.ipcache_delete(net)?;
             let _ = self.identities.release(id);
             changed = true;
         }
@@ -307,7 +325,6 @@ impl<D: Datapath> Daemon<D> {
             }
             let labels = cilium_policy::rule::cidr_identity_labels(&ipnet::IpNet::V4(net));
             let (id, _) = self.identities.allocate(&labels)?;
-            self.dp.ipcache_upsert(net, &IpcacheValue { sec_identity: id, ..Default::default() })?;
             self.cidr_identities.insert(net, id);
             changed = true;
         }
@@ -317,17 +334,8 @@ impl<D: Datapath> Daemon<D> {
     /// Makes the datapath match the daemon: endpoints, ipcache, policy and
     /// attachments. Used at start-up, after restore.
     pub fn reconcile_datapath(&mut self) -> Result<(), DaemonError> {
-        // ipcache: exactly the desired entries
-        let desired = self.desired_ipcache();
-        for (prefix, _) in self.dp.ipcache_dump()? {
-            if !desired.contains_key(&prefix) {
-                self.dp.ipcache_delete(prefix)?;
-            }
-        }
-        for (prefix, id) in &desired {
-            self.dp.ipcache_upsert(*prefix, &IpcacheValue { sec_identity: *id, ..Default::default() })?;
-        }
-        // endpoints in the map that we do not know
+        // endpoints in the map that we do not know: their interfaces keep the
+        // programs, which now drop everything (no endpoint entry)
         let known: BTreeSet<u32> = self.endpoints.values().map(|e| e.rec.host_ifindex).collect();
         let existing = self.dp.endpoints()?;
         for info in &existing {
@@ -360,33 +368,60 @@ impl<D: Datapath> Daemon<D> {
             });
             ep.stale = stale.into_iter().filter(|k| (k.gen_dir & POLICY_KEY_GEN != 0) != live_gen).collect();
         }
-        let attached: BTreeSet<String> = self.dp.attached()?.into_iter().collect();
-        let wanted: BTreeSet<String> = self.endpoints.values().map(|e| e.rec.host_ifname.clone()).collect();
-        for ifname in attached.difference(&wanted) {
-            self.dp.detach(ifname)?;
+        // policy before addresses: while identities may be renumbered, an
+        // address can only lose access, never gain it
+        for id in &ids {
+            if let Err(e) = self.regenerate(*id) {
+                error!(endpoint = id, error = %e, "restoring policy");
+            }
         }
+        self.ipcache_written = self.dp.ipcache_dump()?.into_iter().map(|(p, v)| (p, v.sec_identity)).collect();
+        self.sync_ipcache()?;
         for id in ids {
-            self.regenerate(id);
             let rec = self.endpoints[&id].rec.clone();
             self.dp.attach(&rec.host_ifname)?;
             self.dp.link_up(&rec.host_ifname)?;
             self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
         }
+        // every established connection re-checks against what is now in force
+        self.dp.bump_policy_revision()?;
         Ok(())
     }
 
+    /// Writes the difference between the desired ipcache and what was last
+    /// written. The one place ipcache entries change.
+    fn sync_ipcache(&mut self) -> Result<(), DaemonError> {
+        let desired = self.desired_ipcache();
+        let stale: Vec<Ipv4Net> = self.ipcache_written.keys().filter(|p| !desired.contains_key(p)).copied().collect();
+        for (prefix, id) in &desired {
+            if self.ipcache_written.get(prefix) != Some(id) {
+                self.dp.ipcache_upsert(*prefix, &IpcacheValue { sec_identity: *id, ..Default::default() })?;
+                self.ipcache_written.insert(*prefix, *id);
+            }
+        }
+        for prefix in stale {
+            self.dp.ipcache_delete(prefix)?;
+            self.ipcache_written.remove(&prefix);
+        }
+        Ok(())
+    }
+
+    /// What the ipcache must hold. A prefix named by several sources takes
+    /// the identity of the strongest: the host's own addresses, then
+    /// endpoints, then CIDRs policies name (so a CIDR rule can never relabel
+    /// the node or a pod).
     fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, u32> {
         let mut m = BTreeMap::new();
+        for (net, id) in &self.cidr_identities {
+            m.insert(*net, *id);
+        }
+        for e in self.endpoints.values() {
+            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
+        }
         let host = ReservedIdentity::Host.code();
         m.insert(Ipv4Net::new(self.ipam.router(), 32).expect("/32"), host);
         for ip in &self.node_ips {
             m.insert(Ipv4Net::new(*ip, 32).expect("/32"), host);
-        }
-        for (net, id) in &self.cidr_identities {
-            m.entry(*net).or_insert(*id);
-        }
-        for e in self.endpoints.values() {
-            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
         }
         m
     }
@@ -493,12 +528,11 @@ impl<D: Datapath> Daemon<D> {
 
     fn wire_endpoint(&mut self, id: u16, new_identity: bool) -> Result<(), DaemonError> {
         let rec = self.endpoints[&id].rec.clone();
-        self.dp.ipcache_upsert(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &IpcacheValue { sec_identity: rec.identity, ..Default::default() })?;
         if new_identity {
             self.regenerate_all();
-        } else {
-            self.regenerate(id);
         }
+        self.regenerate(id)?;
+        self.sync_ipcache()?;
         // policy is in place before the first packet can flow
         self.dp.attach(&rec.host_ifname)?;
         self.dp.link_up(&rec.host_ifname)?;
@@ -507,23 +541,37 @@ impl<D: Datapath> Daemon<D> {
         Ok(())
     }
 
+    /// Removes an endpoint from the datapath, best effort through every step
+    /// (the first error is returned). The endpoint-table entry goes first, so
+    /// from then on the programs still attached to its interface drop
+    /// everything (165); deleting the interface removes them.
     fn endpoint_remove(&mut self, id: u16) -> Result<(), DaemonError> {
         let Some(ep) = self.endpoints.remove(&id) else { return Ok(()) };
         let rec = &ep.rec;
-        self.dp.detach(&rec.host_ifname)?;
-        self.dp.endpoint_delete(rec.host_ifindex)?;
-        for k in ep.realized.iter().flat_map(|r| r.keys.iter()).chain(ep.stale.iter()) {
-            self.dp.policy_delete(k)?;
+        let mut first: Option<DaemonError> = None;
+        fn note(first: &mut Option<DaemonError>, id: u16, r: Result<(), DatapathError>) {
+            if let Err(e) = r {
+                warn!(endpoint = id, error = %e, "removing endpoint");
+                first.get_or_insert(e.into());
+            }
         }
-        self.dp.ipcache_delete(Ipv4Net::new(rec.ipv4, 32).expect("/32"))?;
-        self.dp.unroute_endpoint(rec.ipv4)?;
+        note(&mut first, id, self.dp.endpoint_delete(rec.host_ifindex));
+        for k in ep.realized.iter().flat_map(|r| r.keys.iter()).chain(ep.stale.iter()) {
+            note(&mut first, id, self.dp.policy_delete(k));
+        }
+        // a later endpoint with this address must not inherit its connections
+        note(&mut first, id, self.dp.ct_flush_ip(rec.ipv4).map(|_| ()));
+        note(&mut first, id, self.dp.unroute_endpoint(rec.ipv4));
         self.ipam.release(rec.ipv4);
         self.warnings.remove(&format!("endpoint {id}"));
         if self.identities.release(rec.identity).unwrap_or(false) {
             self.regenerate_all();
         }
-        self.dp.bump_policy_revision()?;
-        Ok(())
+        if let Err(e) = self.sync_ipcache() {
+            first.get_or_insert(e);
+        }
+        note(&mut first, id, self.dp.bump_policy_revision().map(|_| ()));
+        first.map_or(Ok(()), Err)
     }
 
     /// Deletes the endpoint of a container interface. Returns its ID when
@@ -588,7 +636,6 @@ impl<D: Datapath> Daemon<D> {
             let ep = self.endpoints.get_mut(&id).expect("listed");
             ep.rec.labels = labels;
             ep.rec.identity = identity;
-            self.dp.ipcache_upsert(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &IpcacheValue { sec_identity: identity, ..Default::default() })?;
             let mut info = self.endpoint_info(id);
             info.sec_identity = identity;
             self.dp.endpoint_upsert(&info)?;
@@ -596,6 +643,7 @@ impl<D: Datapath> Daemon<D> {
         }
         if changed {
             self.regenerate_all();
+            self.sync_ipcache()?;
             self.dp.bump_policy_revision()?;
         }
         Ok(())
@@ -643,6 +691,7 @@ impl<D: Datapath> Daemon<D> {
         let rev = self.repo.apply(parsed);
         self.sync_cidr_identities()?;
         self.regenerate_all();
+        self.sync_ipcache()?;
         self.dp.bump_policy_revision()?;
         self.save()?;
         info!(revision = rev, policies = ?names, "policies imported");
@@ -659,6 +708,7 @@ impl<D: Datapath> Daemon<D> {
         if !keys.is_empty() {
             self.sync_cidr_identities()?;
             self.regenerate_all();
+            self.sync_ipcache()?;
             self.dp.bump_policy_revision()?;
             self.save()?;
         }
@@ -683,6 +733,7 @@ impl<D: Datapath> Daemon<D> {
         }
         self.sync_cidr_identities()?;
         self.regenerate_all();
+        self.sync_ipcache()?;
         self.dp.bump_policy_revision()?;
         self.save()?;
         Ok(self.repo.revision())
@@ -710,26 +761,32 @@ impl<D: Datapath> Daemon<D> {
         }
     }
 
+    /// Named ports by identity: the container ports of the pods behind it.
+    fn peer_ports(&self) -> BTreeMap<u32, NamedPorts> {
+        let mut m: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+        for e in self.endpoints.values() {
+            let pod = self.pods.get(&Self::pod_key(&e.rec.namespace, &e.rec.pod_name));
+            Self::named_ports(pod, m.entry(e.rec.identity).or_default());
+        }
+        m
+    }
+
     /// Regenerates every endpoint's policy.
     pub fn regenerate_all(&mut self) {
         let identities = self.identity_map();
-        let mut cluster_ports = NamedPorts::new();
-        for m in self.pods.values() {
-            Self::named_ports(Some(m), &mut cluster_ports);
-        }
+        let peer_ports = self.peer_ports();
         let ids: Vec<u16> = self.endpoints.keys().copied().collect();
         for id in ids {
-            self.regenerate_with(id, &identities, &cluster_ports);
+            if let Err(e) = self.regenerate_with(id, &identities, &peer_ports) {
+                error!(endpoint = id, error = %e, "regenerating policy");
+            }
         }
     }
 
-    fn regenerate(&mut self, id: u16) {
+    fn regenerate(&mut self, id: u16) -> Result<(), DaemonError> {
         let identities = self.identity_map();
-        let mut cluster_ports = NamedPorts::new();
-        for m in self.pods.values() {
-            Self::named_ports(Some(m), &mut cluster_ports);
-        }
-        self.regenerate_with(id, &identities, &cluster_ports);
+        let peer_ports = self.peer_ports();
+        self.regenerate_with(id, &identities, &peer_ports)
     }
 
     fn endpoint_info(&self, id: u16) -> EndpointInfo {
@@ -791,8 +848,8 @@ impl<D: Datapath> Daemon<D> {
     /// endpoint-table write flips to them, then the old ones go. If the new
     /// entries do not fit, the endpoint denies everything (never fails open)
     /// and the failure is reported in its state and in `cilium status`.
-    fn regenerate_with(&mut self, id: u16, identities: &BTreeMap<u32, LabelSet>, cluster_ports: &NamedPorts) {
-        let Some(ep) = self.endpoints.get(&id) else { return };
+    fn regenerate_with(&mut self, id: u16, identities: &BTreeMap<u32, LabelSet>, peer_ports: &BTreeMap<u32, NamedPorts>) -> Result<(), DaemonError> {
+        let Some(ep) = self.endpoints.get(&id) else { return Ok(()) };
         let mut own_ports = NamedPorts::new();
         Self::named_ports(self.pods.get(&Self::pod_key(&ep.rec.namespace, &ep.rec.pod_name)), &mut own_ports);
         let policy = compute(&Input {
@@ -800,7 +857,7 @@ impl<D: Datapath> Daemon<D> {
             labels: &ep.rec.labels,
             identities,
             own_ports: &own_ports,
-            cluster_ports,
+            peer_ports,
             options: self.cfg.policy,
         });
         let mut flags = 0u16;
@@ -815,7 +872,7 @@ impl<D: Datapath> Daemon<D> {
         }
         if let Some(r) = &ep.realized {
             if r.policy == policy && r.flags & !(EndpointFlag::PolicyGen as u16) == flags && ep.state == EpState::Ready && ep.stale.is_empty() {
-                return;
+                return Ok(());
             }
         }
         let old = ep.realized.clone();
@@ -831,7 +888,7 @@ impl<D: Datapath> Daemon<D> {
                         let generation = r.generation;
                         let flags = r.flags;
                         ep.realized = Some(Realized { policy, generation, keys, flags });
-                        return;
+                        return Ok(());
                     }
                     Err(e) => {
                         warn!(endpoint = id, error = %e, "incremental policy update failed; rewriting the endpoint's policy");
@@ -885,21 +942,41 @@ impl<D: Datapath> Daemon<D> {
             ep_state = (EpState::Ready, None);
             realized_policy = policy;
         }
-        let realized = Realized { policy: realized_policy, generation, keys: written, flags };
+        // the endpoint-table write is the switch; until it succeeds the old
+        // generation stays live
+        let mut info = self.endpoint_info(id);
+        info.flags = flags;
+        if let Err(e) = self.dp.endpoint_upsert(&info) {
+            for k in &written {
+                let _ = self.dp.policy_delete(k);
+            }
+            let msg = format!("cannot write endpoint {id} to the endpoint table ({e}); it keeps its previous policy");
+            error!(endpoint = id, error = %e, "writing endpoint table");
+            self.warnings.insert(format!("endpoint {id}"), msg.clone());
+            let ep = self.endpoints.get_mut(&id).expect("exists");
+            ep.state = EpState::PolicyError;
+            ep.error = Some(msg);
+            return Err(e.into());
+        }
+        let failed = ep_state.0 == EpState::PolicyError;
         {
             let ep = self.endpoints.get_mut(&id).expect("exists");
-            ep.realized = Some(realized);
+            ep.realized = Some(Realized { policy: realized_policy, generation, keys: written, flags });
             ep.state = ep_state.0;
             ep.error = ep_state.1;
             ep.stale.clear();
         }
-        let info = self.endpoint_info(id);
-        if let Err(e) = self.dp.endpoint_upsert(&info) {
-            error!(endpoint = id, error = %e, "writing endpoint table");
-        }
         for k in old.iter().flat_map(|r| r.keys.iter()) {
             let _ = self.dp.policy_delete(k);
         }
+        if failed {
+            return Err(DaemonError::Invalid {
+                field: "policy".into(),
+                value: format!("endpoint {id}"),
+                message: "does not fit the policy map; the endpoint denies all traffic".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Resolves one side of a trace to labels, whether it is an endpoint, and

@@ -25,6 +25,8 @@ pub struct FakeDatapath {
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<String>,
     pub routes: BTreeMap<Ipv4Addr, String>,
+    /// Addresses whose conntrack entries were flushed.
+    pub ct_flushed: Vec<Ipv4Addr>,
 }
 
 /// PolicyKey with an order, for the fake's map.
@@ -101,13 +103,6 @@ impl Datapath for FakeDatapath {
         self.attached.insert(ifname.to_string());
         Ok(())
     }
-    fn detach(&mut self, ifname: &str) -> Result<()> {
-        self.attached.remove(ifname);
-        Ok(())
-    }
-    fn attached(&self) -> Result<Vec<String>> {
-        Ok(self.attached.iter().cloned().collect())
-    }
     fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>> {
         Ok(self.links.get(ifname).map(|i| (*i, [2, 0, 0, 0, 0, *i as u8])))
     }
@@ -128,6 +123,10 @@ impl Datapath for FakeDatapath {
     }
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         Ok(vec![])
+    }
+    fn ct_flush_ip(&mut self, ip: Ipv4Addr) -> Result<usize> {
+        self.ct_flushed.push(ip);
+        Ok(0)
     }
     fn ct_gc(&mut self, _now: u32) -> Result<usize> {
         Ok(0)

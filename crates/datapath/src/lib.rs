@@ -90,12 +90,10 @@ pub trait Datapath: Send {
     /// Bumps the revision every established connection re-checks against.
     fn bump_policy_revision(&mut self) -> Result<u32>;
 
-    /// Attaches the endpoint programs to a host-side interface (idempotent).
+    /// Attaches the endpoint programs to a host-side interface (idempotent;
+    /// replaces the programs atomically when they are attached already).
+    /// They stay until the interface goes.
     fn attach(&mut self, ifname: &str) -> Result<()>;
-    /// Detaches them (idempotent; succeeds when the interface is gone).
-    fn detach(&mut self, ifname: &str) -> Result<()>;
-    /// Interfaces with pinned attachments.
-    fn attached(&self) -> Result<Vec<String>>;
 
     /// ifindex and MAC of an interface of the agent's namespace, if it exists.
     fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>>;
@@ -108,6 +106,8 @@ pub trait Datapath: Send {
     fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()>;
 
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>>;
+    /// Removes every conntrack entry to or from an address; returns how many.
+    fn ct_flush_ip(&mut self, ip: Ipv4Addr) -> Result<usize>;
     /// Removes expired entries; returns how many.
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize>;
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;

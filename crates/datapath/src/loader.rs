@@ -432,27 +432,6 @@ impl Datapath for Loaded {
         Ok(())
     }
 
-    fn detach(&mut self, ifname: &str) -> Result<()> {
-        for p in [Program::FromContainer, Program::ToContainer] {
-            if let Ok(link) = SchedClassifierLink::attached(ifname, p.attach_type(), TC_PRIORITY, TC_HANDLE, None) {
-                // absent filter or interface: nothing to do
-                let _ = aya::programs::links::Link::detach(link);
-            }
-        }
-        Ok(())
-    }
-
-    fn attached(&self) -> Result<Vec<String>> {
-        // every endpoint interface of this namespace carries our filters
-        let mut v: Vec<String> = crate::netlink::run(|h| async move { crate::netlink::links(&h).await })?
-            .into_iter()
-            .map(|l| l.name)
-            .filter(|n| n.starts_with("lxc"))
-            .collect();
-        v.sort();
-        Ok(v)
-    }
-
     fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>> {
         let name = ifname.to_string();
         Ok(crate::netlink::run(|h| async move { crate::netlink::link(&h, &name).await })?.map(|l| (l.index, l.mac)))
@@ -485,6 +464,13 @@ impl Datapath for Loaded {
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         let m = self.hash::<CtKey, CtEntry>(MAP_CT)?;
         m.iter().map(|r| r.map_err(map_err(MAP_CT))).collect()
+    }
+
+    fn ct_flush_ip(&mut self, ip: std::net::Ipv4Addr) -> Result<usize> {
+        let be = ip_to_be(ip);
+        let doomed: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(k, _)| k.saddr == be || k.daddr == be).map(|(k, _)| k).collect();
+        let mut m = self.hash_mut::<CtKey, CtEntry>(MAP_CT)?;
+        Ok(doomed.iter().filter(|k| m.remove(k).is_ok()).count())
     }
 
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize> {

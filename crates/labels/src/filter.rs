@@ -40,8 +40,16 @@ pub fn is_security_relevant(key: &str) -> bool {
     !IGNORED_PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
+/// True for keys only the system may set: the namespace, namespace labels,
+/// service account and cluster. A pod carrying one of these labels itself
+/// would otherwise claim another namespace's labels (upstream strips them).
+fn is_reserved_key(key: &str) -> bool {
+    key == POD_NAMESPACE_LABEL || key.starts_with("io.cilium.k8s.")
+}
+
 /// The security labels of a pod: its own relevant labels, its namespace, its
-/// namespace's labels, its service account and its cluster, all `k8s:`.
+/// namespace's labels, its service account and its cluster, all `k8s:`. A
+/// pod's own labels can never set the system-owned keys.
 pub fn k8s_pod_labels(
     namespace: &str,
     pod_labels: &BTreeMap<String, String>,
@@ -51,7 +59,7 @@ pub fn k8s_pod_labels(
 ) -> LabelSet {
     let mut set = LabelSet::new();
     for (k, v) in pod_labels {
-        if is_security_relevant(k) {
+        if is_security_relevant(k) && !is_reserved_key(k) {
             set.insert(Label::k8s(k, v));
         }
     }

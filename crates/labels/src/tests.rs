@@ -106,3 +106,15 @@ fn label_set_serde_round_trip() {
     let back: LabelSet = serde_json::from_str(&json).unwrap();
     assert_eq!(back, s);
 }
+
+#[test]
+fn pods_cannot_claim_namespace_labels() {
+    let mut pod = BTreeMap::new();
+    pod.insert("io.cilium.k8s.namespace.labels.team".to_string(), "payments".to_string());
+    pod.insert("io.kubernetes.pod.namespace".to_string(), "payments-db".to_string());
+    pod.insert("io.cilium.k8s.policy.serviceaccount".to_string(), "admin".to_string());
+    let l = k8s_pod_labels("dev", &pod, &BTreeMap::new(), "default", "default");
+    assert!(l.get("io.cilium.k8s.namespace.labels.team").is_none());
+    assert_eq!(l.get("io.kubernetes.pod.namespace").unwrap().value, "dev");
+    assert_eq!(l.get("io.cilium.k8s.policy.serviceaccount").unwrap().value, "default");
+}

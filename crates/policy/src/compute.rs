@@ -62,8 +62,9 @@ pub struct Input<'a> {
     pub identities: &'a BTreeMap<u32, LabelSet>,
     /// The endpoint's own named ports (ingress named ports resolve here).
     pub own_ports: &'a NamedPorts,
-    /// Named ports of every pod (egress named ports resolve here).
-    pub cluster_ports: &'a NamedPorts,
+    /// Named ports of the pods behind each identity (egress named ports
+    /// resolve against the selected peer's own ports, as upstream).
+    pub peer_ports: &'a BTreeMap<u32, NamedPorts>,
     pub options: PolicyOptions,
 }
 
@@ -144,7 +145,36 @@ impl<'a> Resolver<'a> {
     }
 }
 
-fn port_keys(identity: u32, egress: bool, spec: &PortSpec, named: &NamedPorts, out: &mut Vec<MapKey>) {
+/// Where named ports resolve: the endpoint's own ports (ingress), or each
+/// peer's (egress; every known port of that name for the wildcard peer).
+enum NamedSource<'a> {
+    Own(&'a NamedPorts),
+    Peers(&'a BTreeMap<u32, NamedPorts>),
+}
+
+impl NamedSource<'_> {
+    fn resolve(&self, identity: u32, name: &str, protocol: Protocol) -> Vec<u16> {
+        let of = |np: &NamedPorts| -> Vec<u16> {
+            np.get(name).into_iter().flatten().filter(|(p, _)| *p == protocol).map(|(_, port)| *port).collect()
+        };
+        match self {
+            NamedSource::Own(np) => of(np),
+            NamedSource::Peers(m) if identity == 0 => {
+                let mut v: Vec<u16> = m.values().flat_map(|np| of(np)).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            NamedSource::Peers(m) => {
+                let v = m.get(&identity).map(|np| of(np)).unwrap_or_default();
+                // one name, several numbers for one identity: ambiguous, skip (upstream's ErrDuplicateNamedPorts)
+                if v.len() > 1 { vec![] } else { v }
+            }
+        }
+    }
+}
+
+fn port_keys(identity: u32, egress: bool, spec: &PortSpec, named: &NamedSource, out: &mut Vec<MapKey>) {
     let proto = spec.protocol.number();
     match &spec.port {
         Port::Any => out.push(MapKey { identity, egress, protocol: proto, port: 0, port_prefix: 0 }),
@@ -154,10 +184,8 @@ fn port_keys(identity: u32, egress: bool, spec: &PortSpec, named: &NamedPorts, o
             }
         }
         Port::Named(name) => {
-            for (p, port) in named.get(name).into_iter().flatten() {
-                if *p == spec.protocol {
-                    out.push(MapKey { identity, egress, protocol: proto, port: *port, port_prefix: 16 });
-                }
+            for port in named.resolve(identity, name, spec.protocol) {
+                out.push(MapKey { identity, egress, protocol: proto, port, port_prefix: 16 });
             }
         }
     }
@@ -170,13 +198,21 @@ fn add_rule(
     egress: bool,
     deny: bool,
     requires: &[Selector],
-    named: &NamedPorts,
+    named: &NamedSource,
 ) {
     let identities: Vec<u32> = match resolver.peers(rule, if deny { &[] } else { requires }) {
         None => vec![0],
         Some(set) => set.into_iter().collect(),
     };
-    let value = if deny { MapValue::DENY } else { MapValue::ALLOW };
+    // L7 rules need the L7 proxy; until it exists their traffic is dropped
+    // by the datapath (never allowed unfiltered)
+    let value = if deny {
+        MapValue::DENY
+    } else if rule.has_l7 {
+        MapValue { deny: false, proxy_port: cilium_abi::POLICY_PROXY_PORT_PENDING }
+    } else {
+        MapValue::ALLOW
+    };
     let mut keys = Vec::new();
     for id in identities {
         if rule.ports.is_empty() {
@@ -240,14 +276,14 @@ pub fn compute(input: &Input) -> EndpointPolicy {
             .flat_map(|r| if egress { &r.egress } else { &r.ingress })
             .flat_map(|pr| pr.requires.iter().cloned())
             .collect();
-        let named = if egress { input.cluster_ports } else { input.own_ports };
+        let named = if egress { NamedSource::Peers(input.peer_ports) } else { NamedSource::Own(input.own_ports) };
         for r in &selecting {
             let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
             for pr in allows {
-                add_rule(&mut state, &mut resolver, pr, egress, false, &requires, named);
+                add_rule(&mut state, &mut resolver, pr, egress, false, &requires, &named);
             }
             for pr in denies {
-                add_rule(&mut state, &mut resolver, pr, egress, true, &requires, named);
+                add_rule(&mut state, &mut resolver, pr, egress, true, &requires, &named);
             }
         }
         if !egress && input.options.allow_localhost {
@@ -255,6 +291,7 @@ pub fn compute(input: &Input) -> EndpointPolicy {
         }
     }
     state.resolve_deny_precedence();
+    state.resolve_l7_wildcards();
     out.entries = state;
     out
 }

@@ -113,18 +113,39 @@ impl MapState {
         MapState::default()
     }
 
-    /// Adds an entry; a deny for the same key wins over an allow.
+    /// Adds an entry; a deny for the same key wins over an allow, and an
+    /// allow without L7 rules wins over one with them (it allows every
+    /// request, as upstream's L3/L4 rules wildcard L7 rules).
     pub fn insert(&mut self, key: MapKey, value: MapValue) {
         match self.entries.get_mut(&key) {
             Some(existing) if existing.deny => {}
             Some(existing) if value.deny => *existing = value,
             Some(existing) => {
-                if existing.proxy_port == 0 {
-                    existing.proxy_port = value.proxy_port;
+                if value.proxy_port == 0 {
+                    existing.proxy_port = 0;
                 }
             }
             None => {
                 self.entries.insert(key, value);
+            }
+        }
+    }
+
+    /// An allow with L7 rules covered by an allow without them, for the same
+    /// peer or every peer, allows every request: drop its L7 redirect, since
+    /// the datapath would otherwise pick the more specific entry.
+    pub fn resolve_l7_wildcards(&mut self) {
+        let plain: Vec<MapKey> = self.entries.iter().filter(|(_, v)| !v.deny && v.proxy_port == 0).map(|(k, _)| *k).collect();
+        for (k, v) in self.entries.iter_mut() {
+            if v.deny || v.proxy_port == 0 {
+                continue;
+            }
+            let covered = plain.iter().any(|p| {
+                let as_peer = MapKey { identity: k.identity, ..*p };
+                (p.identity == k.identity || p.identity == 0) && as_peer.covers(k)
+            });
+            if covered {
+                v.proxy_port = 0;
             }
         }
     }

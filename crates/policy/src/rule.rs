@@ -115,9 +115,8 @@ pub struct Rule {
     pub policy: PolicyRef,
     /// `spec`, `specs[1]`, or `spec` for a NetworkPolicy.
     pub origin: String,
-    /// Endpoints the rule applies to. `None` for host (nodeSelector) rules.
+    /// Endpoints the rule applies to.
     pub subject: Option<Selector>,
-    pub node_subject: Option<Selector>,
     /// Whether the rule puts its subjects under ingress / egress enforcement.
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
@@ -255,9 +254,14 @@ impl Ctx<'_> {
     }
 
     /// A peer endpoint selector, scoped to the policy's namespace unless it
-    /// names a namespace itself or selects reserved identities.
+    /// names a namespace itself or selects reserved identities. In a
+    /// clusterwide policy the empty selector means every pod of the cluster
+    /// (not the world), as upstream.
     fn peer_selector(&self, field: &str, s: &LabelSelector) -> Result<Selector, PolicyError> {
         let sel = self.selector(field, s, SOURCE_ANY)?;
+        if self.namespace.is_none() && sel.is_wildcard() {
+            return Ok(sel.with(Requirement { source: SOURCE_K8S.to_string(), key: POD_NAMESPACE_LABEL.to_string(), op: Operator::Exists }));
+        }
         Ok(self.scope(sel))
     }
 
@@ -523,6 +527,18 @@ fn port_rules(
     let mut has_l7 = false;
     for (i, pr) in to_ports.iter().enumerate() {
         let f = format!("{field}[{i}]");
+        // constraints the datapath cannot honour yet: refuse them rather than
+        // allow more than the policy says
+        for (name, set) in [
+            ("serverNames", !pr.server_names.is_empty()),
+            ("terminatingTLS", pr.terminating_tls.is_some()),
+            ("originatingTLS", pr.originating_tls.is_some()),
+            ("listener", pr.listener.is_some()),
+        ] {
+            if set {
+                return Err(ctx.err(&format!("{f}.{name}"), "", "not supported yet (TLS inspection and Envoy listeners arrive with the L7 proxy)"));
+            }
+        }
         if let Some(rules) = &pr.rules {
             if deny {
                 return Err(ctx.err(&format!("{f}.rules"), "", "deny rules cannot have L7 rules"));
@@ -686,10 +702,20 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
     Ok(PeerRule { peers, requires, ports, has_l7, origin: field.to_string() })
 }
 
-fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<PeerRule, PolicyError> {
-    if r.authentication.is_some() && deny {
-        return Err(ctx.err(&format!("{field}.authentication"), "", "deny rules cannot require authentication"));
+fn check_authentication(ctx: &Ctx, field: &str, a: &Option<api::Authentication>, deny: bool) -> Result<(), PolicyError> {
+    match a {
+        None => Ok(()),
+        Some(_) if deny => Err(ctx.err(&format!("{field}.authentication"), "", "deny rules cannot require authentication")),
+        Some(a) if a.mode == "disabled" => Ok(()),
+        Some(a) if matches!(a.mode.as_str(), "required" | "test-always-fail") => {
+            Err(ctx.err(&format!("{field}.authentication.mode"), a.mode.clone(), "mutual authentication is not supported yet"))
+        }
+        Some(a) => Err(ctx.err(&format!("{field}.authentication.mode"), a.mode.clone(), "want disabled, required or test-always-fail")),
     }
+}
+
+fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<PeerRule, PolicyError> {
+    check_authentication(ctx, field, &r.authentication, deny)?;
     peer_rule(
         ctx,
         field,
@@ -712,6 +738,7 @@ fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<P
 }
 
 fn egress_rule(ctx: &Ctx, field: &str, r: &EgressRule, deny: bool) -> Result<PeerRule, PolicyError> {
+    check_authentication(ctx, field, &r.authentication, deny)?;
     if deny && r.to_fqdns.is_some() {
         return Err(ctx.err(&format!("{field}.toFQDNs"), "", "egressDeny cannot use toFQDNs"));
     }
@@ -763,21 +790,20 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
     }
     let mut out = Vec::new();
     for (origin, r) in specs {
-        let (subject, node_subject) = match (&r.endpoint_selector, &r.node_selector) {
+        let subject = match (&r.endpoint_selector, &r.node_selector) {
             (Some(es), None) => {
                 let sel = ctx.selector(&format!("{origin}.endpointSelector"), es, SOURCE_ANY)?;
                 // namespaced policies only ever select their own namespace's pods
-                let sel = match ctx.namespace {
+                match ctx.namespace {
                     Some(ns) => sel.with(namespace_requirement(ns)),
                     None => sel,
-                };
-                (Some(sel), None)
+                }
             }
-            (None, Some(ns)) => {
+            (None, Some(_)) => {
                 if kind.is_namespaced() {
                     return Err(ctx.err(&format!("{origin}.nodeSelector"), "", "nodeSelector is only allowed in CiliumClusterwideNetworkPolicy"));
                 }
-                (None, Some(ctx.selector(&format!("{origin}.nodeSelector"), ns, SOURCE_ANY)?))
+                return Err(ctx.err(&format!("{origin}.nodeSelector"), "", "host policies (nodeSelector) are not supported yet"));
             }
             (None, None) => {
                 return Err(ctx.err(&origin, "", "one of endpointSelector or nodeSelector is required"));
@@ -814,8 +840,7 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
         out.push(Rule {
             policy: policy.clone(),
             origin,
-            subject,
-            node_subject,
+            subject: Some(subject),
             ingress_enforced: r.ingress.as_ref().is_some_and(|v| !v.is_empty())
                 || r.ingress_deny.as_ref().is_some_and(|v| !v.is_empty()),
             egress_enforced: r.egress.as_ref().is_some_and(|v| !v.is_empty())
@@ -908,8 +933,9 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
     let (mut ing, mut eg) = (false, false);
     match &p.spec.policy_types {
         None => {
+            // Kubernetes adds Egress only when there are egress rules
             ing = true;
-            eg = p.spec.egress.is_some();
+            eg = p.spec.egress.as_ref().is_some_and(|v| !v.is_empty());
         }
         Some(types) => {
             for (i, t) in types.iter().enumerate() {
@@ -948,7 +974,6 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         policy,
         origin: "spec".to_string(),
         subject: Some(subject),
-        node_subject: None,
         ingress_enforced: ing,
         egress_enforced: eg,
         ingress_default_deny: true,

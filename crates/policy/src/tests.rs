@@ -48,7 +48,7 @@ impl World {
             labels: &labels,
             identities: &self.ids,
             own_ports: &NamedPorts::new(),
-            cluster_ports: &NamedPorts::new(),
+            peer_ports: &BTreeMap::new(),
             options: PolicyOptions { allow_localhost: false, ..Default::default() },
         })
     }
@@ -60,7 +60,7 @@ fn allowed(p: &EndpointPolicy, peer: u32, egress: bool, proto: u8, port: u16) ->
     if !enforced {
         return true;
     }
-    matches!(p.entries.lookup(peer, egress, proto, port), Some((_, v)) if !v.deny)
+    matches!(p.entries.lookup(peer, egress, proto, port), Some((_, v)) if !v.deny && v.proxy_port != cilium_abi::POLICY_PROXY_PORT_PENDING)
 }
 
 const SEED_001: &str = r#"
@@ -389,7 +389,7 @@ fn enforcement_modes() {
             labels: &labels,
             identities: &w.ids,
             own_ports: &NamedPorts::new(),
-            cluster_ports: &NamedPorts::new(),
+            peer_ports: &BTreeMap::new(),
             options: PolicyOptions { mode, allow_localhost: true },
         })
     };
@@ -406,7 +406,7 @@ fn enforcement_modes() {
         labels: &labels,
         identities: &w.ids,
         own_ports: &NamedPorts::new(),
-        cluster_ports: &NamedPorts::new(),
+        peer_ports: &BTreeMap::new(),
         options: PolicyOptions { mode: EnforcementMode::Never, allow_localhost: true },
     });
     assert!(!n.ingress_enforced && n.entries.is_empty());
@@ -437,7 +437,7 @@ spec:
         labels: &labels,
         identities: &w.ids,
         own_ports: &own,
-        cluster_ports: &NamedPorts::new(),
+        peer_ports: &BTreeMap::new(),
         options: PolicyOptions { allow_localhost: false, ..Default::default() },
     });
     assert!(allowed(&p, w.id("default/b"), false, TCP, 8080));
@@ -605,6 +605,7 @@ fn trace_agrees_with_the_computed_datapath_state() {
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p1}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n    toPorts: [{ports: [{port: \"80\"}]}]\n  egressDeny:\n  - toPorts: [{ports: [{port: \"53\", protocol: UDP}]}]\n  egress:\n  - toEntities: [cluster]\n",
         "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p2}\nspec:\n  endpointSelector: {matchLabels: {app: c}}\n  ingress:\n  - fromEndpoints: [{}]\n    toPorts: [{ports: [{port: \"80\", endPort: 81, protocol: TCP}]}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: b}}]\n",
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p3, namespace: prod}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress: [{from: [{namespaceSelector: {}}]}]\n  egress: [{ports: [{port: 80}]}]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p5}\nspec:\n  endpointSelector: {matchLabels: {app: c}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: a}}]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}], rules: {http: [{method: GET}]}}]\n  - toEndpoints: [{matchLabels: {app: a, \"k8s:io.kubernetes.pod.namespace\": default}}]\n    toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]\n",
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p4}\nspec:\n  endpointSelector: {matchLabels: {app: b}}\n  enableDefaultDeny: {egress: false}\n  egressDeny:\n  - toEndpoints: [{matchLabels: {app: a}}]\n    toPorts: [{ports: [{port: \"81\"}]}]\n",
     ];
     let mut rules: Vec<Rule> = Vec::new();
@@ -618,8 +619,8 @@ fn trace_agrees_with_the_computed_datapath_state() {
     for src in names {
         for dst in names {
             let (sl, dl) = (&w.ids[&w.id(src)], &w.ids[&w.id(dst)]);
-            let sp = compute(&Input { rules: &rules, labels: sl, identities: &w.ids, own_ports: &named, cluster_ports: &named, options });
-            let dp = compute(&Input { rules: &rules, labels: dl, identities: &w.ids, own_ports: &named, cluster_ports: &named, options });
+            let sp = compute(&Input { rules: &rules, labels: sl, identities: &w.ids, own_ports: &named, peer_ports: &BTreeMap::new(), options });
+            let dp = compute(&Input { rules: &rules, labels: dl, identities: &w.ids, own_ports: &named, peer_ports: &BTreeMap::new(), options });
             for (proto, pnum) in [(Protocol::Tcp, TCP), (Protocol::Udp, UDP)] {
                 for port in [53u16, 80, 81, 82] {
                     let datapath = allowed(&sp, w.id(dst), true, pnum, port) && allowed(&dp, w.id(src), false, pnum, port);
@@ -661,4 +662,90 @@ fn trace_explains_the_seed_policy() {
     let t = trace::trace(&rules, &trace::Party { labels: &world, is_endpoint: false, named_ports: &named }, &party(fe), Protocol::Tcp, 8080, PolicyOptions::default());
     assert!(t.egress.is_none());
     assert_eq!(t.verdict, trace::Verdict::Denied);
+}
+
+#[test]
+fn ccnp_empty_peer_selector_means_every_pod_not_the_world() {
+    let w = World::new(&[("default", "a"), ("prod", "b")]);
+    let p = w.policy(
+        "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress: [{fromEndpoints: [{}]}]\n",
+        "default/a",
+    );
+    assert!(allowed(&p, w.id("prod/b"), false, TCP, 80), "pods of every namespace");
+    assert!(!allowed(&p, 2, false, TCP, 80), "not the world");
+    assert!(!allowed(&p, 6, false, TCP, 80), "not remote nodes");
+}
+
+#[test]
+fn knp_empty_egress_list_without_policy_types_leaves_egress_open() {
+    let w = World::new(&[("default", "a")]);
+    let p = w.policy(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  egress: []\n",
+        "default/a",
+    );
+    assert!(p.ingress_enforced && !p.egress_enforced);
+}
+
+#[test]
+fn constraints_not_enforceable_yet_are_refused() {
+    for (field, snippet) in [
+        ("spec.ingress[0].authentication.mode", "  ingress: [{fromEntities: [all], authentication: {mode: required}}]\n"),
+        ("spec.egress[0].toPorts[0].serverNames", "  egress: [{toPorts: [{ports: [{port: \"443\"}], serverNames: [a.example]}]}]\n"),
+        ("spec.nodeSelector", ""),
+    ] {
+        let kind = if field == "spec.nodeSelector" { "CiliumClusterwideNetworkPolicy" } else { "CiliumNetworkPolicy" };
+        let selector = if field == "spec.nodeSelector" { "  nodeSelector: {}\n" } else { "  endpointSelector: {}\n" };
+        let yaml = format!("apiVersion: cilium.io/v2\nkind: {kind}\nmetadata: {{name: p}}\nspec:\n{selector}{snippet}");
+        let e = parse_policies(&yaml, "x").unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+    }
+}
+
+#[test]
+fn egress_named_ports_resolve_against_the_selected_peer() {
+    let w = World::new(&[("default", "fe"), ("default", "db"), ("default", "other")]);
+    let rules: Vec<Rule> = parse_policies(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: fe}}\n  egress:\n  - toEndpoints: [{matchLabels: {app: db}}]\n    toPorts: [{ports: [{port: db, protocol: TCP}]}]\n",
+        "x",
+    )
+    .unwrap()
+    .into_iter()
+    .flat_map(|(_, r)| r)
+    .collect();
+    let mut peer_ports = BTreeMap::new();
+    let mut db = NamedPorts::new();
+    db.entry("db".into()).or_default().insert((Protocol::Tcp, 5432));
+    peer_ports.insert(w.id("default/db"), db);
+    let mut other = NamedPorts::new();
+    other.entry("db".into()).or_default().insert((Protocol::Tcp, 22));
+    peer_ports.insert(w.id("default/other"), other);
+    let labels = w.ids[&w.id("default/fe")].clone();
+    let p = compute(&Input { rules: &rules, labels: &labels, identities: &w.ids, own_ports: &NamedPorts::new(), peer_ports: &peer_ports, options: PolicyOptions::default() });
+    assert!(allowed(&p, w.id("default/db"), true, TCP, 5432));
+    assert!(!allowed(&p, w.id("default/db"), true, TCP, 22), "another pod's port of the same name does not count");
+}
+
+#[test]
+fn l7_rules_fail_closed_until_the_proxy_exists_unless_an_l4_rule_covers_them() {
+    let w = World::new(&[("default", "a"), ("default", "b"), ("default", "c")]);
+    let p = w.policy(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: b}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: GET, path: "/public/.*"}]}}]
+  - fromEndpoints: [{matchLabels: {app: c}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}], rules: {http: [{method: GET}]}}]
+  - fromEndpoints: [{matchLabels: {app: c}}]
+"#,
+        "default/a",
+    );
+    let (k, v) = p.entries.lookup(w.id("default/b"), false, TCP, 80).unwrap();
+    assert_eq!((k.identity, v.proxy_port), (w.id("default/b"), cilium_abi::POLICY_PROXY_PORT_PENDING));
+    assert!(!allowed(&p, w.id("default/b"), false, TCP, 80), "L7-only access is dropped for now");
+    assert!(allowed(&p, w.id("default/c"), false, TCP, 80), "c is allowed at L3, which wildcards its L7 rules");
 }

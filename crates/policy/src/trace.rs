@@ -126,6 +126,7 @@ fn direction(
         .flat_map(|pr| pr.requires.iter())
         .collect();
     let mut allowed_by = None;
+    let mut l7_by = None;
     let mut denied_by = None;
     for r in &selecting {
         let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
@@ -147,10 +148,17 @@ fn direction(
                 } else {
                     if kind == "deny" {
                         denied_by.get_or_insert(who.clone());
+                    } else if pr.has_l7 {
+                        l7_by.get_or_insert(who.clone());
                     } else {
                         allowed_by.get_or_insert(who.clone());
                     }
-                    format!("MATCHES: peer matches {} on {}{}", describe_peers(pr), describe_ports(pr), if pr.has_l7 { " (L7 rules then apply)" } else { "" })
+                    format!(
+                        "MATCHES: peer matches {} on {}{}",
+                        describe_peers(pr),
+                        describe_ports(pr),
+                        if pr.has_l7 { " (with L7 rules, which cannot be enforced yet: such traffic is dropped)" } else { "" }
+                    )
                 };
                 steps.push(format!("{who} ({kind}): {verdict}"));
             }
@@ -164,6 +172,9 @@ fn direction(
     }
     if let Some(a) = allowed_by {
         return done(true, steps, Verdict::Allowed, format!("allowed by {a}"));
+    }
+    if let Some(a) = l7_by {
+        return done(true, steps, Verdict::Denied, format!("{a} allows it only through L7 rules, which are not enforced yet: dropped (178)"));
     }
     if enforced && !default_deny && !always {
         return done(true, steps, Verdict::Allowed, "no rule matches, and the selecting rules disable default deny".into());

@@ -48,6 +48,7 @@ fn conformance_suite_on_the_engine() {
     assert!(cases.len() >= 20, "the suite is there");
     let (ids, by_pod) = cluster();
     let np = named_ports();
+    let peer_ports: BTreeMap<u32, NamedPorts> = by_pod.values().map(|id| (*id, np.clone())).collect();
     let mut failures = Vec::new();
     for case in &cases {
         let mut repo = Repository::new();
@@ -69,7 +70,7 @@ fn conformance_suite_on_the_engine() {
             let policies: BTreeMap<&String, _> = by_pod
                 .iter()
                 .map(|(pod, id)| {
-                    let p = compute(&Input { rules: repo.rules(), labels: &ids[id], identities: &ids, own_ports: &np, cluster_ports: &np, options: PolicyOptions::default() });
+                    let p = compute(&Input { rules: repo.rules(), labels: &ids[id], identities: &ids, own_ports: &np, peer_ports: &peer_ports, options: PolicyOptions::default() });
                     (pod, p)
                 })
                 .collect();

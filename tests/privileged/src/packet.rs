@@ -102,3 +102,12 @@ pub fn sctp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     s[15] = 4;
     ipv4(src, dst, 132, &s, 0)
 }
+
+/// An ICMP message of any type without a body (e.g. 13, timestamp).
+pub fn icmp_type(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8) -> Vec<u8> {
+    let mut i = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];
+    let c = csum(&i);
+    i[2] = (c >> 8) as u8;
+    i[3] = c as u8;
+    ipv4(src, dst, 1, &i, 0)
+}

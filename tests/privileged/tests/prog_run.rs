@@ -357,3 +357,56 @@ fn sctp_is_enforced_by_port() {
     assert_eq!(h.from_container(&packet::sctp(POD, 5000, PEER, 81)), SHOT);
     assert_eq!(h.from_container(&packet::tcp(POD, 5000, PEER, 80, TCP_SYN)), SHOT, "SCTP rules allow only SCTP");
 }
+
+#[test]
+fn icmp_errors_are_related_only_between_the_quoted_endpoints() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    // the pod has an inbound connection from the peer...
+    h.rule(false, PEER_IDENTITY, 6, Some(80), false);
+    let inbound = packet::tcp(PEER, 3333, POD, 80, TCP_SYN);
+    assert_eq!(h.to_container(&inbound), OK);
+    // ...so it may answer the peer with an error about it
+    assert_eq!(h.from_container(&packet::icmp_unreachable(POD, PEER, &inbound)), OK);
+    // but not send that error to anyone else: egress denies everything
+    assert_eq!(h.from_container(&packet::icmp_unreachable(POD, OUTSIDE, &inbound)), SHOT);
+    // an error reaching the pod must quote a packet the pod sent
+    let not_from_pod = packet::tcp(PEER, 3333, OUTSIDE, 80, TCP_SYN);
+    assert_eq!(h.to_container(&packet::icmp_unreachable(OUTSIDE, POD, &not_from_pod)), SHOT);
+}
+
+#[test]
+fn icmp_other_than_echo_is_never_a_reply() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 1, Some(13), false); // timestamp requests out
+    assert_eq!(h.from_container(&packet::icmp_type(POD, PEER, 13)), OK);
+    // a router advertisement back is not a reply of anything
+    assert_eq!(h.to_container(&packet::icmp_type(PEER, POD, 9)), SHOT);
+}
+
+#[test]
+fn spoofed_local_source_is_dropped_at_ingress() {
+    let mut h = Harness::new(0);
+    add_local_peer(&mut h, 0);
+    // PEER is a local endpoint: its traffic is delivered directly, so a packet
+    // arriving through the stack with its address is spoofed
+    assert_eq!(h.to_container(&packet::tcp(PEER, 1000, POD, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::InvalidSourceIp.code()]);
+}
+
+#[test]
+fn l7_entries_drop_until_the_proxy_exists() {
+    let mut h = Harness::new(INGRESS);
+    let key = PolicyKey {
+        prefixlen: POLICY_PREFIX_FULL,
+        ep_id: EP_ID,
+        gen_dir: 0,
+        identity: PEER_IDENTITY,
+        protocol: 6,
+        dport: 80u16.to_be(),
+        ..Default::default()
+    };
+    let entry = PolicyEntry { proxy_port: cilium_abi::POLICY_PROXY_PORT_PENDING.to_be(), ..Default::default() };
+    h.dp.policy_insert(&key, &entry).unwrap();
+    assert_eq!(h.to_container(&packet::tcp(PEER, 1000, POD, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::ProxyLookupFailed.code()]);
+}

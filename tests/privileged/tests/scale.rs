@@ -51,7 +51,7 @@ fn one_rule_selecting_64k_identities_fits_and_enforces() {
     .flat_map(|(_, r)| r)
     .collect();
     let t = Instant::now();
-    let p = compute(&Input { rules: &rules, labels: &me, identities: &ids, own_ports: &NamedPorts::new(), cluster_ports: &NamedPorts::new(), options: PolicyOptions::default() });
+    let p = compute(&Input { rules: &rules, labels: &me, identities: &ids, own_ports: &NamedPorts::new(), peer_ports: &BTreeMap::new(), options: PolicyOptions::default() });
     let computed = t.elapsed();
     // a port without a protocol means TCP, UDP and SCTP: three entries per identity
     assert_eq!(p.entries.len(), 65280 * 3 + 1, "per selected identity, plus localhost");
@@ -92,7 +92,7 @@ fn ten_thousand_cidrs_compute_load_and_enforce() {
     assert_eq!(prefixes.len(), 10_000);
     let me = LabelSet::parse_all(["k8s:io.kubernetes.pod.namespace=default", "k8s:app=db"]);
     let t = Instant::now();
-    let p = compute(&Input { rules: &rules, labels: &me, identities: &ids, own_ports: &NamedPorts::new(), cluster_ports: &NamedPorts::new(), options: PolicyOptions::default() });
+    let p = compute(&Input { rules: &rules, labels: &me, identities: &ids, own_ports: &NamedPorts::new(), peer_ports: &BTreeMap::new(), options: PolicyOptions::default() });
     let computed = t.elapsed();
     assert_eq!(p.entries.iter().filter(|(k, _)| k.egress).count(), 10_000);
     let mut dp = load();

@@ -168,7 +168,7 @@ fn delete_is_idempotent_and_releases() {
     assert!(d.identities().get(v.identity).is_none());
     let dp = d.datapath();
     assert!(dp.endpoints.is_empty());
-    assert!(!dp.attached.contains("lxc1"));
+    assert!(dp.ct_flushed.contains(&v.ipv4), "its connections are forgotten");
     assert!(!dp.routes.contains_key(&v.ipv4));
     assert!(!dp.ipcache.contains_key(&Ipv4Net::new(v.ipv4, 32).unwrap()));
 }
@@ -298,4 +298,41 @@ fn relabelling_one_pod_touches_only_its_entries() {
     assert_eq!(writes, 8, "{writes} writes for one relabel");
     assert_eq!(d.datapath().policy.len(), before - 8);
     assert!(d.datapath().policy_log.iter().all(|(inserted, _)| !inserted));
+}
+
+#[test]
+fn cidr_rules_never_relabel_the_node_or_pods() {
+    let mut d = daemon(None);
+    pod(&mut d, "fe", "frontend");
+    let id = create(&mut d, "fe", 1);
+    let v = d.endpoint_view(id).unwrap();
+    let yaml = format!(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: c}}\nspec:\n  endpointSelector: {{}}\n  egress: [{{toCIDR: [172.30.0.11/32, {}/32, 10.0.0.0/8]}}]\n",
+        v.ipv4
+    );
+    d.policy_import(&yaml, "c.yaml", false).unwrap();
+    let ipc = |d: &Daemon<FakeDatapath>, p: &str| d.datapath().ipcache.get(&p.parse().unwrap()).map(|v| v.sec_identity);
+    assert_eq!(ipc(&d, "172.30.0.11/32"), Some(1), "the node stays the host");
+    assert_eq!(ipc(&d, &format!("{}/32", v.ipv4)), Some(v.identity), "the pod keeps its identity");
+    assert!(ipc(&d, "10.0.0.0/8").unwrap() >= 1 << 24);
+    d.policy_delete(|_| true).unwrap();
+    assert_eq!(ipc(&d, "172.30.0.11/32"), Some(1), "deleting the policy keeps the node's entry");
+    assert_eq!(ipc(&d, &format!("{}/32", v.ipv4)), Some(v.identity));
+    assert_eq!(ipc(&d, "10.0.0.0/8"), None);
+}
+
+#[test]
+fn restart_keeps_cidr_identity_numbers_and_bumps_the_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path());
+    let mut d = daemon(Some(store.clone()));
+    // import order differs from sorted order on purpose
+    d.policy_import("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: c}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [192.168.0.0/16]}]\n", "a.yaml", false).unwrap();
+    d.policy_import("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: d}\nspec:\n  endpointSelector: {}\n  egress: [{toCIDR: [10.0.0.0/8]}]\n", "b.yaml", false).unwrap();
+    let before = d.datapath().ipcache.clone();
+    let rev = d.datapath().policy_rev;
+    let mut d2 = Daemon::new(config(), d.datapath().clone(), Some(store.clone()), vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d2.restore(store.load().unwrap().unwrap()).unwrap();
+    assert_eq!(d2.datapath().ipcache, before, "same prefixes, same identities");
+    assert!(d2.datapath().policy_rev > rev, "established connections re-check after a restart");
 }
