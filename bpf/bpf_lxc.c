@@ -23,9 +23,9 @@
 #define ETH_P_IP_BE bpf_htons(0x0800)
 
 static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, __u32 src_id,
-				__u32 dst_id, __u8 flags, __u8 metric_dir)
+				__u32 dst_id, __u8 flags, __u8 metric_dir, const struct pkt *p)
 {
-	emit_drop(skb, ep_id, (__u8)reason, src_id, dst_id, flags);
+	emit_drop(skb, ep_id, (__u8)reason, src_id, dst_id, flags, p);
 	metrics_update(skb, (__u8)reason, metric_dir);
 	return TC_ACT_SHOT;
 }
@@ -51,8 +51,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
 		/* Replies of allowed connections pass without a policy lookup. */
 		if (ct.new_flags)
-			emit_trace(skb, ep->ep_id, point, src_id, dst_id,
-				   dir_flag | (ct.status == CT_REPLY ? EVENT_F_REPLY : EVENT_F_RELATED));
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag | (ct.status == CT_REPLY ? EVENT_F_REPLY : EVENT_F_RELATED), p);
 		metrics_update(skb, 0, metric_dir);
 		return TC_ACT_OK;
 	}
@@ -64,7 +63,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {
 		/* Verdict cached for this connection at the current policy revision. */
 		if (ct.new_flags)
-			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 		metrics_update(skb, 0, metric_dir);
 		return TC_ACT_OK;
 	}
@@ -79,22 +78,22 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 				     pol.proxy_port);
 		if (pol.verdict < 0 && !(ep->flags & EP_F_AUDIT))
 			return drop(skb, ep->ep_id, -pol.verdict, src_id, dst_id, dir_flag,
-				    metric_dir);
+				    metric_dir, p);
 	}
 
 	if (ct.status == CT_NEW && !p->untracked && !p->is_icmp_error) {
 		int ret = ct_create(p, ct_dir, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
-			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir);
-		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
+		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.status == CT_NEW) {
 		/* untracked ICMP and ICMP errors: every packet is judged and traced */
-		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.entry) {
 		/* Re-checked after a policy change: remember the new revision. */
 		ct.entry->policy_rev = rev;
 		if (ct.new_flags)
-			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag);
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	}
 	metrics_update(skb, 0, metric_dir);
 	return TC_ACT_OK;
@@ -123,7 +122,7 @@ static __always_inline int redirect_to_endpoint(struct __sk_buff *skb, const str
 	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2) < 0 ||
 	    bpf_skb_store_bytes(skb, 0, dst->mac, 6, 0) < 0 ||
 	    bpf_skb_store_bytes(skb, 6, dst->node_mac, 6, 0) < 0)
-		return drop(skb, src_ep, DROP_WRITE_ERROR, 0, 0, 0, METRIC_EGRESS);
+		return drop(skb, src_ep, DROP_WRITE_ERROR, 0, 0, 0, METRIC_EGRESS, 0);
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
@@ -135,23 +134,23 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
 
 	if (!ep)
-		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, dir_flag, metric_dir);
+		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, dir_flag, metric_dir, 0);
 	if (skb->protocol == ETH_P_ARP_BE)
 		return TC_ACT_OK;
 	if (skb->protocol != ETH_P_IP_BE)
-		return drop(skb, ep->ep_id, DROP_UNKNOWN_L3, 0, 0, dir_flag, metric_dir);
+		return drop(skb, ep->ep_id, DROP_UNKNOWN_L3, 0, 0, dir_flag, metric_dir, 0);
 
 	struct pkt p;
 	int ret = parse_ipv4(skb, &p);
 	if (ret < 0)
-		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir);
+		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir, 0);
 
 	__u32 now = now_seconds();
 	if (egress) {
 		/* A pod may only send from its own address. */
 		if (p.saddr != ep->ipv4)
 			return drop(skb, ep->ep_id, DROP_INVALID_SIP, ep->sec_identity, 0,
-				    dir_flag, metric_dir);
+				    dir_flag, metric_dir, &p);
 		/* Another endpoint of this node: its identity is known without an
 		 * ipcache lookup, its ingress policy is applied here, and the
 		 * packet goes straight to it. */
@@ -170,7 +169,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
-		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir);
+		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir, &p);
 	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now);
 }
 
@@ -201,6 +200,7 @@ struct abi_anchor {
 	struct runtime_config runtime_config;
 	struct metrics_value metrics_value;
 	struct event event;
+	struct event_capture event_capture;
 	enum reserved_identity reserved_identity;
 	enum drop_reason drop_reason;
 	enum event_type event_type;

@@ -222,7 +222,12 @@ struct metrics_value {
 /* Index of the lost-events counter in cilium_event_stats. */
 #define EVENT_STATS_LOST 0
 
-/* ---- the event ring buffer record ---- */
+/* ---- the event ring buffer records ----
+ * Every event carries the packet's parsed tuple, which is all trace and
+ * policy-verdict consumers need: copying packet bytes into every event would
+ * cost more than the rest of a new connection's processing. Drops, rare and
+ * worth a closer look, are followed by the first EVENT_DATA_LEN bytes of the
+ * packet (struct event_capture). */
 #define EVENT_DATA_LEN 128
 
 struct event {
@@ -234,16 +239,27 @@ struct event {
 	__u32 src_identity;
 	__u32 dst_identity;
 	__u32 len_orig;          /* skb length */
-	__u16 len_cap;           /* bytes of data[] that are valid */
-	__u16 dst_port;          /* policy verdict: port (host byte order) */
-	__u8 protocol;           /* policy verdict: IPPROTO_* */
+	__u16 len_cap;           /* packet bytes following this header (drops) */
+	__u16 dst_port;          /* policy verdict: port or ICMP type (host order) */
+	__u8 protocol;           /* IPPROTO_*, 0 when the packet was not parsed */
 	__u8 flags;              /* enum event_flags */
 	__u8 match_type;         /* enum policy_match */
-	__u8 pad0;
+	__u8 tcp_flags;
 	__s32 verdict;           /* policy verdict: 1 allowed, -reason denied */
 	__u16 proxy_port;        /* host byte order */
+	__u16 pad0;
+	__u32 saddr;             /* the tuple: addresses in network byte order, */
+	__u32 daddr;             /* ports in host byte order (ICMP echo: id) */
+	__u16 sport;
+	__u16 dport;
+	__u8 icmp_type;
+	__u8 icmp_code;
 	__u16 pad1;
 	__u32 pad2;
+};
+
+struct event_capture {
+	struct event hdr;
 	__u8 data[EVENT_DATA_LEN]; /* the packet from its Ethernet header */
 };
 

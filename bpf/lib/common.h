@@ -60,6 +60,7 @@ struct pkt {
 	__u8 protocol;
 	__u8 tcp_flags;
 	__u8 icmp_type;
+	__u8 icmp_code;
 	__u8 is_icmp_error;   /* inner tuple below is valid */
 	__u8 is_echo_reply;
 	__u8 untracked;       /* ICMP other than echo: no conntrack entry of its own */
@@ -136,6 +137,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	p->protocol = ip->protocol;
 	p->tcp_flags = 0;
 	p->icmp_type = 0;
+	p->icmp_code = 0;
 	p->is_icmp_error = 0;
 	p->is_echo_reply = 0;
 	p->untracked = 0;
@@ -167,6 +169,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		if ((void *)(icmp + 1) > data_end)
 			return -DROP_CT_INVALID_HDR;
 		p->icmp_type = icmp->type;
+		p->icmp_code = icmp->code;
 		p->policy_port = bpf_htons(icmp->type);
 		p->is_echo_reply = icmp->type == ICMP_ECHOREPLY_T;
 		p->untracked = icmp->type != ICMP_ECHO_T && icmp->type != ICMP_ECHOREPLY_T;

@@ -36,15 +36,9 @@ static __always_inline void event_lost(void)
 		*lost += 1;
 }
 
-/* Reserves an event with its common header and packet capture filled in. */
-static __always_inline struct event *event_reserve(struct __sk_buff *skb, __u8 type,
-						   __u8 subtype, __u16 source_ep)
+static __always_inline void event_fill(struct event *ev, struct __sk_buff *skb, __u8 type,
+				       __u8 subtype, __u16 source_ep, const struct pkt *p)
 {
-	struct event *ev = bpf_ringbuf_reserve(&cilium_events, sizeof(*ev), 0);
-	if (!ev) {
-		event_lost();
-		return 0;
-	}
 	ev->type = type;
 	ev->subtype = subtype;
 	ev->source_ep = source_ep;
@@ -53,42 +47,67 @@ static __always_inline struct event *event_reserve(struct __sk_buff *skb, __u8 t
 	ev->src_identity = 0;
 	ev->dst_identity = 0;
 	ev->len_orig = skb->len;
+	ev->len_cap = 0;
 	ev->dst_port = 0;
-	ev->protocol = 0;
 	ev->flags = 0;
 	ev->match_type = 0;
-	ev->pad0 = 0;
 	ev->verdict = 0;
 	ev->proxy_port = 0;
+	ev->pad0 = 0;
 	ev->pad1 = 0;
 	ev->pad2 = 0;
+	if (p) {
+		ev->protocol = p->protocol;
+		ev->tcp_flags = p->tcp_flags;
+		ev->saddr = p->saddr;
+		ev->daddr = p->daddr;
+		ev->sport = bpf_ntohs(p->sport);
+		ev->dport = bpf_ntohs(p->dport);
+		ev->icmp_type = p->icmp_type;
+		ev->icmp_code = p->icmp_code;
+	} else {
+		ev->protocol = 0;
+		ev->tcp_flags = 0;
+		ev->saddr = 0;
+		ev->daddr = 0;
+		ev->sport = 0;
+		ev->dport = 0;
+		ev->icmp_type = 0;
+		ev->icmp_code = 0;
+	}
+}
+
+/* A drop, with the packet's first bytes for a closer look. */
+static __always_inline void emit_drop(struct __sk_buff *skb, __u16 ep_id, __u8 reason,
+				      __u32 src_id, __u32 dst_id, __u8 flags, const struct pkt *p)
+{
+	struct event_capture *c = bpf_ringbuf_reserve(&cilium_events, sizeof(*c), 0);
+	if (!c) {
+		event_lost();
+		return;
+	}
+	event_fill(&c->hdr, skb, EVENT_DROP, reason, ep_id, p);
+	c->hdr.src_identity = src_id;
+	c->hdr.dst_identity = dst_id;
+	c->hdr.flags = flags;
 	__u32 cap = skb->len;
 	if (cap > EVENT_DATA_LEN)
 		cap = EVENT_DATA_LEN;
-	if (cap < 1 || bpf_skb_load_bytes(skb, 0, ev->data, cap) < 0)
+	if (cap < 1 || bpf_skb_load_bytes(skb, 0, c->data, cap) < 0)
 		cap = 0;
-	ev->len_cap = cap;
-	return ev;
-}
-
-static __always_inline void emit_drop(struct __sk_buff *skb, __u16 ep_id, __u8 reason,
-				      __u32 src_id, __u32 dst_id, __u8 flags)
-{
-	struct event *ev = event_reserve(skb, EVENT_DROP, reason, ep_id);
-	if (!ev)
-		return;
-	ev->src_identity = src_id;
-	ev->dst_identity = dst_id;
-	ev->flags = flags;
-	bpf_ringbuf_submit(ev, event_submit_flags());
+	c->hdr.len_cap = cap;
+	bpf_ringbuf_submit(c, event_submit_flags());
 }
 
 static __always_inline void emit_trace(struct __sk_buff *skb, __u16 ep_id, __u8 point,
-				       __u32 src_id, __u32 dst_id, __u8 flags)
+				       __u32 src_id, __u32 dst_id, __u8 flags, const struct pkt *p)
 {
-	struct event *ev = event_reserve(skb, EVENT_TRACE, point, ep_id);
-	if (!ev)
+	struct event *ev = bpf_ringbuf_reserve(&cilium_events, sizeof(*ev), 0);
+	if (!ev) {
+		event_lost();
 		return;
+	}
+	event_fill(ev, skb, EVENT_TRACE, point, ep_id, p);
 	ev->src_identity = src_id;
 	ev->dst_identity = dst_id;
 	ev->flags = flags;
@@ -99,12 +118,14 @@ static __always_inline void emit_verdict(struct __sk_buff *skb, __u16 ep_id, __u
 					 __u32 dst_id, const struct pkt *p, __s32 verdict,
 					 __u8 match_type, __u8 flags, __u16 proxy_port)
 {
-	struct event *ev = event_reserve(skb, EVENT_POLICY_VERDICT, 0, ep_id);
-	if (!ev)
+	struct event *ev = bpf_ringbuf_reserve(&cilium_events, sizeof(*ev), 0);
+	if (!ev) {
+		event_lost();
 		return;
+	}
+	event_fill(ev, skb, EVENT_POLICY_VERDICT, 0, ep_id, p);
 	ev->src_identity = src_id;
 	ev->dst_identity = dst_id;
-	ev->protocol = p->protocol;
 	ev->dst_port = bpf_ntohs(p->policy_port);
 	ev->verdict = verdict;
 	ev->match_type = match_type;

@@ -4,8 +4,8 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = cilium_flow::decode_packet(data);
-    if let Some(ev) = cilium_abi::Event::from_bytes(data) {
-        if let Some(m) = cilium_flow::MonitorEvent::from_event(&ev, u64::MAX / 2) {
+    if let Some((ev, capture)) = cilium_abi::Event::from_bytes(data) {
+        if let Some(m) = cilium_flow::MonitorEvent::from_event(&ev, capture, u64::MAX / 2) {
             let _ = m.summary();
         }
     }

@@ -37,7 +37,7 @@ macro_rules! abi_struct {
             const C_NAME: &'static str = $cname;
             const SIZE: usize = core::mem::size_of::<$name>();
             fn fields() -> Vec<(&'static str, usize, usize)> {
-                vec![$((stringify!($field), core::mem::offset_of!($name, $field), core::mem::size_of::<$ty>())),*]
+                vec![$((stringify!($field).trim_start_matches("r#"), core::mem::offset_of!($name, $field), core::mem::size_of::<$ty>())),*]
             }
         }
 
@@ -180,85 +180,76 @@ abi_struct!(
     }
 );
 
-/// Bytes of packet captured with each event.
+/// Bytes of packet captured after a drop event.
 pub const EVENT_DATA_LEN: usize = 128;
 
-/// One record of the cilium_events ring buffer.
+abi_struct!(
+    /// One record of the cilium_events ring buffer (a drop is followed by
+    /// `len_cap` bytes of the packet, see [`EventCapture`]).
+    Event = "event" {
+        r#type: u8,
+        subtype: u8,
+        source_ep: u16,
+        ifindex: u32,
+        ktime_ns: u64,
+        src_identity: u32,
+        dst_identity: u32,
+        len_orig: u32,
+        len_cap: u16,
+        dst_port: u16,
+        protocol: u8,
+        flags: u8,
+        match_type: u8,
+        tcp_flags: u8,
+        verdict: i32,
+        proxy_port: u16,
+        pad0: u16,
+        /// Network byte order.
+        saddr: u32,
+        /// Network byte order.
+        daddr: u32,
+        sport: u16,
+        dport: u16,
+        icmp_type: u8,
+        icmp_code: u8,
+        pad1: u16,
+        pad2: u32,
+    }
+);
+
+/// A drop event with the packet's first bytes (for the ABI check; records
+/// are decoded with [`Event::from_bytes`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Event {
-    pub r#type: u8,
-    pub subtype: u8,
-    pub source_ep: u16,
-    pub ifindex: u32,
-    pub ktime_ns: u64,
-    pub src_identity: u32,
-    pub dst_identity: u32,
-    pub len_orig: u32,
-    pub len_cap: u16,
-    pub dst_port: u16,
-    pub protocol: u8,
-    pub flags: u8,
-    pub match_type: u8,
-    pub pad0: u8,
-    pub verdict: i32,
-    pub proxy_port: u16,
-    pub pad1: u16,
-    pub pad2: u32,
+pub struct EventCapture {
+    pub hdr: Event,
     pub data: [u8; EVENT_DATA_LEN],
 }
 
-impl Layout for Event {
-    const C_NAME: &'static str = "event";
-    const SIZE: usize = core::mem::size_of::<Event>();
+impl Layout for EventCapture {
+    const C_NAME: &'static str = "event_capture";
+    const SIZE: usize = core::mem::size_of::<EventCapture>();
     fn fields() -> Vec<(&'static str, usize, usize)> {
-        macro_rules! f {
-            ($f:ident, $n:literal) => {
-                ($n, core::mem::offset_of!(Event, $f), size_of_field(|e: &Event| &e.$f))
-            };
-        }
         vec![
-            f!(r#type, "type"),
-            f!(subtype, "subtype"),
-            f!(source_ep, "source_ep"),
-            f!(ifindex, "ifindex"),
-            f!(ktime_ns, "ktime_ns"),
-            f!(src_identity, "src_identity"),
-            f!(dst_identity, "dst_identity"),
-            f!(len_orig, "len_orig"),
-            f!(len_cap, "len_cap"),
-            f!(dst_port, "dst_port"),
-            f!(protocol, "protocol"),
-            f!(flags, "flags"),
-            f!(match_type, "match_type"),
-            f!(pad0, "pad0"),
-            f!(verdict, "verdict"),
-            f!(proxy_port, "proxy_port"),
-            f!(pad1, "pad1"),
-            f!(pad2, "pad2"),
-            f!(data, "data"),
+            ("hdr", core::mem::offset_of!(EventCapture, hdr), core::mem::size_of::<Event>()),
+            ("data", core::mem::offset_of!(EventCapture, data), EVENT_DATA_LEN),
         ]
     }
 }
 
-fn size_of_field<T, F>(_: impl Fn(&T) -> &F) -> usize {
-    core::mem::size_of::<F>()
-}
-
 impl Event {
-    /// Decodes a ring buffer record. Returns `None` when it is too short.
-    pub fn from_bytes(bytes: &[u8]) -> Option<Event> {
-        if bytes.len() < core::mem::size_of::<Event>() {
+    /// Decodes a ring buffer record: the event and the packet bytes that
+    /// follow it (drops only). `None` when the record is too short.
+    pub fn from_bytes(bytes: &[u8]) -> Option<(Event, &[u8])> {
+        let n = core::mem::size_of::<Event>();
+        if bytes.len() < n {
             return None;
         }
         // SAFETY: length checked; Event is plain old data of integers, so any
         // bit pattern is valid; read_unaligned copes with any alignment.
-        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
-    }
-
-    /// The captured packet bytes (from the Ethernet header).
-    pub fn packet(&self) -> &[u8] {
-        &self.data[..(self.len_cap as usize).min(EVENT_DATA_LEN)]
+        let ev = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) };
+        let cap = (ev.len_cap as usize).min(EVENT_DATA_LEN).min(bytes.len() - n);
+        Some((ev, &bytes[n..n + cap]))
     }
 }
 
@@ -278,5 +269,6 @@ pub fn all_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usiz
         one::<RuntimeConfig>(),
         one::<MetricsValue>(),
         one::<Event>(),
+        one::<EventCapture>(),
     ]
 }

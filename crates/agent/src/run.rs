@@ -130,8 +130,8 @@ async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEv
     loop {
         match reader.next_batch().await {
             Ok(batch) => {
-                for ev in batch {
-                    if let Some(m) = MonitorEvent::from_event(&ev, offset) {
+                for (ev, capture) in batch {
+                    if let Some(m) = MonitorEvent::from_event(&ev, &capture, offset) {
                         // no subscriber is fine: events are dropped here, the datapath never waits
                         let _ = tx.send(Arc::new(m));
                     }

@@ -38,21 +38,22 @@ impl EventReader {
         Ok(EventReader { ring })
     }
 
-    fn drain(&mut self) -> Vec<Event> {
+    fn drain(&mut self) -> Vec<(Event, Vec<u8>)> {
         let mut out = Vec::new();
         let ring = &mut self.ring.get_mut().0;
         while let Some(item) = ring.next() {
-            if let Some(ev) = Event::from_bytes(&item) {
-                out.push(ev);
+            if let Some((ev, capture)) = Event::from_bytes(&item) {
+                out.push((ev, capture.to_vec()));
             }
         }
         out
     }
 
-    /// Waits for events and returns every one available (at least one).
+    /// Waits for events and returns every one available (at least one),
+    /// each with the packet bytes captured after it (drops only).
     /// The datapath submits without waking us (see bpf/lib/events.h), so
     /// besides waiting for a wakeup this polls every [`POLL_INTERVAL`].
-    pub async fn next_batch(&mut self) -> Result<Vec<Event>> {
+    pub async fn next_batch(&mut self) -> Result<Vec<(Event, Vec<u8>)>> {
         loop {
             let out = self.drain();
             if !out.is_empty() {

@@ -119,6 +119,23 @@ pub fn decode_packet(frame: &[u8]) -> Option<Packet> {
     Some(Packet { src, dst, l4 })
 }
 
+/// The packet an event describes, from its tuple; `None` when the datapath
+/// had not parsed it.
+pub fn packet_of(ev: &Event) -> Option<Packet> {
+    if ev.protocol == 0 {
+        return None;
+    }
+    let src = Ipv4Addr::from(ev.saddr.to_ne_bytes());
+    let dst = Ipv4Addr::from(ev.daddr.to_ne_bytes());
+    let l4 = match ev.protocol {
+        6 => L4::Tcp { src_port: ev.sport, dst_port: ev.dport, flags: TcpFlags::from_byte(ev.tcp_flags) },
+        17 => L4::Udp { src_port: ev.sport, dst_port: ev.dport },
+        1 => L4::Icmp { icmp_type: ev.icmp_type, code: ev.icmp_code },
+        n => L4::Other { number: n },
+    };
+    Some(Packet { src, dst, l4 })
+}
+
 /// A datapath event, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorEvent {
@@ -151,7 +168,9 @@ pub struct MonitorEvent {
 impl MonitorEvent {
     /// Decodes an event. `boot_to_unix_ns` converts the event's boot-time
     /// clock into wall-clock time.
-    pub fn from_event(ev: &Event, boot_to_unix_ns: u64) -> Option<MonitorEvent> {
+    /// `capture` is the packet bytes recorded after the event (drops), from
+    /// which the headers are decoded; otherwise the event's own tuple is used.
+    pub fn from_event(ev: &Event, capture: &[u8], boot_to_unix_ns: u64) -> Option<MonitorEvent> {
         let kind = EventType::from_code(ev.r#type)?;
         let flag = |f: EventFlag| ev.flags & f as u8 != 0;
         let mut m = MonitorEvent {
@@ -173,7 +192,7 @@ impl MonitorEvent {
             ingress: flag(EventFlag::Ingress),
             is_reply: flag(EventFlag::Reply),
             length: ev.len_orig,
-            packet: decode_packet(ev.packet()),
+            packet: decode_packet(capture).or_else(|| packet_of(ev)),
         };
         match kind {
             EventType::Drop => {
