@@ -226,6 +226,16 @@ impl Loaded {
         Ok((res.return_value as i32, out))
     }
 
+    fn ct_delete(&mut self, keys: &[CtKey]) -> Result<usize> {
+        use std::os::fd::AsFd;
+        let m = self.ebpf.map(MAP_CT).ok_or_else(|| DatapathError::Netlink("conntrack map missing".into()))?;
+        let aya::maps::Map::LruHashMap(data) = m else {
+            return Err(DatapathError::Netlink("conntrack map is not an LRU hash".into()));
+        };
+        crate::sys::map_delete_batched(data.fd().as_fd(), keys, 4096)
+            .map_err(|source| DatapathError::Io { what: "deleting from cilium_ct4".into(), source })
+    }
+
     /// Takes the event ring buffer (once) for an [`crate::events::EventReader`].
     pub fn take_events(&mut self) -> Option<aya::maps::Map> {
         self.ebpf.take_map(MAP_EVENTS)
@@ -462,32 +472,24 @@ impl Datapath for Loaded {
     }
 
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let m = self.hash::<CtKey, CtEntry>(MAP_CT)?;
-        m.iter().map(|r| r.map_err(map_err(MAP_CT))).collect()
+        use std::os::fd::AsFd;
+        let m = self.ebpf.map(MAP_CT).ok_or_else(|| DatapathError::Netlink("conntrack map missing".into()))?;
+        let aya::maps::Map::LruHashMap(data) = m else {
+            return Err(DatapathError::Netlink("conntrack map is not an LRU hash".into()));
+        };
+        crate::sys::map_dump_batched::<CtKey, CtEntry>(data.fd().as_fd(), 4096)
+            .map_err(|source| DatapathError::Io { what: "reading cilium_ct4".into(), source })
     }
 
     fn ct_flush_ip(&mut self, ip: std::net::Ipv4Addr) -> Result<usize> {
         let be = ip_to_be(ip);
         let doomed: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(k, _)| k.saddr == be || k.daddr == be).map(|(k, _)| k).collect();
-        let mut m = self.hash_mut::<CtKey, CtEntry>(MAP_CT)?;
-        Ok(doomed.iter().filter(|k| m.remove(k).is_ok()).count())
+        self.ct_delete(&doomed)
     }
 
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize> {
-        let expired: Vec<CtKey> = self
-            .ct_dump()?
-            .into_iter()
-            .filter(|(_, v)| v.lifetime < now_secs)
-            .map(|(k, _)| k)
-            .collect();
-        let mut m = self.hash_mut::<CtKey, CtEntry>(MAP_CT)?;
-        let mut n = 0;
-        for k in &expired {
-            if m.remove(k).is_ok() {
-                n += 1;
-            }
-        }
-        Ok(n)
+        let expired: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(_, v)| v.lifetime < now_secs).map(|(k, _)| k).collect();
+        self.ct_delete(&expired)
     }
 
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>> {
@@ -518,7 +520,7 @@ impl Datapath for Loaded {
         let lxc = self.hash::<u32, EndpointInfo>(MAP_LXC).map(|m| m.keys().count()).unwrap_or(0);
         let ipcache = self.lpm::<u32, IpcacheValue>(MAP_IPCACHE).map(|m| m.keys().count()).unwrap_or(0);
         let policy = self.lpm::<PolicyLpm, PolicyEntry>(MAP_POLICY).map(|m| m.keys().count()).unwrap_or(0);
-        let ct = self.hash::<CtKey, CtEntry>(MAP_CT).map(|m| m.keys().count()).unwrap_or(0);
+        let ct = self.ct_dump().map(|v| v.len()).unwrap_or(0);
         vec![
             MapPressure { name: MAP_LXC, entries: lxc, max_entries: self.opts.endpoints_max },
             MapPressure { name: MAP_IPCACHE, entries: ipcache, max_entries: self.opts.ipcache_max },

@@ -84,3 +84,89 @@ pub fn in_netns<T: Send + 'static>(
     .join()
     .map_err(|_| DatapathError::Netlink("netns worker thread panicked".into()))?
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size
+    // passed; the kernel reads and writes only within it and the buffers it
+    // points to, which the callers size for `count` elements.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut BatchAttr, size_of::<BatchAttr>() as u32) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Reads a whole hash map in batches of `chunk` (BPF_MAP_LOOKUP_BATCH): a
+/// handful of syscalls instead of two per entry, so walking a full
+/// conntrack table does not hold up the datapath.
+pub fn map_dump_batched<K: Copy + Default, V: Copy + Default>(fd: std::os::fd::BorrowedFd<'_>, chunk: usize) -> std::io::Result<Vec<(K, V)>> {
+    use std::os::fd::AsRawFd;
+    let mut out = Vec::new();
+    let mut keys = vec![K::default(); chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut token: u64 = 0;
+    let mut first = true;
+    loop {
+        let mut next: u64 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &token as *const u64 as u64 },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let r = bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let n = attr.count as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match r {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Deletes keys of a hash map in one syscall per `chunk` (BPF_MAP_DELETE_BATCH).
+/// Keys already gone are skipped. Returns how many were deleted.
+pub fn map_delete_batched<K: Copy>(fd: std::os::fd::BorrowedFd<'_>, keys: &[K], chunk: usize) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut deleted = 0;
+    for part in keys.chunks(chunk) {
+        let mut attr = BatchAttr {
+            keys: part.as_ptr() as u64,
+            count: part.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        match bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr) {
+            Ok(()) => deleted += attr.count as usize,
+            // a key vanished meanwhile (LRU eviction, the datapath): fall back
+            // to counting what went before it and carry on with the rest
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                deleted += attr.count as usize;
+                let rest = &part[(attr.count as usize + 1).min(part.len())..];
+                deleted += map_delete_batched(fd, rest, chunk)?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
+}

@@ -76,6 +76,10 @@ pub struct CiliumPolicy {
     /// Written by the API server; accepted and ignored.
     #[serde(default, skip_serializing)]
     pub status: Option<serde_json::Value>,
+    /// Not part of the CRD, but many of upstream's published examples carry
+    /// it (the API server drops it); accepted and kept as a comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// One rule of a Cilium policy.

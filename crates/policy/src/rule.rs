@@ -321,6 +321,9 @@ fn parse_protocol(ctx: &Ctx, field: &str, p: Option<&str>, default_any: bool) ->
             "UDP" => Ok(vec![Protocol::Udp]),
             "SCTP" => Ok(vec![Protocol::Sctp]),
             "ANY" if default_any => Ok(vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]),
+            "VRRP" | "IGMP" | "GRE" | "IPIP" | "ESP" | "AH" | "IPV6" if default_any => {
+                Err(ctx.err(field, s, "extended IP protocols are not supported yet"))
+            }
             _ => Err(ctx.err(
                 field,
                 s,
@@ -522,6 +525,7 @@ fn port_rules(
     field: &str,
     to_ports: &[api::PortRule],
     deny: bool,
+    ingress: bool,
 ) -> Result<(Vec<PortSpec>, bool), PolicyError> {
     let mut out = Vec::new();
     let mut has_l7 = false;
@@ -542,6 +546,19 @@ fn port_rules(
         if let Some(rules) = &pr.rules {
             if deny {
                 return Err(ctx.err(&format!("{f}.rules"), "", "deny rules cannot have L7 rules"));
+            }
+            if ingress && rules.dns.is_some() {
+                return Err(ctx.err(&format!("{f}.rules.dns"), "", "DNS rules apply to egress only"));
+            }
+            for (j, pp) in pr.ports.iter().enumerate() {
+                let proto = pp.protocol.as_deref().unwrap_or("ANY").to_ascii_uppercase();
+                let port = pp.port.as_ref().map(IntOrString::as_string).unwrap_or_default();
+                if port.is_empty() || port == "0" {
+                    return Err(ctx.err(&format!("{f}.ports[{j}].port"), port, "L7 rules need a port"));
+                }
+                if rules.dns.is_none() && proto != "TCP" && proto != "ANY" {
+                    return Err(ctx.err(&format!("{f}.ports[{j}].protocol"), proto, "L7 rules apply to TCP only (DNS rules excepted)"));
+                }
             }
             validate_l7(ctx, &format!("{f}.rules"), rules)?;
             has_l7 = true;
@@ -585,6 +602,24 @@ struct PeerFields<'a> {
 
 fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRule, PolicyError> {
     let [n_ep, n_req, n_cidr, n_cidrset, n_ent, n_nodes] = p.names;
+    // one kind of peer per rule, as upstream (selectors, CIDRs and entities
+    // would otherwise have to be intersected, which neither side defines)
+    let present: Vec<&str> = [
+        (n_ep, p.endpoints.as_ref().is_some_and(|v| !v.is_empty())),
+        (n_cidr, p.cidr.as_ref().is_some_and(|v| !v.is_empty())),
+        (n_cidrset, p.cidr_set.as_ref().is_some_and(|v| !v.is_empty())),
+        (n_ent, p.entities.as_ref().is_some_and(|v| !v.is_empty())),
+        (n_nodes, p.nodes.as_ref().is_some_and(|v| !v.is_empty())),
+        ("toServices", p.services.is_some_and(|v| !v.is_empty())),
+        ("toFQDNs", p.fqdns.is_some_and(|v| !v.is_empty())),
+    ]
+    .into_iter()
+    .filter(|(_, set)| *set)
+    .map(|(n, _)| n)
+    .collect();
+    if present.len() > 1 {
+        return Err(ctx.err(field, "", format!("combining {} and {} is not supported yet", present[0], present[1])));
+    }
     let mut selectors: Vec<Selector> = Vec::new();
     let mut wildcard = false;
     let mut any_peer_field = false;
@@ -680,7 +715,7 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
     }
 
     let (mut ports, has_l7) = match p.to_ports {
-        Some(tp) => port_rules(ctx, &format!("{field}.toPorts"), tp, deny)?,
+        Some(tp) => port_rules(ctx, &format!("{field}.toPorts"), tp, deny, n_ep.starts_with("from"))?,
         None => (vec![], false),
     };
     let has_icmp = p.icmps.as_ref().is_some_and(|v| !v.is_empty());
@@ -812,6 +847,9 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
                 return Err(ctx.err(&origin, "", "endpointSelector and nodeSelector are mutually exclusive"));
             }
         };
+        if r.ingress.is_none() && r.ingress_deny.is_none() && r.egress.is_none() && r.egress_deny.is_none() {
+            return Err(ctx.err(&origin, "", "a rule needs at least one of ingress, ingressDeny, egress or egressDeny"));
+        }
         let mut ingress = Vec::new();
         for (i, ir) in r.ingress.iter().flatten().enumerate() {
             ingress.push(ingress_rule(&ctx, &format!("{origin}.ingress[{i}]"), ir, false)?);

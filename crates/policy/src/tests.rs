@@ -749,3 +749,23 @@ spec:
     assert!(!allowed(&p, w.id("default/b"), false, TCP, 80), "L7-only access is dropped for now");
     assert!(allowed(&p, w.id("default/c"), false, TCP, 80), "c is allowed at L3, which wildcards its L7 rules");
 }
+
+#[test]
+fn upstream_validation_rules() {
+    let doc = |spec: &str| format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{}}\n{spec}");
+    // a top-level description, as many of upstream's examples carry, is accepted
+    let described = format!("description: \"an example\"\n{}", doc("  ingress: [{}]\n"));
+    assert!(parse_policies(&described, "x").is_ok());
+    for (spec, field, msg) in [
+        ("  ingress:\n  - toPorts: [{ports: [{port: \"80\", protocol: UDP}], rules: {http: [{method: GET}]}}]\n", "spec.ingress[0].toPorts[0].ports[0].protocol", "TCP only"),
+        ("  egress:\n  - toEndpoints: [{}]\n    toCIDR: [10.0.0.0/8]\n", "spec.egress[0]", "combining toEndpoints and toCIDR"),
+        ("", "spec", "at least one of"),
+        ("  ingress:\n  - toPorts: [{ports: [{port: \"53\", protocol: UDP}], rules: {dns: [{matchName: a.example}]}}]\n", "spec.ingress[0].toPorts[0].rules.dns", "egress only"),
+        ("  egress:\n  - toPorts: [{ports: [{port: \"0\", protocol: TCP}], rules: {http: [{}]}}]\n", "spec.egress[0].toPorts[0].ports[0].port", "need a port"),
+        ("  egress:\n  - toPorts: [{ports: [{protocol: VRRP}]}]\n", "spec.egress[0].toPorts[0].ports[0].protocol", "not supported yet"),
+    ] {
+        let e = parse_policies(&doc(spec), "x").unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains(msg), "{e}");
+    }
+}

@@ -33,7 +33,7 @@ struct Harness {
 impl Harness {
     fn new(flags: u16) -> Harness {
         require_root();
-        let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 1024, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16 })
+        let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16 })
             .expect("load datapath");
         let ring = RingBuf::try_from(dp.take_events().unwrap()).unwrap();
         let mut h = Harness { dp, ring };
@@ -428,4 +428,20 @@ fn l7_entries_drop_until_the_proxy_exists() {
     h.dp.policy_insert(&key, &entry).unwrap();
     assert_eq!(h.to_container(&packet::tcp(PEER, 1000, POD, 80, TCP_SYN)), SHOT);
     assert_eq!(h.drops(), vec![DropReason::ProxyLookupFailed.code()]);
+}
+
+#[test]
+fn conntrack_dump_gc_and_flush_in_batches() {
+    let mut h = Harness::new(0);
+    // 5000 connections: more than one batch
+    for port in 0..5000u16 {
+        assert_eq!(h.from_container(&packet::udp(POD, 10000 + port, PEER, 53)), OK);
+    }
+    assert_eq!(h.from_container(&packet::udp(POD, 9999, OUTSIDE, 53)), OK);
+    let all = h.dp.ct_dump().unwrap();
+    assert_eq!(all.len(), 5001);
+    assert_eq!(h.dp.ct_flush_ip(OUTSIDE).unwrap(), 1);
+    assert_eq!(h.dp.ct_gc(0).unwrap(), 0, "nothing has expired yet");
+    assert_eq!(h.dp.ct_gc(u32::MAX).unwrap(), 5000, "everything expires eventually");
+    assert!(h.dp.ct_dump().unwrap().is_empty());
 }
