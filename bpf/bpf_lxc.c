@@ -38,7 +38,6 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
 				   struct pkt *p, int egress, __u32 peer_id, __u32 now)
 {
-	__u8 ct_dir = egress ? CT_EGRESS : CT_INGRESS;
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
 	__u8 point = egress ? TRACE_FROM_LXC : TRACE_TO_LXC;
 	__u32 src_id = egress ? ep->sec_identity : peer_id;
@@ -46,7 +45,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
 	struct ct_result ct;
 
-	ct_lookup(p, ct_dir, skb->len, now, &ct);
+	ct_lookup(p, egress, skb->len, now, &ct);
 
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
 		/* Replies of allowed connections pass without a policy lookup. */
@@ -82,7 +81,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	}
 
 	if (ct.status == CT_NEW && !p->untracked && !p->is_icmp_error) {
-		int ret = ct_create(p, ct_dir, skb->len, now, src_id, rev, pol.proxy_port);
+		int ret = ct_create(p, egress, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
 			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
 		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
@@ -209,7 +208,6 @@ struct abi_anchor {
 	enum event_flags event_flags;
 	enum endpoint_flags endpoint_flags;
 	enum policy_entry_flags policy_entry_flags;
-	enum ct_dir ct_dir;
 	enum ct_entry_flags ct_entry_flags;
 	enum metric_dir metric_dir;
 };

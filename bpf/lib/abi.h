@@ -158,26 +158,25 @@ struct policy_entry {
 	__u32 pad;
 };
 
-/* ---- connection tracking ---- */
-enum ct_dir {
-	CT_EGRESS = 0,           /* created by the source endpoint's egress hook */
-	CT_INGRESS = 1,          /* created by the destination endpoint's ingress hook */
-};
-
+/* ---- connection tracking ----
+ * One entry per connection per endpoint, keyed from the endpoint's side
+ * (its own address and port first), so both directions of a connection find
+ * the same entry with a single lookup. */
 struct ct_key {
-	__u32 saddr;
-	__u32 daddr;
-	__u16 sport;             /* ICMP echo: identifier */
-	__u16 dport;
+	__u32 local;             /* the endpoint's address, network byte order */
+	__u32 remote;            /* the peer's address */
+	__u16 lport;             /* network byte order; ICMP echo: identifier */
+	__u16 rport;
 	__u8 protocol;
-	__u8 dir;                /* enum ct_dir */
-	__u16 pad;
+	__u8 pad0;
+	__u16 pad1;
 };
 
 enum ct_entry_flags {
 	CT_F_TX_CLOSING = 1,
 	CT_F_RX_CLOSING = 2,
 	CT_F_SEEN_REPLY = 4,
+	CT_F_EGRESS = 8,         /* the endpoint opened it (created by its egress hook) */
 };
 
 struct ct_entry {

@@ -2,11 +2,13 @@
 /*
  * Connection tracking for TCP, UDP and ICMP.
  *
- * An entry is keyed by the connection's original tuple and by which hook made
- * it: CT_EGRESS by the originating endpoint's from-container hook, CT_INGRESS
- * by the destination endpoint's to-container hook. Two endpoints on one node
- * each keep their own entry for the same connection, so each side's policy is
- * applied and remembered independently.
+ * Each endpoint keeps its own entry per connection, keyed from its side:
+ * (local address, remote address, local port, remote port, protocol). Both
+ * directions of the connection compute the same key at the endpoint's hooks,
+ * so one lookup classifies a packet; CT_F_EGRESS in the entry tells which
+ * side opened it (and so whether a packet is a reply). Two endpoints on one
+ * node keep separate entries for a connection between them, so each side's
+ * policy is applied and remembered independently.
  */
 #ifndef CILIUM_CONNTRACK_H
 #define CILIUM_CONNTRACK_H
@@ -33,26 +35,24 @@ struct ct_result {
 	__u8 pad[3];
 };
 
-static __always_inline void ct_key_forward(struct ct_key *k, const struct pkt *p, __u8 dir)
+/* The endpoint-side key of a packet seen by the egress (from-container) or
+ * ingress (to-container) hook. */
+static __always_inline void ct_key_of(struct ct_key *k, const struct pkt *p, int egress)
 {
-	k->saddr = p->saddr;
-	k->daddr = p->daddr;
-	k->sport = p->sport;
-	k->dport = p->dport;
+	if (egress) {
+		k->local = p->saddr;
+		k->remote = p->daddr;
+		k->lport = p->sport;
+		k->rport = p->dport;
+	} else {
+		k->local = p->daddr;
+		k->remote = p->saddr;
+		k->lport = p->dport;
+		k->rport = p->sport;
+	}
 	k->protocol = p->protocol;
-	k->dir = dir;
-	k->pad = 0;
-}
-
-static __always_inline void ct_key_reverse(struct ct_key *k, const struct pkt *p, __u8 dir)
-{
-	k->saddr = p->daddr;
-	k->daddr = p->saddr;
-	k->sport = p->dport;
-	k->dport = p->sport;
-	k->protocol = p->protocol;
-	k->dir = dir;
-	k->pad = 0;
+	k->pad0 = 0;
+	k->pad1 = 0;
 }
 
 static __always_inline __u32 ct_lifetime(const struct ct_entry *e, __u8 protocol)
@@ -107,19 +107,19 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
 }
 
 /*
- * Classifies a packet seen by a hook of direction `dir` (the direction in which
- * that hook would create entries): reply or related to a connection the other
- * way, established in this direction, or new.
+ * Classifies a packet seen by the endpoint's egress or ingress hook: related
+ * to a connection (ICMP error), a reply of one the other side opened,
+ * established in the direction it was opened, or new.
  */
-static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len, __u32 now,
+static __always_inline void ct_lookup(const struct pkt *p, int egress, __u32 len, __u32 now,
 				      struct ct_result *res)
 {
-	__u8 other = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
 	struct ct_key key;
 	struct ct_entry *e;
 
 	res->entry = 0;
 	res->new_flags = 0;
+	res->status = CT_NEW;
 
 	if (p->is_icmp_error) {
 		/* An ICMP error is related to the connection of the packet it
@@ -128,19 +128,24 @@ static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len, 
 		 * quoted destination, outer destination = quoted source); reaching
 		 * a pod, it must be about a packet the pod sent (a router on the
 		 * way may be its source). Anything else is a new packet. */
-		int ok = dir == CT_EGRESS
-				 ? (p->saddr == p->inner_daddr && p->daddr == p->inner_saddr)
-				 : (p->daddr == p->inner_saddr);
-		res->status = CT_NEW;
+		int ok = egress ? (p->saddr == p->inner_daddr && p->daddr == p->inner_saddr)
+				: (p->daddr == p->inner_saddr);
 		if (!ok)
 			return;
-		key.saddr = p->inner_saddr;
-		key.daddr = p->inner_daddr;
-		key.sport = p->inner_sport;
-		key.dport = p->inner_dport;
+		if (egress) {
+			key.local = p->inner_daddr;
+			key.remote = p->inner_saddr;
+			key.lport = p->inner_dport;
+			key.rport = p->inner_sport;
+		} else {
+			key.local = p->inner_saddr;
+			key.remote = p->inner_daddr;
+			key.lport = p->inner_sport;
+			key.rport = p->inner_dport;
+		}
 		key.protocol = p->inner_protocol;
-		key.dir = other;
-		key.pad = 0;
+		key.pad0 = 0;
+		key.pad1 = 0;
 		e = bpf_map_lookup_elem(&cilium_ct4, &key);
 		if (e && e->lifetime >= now) {
 			res->status = CT_RELATED;
@@ -148,43 +153,33 @@ static __always_inline void ct_lookup(const struct pkt *p, __u8 dir, __u32 len, 
 		}
 		return;
 	}
-	if (p->untracked) {
+	if (p->untracked)
 		/* ICMP without a request/reply pairing: always judged by policy */
-		res->status = CT_NEW;
 		return;
-	}
 
-	ct_key_reverse(&key, p, other);
+	ct_key_of(&key, p, egress);
 	e = bpf_map_lookup_elem(&cilium_ct4, &key);
-	if (e && e->lifetime >= now) {
-		res->status = CT_REPLY;
-		res->entry = e;
-		res->new_flags = ct_account(e, p, len, 1, now);
+	if (!e || e->lifetime < now)
 		return;
-	}
-
-	ct_key_forward(&key, p, dir);
-	e = bpf_map_lookup_elem(&cilium_ct4, &key);
-	if (e && e->lifetime >= now) {
-		res->status = CT_ESTABLISHED;
-		res->entry = e;
-		res->new_flags = ct_account(e, p, len, 0, now);
-		return;
-	}
-	res->status = CT_NEW;
+	int opened_here = !!(e->flags & CT_F_EGRESS) == !!egress;
+	res->status = opened_here ? CT_ESTABLISHED : CT_REPLY;
+	res->entry = e;
+	res->new_flags = ct_account(e, p, len, !opened_here, now);
 }
 
-/* Creates the entry for a new connection in direction `dir`. Returns 0 or -reason. */
-static __always_inline int ct_create(const struct pkt *p, __u8 dir, __u32 len, __u32 now,
+/* Creates the entry of a new connection seen by the egress or ingress hook.
+ * Returns 0 or -reason. */
+static __always_inline int ct_create(const struct pkt *p, int egress, __u32 len, __u32 now,
 				     __u32 src_sec_id, __u32 policy_rev, __u16 proxy_port)
 {
 	struct ct_key key;
 	struct ct_entry e = {};
 
-	ct_key_forward(&key, p, dir);
+	ct_key_of(&key, p, egress);
 	e.src_sec_id = src_sec_id;
 	e.policy_rev = policy_rev;
 	e.proxy_port = proxy_port;
+	e.flags = egress ? CT_F_EGRESS : 0;
 	ct_account(&e, p, len, 0, now);
 	if (bpf_map_update_elem(&cilium_ct4, &key, &e, BPF_ANY) < 0)
 		return -DROP_CT_CREATE_FAILED;

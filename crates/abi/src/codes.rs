@@ -234,19 +234,12 @@ abi_enum!(
 );
 
 abi_enum!(
-    /// Which hook created a conntrack entry.
-    CtDir: u8 = "ct_dir" {
-        Egress = 0 => "CT_EGRESS",
-        Ingress = 1 => "CT_INGRESS",
-    }
-);
-
-abi_enum!(
     /// Flags of a [`crate::CtEntry`].
     CtEntryFlag: u16 = "ct_entry_flags" {
         TxClosing = 1 => "CT_F_TX_CLOSING",
         RxClosing = 2 => "CT_F_RX_CLOSING",
         SeenReply = 4 => "CT_F_SEEN_REPLY",
+        Egress = 8 => "CT_F_EGRESS",
     }
 );
 
@@ -286,7 +279,6 @@ pub fn all_enums() -> Vec<(&'static str, Vec<(&'static str, i64)>)> {
         one::<EventFlag>(),
         one::<EndpointFlag>(),
         one::<PolicyEntryFlag>(),
-        one::<CtDir>(),
         one::<CtEntryFlag>(),
         one::<MetricDir>(),
     ]

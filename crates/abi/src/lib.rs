@@ -109,15 +109,17 @@ abi_struct!(
 );
 
 abi_struct!(
-    /// cilium_ct4 key.
+    /// cilium_ct4 key: one connection seen from one endpoint's side.
     CtKey = "ct_key" {
-        saddr: u32,
-        daddr: u32,
-        sport: u16,
-        dport: u16,
+        /// The endpoint's address, network byte order.
+        local: u32,
+        remote: u32,
+        /// Network byte order.
+        lport: u16,
+        rport: u16,
         protocol: u8,
-        dir: u8,
-        pad: u16,
+        pad0: u8,
+        pad1: u16,
     }
 );
 

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use cilium_abi::{CtDir, CtEntryFlag, DropReason, MetricDir};
+use cilium_abi::{CtEntryFlag, DropReason, MetricDir};
 use cilium_api::{
     CtEntry, Deleted, EndpointCreate, EndpointDelete, EndpointGc, ErrorBody, Identity, IpamRequest, IpamResponse,
     IpcacheEntry, MapStatus, MetricEntry, MonitorEvent, NamespaceMeta, PodMeta, PolicyChange, PolicyDelete,
@@ -284,11 +284,15 @@ async fn bpf_ct(State(s): State<Shared>) -> Result<Json<Vec<CtEntry>>, ApiError>
                 }
             }
             let port = |p: u16| u16::from_be(p);
+            let local = format!("{}:{}", be_to_ip(k.local), port(k.lport));
+            let remote = format!("{}:{}", be_to_ip(k.remote), port(k.rport));
+            let opened_here = v.flags & CtEntryFlag::Egress as u16 != 0;
+            let (src, dst) = if opened_here { (local, remote) } else { (remote, local) };
             out.push(CtEntry {
                 protocol: k.protocol,
-                src: format!("{}:{}", be_to_ip(k.saddr), port(k.sport)),
-                dst: format!("{}:{}", be_to_ip(k.daddr), port(k.dport)),
-                direction: if k.dir == CtDir::Ingress as u8 { "IN" } else { "OUT" }.to_string(),
+                src,
+                dst,
+                direction: if opened_here { "OUT" } else { "IN" }.to_string(),
                 expires_in_secs: v.lifetime as i64 - now,
                 flags,
                 tx_packets: v.tx_packets,

@@ -483,7 +483,7 @@ impl Datapath for Loaded {
 
     fn ct_flush_ip(&mut self, ip: std::net::Ipv4Addr) -> Result<usize> {
         let be = ip_to_be(ip);
-        let doomed: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(k, _)| k.saddr == be || k.daddr == be).map(|(k, _)| k).collect();
+        let doomed: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(k, _)| k.local == be || k.remote == be).map(|(k, _)| k).collect();
         self.ct_delete(&doomed)
     }
 
