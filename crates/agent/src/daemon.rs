@@ -1083,10 +1083,6 @@ impl<D: Datapath> Daemon<D> {
     pub fn endpoints_ready(&self) -> usize {
         self.endpoints.values().filter(|e| e.state == EpState::Ready).count()
     }
-
-    pub fn find_endpoint_by_ifindex(&self, ifindex: u32) -> Option<u16> {
-        self.endpoints.iter().find(|(_, e)| e.rec.host_ifindex == ifindex).map(|(id, _)| *id)
-    }
 }
 
 #[cfg(test)]

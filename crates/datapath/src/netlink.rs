@@ -154,24 +154,6 @@ pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
         .map_err(nl("setting link up"))
 }
 
-/// Moves a link into another network namespace.
-pub async fn set_netns(h: &Handle, index: u32, netns: &std::fs::File) -> Result<()> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).setns_by_fd(netns.as_raw_fd()).build())
-        .execute()
-        .await
-        .map_err(nl("moving link"))
-}
-
-/// Renames a link.
-pub async fn rename(h: &Handle, index: u32, name: &str) -> Result<()> {
-    h.link()
-        .set(LinkUnspec::new_with_index(index).name(name.to_string()).build())
-        .execute()
-        .await
-        .map_err(nl("renaming link"))
-}
-
 /// Adds an address (succeeds when it is already there).
 pub async fn add_address(h: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
     match h.address().add(index, IpAddr::V4(ip), prefix).execute().await {

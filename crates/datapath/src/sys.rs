@@ -27,21 +27,6 @@ pub fn ensure_bpffs(mount_point: &Path) -> Result<()> {
     )
 }
 
-/// The bpffs mount point that contains `path` (walking up until one is).
-pub fn bpffs_root_of(path: &Path) -> Option<&Path> {
-    let mut p = Some(path);
-    while let Some(cur) = p {
-        if cur.exists() && is_bpffs(cur) {
-            let parent = cur.parent();
-            if parent.is_none_or(|pp| !is_bpffs(pp)) {
-                return Some(cur);
-            }
-        }
-        p = cur.parent();
-    }
-    None
-}
-
 /// ifindex of an interface in the current network namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
