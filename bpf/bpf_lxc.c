@@ -200,6 +200,15 @@ struct abi_anchor {
 	struct metrics_value metrics_value;
 	struct event event;
 	struct event_capture event_capture;
+	struct lb4_key lb4_key;
+	struct lb4_service lb4_service;
+	struct lb4_backend lb4_backend;
+	struct lb4_reverse_nat lb4_reverse_nat;
+	struct lb_maglev_key lb_maglev_key;
+	struct lb_affinity_key lb_affinity_key;
+	struct lb_affinity_value lb_affinity_value;
+	struct lb_sock_key lb_sock_key;
+	enum lb_flags lb_flags;
 	enum reserved_identity reserved_identity;
 	enum drop_reason drop_reason;
 	enum event_type event_type;

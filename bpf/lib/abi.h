@@ -198,7 +198,75 @@ struct ct_entry {
 /* Global runtime state, array index 0. */
 struct runtime_config {
 	__u32 policy_rev;        /* bumped by the agent on every policy or ipcache change */
-	__u32 pad;
+	__u32 maglev_size;       /* slots of every Maglev table (a prime) */
+};
+
+/* ---- service load balancing ----
+ * cilium_lb4_services holds, per frontend, a service entry (backend_slot 0,
+ * with the number of active backends) and one entry per active backend
+ * (slots 1..count). Backends are shared by ID; terminating backends have no
+ * slot but stay in cilium_lb4_backends, so their connections continue. */
+struct lb4_key {
+	__u32 address;           /* frontend IPv4, network byte order */
+	__u16 dport;             /* network byte order */
+	__u16 backend_slot;      /* 0: the service entry */
+	__u8 proto;
+	__u8 scope;              /* 0 (reserved for traffic policies) */
+	__u16 pad;
+};
+
+enum lb_flags {
+	LB_F_AFFINITY = 1,       /* ClientIP session affinity */
+	LB_F_MAGLEV = 2,         /* backends picked from cilium_lb4_maglev */
+};
+
+struct lb4_service {
+	__u32 backend_id;        /* backend slots: the backend */
+	__u16 count;             /* service entry: active backends */
+	__u16 rev_nat_index;     /* the service's ID */
+	__u32 affinity_timeout;  /* seconds */
+	__u8 flags;              /* enum lb_flags */
+	__u8 pad0;
+	__u16 pad1;
+};
+
+struct lb4_backend {
+	__u32 address;           /* network byte order */
+	__u16 port;              /* network byte order */
+	__u8 proto;
+	__u8 flags;
+};
+
+struct lb4_reverse_nat {
+	__u32 address;           /* the frontend, network byte order */
+	__u16 port;              /* network byte order */
+	__u16 pad;
+};
+
+struct lb_maglev_key {
+	__u16 rev_nat_index;
+	__u16 pad;
+	__u32 slot;              /* 0..maglev_size-1 */
+};
+
+struct lb_affinity_key {
+	__u64 client;            /* socket LB: the client's network namespace cookie */
+	__u16 rev_nat_index;
+	__u16 pad0;
+	__u32 pad1;
+};
+
+struct lb_affinity_value {
+	__u32 backend_id;
+	__u32 last_used;         /* CLOCK_BOOTTIME seconds */
+};
+
+/* A translated socket: which frontend its backend address stands for. */
+struct lb_sock_key {
+	__u64 cookie;            /* bpf_get_socket_cookie */
+	__u32 address;           /* backend, network byte order */
+	__u16 port;              /* network byte order */
+	__u16 pad;
 };
 
 /* ---- metrics: packets/bytes per (reason, direction), per CPU ----

@@ -244,6 +244,14 @@ abi_enum!(
 );
 
 abi_enum!(
+    /// Flags of a service entry.
+    LbFlag: u8 = "lb_flags" {
+        Affinity = 1 => "LB_F_AFFINITY",
+        Maglev = 2 => "LB_F_MAGLEV",
+    }
+);
+
+abi_enum!(
     /// Direction of a metrics entry.
     MetricDir: u8 = "metric_dir" {
         Ingress = 1 => "METRIC_INGRESS",
@@ -281,6 +289,7 @@ pub fn all_enums() -> Vec<(&'static str, Vec<(&'static str, i64)>)> {
         one::<PolicyEntryFlag>(),
         one::<CtEntryFlag>(),
         one::<MetricDir>(),
+        one::<LbFlag>(),
     ]
 }
 

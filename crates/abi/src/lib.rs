@@ -146,7 +146,92 @@ abi_struct!(
     /// cilium_runtime value (index 0).
     RuntimeConfig = "runtime_config" {
         policy_rev: u32,
-        pad: u32,
+        maglev_size: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_services key.
+    Lb4Key = "lb4_key" {
+        /// Network byte order.
+        address: u32,
+        /// Network byte order.
+        dport: u16,
+        backend_slot: u16,
+        proto: u8,
+        scope: u8,
+        pad: u16,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_services value.
+    Lb4Service = "lb4_service" {
+        backend_id: u32,
+        count: u16,
+        rev_nat_index: u16,
+        affinity_timeout: u32,
+        flags: u8,
+        pad0: u8,
+        pad1: u16,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_backends value.
+    Lb4Backend = "lb4_backend" {
+        /// Network byte order.
+        address: u32,
+        /// Network byte order.
+        port: u16,
+        proto: u8,
+        flags: u8,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_reverse_nat value.
+    Lb4ReverseNat = "lb4_reverse_nat" {
+        address: u32,
+        port: u16,
+        pad: u16,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_maglev key.
+    LbMaglevKey = "lb_maglev_key" {
+        rev_nat_index: u16,
+        pad: u16,
+        slot: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb_affinity key.
+    LbAffinityKey = "lb_affinity_key" {
+        client: u64,
+        rev_nat_index: u16,
+        pad0: u16,
+        pad1: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb_affinity value.
+    LbAffinityValue = "lb_affinity_value" {
+        backend_id: u32,
+        last_used: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_sock_revnat key.
+    LbSockKey = "lb_sock_key" {
+        cookie: u64,
+        address: u32,
+        port: u16,
+        pad: u16,
     }
 );
 
@@ -272,5 +357,13 @@ pub fn all_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usiz
         one::<MetricsValue>(),
         one::<Event>(),
         one::<EventCapture>(),
+        one::<Lb4Key>(),
+        one::<Lb4Service>(),
+        one::<Lb4Backend>(),
+        one::<Lb4ReverseNat>(),
+        one::<LbMaglevKey>(),
+        one::<LbAffinityKey>(),
+        one::<LbAffinityValue>(),
+        one::<LbSockKey>(),
     ]
 }

@@ -80,6 +80,10 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_EVENTS_RING_SIZE", default_value_t = 1 << 21)]
     pub bpf_events_ring_size: u32,
 
+    /// Slots of each Maglev table (a prime; upstream's --bpf-lb-maglev-table-size).
+    #[arg(long, env = "CILIUM_BPF_LB_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
+    pub bpf_lb_maglev_table_size: u32,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "CILIUM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -120,6 +124,7 @@ pub struct Settings {
     pub policy_max: u32,
     pub ipcache_max: u32,
     pub events_bytes: u32,
+    pub maglev_table_size: u32,
     pub log_level: tracing::Level,
     pub json_logs: bool,
 }
@@ -239,6 +244,10 @@ impl Config {
         if !self.bpf_events_ring_size.is_power_of_two() || self.bpf_events_ring_size < 4096 {
             return Err(bad("bpf-events-ring-size", self.bpf_events_ring_size, "must be a power of two of at least 4096"));
         }
+        let m = self.bpf_lb_maglev_table_size;
+        if !(251..=65521).contains(&m) || !cilium_lb::maglev::is_prime(m) {
+            return Err(bad("bpf-lb-maglev-table-size", m, "must be a prime between 251 and 65521 (e.g. 16381)"));
+        }
         let log_level: tracing::Level = self.log_level.parse().map_err(|_| bad("log-level", &self.log_level, "want error, warn, info, debug or trace"))?;
         let json_logs = match self.log_format.as_str() {
             "text" => false,
@@ -261,6 +270,7 @@ impl Config {
             policy_max: self.bpf_policy_map_max,
             ipcache_max: self.bpf_ipcache_map_max,
             events_bytes: self.bpf_events_ring_size,
+            maglev_table_size: m,
             log_level,
             json_logs,
         })

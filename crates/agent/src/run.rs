@@ -42,6 +42,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         ipcache_max: s.ipcache_max,
         endpoints_max: 65_536,
         events_bytes: s.events_bytes,
+        maglev_size: s.maglev_table_size,
     })
     .context("loading the datapath")?;
     let events = dp.take_events().context("event ring buffer missing")?;

@@ -4,10 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use cilium_abi::{CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey};
+use cilium_abi::{
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    MetricsValue, PolicyEntry, PolicyKey,
+};
 use ipnet::Ipv4Net;
 
-use crate::{Datapath, DatapathError, MapPressure, Result};
+use crate::{Datapath, DatapathError, LbDump, MapPressure, Result};
 
 /// The fake's state, public so tests can inspect it.
 #[derive(Debug, Default, Clone)]
@@ -27,6 +30,18 @@ pub struct FakeDatapath {
     pub routes: BTreeMap<Ipv4Addr, String>,
     /// Addresses whose conntrack entries were flushed.
     pub ct_flushed: Vec<Ipv4Addr>,
+    /// The service maps.
+    pub lb_services: BTreeMap<(u32, u16, u16, u8), Lb4Service>,
+    pub lb_backends: BTreeMap<u32, Lb4Backend>,
+    pub lb_revnat: BTreeMap<u16, Lb4ReverseNat>,
+    pub lb_maglev: BTreeMap<(u16, u32), u32>,
+    /// Every service-map write: (map, inserted?).
+    pub lb_writes: usize,
+    pub cgroups: Vec<std::path::PathBuf>,
+}
+
+fn lb_key(k: &Lb4Key) -> (u32, u16, u16, u8) {
+    (k.address, k.dport, k.backend_slot, k.proto)
 }
 
 /// PolicyKey with an order, for the fake's map.
@@ -119,6 +134,62 @@ impl Datapath for FakeDatapath {
     }
     fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
         self.routes.remove(&ip);
+        Ok(())
+    }
+    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_services.insert(lb_key(key), *value);
+        Ok(())
+    }
+    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_services.remove(&lb_key(key));
+        Ok(())
+    }
+    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_backends.insert(id, *value);
+        Ok(())
+    }
+    fn lb_backend_del(&mut self, id: u32) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_backends.remove(&id);
+        Ok(())
+    }
+    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_revnat.insert(id, *value);
+        Ok(())
+    }
+    fn lb_revnat_del(&mut self, id: u16) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_revnat.remove(&id);
+        Ok(())
+    }
+    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_maglev.insert((key.rev_nat_index, key.slot), backend);
+        Ok(())
+    }
+    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_maglev.remove(&(key.rev_nat_index, key.slot));
+        Ok(())
+    }
+    fn lb_dump(&self) -> Result<LbDump> {
+        Ok(LbDump {
+            services: self
+                .lb_services
+                .iter()
+                .map(|((a, p, s, pr), v)| (Lb4Key { address: *a, dport: *p, backend_slot: *s, proto: *pr, ..Default::default() }, *v))
+                .collect(),
+            backends: self.lb_backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            reverse_nat: self.lb_revnat.iter().map(|(k, v)| (*k, *v)).collect(),
+            maglev: self.lb_maglev.iter().map(|((r, s), b)| (LbMaglevKey { rev_nat_index: *r, pad: 0, slot: *s }, *b)).collect(),
+        })
+    }
+    fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()> {
+        self.cgroups.push(cgroup.to_path_buf());
         Ok(())
     }
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {

@@ -16,7 +16,10 @@
 
 use std::net::Ipv4Addr;
 
-use cilium_abi::{CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey};
+use cilium_abi::{
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    MetricsValue, PolicyEntry, PolicyKey,
+};
 use ipnet::Ipv4Net;
 
 pub mod events;
@@ -29,6 +32,8 @@ pub use loader::{LoadOptions, Loaded, Program};
 
 /// The compiled per-endpoint programs (bpf/bpf_lxc.c).
 pub static BPF_LXC: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_lxc.o"));
+/// The compiled socket-level load balancer (bpf/bpf_sock.c).
+pub static BPF_SOCK: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bpf_sock.o"));
 
 /// What went wrong talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +110,20 @@ pub trait Datapath: Send {
     /// Removes the route to an endpoint (absent is fine).
     fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()>;
 
+    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()>;
+    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()>;
+    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()>;
+    fn lb_backend_del(&mut self, id: u32) -> Result<()>;
+    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()>;
+    fn lb_revnat_del(&mut self, id: u16) -> Result<()>;
+    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()>;
+    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()>;
+    /// Everything in the service maps.
+    fn lb_dump(&self) -> Result<LbDump>;
+    /// Attaches the socket-level load balancer to a cgroup (idempotent;
+    /// replaces the programs atomically when attached already).
+    fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()>;
+
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>>;
     /// Removes every conntrack entry to or from an address; returns how many.
     fn ct_flush_ip(&mut self, ip: Ipv4Addr) -> Result<usize>;
@@ -113,6 +132,15 @@ pub trait Datapath: Send {
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;
     fn lost_events(&self) -> Result<u64>;
     fn pressure(&self) -> Vec<MapPressure>;
+}
+
+/// The content of the service maps.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LbDump {
+    pub services: Vec<(Lb4Key, Lb4Service)>,
+    pub backends: Vec<(u32, Lb4Backend)>,
+    pub reverse_nat: Vec<(u16, Lb4ReverseNat)>,
+    pub maglev: Vec<(LbMaglevKey, u32)>,
 }
 
 /// An IPv4 address as the datapath stores it (network byte order in a u32).

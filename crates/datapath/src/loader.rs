@@ -5,16 +5,17 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, MetricsKey, MetricsValue, PolicyEntry, PolicyKey,
-    RuntimeConfig,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    MetricsValue, PolicyEntry, PolicyKey, RuntimeConfig,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
-use crate::{BPF_LXC, Datapath, DatapathError, MapPressure, Result, be_to_ip, ip_to_be};
+use crate::{BPF_LXC, BPF_SOCK, Datapath, DatapathError, LbDump, MapPressure, Result, be_to_ip, ip_to_be};
 
 /// The programs of the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +58,33 @@ const MAP_METRICS: &str = "cilium_metrics";
 const MAP_EVENT_STATS: &str = "cilium_event_stats";
 pub(crate) const MAP_EVENTS: &str = "cilium_events";
 
-const ALL_MAPS: &[&str] =
-    &[MAP_LXC, MAP_LXC_IP, MAP_IPCACHE, MAP_POLICY, MAP_CT, MAP_RUNTIME, MAP_METRICS, MAP_EVENT_STATS, MAP_EVENTS];
+const MAP_LB_SERVICES: &str = "cilium_lb4_services";
+const MAP_LB_BACKENDS: &str = "cilium_lb4_backends";
+const MAP_LB_REVNAT: &str = "cilium_lb4_reverse_nat";
+const MAP_LB_MAGLEV: &str = "cilium_lb4_maglev";
+const MAP_LB_AFFINITY: &str = "cilium_lb_affinity";
+const MAP_LB_SOCK_REVNAT: &str = "cilium_lb4_sock_revnat";
+
+const ALL_MAPS: &[&str] = &[
+    MAP_LXC,
+    MAP_LXC_IP,
+    MAP_IPCACHE,
+    MAP_POLICY,
+    MAP_CT,
+    MAP_RUNTIME,
+    MAP_METRICS,
+    MAP_EVENT_STATS,
+    MAP_EVENTS,
+    MAP_LB_SERVICES,
+    MAP_LB_BACKENDS,
+    MAP_LB_REVNAT,
+    MAP_LB_MAGLEV,
+    MAP_LB_AFFINITY,
+    MAP_LB_SOCK_REVNAT,
+];
+
+/// The socket-level programs and their attach points.
+const SOCK_PROGRAMS: &[&str] = &["cil_sock4_connect", "cil_sock4_sendmsg", "cil_sock4_recvmsg", "cil_sock4_getpeername"];
 
 /// How to load the datapath.
 #[derive(Debug, Clone)]
@@ -72,6 +98,8 @@ pub struct LoadOptions {
     pub endpoints_max: u32,
     /// Ring buffer size in bytes (a power of two, at least a page).
     pub events_bytes: u32,
+    /// Slots of each Maglev table (a prime).
+    pub maglev_size: u32,
 }
 
 impl Default for LoadOptions {
@@ -83,6 +111,7 @@ impl Default for LoadOptions {
             ipcache_max: 512_000,
             endpoints_max: 65_536,
             events_bytes: 1 << 21,
+            maglev_size: 16381,
         }
     }
 }
@@ -147,9 +176,12 @@ fn is_full(e: &aya::maps::MapError) -> bool {
     false
 }
 
-/// The datapath loaded into the kernel.
+/// The datapath loaded into the kernel: the endpoint programs and the
+/// socket-level load balancer, sharing their maps through the pin directory.
 pub struct Loaded {
     ebpf: Ebpf,
+    /// bpf_sock.o; owns the service maps.
+    sock: Ebpf,
     opts: LoadOptions,
 }
 
@@ -158,17 +190,6 @@ impl Loaded {
     /// reused (so enforcement state survives restarts) unless their shape
     /// changed, in which case they are replaced and a warning says so.
     pub fn load(opts: LoadOptions) -> Result<Loaded> {
-        let mut loader = EbpfLoader::new();
-        // Our programs use no CO-RE relocations, so the kernel's BTF (several
-        // MB once parsed) is not needed: skipping it keeps the agent small.
-        loader
-            .btf(None)
-            .map_max_entries(MAP_CT, opts.ct_max)
-            .map_max_entries(MAP_POLICY, opts.policy_max)
-            .map_max_entries(MAP_IPCACHE, opts.ipcache_max)
-            .map_max_entries(MAP_LXC, opts.endpoints_max)
-            .map_max_entries(MAP_LXC_IP, opts.endpoints_max)
-            .map_max_entries(MAP_EVENTS, opts.events_bytes);
         let mut pins = Vec::new();
         if let Some(dir) = &opts.pin_dir {
             std::fs::create_dir_all(dir)
@@ -179,10 +200,24 @@ impl Loaded {
                 pins.push((*name, path));
             }
         }
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
-        let mut ebpf = loader.load(BPF_LXC).map_err(|e| DatapathError::Load(Box::new(e)))?;
+        let loader = |obj: &[u8]| -> Result<Ebpf> {
+            let mut loader = EbpfLoader::new();
+            // Our programs use no CO-RE relocations, so the kernel's BTF (several
+            // MB once parsed) is not needed: skipping it keeps the agent small.
+            loader
+                .btf(None)
+                .map_max_entries(MAP_CT, opts.ct_max)
+                .map_max_entries(MAP_POLICY, opts.policy_max)
+                .map_max_entries(MAP_IPCACHE, opts.ipcache_max)
+                .map_max_entries(MAP_LXC, opts.endpoints_max)
+                .map_max_entries(MAP_LXC_IP, opts.endpoints_max)
+                .map_max_entries(MAP_EVENTS, opts.events_bytes);
+            for (name, path) in &pins {
+                loader.map_pin_path(name, path.as_path());
+            }
+            loader.load(obj).map_err(|e| DatapathError::Load(Box::new(e)))
+        };
+        let mut ebpf = loader(BPF_LXC)?;
         for p in [Program::FromContainer, Program::ToContainer] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(p.name())
@@ -191,7 +226,55 @@ impl Loaded {
                 .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
             prog.load().map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
         }
-        Ok(Loaded { ebpf, opts })
+        let mut sock = loader(BPF_SOCK)?;
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = sock
+                .program_mut(name)
+                .ok_or_else(|| DatapathError::Netlink(format!("program {name} missing from object")))?
+                .try_into()
+                .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+            prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        }
+        let mut loaded = Loaded { ebpf, sock, opts };
+        loaded.set_maglev_size()?;
+        Ok(loaded)
+    }
+
+    fn set_maglev_size(&mut self) -> Result<()> {
+        let size = self.opts.maglev_size;
+        let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
+        let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
+        let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
+        rt.maglev_size = size;
+        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
+    }
+
+    fn sock_hash_mut<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>> {
+        let m = self.sock.map_mut(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    fn sock_hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<&MapData, K, V>> {
+        let m = self.sock.map(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
+        HashMap::try_from(m).map_err(map_err(name))
+    }
+
+    fn sock_set<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K, v: &V) -> Result<()> {
+        self.sock_hash_mut::<K, V>(name)?.insert(k, v, 0).map_err(|e| {
+            if is_full(&e) { DatapathError::MapFull { map: name, max: 0, detail: e.to_string() } } else { map_err(name)(e) }
+        })
+    }
+
+    fn sock_del<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K) -> Result<()> {
+        match self.sock_hash_mut::<K, V>(name)?.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    fn sock_dump<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        self.sock_hash::<K, V>(name)?.iter().map(|r| r.map_err(map_err(name))).collect()
     }
 
     pub fn options(&self) -> &LoadOptions {
@@ -469,6 +552,79 @@ impl Datapath for Loaded {
 
     fn unroute_endpoint(&mut self, ip: std::net::Ipv4Addr) -> Result<()> {
         crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, Ipv4Net::new(ip, 32).expect("/32")).await })
+    }
+
+    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()> {
+        self.sock_set(MAP_LB_SERVICES, key, value)
+    }
+    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()> {
+        self.sock_del::<Lb4Key, Lb4Service>(MAP_LB_SERVICES, key)
+    }
+    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()> {
+        self.sock_set(MAP_LB_BACKENDS, &id, value)
+    }
+    fn lb_backend_del(&mut self, id: u32) -> Result<()> {
+        self.sock_del::<u32, Lb4Backend>(MAP_LB_BACKENDS, &id)
+    }
+    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()> {
+        self.sock_set(MAP_LB_REVNAT, &id, value)
+    }
+    fn lb_revnat_del(&mut self, id: u16) -> Result<()> {
+        self.sock_del::<u16, Lb4ReverseNat>(MAP_LB_REVNAT, &id)
+    }
+    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
+        self.sock_set(MAP_LB_MAGLEV, key, &backend)
+    }
+    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()> {
+        self.sock_del::<LbMaglevKey, u32>(MAP_LB_MAGLEV, key)
+    }
+    fn lb_dump(&self) -> Result<LbDump> {
+        Ok(LbDump {
+            services: self.sock_dump(MAP_LB_SERVICES)?,
+            backends: self.sock_dump(MAP_LB_BACKENDS)?,
+            reverse_nat: self.sock_dump(MAP_LB_REVNAT)?,
+            maglev: self.sock_dump(MAP_LB_MAGLEV)?,
+        })
+    }
+
+    fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        use std::os::fd::AsFd;
+        let cg = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
+        let pin_dir = self.opts.pin_dir.clone();
+        for name in SOCK_PROGRAMS {
+            let prog: &mut CgroupSockAddr = self
+                .sock
+                .program_mut(name)
+                .and_then(|p| p.try_into().ok())
+                .ok_or_else(|| DatapathError::Netlink(format!("program {name} not loaded")))?;
+            let perr = |e: aya::programs::ProgramError| DatapathError::Program { name, source: Box::new(e) };
+            let pin = pin_dir.as_ref().map(|d| d.join(format!("link_{name}")));
+            if let Some(pin) = &pin {
+                // attached by an earlier agent: swap the program atomically
+                if let Ok(link) = crate::sys::obj_get(pin) {
+                    let prog_fd = prog.fd().map_err(perr)?;
+                    match crate::sys::link_update(link.as_fd(), prog_fd.as_fd()) {
+                        Ok(()) => continue,
+                        Err(e) => {
+                            warn!(program = name, error = %e, "pinned cgroup link unusable, attaching again");
+                            let _ = std::fs::remove_file(pin);
+                        }
+                    }
+                }
+            }
+            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+            let link = prog.take_link(id).map_err(perr)?;
+            let fd = FdLink::try_from(link).map_err(|e| DatapathError::Pin { path: cgroup.display().to_string(), detail: e.to_string() })?;
+            match pin {
+                Some(pin) => {
+                    fd.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.display().to_string(), detail: e.to_string() })?;
+                }
+                // not pinned: the attachment lives as long as this process
+                None => std::mem::forget(fd),
+            }
+        }
+        info!(cgroup = %cgroup.display(), "socket load balancer attached");
+        Ok(())
     }
 
     fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {

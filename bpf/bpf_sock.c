@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Socket-level load balancing, attached to the agent's cgroup: a connect()
+ * or sendto() to a service frontend is rewritten to a backend before any
+ * packet exists, so local clients pay no per-packet translation and policy
+ * sees the backend directly. recvmsg() and getpeername() show the frontend
+ * again, so UDP clients get their answers from the address they asked.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/lb.h"
+
+#ifndef ECONNREFUSED
+#define ECONNREFUSED 111
+#endif
+
+static __always_inline __u32 maglev_size(void)
+{
+	__u32 idx = 0;
+	struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
+	return rt ? rt->maglev_size : 0;
+}
+
+static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx)
+{
+	__u8 proto = ctx->protocol;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	__u32 addr = ctx->user_ip4;
+	__u16 dport = (__u16)ctx->user_port;
+	struct lb4_service *svc = lb4_lookup_service(addr, dport, proto);
+	if (!svc)
+		return 1;
+	struct lb4_backend *backend;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u32 id = lb4_select(svc, addr, dport, proto, bpf_get_netns_cookie(ctx), (__u32)cookie,
+			      maglev_size(), now_seconds(), &backend);
+	if (!id || !backend) {
+		/* no backend: refuse at once rather than black-hole the client */
+		bpf_set_retval(-ECONNREFUSED);
+		return 0;
+	}
+	struct lb_sock_key skey = { .cookie = cookie, .address = backend->address, .port = backend->port };
+	struct lb4_reverse_nat rev = { .address = addr, .port = dport };
+	bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &rev, BPF_ANY);
+	ctx->user_ip4 = backend->address;
+	ctx->user_port = backend->port;
+	return 1;
+}
+
+static __always_inline int sock4_revnat(struct bpf_sock_addr *ctx)
+{
+	struct lb_sock_key skey = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.address = ctx->user_ip4,
+		.port = (__u16)ctx->user_port,
+	};
+	struct lb4_reverse_nat *rev = bpf_map_lookup_elem(&cilium_lb4_sock_revnat, &skey);
+	if (rev) {
+		ctx->user_ip4 = rev->address;
+		ctx->user_port = rev->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int cil_sock4_connect(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int cil_sock4_sendmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_xlate(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int cil_sock4_recvmsg(struct bpf_sock_addr *ctx)
+{
+	return sock4_revnat(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
+{
+	return sock4_revnat(ctx);
+}
+
+char _license[] SEC("license") = "Dual BSD/GPL";
