@@ -209,6 +209,7 @@ struct abi_anchor {
 	struct lb_affinity_value lb_affinity_value;
 	struct lb_sock_key lb_sock_key;
 	enum lb_flags lb_flags;
+	enum lb_backend_flags lb_backend_flags;
 	enum reserved_identity reserved_identity;
 	enum drop_reason drop_reason;
 	enum event_type event_type;

@@ -17,7 +17,8 @@ cargo fuzz build -O
 for t in $targets; do
   mkdir -p "corpus/$t"
   echo "fuzz: $t for ${seconds}s"
-  cargo fuzz run -O "$t" "corpus/$t" -- -max_total_time="$seconds" -print_final_stats=0 2>&1 | grep -E "Done|ERROR|panicked|SUMMARY|crash" || true
+  seeds=(); [ -d "seeds/$t" ] && seeds=("seeds/$t")   # committed starting inputs
+  cargo fuzz run -O "$t" "corpus/$t" "${seeds[@]}" -- -max_total_time="$seconds" -print_final_stats=0 2>&1 | grep -E "Done|ERROR|panicked|SUMMARY|crash" || true
   if [ -n "$(ls "artifacts/$t" 2>/dev/null)" ]; then
     echo "fuzz: $t found a failing input: fuzz/artifacts/$t" >&2
     exit 1

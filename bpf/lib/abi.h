@@ -223,18 +223,22 @@ enum lb_flags {
 struct lb4_service {
 	__u32 backend_id;        /* backend slots: the backend */
 	__u16 count;             /* service entry: active backends */
-	__u16 rev_nat_index;     /* the service's ID */
+	__u16 rev_nat_index;     /* the service's ID (in every slot) */
 	__u32 affinity_timeout;  /* seconds */
 	__u8 flags;              /* enum lb_flags */
 	__u8 pad0;
 	__u16 pad1;
 };
 
+enum lb_backend_flags {
+	LB_BACKEND_F_TERMINATING = 1, /* keeps its connections, gets no new ones */
+};
+
 struct lb4_backend {
 	__u32 address;           /* network byte order */
 	__u16 port;              /* network byte order */
 	__u8 proto;
-	__u8 flags;
+	__u8 flags;              /* enum lb_backend_flags */
 };
 
 struct lb4_reverse_nat {

@@ -21,13 +21,6 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __u16);
-	__type(value, struct lb4_reverse_nat);
-	__uint(max_entries, 65536);
-} cilium_lb4_reverse_nat SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb_maglev_key);
 	__type(value, __u32);
 	__uint(max_entries, 262144);
@@ -73,7 +66,7 @@ static __always_inline __u32 lb4_select(const struct lb4_service *svc, __u32 add
 		struct lb_affinity_value *a = bpf_map_lookup_elem(&cilium_lb_affinity, &akey);
 		if (a && now - a->last_used <= svc->affinity_timeout) {
 			*backend = bpf_map_lookup_elem(&cilium_lb4_backends, &a->backend_id);
-			if (*backend) {
+			if (*backend && !((*backend)->flags & LB_BACKEND_F_TERMINATING)) {
 				a->last_used = now;
 				return a->backend_id;
 			}

@@ -252,6 +252,13 @@ abi_enum!(
 );
 
 abi_enum!(
+    /// Flags of a backend.
+    LbBackendFlag: u8 = "lb_backend_flags" {
+        Terminating = 1 => "LB_BACKEND_F_TERMINATING",
+    }
+);
+
+abi_enum!(
     /// Direction of a metrics entry.
     MetricDir: u8 = "metric_dir" {
         Ingress = 1 => "METRIC_INGRESS",
@@ -290,6 +297,7 @@ pub fn all_enums() -> Vec<(&'static str, Vec<(&'static str, i64)>)> {
         one::<CtEntryFlag>(),
         one::<MetricDir>(),
         one::<LbFlag>(),
+        one::<LbBackendFlag>(),
     ]
 }
 

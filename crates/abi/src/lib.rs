@@ -190,7 +190,7 @@ abi_struct!(
 );
 
 abi_struct!(
-    /// cilium_lb4_reverse_nat value.
+    /// cilium_lb4_sock_revnat value: the frontend a translated socket asked for.
     Lb4ReverseNat = "lb4_reverse_nat" {
         address: u32,
         port: u16,

@@ -84,6 +84,11 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_LB_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
     pub bpf_lb_maglev_table_size: u32,
 
+    /// Default backend selection of services: random or maglev (a service
+    /// overrides it with the annotation service.cilium.io/lb-algorithm).
+    #[arg(long, env = "CILIUM_BPF_LB_ALGORITHM", default_value = "random")]
+    pub bpf_lb_algorithm: String,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "CILIUM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -125,6 +130,7 @@ pub struct Settings {
     pub ipcache_max: u32,
     pub events_bytes: u32,
     pub maglev_table_size: u32,
+    pub lb_algorithm: cilium_lb::Algorithm,
     pub log_level: tracing::Level,
     pub json_logs: bool,
 }
@@ -248,6 +254,7 @@ impl Config {
         if !(251..=65521).contains(&m) || !cilium_lb::maglev::is_prime(m) {
             return Err(bad("bpf-lb-maglev-table-size", m, "must be a prime between 251 and 65521 (e.g. 16381)"));
         }
+        let lb_algorithm = cilium_lb::Algorithm::parse(&self.bpf_lb_algorithm).ok_or_else(|| bad("bpf-lb-algorithm", &self.bpf_lb_algorithm, "want random or maglev"))?;
         let log_level: tracing::Level = self.log_level.parse().map_err(|_| bad("log-level", &self.log_level, "want error, warn, info, debug or trace"))?;
         let json_logs = match self.log_format.as_str() {
             "text" => false,
@@ -271,6 +278,7 @@ impl Config {
             ipcache_max: self.bpf_ipcache_map_max,
             events_bytes: self.bpf_events_ring_size,
             maglev_table_size: m,
+            lb_algorithm,
             log_level,
             json_logs,
         })
@@ -307,6 +315,12 @@ mod tests {
         assert_eq!(e.key, "ipv4-range");
         let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-events-ring-size", "5000"])).unwrap_err();
         assert_eq!(e.key, "bpf-events-ring-size");
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-lb-maglev-table-size", "16384"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("bpf-lb-maglev-table-size", "16384"));
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-lb-algorithm", "round-robin"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("bpf-lb-algorithm", "round-robin"));
+        let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-lb-algorithm", "maglev", "--bpf-lb-maglev-table-size", "251"])).unwrap();
+        assert_eq!((s.lb_algorithm, s.maglev_table_size), (cilium_lb::Algorithm::Maglev, 251));
     }
 
     #[test]

@@ -24,6 +24,8 @@ use tracing::{error, info, warn};
 
 use crate::state::{EndpointRecord, STATE_VERSION, State, StateError, StateStore};
 
+pub mod services;
+
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -41,6 +43,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error("saving state: {0}")]
     State(#[from] StateError),
+    #[error(transparent)]
+    Service(#[from] cilium_lb::ServiceError),
 }
 
 fn invalid(field: &str, value: impl ToString, message: impl Into<String>) -> DaemonError {
@@ -55,6 +59,10 @@ pub struct DaemonConfig {
     pub mtu: u32,
     pub policy: PolicyOptions,
     pub audit_mode: bool,
+    /// Default backend selection of services.
+    pub lb_algorithm: cilium_lb::Algorithm,
+    /// Slots of each Maglev table.
+    pub maglev_size: u32,
 }
 
 /// Policy as written to the datapath for one endpoint.
@@ -104,6 +112,13 @@ pub struct Daemon<D: Datapath> {
     cidr_identities: BTreeMap<Ipv4Net, u32>,
     /// The ipcache as last written (prefix -> identity).
     ipcache_written: BTreeMap<Ipv4Net, u32>,
+    /// Every service, from Kubernetes and from the API.
+    services: cilium_lb::ServiceTable,
+    /// Kubernetes Services as received (`namespace/name`).
+    k8s_services: BTreeMap<String, cilium_api::K8sService>,
+    /// The service maps as last written, per service ID.
+    lb_written: BTreeMap<u16, services::LbWritten>,
+    lb_backends_written: BTreeMap<u32, cilium_abi::Lb4Backend>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -153,6 +168,10 @@ impl<D: Datapath> Daemon<D> {
             warnings: BTreeMap::new(),
             cidr_identities: BTreeMap::new(),
             ipcache_written: BTreeMap::new(),
+            services: cilium_lb::ServiceTable::new(),
+            k8s_services: BTreeMap::new(),
+            lb_written: BTreeMap::new(),
+            lb_backends_written: BTreeMap::new(),
         })
     }
 
@@ -215,6 +234,8 @@ impl<D: Datapath> Daemon<D> {
             pods: self.pods.clone(),
             namespaces: self.namespaces.clone(),
             next_endpoint_id: self.next_endpoint_id,
+            services: self.services.clone(),
+            k8s_services: self.k8s_services.clone(),
         }
     }
 
@@ -239,6 +260,8 @@ impl<D: Datapath> Daemon<D> {
         self.pods = state.pods;
         self.namespaces = state.namespaces;
         self.next_endpoint_id = state.next_endpoint_id.max(1);
+        self.services = state.services;
+        self.k8s_services = state.k8s_services;
         for (source, doc) in state.policies {
             let value: serde_yaml::Value = match serde_yaml::to_value(&doc) {
                 Ok(v) => v,
@@ -383,6 +406,7 @@ impl<D: Datapath> Daemon<D> {
             self.dp.link_up(&rec.host_ifname)?;
             self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
         }
+        self.reconcile_services()?;
         // every established connection re-checks against what is now in force
         self.dp.bump_policy_revision()?;
         Ok(())

@@ -28,9 +28,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
     }
     std::fs::create_dir_all(&s.bpf_root).with_context(|| format!("creating {}", s.bpf_root.display()))?;
     std::fs::create_dir_all(&s.state_dir).with_context(|| format!("creating {}", s.state_dir.display()))?;
-    if let Err(e) = std::fs::create_dir_all(&s.cgroup_root) {
-        warn!(path = %s.cgroup_root.display(), error = %e, "cannot create the cgroup root (socket-level load balancing needs it)");
-    }
+    std::fs::create_dir_all(&s.cgroup_root).with_context(|| format!("creating the cgroup root {}", s.cgroup_root.display()))?;
     let store = StateStore::new(&s.state_dir);
     let saved = store.load().context("reading saved state")?;
     let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
@@ -46,12 +44,15 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
     })
     .context("loading the datapath")?;
     let events = dp.take_events().context("event ring buffer missing")?;
+    dp.attach_cgroup(&s.cgroup_root).with_context(|| format!("attaching the socket load balancer to {}", s.cgroup_root.display()))?;
     let cfg = DaemonConfig {
         node_name: s.node_name.clone(),
         pod_cidr: s.pod_cidr,
         mtu: s.mtu,
         policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost },
         audit_mode: s.audit_mode,
+        lb_algorithm: s.lb_algorithm,
+        maglev_size: s.maglev_table_size,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node_ips)?;
     match saved {

@@ -14,8 +14,8 @@ use axum::{Json, Router};
 use cilium_abi::{CtEntryFlag, DropReason, MetricDir};
 use cilium_api::{
     CtEntry, Deleted, EndpointCreate, EndpointDelete, EndpointGc, ErrorBody, Identity, IpamRequest, IpamResponse,
-    IpcacheEntry, MapStatus, MetricEntry, MonitorEvent, NamespaceMeta, PodMeta, PolicyChange, PolicyDelete,
-    PolicyImport, PolicyList, PolicyMapEntry, Status,
+    IpcacheEntry, K8sService, LbMapView, MapStatus, MetricEntry, MonitorEvent, NamespaceMeta, PodMeta, PolicyChange, PolicyDelete,
+    PolicyImport, PolicyList, PolicyMapEntry, ServiceUpdate, ServiceView, Status,
 };
 use cilium_datapath::{Datapath, Loaded, be_to_ip};
 use tokio::sync::broadcast;
@@ -51,6 +51,9 @@ impl From<DaemonError> for ApiError {
             DaemonError::NotFound { .. } => (StatusCode::NOT_FOUND, None, None, None),
             DaemonError::Ipam(cilium_ipam::IpamError::Exhausted { .. }) => (StatusCode::SERVICE_UNAVAILABLE, None, None, None),
             DaemonError::Ipam(_) | DaemonError::Identity(_) => (StatusCode::CONFLICT, None, None, None),
+            DaemonError::Service(cilium_lb::ServiceError::FrontendTaken { frontend, .. }) => (StatusCode::CONFLICT, None, Some("frontend".into()), Some(frontend.clone())),
+            DaemonError::Service(cilium_lb::ServiceError::NoSuchService { id }) => (StatusCode::NOT_FOUND, None, Some("id".into()), Some(id.to_string())),
+            DaemonError::Service(cilium_lb::ServiceError::Exhausted) => (StatusCode::SERVICE_UNAVAILABLE, None, None, None),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, None, None, None),
         };
         ApiError(status, ErrorBody { status: status.as_u16(), error: e.to_string(), document, field, value })
@@ -85,6 +88,12 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/pod", put(pod_upsert))
         .route("/v1/k8s/pod/{ns}/{name}", delete(pod_delete))
         .route("/v1/k8s/namespace", put(namespace_upsert))
+        .route("/v1/k8s/service", put(k8s_service_upsert))
+        .route("/v1/k8s/service/{ns}/{name}", delete(k8s_service_delete))
+        .route("/v1/service", get(service_list).put(service_update))
+        .route("/v1/service/{id}", delete(service_delete))
+        .route("/v1/bpf/lb", get(|s| bpf_lb(s, false)))
+        .route("/v1/bpf/lb/maglev", get(|s| bpf_lb(s, true)))
         .route("/v1/policy", put(policy_import).get(policy_list).delete(policy_delete))
         .route("/v1/policy/trace", post(policy_trace))
         .route("/v1/bpf/policy/{id}", get(bpf_policy))
@@ -196,6 +205,30 @@ async fn pod_upsert(State(s): State<Shared>, Json(p): Json<PodMeta>) -> Result<J
 
 async fn pod_delete(State(s): State<Shared>, UrlPath((ns, name)): UrlPath<(String, String)>) -> Result<Json<bool>, ApiError> {
     with(&s, move |d| d.pod_delete(&ns, &name)).await.map(Json)
+}
+
+async fn k8s_service_upsert(State(s): State<Shared>, Json(k): Json<K8sService>) -> Result<Json<Vec<u16>>, ApiError> {
+    with(&s, move |d| d.k8s_service_upsert(k)).await.map(Json)
+}
+
+async fn k8s_service_delete(State(s): State<Shared>, UrlPath((ns, name)): UrlPath<(String, String)>) -> Result<Json<bool>, ApiError> {
+    with(&s, move |d| d.k8s_service_delete(&ns, &name)).await.map(Json)
+}
+
+async fn service_list(State(s): State<Shared>) -> Result<Json<Vec<ServiceView>>, ApiError> {
+    with(&s, |d| Ok(d.service_list())).await.map(Json)
+}
+
+async fn service_update(State(s): State<Shared>, Json(req): Json<ServiceUpdate>) -> Result<Json<u16>, ApiError> {
+    with(&s, move |d| d.service_update(&req)).await.map(Json)
+}
+
+async fn service_delete(State(s): State<Shared>, UrlPath(id): UrlPath<u16>) -> Result<Json<bool>, ApiError> {
+    with(&s, move |d| d.service_delete(id).map(|_| true)).await.map(Json)
+}
+
+async fn bpf_lb(State(s): State<Shared>, maglev: bool) -> Result<Json<LbMapView>, ApiError> {
+    with(&s, move |d| d.lb_map_view(maglev)).await.map(Json)
 }
 
 async fn namespace_upsert(State(s): State<Shared>, Json(n): Json<NamespaceMeta>) -> Result<Json<bool>, ApiError> {

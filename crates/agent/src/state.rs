@@ -44,6 +44,12 @@ pub struct State {
     pub pods: BTreeMap<String, PodMeta>,
     pub namespaces: BTreeMap<String, NamespaceMeta>,
     pub next_endpoint_id: u16,
+    /// Services with their IDs and backend IDs.
+    #[serde(default)]
+    pub services: cilium_lb::ServiceTable,
+    /// Kubernetes Services as received, by `namespace/name`.
+    #[serde(default)]
+    pub k8s_services: BTreeMap<String, cilium_api::K8sService>,
 }
 
 pub const STATE_VERSION: u32 = 1;

@@ -307,6 +307,149 @@ pub struct MetricEntry {
     pub bytes: u64,
 }
 
+// ---------------------------------------------------------------- services ---
+
+/// A Kubernetes Service with its endpoints, as the Service and EndpointSlice
+/// watchers deliver them (in the lab, `cilium lab` plays the control plane).
+/// Addresses are strings so the agent can name a bad one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct K8sService {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// ClusterIP, NodePort or LoadBalancer.
+    #[serde(rename = "type", default = "cluster_ip")]
+    pub service_type: String,
+    /// The allocated ClusterIP, or "None" for a headless service.
+    #[serde(default, rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
+    /// status.loadBalancer.ingress IPs.
+    #[serde(default, rename = "loadBalancerIPs")]
+    pub load_balancer_ips: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<K8sServicePort>,
+    /// "ClientIP" or "None".
+    #[serde(default)]
+    pub session_affinity: Option<String>,
+    /// sessionAffinityConfig.clientIP.timeoutSeconds (default 10800).
+    #[serde(default)]
+    pub session_affinity_timeout: Option<u32>,
+    #[serde(default)]
+    pub endpoints: Vec<K8sEndpoint>,
+}
+
+fn cluster_ip() -> String {
+    "ClusterIP".to_string()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct K8sServicePort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub port: u16,
+    #[serde(default)]
+    pub node_port: Option<u16>,
+}
+
+fn tcp() -> String {
+    "TCP".to_string()
+}
+
+/// One endpoint of an EndpointSlice: an address and its port for each
+/// service port name it serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct K8sEndpoint {
+    pub ip: String,
+    #[serde(default)]
+    pub terminating: bool,
+    #[serde(default)]
+    pub ports: Vec<K8sEndpointPort>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct K8sEndpointPort {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    pub port: u16,
+}
+
+/// `cilium service update`: a frontend and its backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceUpdate {
+    /// Keeps this ID (updates the service that has it, or creates it).
+    pub id: Option<u16>,
+    /// `IP:PORT`.
+    pub frontend: String,
+    /// TCP or UDP.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+    /// `IP:PORT` each.
+    pub backends: Vec<String>,
+    /// random or maglev.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+}
+
+/// A service as `cilium service list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub id: u16,
+    /// `namespace/name` (port name after a colon), empty when made through the API.
+    pub name: String,
+    pub frontends: Vec<FrontendView>,
+    pub backends: Vec<BackendView>,
+    pub algorithm: String,
+    pub affinity_timeout: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendView {
+    /// `IP:PORT/PROTO`.
+    pub address: String,
+    /// ClusterIP, NodePort, LoadBalancer or ExternalIP.
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendView {
+    pub id: u32,
+    /// `IP:PORT/PROTO`.
+    pub address: String,
+    /// active or terminating.
+    pub state: String,
+}
+
+/// The service maps, as `cilium bpf lb list` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbMapView {
+    /// Per frontend: `IP:PORT/PROTO` and its slots, slot 0 first.
+    pub services: Vec<LbServiceEntry>,
+    /// Maglev tables: service ID and backend ID per slot (only with `?maglev`).
+    #[serde(default)]
+    pub maglev: Vec<(u16, Vec<u32>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbServiceEntry {
+    pub frontend: String,
+    pub service_id: u16,
+    pub count: u16,
+    pub flags: Vec<String>,
+    /// Slot 1..count: backend ID and `IP:PORT` (empty when the backend entry is missing).
+    pub slots: Vec<(u32, String)>,
+}
+
 // ------------------------------------------------------------------ client ---
 
 /// A client of one agent socket.

@@ -131,7 +131,7 @@ fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
 }
 
 fn iperf(netns: &str, server: Ipv4Addr, secs: u64) -> anyhow::Result<f64> {
-    let mut cmd = cilium_lab::sys::command_in(netns, "taskset")?;
+    let mut cmd = cilium_lab::sys::command_in(netns, None, "taskset")?;
     let out = cmd
         .args(["-c", &CPU.to_string(), "iperf3", "-c", &server.to_string(), "-p", &IPERF_PORT.to_string(), "-t", &secs.to_string(), "-J"])
         .output()?;
@@ -146,11 +146,12 @@ fn servers(netns: &str, log_dir: &Path) -> anyhow::Result<Vec<u32>> {
     let _ = std::fs::remove_file(&ready);
     let w = cilium_lab::sys::spawn_daemon(
         netns,
+        None,
         &bin_dir().join("cilium"),
         &["lab".into(), "workload".into(), "--pod".into(), "bench".into(), "--tcp".into(), RR_PORT.to_string(), "--ready-file".into(), ready.display().to_string()],
         &log_dir.join(format!("{netns}.log")),
     )?;
-    let i = cilium_lab::sys::spawn_daemon(netns, Path::new("/usr/bin/iperf3"), &["-s".into(), "-p".into(), IPERF_PORT.to_string()], &log_dir.join(format!("{netns}.iperf.log")))?;
+    let i = cilium_lab::sys::spawn_daemon(netns, None, Path::new("/usr/bin/iperf3"), &["-s".into(), "-p".into(), IPERF_PORT.to_string()], &log_dir.join(format!("{netns}.iperf.log")))?;
     let until = Instant::now() + Duration::from_secs(10);
     while !ready.exists() && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use cilium_api::{
     Client, CtEntry, Endpoint, Identity, IpcacheEntry, MetricEntry, MonitorEvent, PolicyChange, PolicyDelete, PolicyImport,
-    PolicyList, PolicyMapEntry, Status,
+    LbMapView, PolicyList, PolicyMapEntry, ServiceUpdate, ServiceView, Status,
 };
 use clap::{Args, Subcommand};
 
@@ -114,6 +114,52 @@ pub enum BpfCmd {
     /// Forwarded and dropped packet counters.
     #[command(subcommand)]
     Metrics(BpfListCmd),
+    /// The service load balancing maps.
+    #[command(subcommand)]
+    Lb(BpfLbCmd),
+}
+
+#[derive(Subcommand)]
+pub enum BpfLbCmd {
+    /// Frontends and their backend slots, as the datapath sees them.
+    List {
+        /// Show the Maglev tables instead (slots per backend).
+        #[arg(long)]
+        maglev: bool,
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCmd {
+    /// List services: frontends and backends.
+    List {
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+    /// Create or update a service with one frontend.
+    Update {
+        /// Service ID (kept across updates).
+        #[arg(long)]
+        id: u16,
+        /// Frontend address, IP:PORT.
+        #[arg(long)]
+        frontend: String,
+        /// Backend addresses, IP:PORT, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<String>,
+        /// TCP or UDP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// Backend selection: random or maglev (default: the agent's).
+        #[arg(long)]
+        algorithm: Option<String>,
+    },
+    /// Delete a service.
+    Delete {
+        id: u16,
+    },
 }
 
 #[derive(Subcommand)]
@@ -432,6 +478,36 @@ pub async fn bpf(c: &Client, cmd: BpfCmd) -> anyhow::Result<i32> {
             table(rows);
             Ok(0)
         }
+        BpfCmd::Lb(BpfLbCmd::List { maglev, output }) => {
+            let v: LbMapView = c.get(if maglev { "/v1/bpf/lb/maglev" } else { "/v1/bpf/lb" }).await?;
+            if output == "json" {
+                return json(&v);
+            }
+            if maglev {
+                let mut rows = vec![vec!["SVC ID".to_string(), "SLOTS".into(), "BACKEND ID (SLOTS)".into()]];
+                for (id, table) in &v.maglev {
+                    let mut per: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+                    for b in table {
+                        *per.entry(*b).or_default() += 1;
+                    }
+                    let shares: Vec<String> = per.iter().map(|(b, n)| format!("{b} ({n})")).collect();
+                    rows.push(vec![id.to_string(), table.len().to_string(), shares.join(", ")]);
+                }
+                table(rows);
+                return Ok(0);
+            }
+            let mut rows = vec![vec!["SERVICE ADDRESS".to_string(), "BACKEND ADDRESS (REVNAT_ID) (SLOT)".into()]];
+            for e in v.services {
+                let flags = if e.flags.is_empty() { String::new() } else { format!(" [{}]", e.flags.join(", ")) };
+                rows.push(vec![e.frontend.clone(), format!("0.0.0.0:0 ({}) (0) [{} backends]{flags}", e.service_id, e.count)]);
+                for (i, (id, addr)) in e.slots.iter().enumerate() {
+                    let addr = if addr.is_empty() { format!("backend {id} missing") } else { addr.clone() };
+                    rows.push(vec![String::new(), format!("{addr} ({}) ({})", e.service_id, i + 1)]);
+                }
+            }
+            table(rows);
+            Ok(0)
+        }
         BpfCmd::Metrics(BpfListCmd::List { output, .. }) => {
             let entries: Vec<MetricEntry> = c.get("/v1/bpf/metrics").await?;
             if output == "json" {
@@ -442,6 +518,53 @@ pub async fn bpf(c: &Client, cmd: BpfCmd) -> anyhow::Result<i32> {
                 rows.push(vec![e.reason, e.direction, e.packets.to_string(), e.bytes.to_string()]);
             }
             table(rows);
+            Ok(0)
+        }
+    }
+}
+
+pub async fn service(c: &Client, cmd: ServiceCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ServiceCmd::List { output } => {
+            let list: Vec<ServiceView> = c.get("/v1/service").await?;
+            if output == "json" {
+                return json(&list);
+            }
+            let mut rows = vec![vec!["ID".to_string(), "Frontend".into(), "Service Type".into(), "Backend".into()]];
+            for s in list {
+                for (i, f) in s.frontends.iter().enumerate() {
+                    let first = i == 0;
+                    let backends: Vec<String> = s.backends.iter().enumerate().map(|(n, b)| format!("{} => {} ({})", n + 1, b.address, b.state)).collect();
+                    let mut kind = f.kind.clone();
+                    if first && s.algorithm == "maglev" {
+                        kind.push_str(", maglev");
+                    }
+                    if let (true, Some(t)) = (first, s.affinity_timeout) {
+                        kind.push_str(&format!(", affinity {t}s"));
+                    }
+                    rows.push(vec![
+                        if first { s.id.to_string() } else { String::new() },
+                        f.address.clone(),
+                        kind,
+                        backends.first().cloned().unwrap_or_default(),
+                    ]);
+                    for b in backends.iter().skip(1) {
+                        rows.push(vec![String::new(), String::new(), String::new(), b.clone()]);
+                    }
+                }
+            }
+            table(rows);
+            Ok(0)
+        }
+        ServiceCmd::Update { id, frontend, backends, protocol, algorithm } => {
+            let req = ServiceUpdate { id: Some(id), frontend, protocol: protocol.to_ascii_uppercase(), backends, algorithm };
+            let id: u16 = c.call("PUT", "/v1/service", Some(&req)).await?;
+            println!("Service {id} updated");
+            Ok(0)
+        }
+        ServiceCmd::Delete { id } => {
+            let _: bool = c.call::<(), bool>("DELETE", &format!("/v1/service/{id}"), None).await?;
+            println!("Service {id} deleted");
             Ok(0)
         }
     }

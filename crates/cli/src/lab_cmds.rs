@@ -225,8 +225,9 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             if netns.is_empty() {
                 bail!("{target} is an address, not a pod, node or `world`");
             }
+            let cgroup = l.cgroup_of(&target);
             drop(l);
-            let status = cilium_lab::sys::command_in(&netns, &command[0])?
+            let status = cilium_lab::sys::command_in(&netns, cgroup.as_deref(), &command[0])?
                 .args(&command[1..])
                 .status()
                 .with_context(|| format!("running {}", command[0]))?;
@@ -247,6 +248,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             let (_, ip) = l.resolve(&to)?;
             let ip = ip.with_context(|| format!("{to} has no address yet"))?;
+            // probe as a process of the pod or node would: under its node's
+            // socket load balancer
+            if let Some(cg) = l.cgroup_of(&from) {
+                cilium_lab::sys::join_cgroup(&cg)?;
+            }
             drop(l);
             let (reachable, detail, ms) = probe::probe_kind(cilium_lab::sys::netns_path(&src_ns), ip, port, kind, Duration::from_secs_f64(timeout));
             let r = probe::ProbeResult { from, to, ip, port, protocol: protocol.to_ascii_lowercase(), reachable, detail, latency_ms: (ms * 1000.0).round() / 1000.0 };

@@ -32,6 +32,9 @@ enum Cmd {
     /// Import, inspect, delete and validate policies.
     #[command(subcommand)]
     Policy(agent_cmds::PolicyCmd),
+    /// Load-balanced services (kube-proxy replacement).
+    #[command(subcommand)]
+    Service(agent_cmds::ServiceCmd),
     /// The datapath's maps.
     #[command(subcommand)]
     Bpf(agent_cmds::BpfCmd),
@@ -75,6 +78,7 @@ fn main() {
                     Cmd::Endpoint(c) => agent_cmds::endpoint(&client, c).await,
                     Cmd::Identity(c) => agent_cmds::identity(&client, c).await,
                     Cmd::Policy(c) => agent_cmds::policy(&client, c).await,
+                    Cmd::Service(c) => agent_cmds::service(&client, c).await,
                     Cmd::Bpf(c) => agent_cmds::bpf(&client, c).await,
                     Cmd::Monitor(a) => agent_cmds::monitor(&client, a).await,
                     Cmd::Lab(_) => unreachable!(),

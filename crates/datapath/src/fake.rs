@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
 use ipnet::Ipv4Net;
@@ -33,9 +33,8 @@ pub struct FakeDatapath {
     /// The service maps.
     pub lb_services: BTreeMap<(u32, u16, u16, u8), Lb4Service>,
     pub lb_backends: BTreeMap<u32, Lb4Backend>,
-    pub lb_revnat: BTreeMap<u16, Lb4ReverseNat>,
     pub lb_maglev: BTreeMap<(u16, u32), u32>,
-    /// Every service-map write: (map, inserted?).
+    /// How many service-map writes (sets and deletes) were made.
     pub lb_writes: usize,
     pub cgroups: Vec<std::path::PathBuf>,
 }
@@ -156,16 +155,6 @@ impl Datapath for FakeDatapath {
         self.lb_backends.remove(&id);
         Ok(())
     }
-    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_revnat.insert(id, *value);
-        Ok(())
-    }
-    fn lb_revnat_del(&mut self, id: u16) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_revnat.remove(&id);
-        Ok(())
-    }
     fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
         self.lb_writes += 1;
         self.lb_maglev.insert((key.rev_nat_index, key.slot), backend);
@@ -184,7 +173,6 @@ impl Datapath for FakeDatapath {
                 .map(|((a, p, s, pr), v)| (Lb4Key { address: *a, dport: *p, backend_slot: *s, proto: *pr, ..Default::default() }, *v))
                 .collect(),
             backends: self.lb_backends.iter().map(|(k, v)| (*k, *v)).collect(),
-            reverse_nat: self.lb_revnat.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.lb_maglev.iter().map(|((r, s), b)| (LbMaglevKey { rev_nat_index: *r, pad: 0, slot: *s }, *b)).collect(),
         })
     }

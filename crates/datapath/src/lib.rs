@@ -17,7 +17,7 @@
 use std::net::Ipv4Addr;
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
 use ipnet::Ipv4Net;
@@ -114,8 +114,6 @@ pub trait Datapath: Send {
     fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()>;
     fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()>;
     fn lb_backend_del(&mut self, id: u32) -> Result<()>;
-    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()>;
-    fn lb_revnat_del(&mut self, id: u16) -> Result<()>;
     fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()>;
     fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()>;
     /// Everything in the service maps.
@@ -139,7 +137,6 @@ pub trait Datapath: Send {
 pub struct LbDump {
     pub services: Vec<(Lb4Key, Lb4Service)>,
     pub backends: Vec<(u32, Lb4Backend)>,
-    pub reverse_nat: Vec<(u16, Lb4ReverseNat)>,
     pub maglev: Vec<(LbMaglevKey, u32)>,
 }
 

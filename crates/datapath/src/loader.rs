@@ -9,7 +9,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink};
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4ReverseNat, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey, RuntimeConfig,
 };
 use ipnet::Ipv4Net;
@@ -60,7 +60,6 @@ pub(crate) const MAP_EVENTS: &str = "cilium_events";
 
 const MAP_LB_SERVICES: &str = "cilium_lb4_services";
 const MAP_LB_BACKENDS: &str = "cilium_lb4_backends";
-const MAP_LB_REVNAT: &str = "cilium_lb4_reverse_nat";
 const MAP_LB_MAGLEV: &str = "cilium_lb4_maglev";
 const MAP_LB_AFFINITY: &str = "cilium_lb_affinity";
 const MAP_LB_SOCK_REVNAT: &str = "cilium_lb4_sock_revnat";
@@ -77,7 +76,6 @@ const ALL_MAPS: &[&str] = &[
     MAP_EVENTS,
     MAP_LB_SERVICES,
     MAP_LB_BACKENDS,
-    MAP_LB_REVNAT,
     MAP_LB_MAGLEV,
     MAP_LB_AFFINITY,
     MAP_LB_SOCK_REVNAT,
@@ -566,12 +564,6 @@ impl Datapath for Loaded {
     fn lb_backend_del(&mut self, id: u32) -> Result<()> {
         self.sock_del::<u32, Lb4Backend>(MAP_LB_BACKENDS, &id)
     }
-    fn lb_revnat_set(&mut self, id: u16, value: &Lb4ReverseNat) -> Result<()> {
-        self.sock_set(MAP_LB_REVNAT, &id, value)
-    }
-    fn lb_revnat_del(&mut self, id: u16) -> Result<()> {
-        self.sock_del::<u16, Lb4ReverseNat>(MAP_LB_REVNAT, &id)
-    }
     fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
         self.sock_set(MAP_LB_MAGLEV, key, &backend)
     }
@@ -582,7 +574,6 @@ impl Datapath for Loaded {
         Ok(LbDump {
             services: self.sock_dump(MAP_LB_SERVICES)?,
             backends: self.sock_dump(MAP_LB_BACKENDS)?,
-            reverse_nat: self.sock_dump(MAP_LB_REVNAT)?,
             maglev: self.sock_dump(MAP_LB_MAGLEV)?,
         })
     }

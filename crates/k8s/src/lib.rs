@@ -126,6 +126,48 @@ pub struct ServiceSpec {
     pub external_traffic_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_traffic_policy: Option<String>,
+    #[serde(default, rename = "externalIPs", skip_serializing_if = "Vec::is_empty")]
+    pub external_ips: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_config: Option<SessionAffinityConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAffinityConfig {
+    #[serde(default, rename = "clientIP", skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<ClientIpConfig>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientIpConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<u32>,
+}
+
+/// A load balancer's status: the ingress IPs assigned to the service.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    #[serde(default)]
+    pub load_balancer: LoadBalancerStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ingress: Vec<LoadBalancerIngress>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerIngress {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,6 +176,8 @@ pub struct Service {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: ServiceSpec,
+    #[serde(default)]
+    pub status: ServiceStatus,
 }
 
 /// One object of a manifest.
@@ -211,6 +255,79 @@ fn check_ports(doc: &str, field: &str, spec: &PodSpec) -> Result<(), PolicyError
     Ok(())
 }
 
+/// The checks the API server makes on a Service that matter here.
+fn check_service(doc: &str, spec: &ServiceSpec) -> Result<(), PolicyError> {
+    let ty = spec.service_type.as_deref().unwrap_or("ClusterIP");
+    if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+        return Err(PolicyError::new(doc, "spec.type", ty, "want ClusterIP, NodePort, LoadBalancer or ExternalName"));
+    }
+    if let Some(ip) = &spec.cluster_ip {
+        if ip != "None" && ip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(PolicyError::new(doc, "spec.clusterIP", ip.clone(), "want an IPv4 address or None"));
+        }
+        if ip == "None" && ty != "ClusterIP" {
+            return Err(PolicyError::new(doc, "spec.clusterIP", ip.clone(), "a headless service must be of type ClusterIP"));
+        }
+    }
+    for (i, ip) in spec.external_ips.iter().enumerate() {
+        if ip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(PolicyError::new(doc, &format!("spec.externalIPs[{i}]"), ip.clone(), "want an IPv4 address"));
+        }
+    }
+    for (i, r) in spec.load_balancer_source_ranges.iter().enumerate() {
+        if r.parse::<ipnet::Ipv4Net>().is_err() {
+            return Err(PolicyError::new(doc, &format!("spec.loadBalancerSourceRanges[{i}]"), r.clone(), "want an IPv4 CIDR"));
+        }
+    }
+    match spec.session_affinity.as_deref() {
+        None | Some("None") | Some("ClientIP") => {}
+        Some(other) => return Err(PolicyError::new(doc, "spec.sessionAffinity", other, "want ClientIP or None")),
+    }
+    if let Some(t) = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds) {
+        if !(1..=86_400).contains(&t) {
+            return Err(PolicyError::new(doc, "spec.sessionAffinityConfig.clientIP.timeoutSeconds", t.to_string(), "must be 1-86400"));
+        }
+    }
+    for (name, field) in [(&spec.external_traffic_policy, "externalTrafficPolicy"), (&spec.internal_traffic_policy, "internalTrafficPolicy")] {
+        if let Some(v) = name {
+            if !matches!(v.as_str(), "Cluster" | "Local") {
+                return Err(PolicyError::new(doc, &format!("spec.{field}"), v.clone(), "want Cluster or Local"));
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, p) in spec.ports.iter().enumerate() {
+        let f = format!("spec.ports[{i}]");
+        if !matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+            return Err(PolicyError::new(doc, &format!("{f}.protocol"), p.protocol.clone(), "want TCP, UDP or SCTP"));
+        }
+        if p.port == 0 {
+            return Err(PolicyError::new(doc, &format!("{f}.port"), "0", "must be 1-65535"));
+        }
+        if let Some(np) = p.node_port {
+            if !(30000..=32767).contains(&np) {
+                return Err(PolicyError::new(doc, &format!("{f}.nodePort"), np.to_string(), "must be in the node port range 30000-32767"));
+            }
+        }
+        match &p.target_port {
+            Some(cilium_policy::api::IntOrString::Int(n)) if !(1..=65535).contains(n) => {
+                return Err(PolicyError::new(doc, &format!("{f}.targetPort"), n.to_string(), "must be 1-65535 or a port name"));
+            }
+            Some(cilium_policy::api::IntOrString::String(s)) if s.is_empty() => {
+                return Err(PolicyError::new(doc, &format!("{f}.targetPort"), "", "must be 1-65535 or a port name"));
+            }
+            _ => {}
+        }
+        if spec.ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() {
+            return Err(PolicyError::new(doc, &format!("{f}.name"), "", "required when a service has several ports"));
+        }
+        if !seen.insert((p.port, p.protocol.clone())) {
+            return Err(PolicyError::new(doc, &format!("{f}.port"), p.port.to_string(), "duplicate port and protocol"));
+        }
+    }
+    Ok(())
+}
+
 /// Parses a manifest text. All or nothing: one bad document fails the text.
 pub fn parse_manifest(text: &str, source: &str) -> Result<Vec<Object>, PolicyError> {
     let mut out = Vec::new();
@@ -239,7 +356,11 @@ pub fn parse_manifest(text: &str, source: &str) -> Result<Vec<Object>, PolicyErr
                 }
                 Object::Deployment(d)
             }
-            "Service" => Object::Service(typed(&doc, value)?),
+            "Service" => {
+                let svc: Service = typed(&doc, value)?;
+                check_service(&doc, &svc.spec)?;
+                Object::Service(svc)
+            }
             k if cilium_policy::parse::is_policy_kind(k) => {
                 let (d, r) = parse_value(&name, value)?;
                 Object::Policy(d, r)
@@ -316,5 +437,30 @@ spec:
         )
         .unwrap_err();
         assert_eq!(e.field, "spec.selector.matchLabels.app");
+    }
+
+    #[test]
+    fn services_are_checked_like_the_api_server() {
+        let ok = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  type: NodePort\n  selector: {app: web}\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}\n";
+        let objs = parse_manifest(ok, "s.yaml").unwrap();
+        let Object::Service(s) = &objs[0] else { panic!() };
+        assert_eq!(s.spec.ports[0].target_port, Some(cilium_policy::api::IntOrString::String("http".into())));
+        assert_eq!(s.spec.session_affinity_config.as_ref().unwrap().client_ip.as_ref().unwrap().timeout_seconds, Some(60));
+        for (bad, field, value) in [
+            ("spec: {type: Magic, ports: [{port: 80}]}", "spec.type", "Magic"),
+            ("spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}", "spec.clusterIP", "10.96.0.300"),
+            ("spec: {ports: [{port: 80, protocol: ICMP}]}", "spec.ports[0].protocol", "ICMP"),
+            ("spec: {type: NodePort, ports: [{port: 80, nodePort: 80}]}", "spec.ports[0].nodePort", "80"),
+            ("spec: {ports: [{port: 80, targetPort: 70000}]}", "spec.ports[0].targetPort", "70000"),
+            ("spec: {ports: [{name: a, port: 80}, {port: 81}]}", "spec.ports[1].name", ""),
+            ("spec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}", "spec.ports[1].port", "80"),
+            ("spec: {sessionAffinity: Sticky, ports: [{port: 80}]}", "spec.sessionAffinity", "Sticky"),
+            ("spec: {externalIPs: [nope], ports: [{port: 80}]}", "spec.externalIPs[0]", "nope"),
+            ("spec: {externalTrafficPolicy: Nearby, ports: [{port: 80}]}", "spec.externalTrafficPolicy", "Nearby"),
+        ] {
+            let text = format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\n{bad}\n");
+            let e = parse_manifest(&text, "s.yaml").unwrap_err();
+            assert_eq!((e.field.as_str(), e.value.as_str()), (field, value), "{bad}");
+        }
     }
 }

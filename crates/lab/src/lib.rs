@@ -38,6 +38,13 @@ pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 pub const WORLD_FAR_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// Service addresses; blackholed so an untranslated one can never leave.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+/// Where ClusterIPs are allocated from (inside SERVICE_CIDR).
+const CLUSTER_IP_FIRST: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// LoadBalancer ingress IPs: routed from the world to the first node.
+pub const LB_POOL: &str = "172.30.1.0/24";
+const LB_IP_FIRST: Ipv4Addr = Ipv4Addr::new(172, 30, 1, 1);
+/// The Kubernetes node port range.
+const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 /// Ports the world namespace serves (HTTP echo on TCP, echo on UDP).
 pub const WORLD_PORTS: &[u16] = &[80, 443, 8080];
 pub const WORLD_UDP_PORTS: &[u16] = &[53];
@@ -87,7 +94,9 @@ pub struct LabState {
     pub agent_args: Vec<String>,
     pub pods: BTreeMap<String, PodState>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    pub services: BTreeMap<String, serde_json::Value>,
+    /// Services as stored by the "API server": with their allocated
+    /// clusterIP, nodePorts and load balancer IPs.
+    pub services: BTreeMap<String, cilium_k8s::Service>,
     pub policies: BTreeSet<String>,
 }
 
@@ -245,6 +254,9 @@ impl Lab {
             sys::ip(&["-n", &n.netns, "route", "add", "default", "via", &WORLD_IP.to_string()])?;
             sys::ip(&["-n", &n.netns, "route", "add", "blackhole", SERVICE_CIDR])?;
             sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
+            if i == 0 {
+                sys::ip(&["-n", &world, "route", "add", LB_POOL, "via", &n.ip.to_string()])?;
+            }
             std::fs::create_dir_all(n.log.parent().expect("node dir"))?;
             std::fs::create_dir_all(&n.cgroup_root).with_context(|| format!("creating cgroup {}", n.cgroup_root.display()))?;
             self.start_agent(i)?;
@@ -264,7 +276,7 @@ impl Lab {
             args.extend(["--udp".into(), p.to_string()]);
         }
         args.extend(["--ready-file".into(), ready.display().to_string()]);
-        let pid = sys::spawn_daemon(&self.state.world_netns, &self.bin_dir.join("cilium"), &args, &self.dir.join("world.log"))?;
+        let pid = sys::spawn_daemon(&self.state.world_netns, None, &self.bin_dir.join("cilium"), &args, &self.dir.join("world.log"))?;
         self.state.world_pid = Some(pid);
         wait_for(|| ready.exists(), Duration::from_secs(10)).context("world workload did not start")?;
         Ok(())
@@ -282,7 +294,7 @@ impl Lab {
             format!("--cgroup-root={}", n.cgroup_root.display()),
         ];
         args.extend(self.state.agent_args.iter().cloned());
-        let pid = sys::spawn_daemon(&n.netns, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;
+        let pid = sys::spawn_daemon(&n.netns, None, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;
         let client = Client::new(&n.socket);
         let log = n.log.clone();
         self.state.nodes[i].agent_pid = Some(pid);
@@ -390,7 +402,8 @@ impl Lab {
                 }
                 Object::Service(s) => {
                     let key = format!("{ns}/{}", s.metadata.name);
-                    let existed = self.state.services.insert(key, serde_json::to_value(s)?);
+                    let svc = self.allocate_service(&key, s.clone())?;
+                    let existed = self.state.services.insert(key, svc);
                     out.push(format!("service/{} {}", s.metadata.name, if existed.is_some() { "configured" } else { "created" }));
                 }
                 Object::Policy(doc, _) => {
@@ -455,7 +468,86 @@ impl Lab {
             out.push(format!("deployment.apps/{} applied", owner.rsplit('/').next().unwrap_or("")));
         }
         self.save()?;
+        self.sync_services()?;
         Ok(out)
+    }
+
+    /// What the API server does to a new or updated Service: keeps or
+    /// allocates its clusterIP, nodePorts and load balancer IP.
+    fn allocate_service(&self, key: &str, mut svc: cilium_k8s::Service) -> anyhow::Result<cilium_k8s::Service> {
+        let old = self.state.services.get(key);
+        let others = || self.state.services.iter().filter(|(k, _)| k.as_str() != key).map(|(_, s)| s);
+        let ty = svc.spec.service_type.clone().unwrap_or_else(|| "ClusterIP".into());
+        if ty == "ExternalName" {
+            return Ok(svc);
+        }
+        if svc.spec.cluster_ip.is_none() {
+            let kept = old.and_then(|o| o.spec.cluster_ip.clone()).filter(|ip| ip != "None");
+            let ip = match kept {
+                Some(ip) => ip,
+                None => {
+                    let used: BTreeSet<String> = others().filter_map(|s| s.spec.cluster_ip.clone()).collect();
+                    let mut ip = u32::from(CLUSTER_IP_FIRST);
+                    while used.contains(&Ipv4Addr::from(ip).to_string()) {
+                        ip += 1;
+                    }
+                    Ipv4Addr::from(ip).to_string()
+                }
+            };
+            svc.spec.cluster_ip = Some(ip);
+        } else if let Some(ip) = &svc.spec.cluster_ip {
+            if let Some((k, _)) = self.state.services.iter().find(|(k, s)| k.as_str() != key && ip != "None" && s.spec.cluster_ip.as_ref() == Some(ip)) {
+                bail!("service {key}: spec.clusterIP {ip} is already allocated to {k}");
+            }
+        }
+        if ty == "NodePort" || ty == "LoadBalancer" {
+            let mut used: BTreeSet<u16> = others().flat_map(|s| s.spec.ports.iter().filter_map(|p| p.node_port)).collect();
+            for i in 0..svc.spec.ports.len() {
+                let p = &svc.spec.ports[i];
+                if let Some(np) = p.node_port {
+                    if !used.insert(np) {
+                        bail!("service {key}: spec.ports[{i}].nodePort {np} is already allocated");
+                    }
+                    continue;
+                }
+                let kept = old.and_then(|o| o.spec.ports.iter().find(|q| q.port == p.port && q.protocol == p.protocol)).and_then(|q| q.node_port);
+                let np = match kept.filter(|n| !used.contains(n)) {
+                    Some(n) => n,
+                    None => NODE_PORTS.clone().find(|n| !used.contains(n)).ok_or_else(|| anyhow!("service {key}: no node ports left"))?,
+                };
+                used.insert(np);
+                svc.spec.ports[i].node_port = Some(np);
+            }
+        }
+        if ty == "LoadBalancer" && svc.status.load_balancer.ingress.is_empty() {
+            let kept = old.map(|o| o.status.load_balancer.ingress.clone()).filter(|i| !i.is_empty());
+            svc.status.load_balancer.ingress = match kept {
+                Some(i) => i,
+                None => {
+                    let used: BTreeSet<String> = others().flat_map(|s| s.status.load_balancer.ingress.iter().filter_map(|i| i.ip.clone())).collect();
+                    let mut ip = u32::from(LB_IP_FIRST);
+                    while used.contains(&Ipv4Addr::from(ip).to_string()) {
+                        ip += 1;
+                    }
+                    vec![cilium_k8s::LoadBalancerIngress { ip: Some(Ipv4Addr::from(ip).to_string()) }]
+                }
+            };
+        }
+        Ok(svc)
+    }
+
+    /// Sends every Service, with the endpoints its selector picks now, to
+    /// every agent (the Service and EndpointSlice watchers' job). Agents
+    /// write only what changed.
+    fn sync_services(&mut self) -> anyhow::Result<()> {
+        let pods: Vec<&PodState> = self.state.pods.values().collect();
+        let list: Vec<cilium_api::K8sService> = self.state.services.values().map(|s| k8s_service(s, &pods)).collect();
+        for c in self.clients() {
+            for k in &list {
+                let _: Vec<u16> = block_on(c.call("PUT", "/v1/k8s/service", Some(k)))?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the objects (pods, deployments' pods, policies, services, namespaces).
@@ -482,6 +574,9 @@ impl Lab {
                 }
                 Object::Service(_) => {
                     if self.state.services.remove(&format!("{ns}/{name}")).is_some() {
+                        for c in self.clients() {
+                            let _: bool = block_on(c.call::<(), bool>("DELETE", &format!("/v1/k8s/service/{ns}/{name}"), None))?;
+                        }
                         out.push(format!("service/{name} deleted"));
                     }
                 }
@@ -508,6 +603,7 @@ impl Lab {
             }
             self.save()?;
         }
+        self.sync_services()?;
         Ok(out)
     }
 
@@ -541,7 +637,7 @@ impl Lab {
             "type": "cilium-cni",
             "socket-path": n.socket.display().to_string(),
         });
-        let mut cmd = sys::command_in(&n.netns, self.bin_dir.join("cilium-cni"))?;
+        let mut cmd = sys::command_in(&n.netns, None, self.bin_dir.join("cilium-cni"))?;
         cmd.env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &p.container_id)
             .env("CNI_NETNS", sys::netns_path(&p.netns))
@@ -588,7 +684,8 @@ impl Lab {
             }
             args.extend(["--ready-file".into(), ready.display().to_string()]);
             let log = pods_dir.join(format!("{}_{}.log", p.namespace, p.name));
-            let pid = sys::spawn_daemon(&p.netns, &self.bin_dir.join("cilium"), &args, &log)?;
+            let cgroup = self.state.nodes[node].cgroup_root.clone();
+            let pid = sys::spawn_daemon(&p.netns, Some(&cgroup), &self.bin_dir.join("cilium"), &args, &log)?;
             p.workload_pid = Some(pid);
             wait_for(|| ready.exists() || !sys::alive(pid), Duration::from_secs(10))?;
             if !ready.exists() {
@@ -631,6 +728,17 @@ impl Lab {
         self.cni(self.node_index(Some(&p.node))?, command, p)
     }
 
+    /// The cgroup processes of a pod or node join, so the node's socket load
+    /// balancer applies to them; none for `world` (it stands for the outside).
+    pub fn cgroup_of(&self, target: &str) -> Option<PathBuf> {
+        if let Some(n) = self.state.nodes.iter().find(|n| n.name == target) {
+            return Some(n.cgroup_root.clone());
+        }
+        let key = if target.contains('/') { target.to_string() } else { format!("default/{target}") };
+        let p = self.state.pods.get(&key)?;
+        self.state.nodes.iter().find(|n| n.name == p.node).map(|n| n.cgroup_root.clone())
+    }
+
     /// The network namespace and address of `ns/pod`, a node name, `world`,
     /// or an IP address (destination only).
     pub fn resolve(&self, target: &str) -> anyhow::Result<(String, Option<Ipv4Addr>)> {
@@ -646,6 +754,56 @@ impl Lab {
         let key = if target.contains('/') { target.to_string() } else { format!("default/{target}") };
         let p = self.state.pods.get(&key).ok_or_else(|| anyhow!("no pod {key} in lab {} (see `cilium lab get pods`)", self.state.name))?;
         Ok((p.netns.clone(), p.ip))
+    }
+}
+
+/// A Service with the endpoints its selector picks among `pods` (the
+/// EndpointSlice controller's job): pods of its namespace with an address,
+/// each port's targetPort resolved by number or by container port name.
+pub fn k8s_service(svc: &cilium_k8s::Service, pods: &[&PodState]) -> cilium_api::K8sService {
+    use cilium_policy::api::IntOrString;
+    let ns = svc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let spec = &svc.spec;
+    let mut endpoints = Vec::new();
+    if !spec.selector.is_empty() {
+        for p in pods.iter().filter(|p| p.namespace == ns && spec.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))) {
+            let Some(ip) = p.ip else { continue };
+            let ports: Vec<cilium_api::K8sEndpointPort> = spec
+                .ports
+                .iter()
+                .filter_map(|sp| {
+                    let port = match &sp.target_port {
+                        None => Some(sp.port),
+                        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+                        Some(IntOrString::String(name)) => match name.parse::<u16>() {
+                            Ok(n) => Some(n),
+                            Err(_) => p.ports.iter().find(|(n, proto, _)| n.as_deref() == Some(name.as_str()) && *proto == sp.protocol).map(|(_, _, port)| *port),
+                        },
+                    }?;
+                    Some(cilium_api::K8sEndpointPort { name: sp.name.clone(), protocol: sp.protocol.clone(), port })
+                })
+                .collect();
+            if !ports.is_empty() {
+                endpoints.push(cilium_api::K8sEndpoint { ip: ip.to_string(), terminating: false, ports });
+            }
+        }
+    }
+    cilium_api::K8sService {
+        namespace: ns,
+        name: svc.metadata.name.clone(),
+        annotations: svc.metadata.annotations.clone(),
+        service_type: spec.service_type.clone().unwrap_or_else(|| "ClusterIP".into()),
+        cluster_ip: spec.cluster_ip.clone(),
+        external_ips: spec.external_ips.clone(),
+        load_balancer_ips: svc.status.load_balancer.ingress.iter().filter_map(|i| i.ip.clone()).collect(),
+        ports: spec
+            .ports
+            .iter()
+            .map(|p| cilium_api::K8sServicePort { name: p.name.clone(), protocol: p.protocol.clone(), port: p.port, node_port: p.node_port })
+            .collect(),
+        session_affinity: spec.session_affinity.clone(),
+        session_affinity_timeout: spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds),
+        endpoints,
     }
 }
 
@@ -692,6 +850,8 @@ pub fn down(name: &str) -> anyhow::Result<Vec<String>> {
     let prefix = format!("cl-{name}-");
     let namespaces = sys::netns_list(&prefix);
     let mut pids: BTreeSet<u32> = sys::processes_in(&namespaces).into_iter().collect();
+    pids.extend(sys::cgroup_processes(&Path::new(LAB_CGROUP_ROOT).join(name)));
+    pids.remove(&std::process::id());
     if let Some(s) = &state {
         pids.extend(s.nodes.iter().filter_map(|n| n.agent_pid));
         pids.extend(s.pods.values().filter_map(|p| p.workload_pid));

@@ -93,6 +93,9 @@ fn udp_probe(addr: SocketAddr, timeout: Duration) -> (bool, String) {
     }
     let mut buf = [0u8; 1500];
     match s.recv_from(&mut buf) {
+        // a reply from another address than asked (an untranslated service
+        // backend) is what real resolvers reject
+        Ok((_, from)) if from != addr => (false, format!("answer from {from}, not {addr}")),
         Ok((n, _)) => (true, String::from_utf8_lossy(&buf[..n]).trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
             (false, format!("no answer within {:?} (dropped)", timeout))

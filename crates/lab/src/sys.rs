@@ -56,15 +56,27 @@ pub fn netns_sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cgroup_procs(cgroup: &Path) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new().write(true).open(cgroup.join("cgroup.procs")).with_context(|| format!("opening cgroup {}", cgroup.display()))
+}
+
 /// A command that will run inside the network namespace `netns` (only the
-/// network namespace changes: mounts, including bpffs, stay visible).
-pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
+/// network namespace changes: mounts, including bpffs, stay visible) and, if
+/// given, the cgroup `cgroup` (where a node's socket load balancer applies).
+pub fn command_in(netns: &str, cgroup: Option<&Path>, program: impl AsRef<std::ffi::OsStr>) -> anyhow::Result<Command> {
     let f = std::fs::File::open(netns_path(netns)).with_context(|| format!("network namespace {netns} does not exist"))?;
+    let procs = cgroup.map(cgroup_procs).transpose()?;
     let mut cmd = Command::new(program);
-    // SAFETY: setns is async-signal-safe; the fd stays open in the parent
-    // until spawn returns because `f` is moved into the closure.
+    // SAFETY: setns and write are async-signal-safe; the fds stay open in the
+    // parent until spawn returns because they are moved into the closure.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(p) = &procs {
+                // "0" moves the writing process: the child, before exec
+                if libc::write(std::os::fd::AsRawFd::as_raw_fd(p), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
             Ok(())
         });
@@ -72,11 +84,30 @@ pub fn command_in(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> anyhow::
     Ok(cmd)
 }
 
-/// Starts a long-running process in `netns`, in its own session, output to
-/// `log`. Returns its pid.
-pub fn spawn_daemon(netns: &str, program: &Path, args: &[String], log: &Path) -> anyhow::Result<u32> {
+/// Moves this process into `cgroup`.
+pub fn join_cgroup(cgroup: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    cgroup_procs(cgroup)?.write_all(std::process::id().to_string().as_bytes()).with_context(|| format!("joining cgroup {}", cgroup.display()))
+}
+
+/// Pids of the processes in a cgroup and its descendants.
+pub fn cgroup_processes(cgroup: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    if let Ok(rd) = std::fs::read_dir(cgroup) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(cgroup_processes(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Starts a long-running process in `netns` (and `cgroup`), in its own
+/// session, output to `log`. Returns its pid.
+pub fn spawn_daemon(netns: &str, cgroup: Option<&Path>, program: &Path, args: &[String], log: &Path) -> anyhow::Result<u32> {
     let logf = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening {}", log.display()))?;
-    let mut cmd = command_in(netns, program)?;
+    let mut cmd = command_in(netns, cgroup, program)?;
     cmd.args(args).stdin(Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
     // SAFETY: setsid is async-signal-safe.
     unsafe {

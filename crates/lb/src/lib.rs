@@ -119,6 +119,23 @@ pub enum Algorithm {
     Maglev,
 }
 
+impl Algorithm {
+    pub fn parse(s: &str) -> Option<Algorithm> {
+        match s {
+            "random" => Some(Algorithm::Random),
+            "maglev" => Some(Algorithm::Maglev),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Random => "random",
+            Algorithm::Maglev => "maglev",
+        }
+    }
+}
+
 /// One service: what the datapath needs to translate its frontends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
@@ -142,77 +159,179 @@ pub enum ServiceError {
     NoSuchService { id: u16 },
 }
 
-/// Every service, with stable service and backend IDs.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+type AddrKey = (Ipv4Addr, u16, L4);
+
+fn frontend_key(f: &Frontend) -> AddrKey {
+    (f.ip, f.port, f.protocol)
+}
+
+/// Every service, with stable service and backend IDs. Lookups by name,
+/// frontend and backend address are indexed, so one change costs the size of
+/// that service, not of the table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SavedTable", into = "SavedTable")]
 pub struct ServiceTable {
     services: BTreeMap<u16, Service>,
-    /// (ip, port, protocol) -> backend ID; shared by services.
-    backend_ids: BTreeMap<(Ipv4Addr, u16, L4), u32>,
+    names: BTreeMap<String, u16>,
+    frontends: BTreeMap<AddrKey, u16>,
+    /// (ip, port, protocol) -> (backend ID, services using it); shared by services.
+    backend_ids: BTreeMap<AddrKey, (u32, usize)>,
     next_backend: u32,
+}
+
+/// What is persisted: the services and the backend IDs; indexes are rebuilt.
+#[derive(Serialize, Deserialize)]
+struct SavedTable {
+    services: BTreeMap<u16, Service>,
+    backend_ids: Vec<(AddrKey, u32)>,
+    next_backend: u32,
+}
+
+impl From<ServiceTable> for SavedTable {
+    fn from(t: ServiceTable) -> SavedTable {
+        SavedTable { backend_ids: t.backend_ids.iter().map(|(k, (id, _))| (*k, *id)).collect(), services: t.services, next_backend: t.next_backend }
+    }
+}
+
+impl From<SavedTable> for ServiceTable {
+    fn from(s: SavedTable) -> ServiceTable {
+        let mut t = ServiceTable { next_backend: s.next_backend.max(1), ..ServiceTable::new() };
+        for (k, id) in s.backend_ids {
+            t.backend_ids.insert(k, (id, 0));
+        }
+        for (id, svc) in s.services {
+            t.index(id, &svc);
+            t.services.insert(id, svc);
+        }
+        t.backend_ids.retain(|_, (_, refs)| *refs > 0);
+        t
+    }
+}
+
+impl Default for ServiceTable {
+    fn default() -> ServiceTable {
+        ServiceTable::new()
+    }
+}
+
+fn backend_keys(svc: &Service) -> std::collections::BTreeSet<AddrKey> {
+    svc.backends.iter().flat_map(|b| svc.frontends.iter().map(move |f| (b.ip, b.port, f.protocol))).collect()
 }
 
 impl ServiceTable {
     pub fn new() -> ServiceTable {
-        ServiceTable { next_backend: 1, ..Default::default() }
+        ServiceTable {
+            services: BTreeMap::new(),
+            names: BTreeMap::new(),
+            frontends: BTreeMap::new(),
+            backend_ids: BTreeMap::new(),
+            next_backend: 1,
+        }
     }
 
-    /// Adds or replaces a service. An existing service with the same name (or,
-    /// for unnamed ones, the same first frontend) keeps its ID. Returns the ID.
-    pub fn upsert(&mut self, svc: Service, id: Option<u16>) -> Result<u16, ServiceError> {
-        let existing = match id {
+    /// The ID `svc` would replace: `id` if given, else the service with the
+    /// same name or, for unnamed ones, the same first frontend.
+    fn existing(&self, svc: &Service, id: Option<u16>) -> Option<u16> {
+        match id {
             Some(i) => Some(i),
-            None => self
-                .services
-                .iter()
-                .find(|(_, s)| (!svc.name.is_empty() && s.name == svc.name) || (svc.name.is_empty() && s.frontends.first() == svc.frontends.first()))
-                .map(|(i, _)| *i),
-        };
+            None if !svc.name.is_empty() => self.names.get(&svc.name).copied(),
+            None => svc.frontends.first().and_then(|f| self.frontends.get(&frontend_key(f))).copied(),
+        }
+    }
+
+    /// Checks that `svc` can be stored without taking a frontend of a service
+    /// other than the one it replaces or those in `replacing`.
+    pub fn check(&self, svc: &Service, id: Option<u16>, replacing: &[u16]) -> Result<(), ServiceError> {
+        let existing = self.existing(svc, id);
+        let mut seen = std::collections::BTreeSet::new();
         for f in &svc.frontends {
-            if let Some((oid, other)) = self.services.iter().find(|(oid, s)| Some(**oid) != existing && s.frontends.iter().any(|o| o.ip == f.ip && o.port == f.port && o.protocol == f.protocol)) {
-                return Err(ServiceError::FrontendTaken {
-                    frontend: f.to_string(),
-                    owner: if other.name.is_empty() { format!("id {oid}") } else { other.name.clone() },
-                });
+            if !seen.insert(frontend_key(f)) {
+                return Err(ServiceError::FrontendTaken { frontend: f.to_string(), owner: "the same service".into() });
+            }
+            if let Some(oid) = self.frontends.get(&frontend_key(f)) {
+                if Some(*oid) != existing && !replacing.contains(oid) {
+                    let other = &self.services[oid];
+                    return Err(ServiceError::FrontendTaken {
+                        frontend: f.to_string(),
+                        owner: if other.name.is_empty() { format!("id {oid}") } else { other.name.clone() },
+                    });
+                }
             }
         }
-        let id = match existing {
+        Ok(())
+    }
+
+    /// Adds or replaces a service (see [`ServiceTable::check`]). Returns its ID.
+    pub fn upsert(&mut self, svc: Service, id: Option<u16>) -> Result<u16, ServiceError> {
+        self.check(&svc, id, &[])?;
+        let id = match self.existing(&svc, id) {
             Some(i) => i,
             None => (1..=u16::MAX).find(|i| !self.services.contains_key(i)).ok_or(ServiceError::Exhausted)?,
         };
-        for b in &svc.backends {
-            for p in svc.frontends.iter().map(|f| f.protocol) {
-                self.backend_ids.entry((b.ip, b.port, p)).or_insert_with(|| {
-                    let n = self.next_backend;
-                    self.next_backend += 1;
-                    n
-                });
+        // new backend references first, so backends the old and the new
+        // service share keep their IDs
+        self.ref_backends(&svc);
+        if let Some(old) = self.services.remove(&id) {
+            self.unindex(id, &old);
+        }
+        self.index_addresses(id, &svc);
+        self.services.insert(id, svc);
+        Ok(id)
+    }
+
+    fn index(&mut self, id: u16, svc: &Service) {
+        self.index_addresses(id, svc);
+        self.ref_backends(svc);
+    }
+
+    fn index_addresses(&mut self, id: u16, svc: &Service) {
+        if !svc.name.is_empty() {
+            self.names.insert(svc.name.clone(), id);
+        }
+        for f in &svc.frontends {
+            self.frontends.insert(frontend_key(f), id);
+        }
+    }
+
+    fn ref_backends(&mut self, svc: &Service) {
+        for k in backend_keys(svc) {
+            let next = &mut self.next_backend;
+            let e = self.backend_ids.entry(k).or_insert_with(|| {
+                let n = *next;
+                *next += 1;
+                (n, 0)
+            });
+            e.1 += 1;
+        }
+    }
+
+    fn unindex(&mut self, id: u16, svc: &Service) {
+        if self.names.get(&svc.name) == Some(&id) {
+            self.names.remove(&svc.name);
+        }
+        for f in &svc.frontends {
+            if self.frontends.get(&frontend_key(f)) == Some(&id) {
+                self.frontends.remove(&frontend_key(f));
             }
         }
-        self.services.insert(id, svc);
-        self.gc_backends();
-        Ok(id)
+        for k in backend_keys(svc) {
+            if let Some(e) = self.backend_ids.get_mut(&k) {
+                e.1 -= 1;
+                if e.1 == 0 {
+                    self.backend_ids.remove(&k);
+                }
+            }
+        }
     }
 
     pub fn remove(&mut self, id: u16) -> Result<Service, ServiceError> {
         let s = self.services.remove(&id).ok_or(ServiceError::NoSuchService { id })?;
-        self.gc_backends();
+        self.unindex(id, &s);
         Ok(s)
     }
 
-    pub fn remove_named(&mut self, name: &str) -> Option<u16> {
-        let id = self.services.iter().find(|(_, s)| s.name == name).map(|(i, _)| *i)?;
-        self.services.remove(&id);
-        self.gc_backends();
-        Some(id)
-    }
-
-    fn gc_backends(&mut self) {
-        let used: std::collections::BTreeSet<(Ipv4Addr, u16, L4)> = self
-            .services
-            .values()
-            .flat_map(|s| s.backends.iter().flat_map(move |b| s.frontends.iter().map(move |f| (b.ip, b.port, f.protocol))))
-            .collect();
-        self.backend_ids.retain(|k, _| used.contains(k));
+    pub fn id_of(&self, name: &str) -> Option<u16> {
+        self.names.get(name).copied()
     }
 
     pub fn get(&self, id: u16) -> Option<&Service> {
@@ -233,12 +352,12 @@ impl ServiceTable {
 
     /// The ID of a backend address for a protocol.
     pub fn backend_id(&self, ip: Ipv4Addr, port: u16, protocol: L4) -> Option<u32> {
-        self.backend_ids.get(&(ip, port, protocol)).copied()
+        self.backend_ids.get(&(ip, port, protocol)).map(|(id, _)| *id)
     }
 
     /// Every backend: (id, ip, port, protocol).
     pub fn backends(&self) -> impl Iterator<Item = (u32, Ipv4Addr, u16, L4)> + '_ {
-        self.backend_ids.iter().map(|((ip, port, p), id)| (*id, *ip, *port, *p))
+        self.backend_ids.iter().map(|((ip, port, p), (id, _))| (*id, *ip, *port, *p))
     }
 }
 
@@ -265,9 +384,35 @@ mod tests {
         let shared = t.backend_id(Ipv4Addr::new(10, 0, 1, 3), 8080, L4::Tcp).unwrap();
         assert_eq!(t.upsert(svc("ns/a", [10, 96, 0, 1], &[[10, 0, 1, 3]]), None).unwrap(), a, "same name, same ID");
         assert_eq!(t.backend_id(Ipv4Addr::new(10, 0, 1, 3), 8080, L4::Tcp), Some(shared), "backend IDs are stable");
+        t.upsert(svc("ns/c", [10, 96, 0, 3], &[[10, 0, 1, 9]]), None).unwrap();
+        let only_c = t.backend_id(Ipv4Addr::new(10, 0, 1, 9), 8080, L4::Tcp);
+        t.upsert(svc("ns/c", [10, 96, 0, 3], &[[10, 0, 1, 9], [10, 0, 1, 10]]), None).unwrap();
+        assert_eq!(t.backend_id(Ipv4Addr::new(10, 0, 1, 9), 8080, L4::Tcp), only_c, "kept across an update of its only user");
         assert!(t.backend_id(Ipv4Addr::new(10, 0, 1, 2), 8080, L4::Tcp).is_none(), "unused backends are forgotten");
         t.remove(b).unwrap();
         assert!(t.get(b).is_none());
+        assert_eq!(t.id_of("ns/a"), Some(a));
+        assert!(t.id_of("ns/b").is_none());
+    }
+
+    #[test]
+    fn saved_tables_keep_their_ids() {
+        let mut t = ServiceTable::new();
+        let a = t.upsert(svc("ns/a", [10, 96, 0, 1], &[[10, 0, 1, 2], [10, 0, 1, 3]]), None).unwrap();
+        t.upsert(svc("ns/b", [10, 96, 0, 2], &[[10, 0, 1, 3]]), None).unwrap();
+        let back: ServiceTable = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back.id_of("ns/a"), Some(a));
+        let ids: Vec<_> = t.backends().collect();
+        assert_eq!(back.backends().collect::<Vec<_>>(), ids);
+        let mut back = back;
+        let c = back.upsert(svc("ns/c", [10, 96, 0, 3], &[[10, 0, 1, 9]]), None).unwrap();
+        assert!(back.backends().filter(|b| ids.iter().any(|o| o.0 == b.0)).count() == ids.len());
+        assert!(!ids.iter().any(|o| Some(o.0) == back.backend_id(Ipv4Addr::new(10, 0, 1, 9), 8080, L4::Tcp)), "new backend IDs are fresh");
+        back.remove(c).unwrap();
+        // removing one user keeps a shared backend
+        back.remove(a).unwrap();
+        assert!(back.backend_id(Ipv4Addr::new(10, 0, 1, 3), 8080, L4::Tcp).is_some());
+        assert!(back.backend_id(Ipv4Addr::new(10, 0, 1, 2), 8080, L4::Tcp).is_none());
     }
 
     #[test]
@@ -276,5 +421,7 @@ mod tests {
         t.upsert(svc("ns/a", [10, 96, 0, 1], &[]), None).unwrap();
         let e = t.upsert(svc("ns/b", [10, 96, 0, 1], &[]), None).unwrap_err();
         assert!(matches!(e, ServiceError::FrontendTaken { .. }), "{e}");
+        let a = t.id_of("ns/a").unwrap();
+        t.check(&svc("ns/b", [10, 96, 0, 1], &[]), None, &[a]).expect("allowed when replacing its owner");
     }
 }

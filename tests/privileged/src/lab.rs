@@ -132,6 +132,22 @@ impl TestLab {
     }
 
     /// One probe; returns whether it got an answer.
+    /// A probe's full result (`reachable`, `detail`, ...).
+    pub fn probe_json(&self, from: &str, to: &str, port: u16, protocol: &str) -> Value {
+        let out = self.lab(&["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol, "--timeout", "1"]);
+        serde_json::from_str(out.trim()).expect("probe json")
+    }
+
+    /// Which pod answered a probe (`namespace/name`), if one did.
+    pub fn probe_pod(&self, from: &str, to: &str, port: u16, protocol: &str) -> Option<String> {
+        let v = self.probe_json(from, to, port, protocol);
+        if v["reachable"] != true {
+            return None;
+        }
+        let detail = v["detail"].as_str().unwrap_or("");
+        detail.split_whitespace().find_map(|w| w.strip_prefix("pod=")).map(str::to_string)
+    }
+
     pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> bool {
         let out = self.lab(&["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol, "--timeout", "1"]);
         let v: Value = serde_json::from_str(out.trim()).expect("probe json");

@@ -12,6 +12,8 @@ fn config() -> DaemonConfig {
         mtu: 1500,
         policy: PolicyOptions::default(),
         audit_mode: false,
+        lb_algorithm: cilium_lb::Algorithm::Random,
+        maglev_size: 251,
     }
 }
 
@@ -335,4 +337,200 @@ fn restart_keeps_cidr_identity_numbers_and_bumps_the_revision() {
     d2.restore(store.load().unwrap().unwrap()).unwrap();
     assert_eq!(d2.datapath().ipcache, before, "same prefixes, same identities");
     assert!(d2.datapath().policy_rev > rev, "established connections re-check after a restart");
+}
+
+// ---------------------------------------------------------------- services ---
+
+fn k8s_svc(name: &str, cluster_ip: &str, backends: &[(&str, bool)]) -> cilium_api::K8sService {
+    cilium_api::K8sService {
+        namespace: "default".into(),
+        name: name.into(),
+        service_type: "ClusterIP".into(),
+        cluster_ip: Some(cluster_ip.into()),
+        ports: vec![
+            cilium_api::K8sServicePort { name: Some("http".into()), protocol: "TCP".into(), port: 80, node_port: None },
+            cilium_api::K8sServicePort { name: Some("dns".into()), protocol: "UDP".into(), port: 53, node_port: None },
+        ],
+        endpoints: backends
+            .iter()
+            .map(|(ip, terminating)| cilium_api::K8sEndpoint {
+                ip: ip.to_string(),
+                terminating: *terminating,
+                ports: vec![
+                    cilium_api::K8sEndpointPort { name: Some("http".into()), protocol: "TCP".into(), port: 8080 },
+                    cilium_api::K8sEndpointPort { name: Some("dns".into()), protocol: "UDP".into(), port: 5353 },
+                ],
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn be(ip: &str) -> u32 {
+    cilium_datapath::ip_to_be(ip.parse().unwrap())
+}
+
+/// (slot 0 count, backend IDs of slots 1..) of a frontend in the fake maps.
+fn frontend(dp: &FakeDatapath, ip: &str, port: u16, proto: u8) -> Option<(u16, Vec<u32>)> {
+    let master = dp.lb_services.get(&(be(ip), port.to_be(), 0, proto))?;
+    let slots = (1..=master.count).map(|s| dp.lb_services[&(be(ip), port.to_be(), s, proto)].backend_id).collect();
+    Some((master.count, slots))
+}
+
+#[test]
+fn a_k8s_service_becomes_one_service_per_port() {
+    let mut d = daemon(None);
+    let ids = d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    assert_eq!(ids.len(), 2);
+    let dp = d.datapath();
+    let (count, slots) = frontend(dp, "10.96.0.10", 80, 6).unwrap();
+    assert_eq!(count, 2);
+    for id in &slots {
+        let b = dp.lb_backends[id];
+        assert_eq!((u16::from_be(b.port), b.proto), (8080, 6));
+    }
+    let (count, slots) = frontend(dp, "10.96.0.10", 53, 17).unwrap();
+    assert_eq!(count, 2);
+    assert!(slots.iter().all(|id| u16::from_be(dp.lb_backends[id].port) == 5353));
+    assert_eq!(dp.lb_backends.len(), 4, "a backend address is one backend per protocol");
+    let list = d.service_list();
+    assert_eq!(list.len(), 2);
+    assert!(list.iter().all(|s| s.name.starts_with("default/web:")));
+}
+
+#[test]
+fn terminating_backends_keep_their_entry_but_get_no_slot() {
+    let mut d = daemon(None);
+    d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", true)])).unwrap();
+    let dp = d.datapath();
+    let (count, slots) = frontend(dp, "10.96.0.10", 80, 6).unwrap();
+    assert_eq!(count, 1);
+    assert_eq!(dp.lb_backends[&slots[0]].address, be("10.0.1.2"));
+    let term = dp.lb_backends.values().find(|b| b.address == be("10.0.1.3") && b.proto == 6).expect("terminating backend stays");
+    assert_eq!(term.flags, cilium_abi::LbBackendFlag::Terminating as u8);
+    assert!(!dp.lb_services.contains_key(&(be("10.96.0.10"), 80u16.to_be(), 2, 6)), "surplus slot removed");
+    // removed for good: the entry goes
+    d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false)])).unwrap();
+    assert!(!d.datapath().lb_backends.values().any(|b| b.address == be("10.0.1.3")));
+}
+
+#[test]
+fn one_change_writes_only_that_services_entries() {
+    let mut d = daemon(None);
+    for i in 0..200u32 {
+        let ip = format!("10.96.{}.{}", i / 250, i % 250 + 1);
+        d.k8s_service_upsert(k8s_svc(&format!("s{i}"), &ip, &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    }
+    let before = d.datapath().lb_writes;
+    // the same service again: nothing to write
+    d.k8s_service_upsert(k8s_svc("s7", "10.96.0.8", &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    assert_eq!(d.datapath().lb_writes, before);
+    // one backend added to one service: its backend entries, one slot and
+    // the service entry, for each of its two ports
+    d.k8s_service_upsert(k8s_svc("s7", "10.96.0.8", &[("10.0.1.2", false), ("10.0.1.3", false), ("10.0.1.4", false)])).unwrap();
+    assert_eq!(d.datapath().lb_writes - before, 6);
+    // a resync (start-up over the same maps) writes nothing
+    let before = d.datapath().lb_writes;
+    d.reconcile_services().unwrap();
+    assert_eq!(d.datapath().lb_writes, before);
+}
+
+#[test]
+fn resync_repairs_what_the_maps_lost_and_removes_strays() {
+    let mut d = daemon(None);
+    d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    let good = d.datapath().clone();
+    let dp = d.datapath_mut();
+    dp.lb_services.remove(&(be("10.96.0.10"), 80u16.to_be(), 2, 6));
+    dp.lb_services.insert((be("10.96.9.9"), 80u16.to_be(), 0, 6), cilium_abi::Lb4Service { count: 0, rev_nat_index: 999, ..Default::default() });
+    dp.lb_backends.insert(777, cilium_abi::Lb4Backend { address: be("10.9.9.9"), port: 80u16.to_be(), proto: 6, flags: 0 });
+    d.reconcile_services().unwrap();
+    assert_eq!(d.datapath().lb_services, good.lb_services);
+    assert_eq!(d.datapath().lb_backends, good.lb_backends);
+}
+
+#[test]
+fn services_survive_a_restart_with_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path());
+    let mut d = daemon(Some(store.clone()));
+    let ids = d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false)])).unwrap();
+    let api = d.service_update(&cilium_api::ServiceUpdate { id: Some(300), frontend: "10.96.5.5:443".into(), protocol: "TCP".into(), backends: vec!["10.0.1.9:8443".into()], algorithm: None }).unwrap();
+    assert_eq!(api, 300);
+    let dp = d.datapath().clone();
+    let mut d2 = Daemon::new(config(), dp.clone(), Some(store.clone()), vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d2.restore(store.load().unwrap().unwrap()).unwrap();
+    assert_eq!(d2.datapath().lb_writes, dp.lb_writes, "nothing rewritten");
+    assert_eq!(d2.service_list(), d.service_list());
+    // the Kubernetes Service updates in place under its old IDs
+    let again = d2.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false)])).unwrap();
+    assert_eq!(again, ids);
+}
+
+#[test]
+fn maglev_tables_follow_the_backends() {
+    let mut d = daemon(None);
+    let mut k = k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false), ("10.0.1.4", false)]);
+    k.annotations.insert(services::ALGORITHM_ANNOTATION.into(), "maglev".into());
+    k.ports.truncate(1);
+    let ids = d.k8s_service_upsert(k.clone()).unwrap();
+    let table = |dp: &FakeDatapath| -> Vec<u32> { (0..251).map(|s| dp.lb_maglev[&(ids[0], s)]).collect() };
+    let t1 = table(d.datapath());
+    assert_eq!(t1.iter().collect::<BTreeSet<_>>().len(), 3);
+    let master = d.datapath().lb_services[&(be("10.96.0.10"), 80u16.to_be(), 0, 6)];
+    assert_eq!(master.flags & cilium_abi::LbFlag::Maglev as u8, cilium_abi::LbFlag::Maglev as u8);
+    let before = d.datapath().lb_writes;
+    k.endpoints.pop();
+    d.k8s_service_upsert(k.clone()).unwrap();
+    let t2 = table(d.datapath());
+    let moved = t1.iter().zip(&t2).filter(|(a, b)| a != b).count();
+    // only the removed backend's slots (about a third) are rewritten
+    assert!(moved < 251 / 2, "moved {moved}");
+    assert!(d.datapath().lb_writes - before < 251 / 2 + 5);
+    k.annotations.clear();
+    d.k8s_service_upsert(k).unwrap();
+    assert!(d.datapath().lb_maglev.is_empty(), "random again: table removed");
+}
+
+#[test]
+fn bad_services_are_rejected_whole_with_the_field_named() {
+    let mut d = daemon(None);
+    d.k8s_service_upsert(k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false)])).unwrap();
+    let snapshot = (d.service_list(), d.datapath().lb_services.clone());
+    let mut bad = k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false)]);
+    bad.endpoints[0].ports[1].protocol = "ICMP".into();
+    let e = d.k8s_service_upsert(bad).unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, value, .. } if field == "endpoints[0].ports[1].protocol" && value == "ICMP"), "{e}");
+    let mut bad = k8s_svc("other", "10.96.0.10", &[]);
+    bad.ports.truncate(1);
+    let e = d.k8s_service_upsert(bad).unwrap_err();
+    assert!(e.to_string().contains("10.96.0.10:80/TCP") && e.to_string().contains("default/web"), "{e}");
+    let mut bad = k8s_svc("x", "10.96.0.11", &[]);
+    bad.annotations.insert(services::ALGORITHM_ANNOTATION.into(), "round-robin".into());
+    let e = d.k8s_service_upsert(bad).unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, .. } if field.ends_with("lb-algorithm")), "{e}");
+    let e = d.service_update(&cilium_api::ServiceUpdate { id: Some(5), frontend: "10.96.0.20:80".into(), protocol: "TCP".into(), backends: vec!["10.0.1.2:80".into(), "10.0.1.300:80".into()], algorithm: None }).unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, value, .. } if field == "backends[1]" && value == "10.0.1.300:80"), "{e}");
+    assert_eq!((d.service_list(), d.datapath().lb_services.clone()), snapshot, "nothing applied");
+}
+
+#[test]
+fn headless_and_nodeport_services() {
+    let mut d = daemon(None);
+    let mut k = k8s_svc("headless", "None", &[("10.0.1.2", false)]);
+    assert!(d.k8s_service_upsert(k.clone()).unwrap().is_empty());
+    assert!(d.datapath().lb_services.is_empty(), "headless services are untouched");
+    k.name = "np".into();
+    k.cluster_ip = Some("10.96.0.20".into());
+    k.service_type = "NodePort".into();
+    k.ports.truncate(1);
+    let e = d.k8s_service_upsert(k.clone()).unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, .. } if field == "spec.ports[0].nodePort"), "{e}");
+    k.ports[0].node_port = Some(30080);
+    d.k8s_service_upsert(k).unwrap();
+    assert_eq!(frontend(d.datapath(), "172.30.0.11", 30080, 6).unwrap().0, 1, "node port on the node address");
+    assert_eq!(frontend(d.datapath(), "10.96.0.20", 80, 6).unwrap().0, 1);
+    assert!(d.k8s_service_delete("default", "np").unwrap());
+    assert!(d.datapath().lb_services.is_empty() && d.datapath().lb_backends.is_empty());
 }

@@ -1,0 +1,229 @@
+//! Service load balancing end to end: real sockets in lab pods, translated by
+//! the socket-level load balancer (cgroup connect/sendmsg/recvmsg hooks)
+//! attached by a real agent.
+
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cilium_privileged_tests::lab::{TestLab, cilium};
+
+const WORKLOADS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: w
+        ports: [{containerPort: 8080, name: http}, {containerPort: 5353, protocol: UDP, name: dns}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, labels: {app: solo}}
+spec: {containers: [{name: s, ports: [{containerPort: 9000}]}]}
+"#;
+
+const SERVICES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: dns}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: nothing}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: solo}
+spec:
+  clusterIP: 10.96.0.12
+  selector: {app: solo}
+  ports: [{port: 90, targetPort: 9000}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky}
+spec:
+  clusterIP: 10.96.0.13
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 300}}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: mag
+  annotations: {service.cilium.io/lb-algorithm: maglev}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.14
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+fn web_pods(lab: &TestLab) -> BTreeSet<String> {
+    lab.pods().iter().filter(|p| p["labels"]["app"] == "web").map(|p| format!("default/{}", p["name"].as_str().unwrap())).collect()
+}
+
+#[test]
+fn cluster_ip_tcp_and_udp_reach_every_backend() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    let web = web_pods(&lab);
+    assert_eq!(web.len(), 2);
+    for (port, proto) in [(80, "tcp"), (53, "udp")] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..24 {
+            let pod = lab.probe_pod("default/client", "10.96.0.10", port, proto).unwrap_or_else(|| panic!("10.96.0.10:{port}/{proto} unreachable"));
+            seen.insert(pod);
+        }
+        // the UDP probe also checks the answer comes from the ClusterIP
+        assert_eq!(seen, web, "{proto}: both backends answer");
+    }
+    // host-originated traffic is translated too
+    assert!(web.contains(&lab.probe_pod("node1", "10.96.0.10", 80, "tcp").expect("from the node")));
+    // a pod reaching itself through its own service (hairpin)
+    assert_eq!(lab.probe_pod("default/solo", "10.96.0.12", 90, "tcp").as_deref(), Some("default/solo"));
+    let list = lab.cilium_ok(&["service", "list"]);
+    assert!(list.contains("10.96.0.10:80/TCP") && list.contains("10.96.0.10:53/UDP"), "{list}");
+    assert!(!list.contains("headless"), "headless services are not load-balanced: {list}");
+    let lb = lab.cilium_ok(&["bpf", "lb", "list"]);
+    assert!(lb.contains("10.96.0.10:80/TCP") && lb.contains(":8080 ("), "{lb}");
+}
+
+#[test]
+fn a_service_without_backends_refuses_at_once() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    let started = Instant::now();
+    let v = lab.probe_json("default/client", "10.96.0.11", 80, "tcp");
+    assert_eq!(v["reachable"], false);
+    assert!(v["detail"].as_str().unwrap().contains("refused"), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused, not timed out");
+    // once it has a backend, it answers
+    lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: late, labels: {app: nothing}}\nspec: {containers: [{name: l, ports: [{containerPort: 80}]}]}\n");
+    assert_eq!(lab.probe_pod("default/client", "10.96.0.11", 80, "tcp").as_deref(), Some("default/late"));
+    // a deleted service is gone from the maps: its address leads nowhere
+    lab.delete(SERVICES);
+    assert!(!lab.probe("default/client", "10.96.0.10", 80, "tcp"));
+    assert!(!lab.cilium_ok(&["bpf", "lb", "list"]).contains("10.96.0.10"));
+}
+
+#[test]
+fn session_affinity_and_maglev() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    let first = lab.probe_pod("default/client", "10.96.0.13", 80, "tcp").expect("sticky reachable");
+    for _ in 0..10 {
+        assert_eq!(lab.probe_pod("default/client", "10.96.0.13", 80, "tcp").as_ref(), Some(&first), "ClientIP affinity");
+    }
+    let web = web_pods(&lab);
+    let mut seen = BTreeSet::new();
+    for _ in 0..24 {
+        seen.insert(lab.probe_pod("default/client", "10.96.0.14", 80, "tcp").expect("maglev service reachable"));
+    }
+    assert_eq!(seen, web);
+    let m = lab.cilium_ok(&["bpf", "lb", "list", "--maglev"]);
+    assert!(m.contains("16381"), "default table size: {m}");
+    // the node port, from the node itself
+    assert!(lab.probe_pod("node1", "172.30.0.11", 30080, "tcp").is_some());
+}
+
+#[test]
+fn removed_backend_keeps_its_established_connections() {
+    let lab = TestLab::up(&[WORKLOADS]);
+    let pods = lab.pods();
+    let ip_of = |n: &str| pods.iter().find(|p| p["name"] == n).unwrap()["ip"].as_str().unwrap().to_string();
+    let web: Vec<String> = pods.iter().filter(|p| p["labels"]["app"] == "web").map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    let (a, b) = (&web[0], &web[1]);
+    lab.cilium_ok(&["service", "update", "--id", "100", "--frontend", "10.96.100.1:80", "--backends", &format!("{}:8080", ip_of(a))]);
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("f");
+    let script = r#"
+set -e
+exec 3<>/dev/tcp/10.96.100.1/80
+printf 'GET /first HTTP/1.1\r\nHost: x\r\n\r\n' >&3
+while read -r -t 3 line <&3; do case "$line" in pod=*) echo "first $line"; break;; esac; done
+touch "$1.open"
+for i in $(seq 200); do [ -e "$1.go" ] && break; sleep 0.05; done
+printf 'GET /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
+while read -r -t 3 line <&3; do case "$line" in pod=*) echo "second $line"; break;; esac; done
+"#;
+    let mut child = cilium()
+        .args(["lab", "exec", "--name", &lab.name, "default/client", "--", "bash", "-c", script, "hold", flag.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let open = flag.with_extension("open");
+    let until = Instant::now() + Duration::from_secs(10);
+    while !open.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(open.exists(), "the held connection did not open");
+    // the backend is replaced: new connections go to b only
+    lab.cilium_ok(&["service", "update", "--id", "100", "--frontend", "10.96.100.1:80", "--backends", &format!("{}:8080", ip_of(b))]);
+    for _ in 0..5 {
+        assert_eq!(lab.probe_pod("default/client", "10.96.100.1", 80, "tcp"), Some(format!("default/{b}")));
+    }
+    std::fs::write(flag.with_extension("go"), "").unwrap();
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert!(child.wait().unwrap().success(), "{out}");
+    assert!(out.contains(&format!("first pod=default/{a}")), "{out}");
+    assert!(out.contains(&format!("second pod=default/{a}")), "the established connection still reaches its backend: {out}");
+    // bad input names the field and changes nothing
+    let o = lab.cilium(&["service", "update", "--id", "100", "--frontend", "10.96.100.1:80", "--backends", "10.0.1.2:80,nonsense"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("backends[1]"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lab.probe_pod("default/client", "10.96.100.1", 80, "tcp"), Some(format!("default/{b}")));
+    lab.cilium_ok(&["service", "delete", "100"]);
+    assert!(!lab.cilium_ok(&["service", "list"]).contains("10.96.100.1"));
+}
+
+#[test]
+fn policy_sees_the_backend_not_the_service() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    lab.apply("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-from-host}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEntities: [host]\n");
+    assert!(!lab.probe("default/client", "10.96.0.10", 80, "tcp"), "client is denied by web's policy");
+    assert!(lab.probe("node1", "10.96.0.10", 80, "tcp"), "the host is allowed");
+    lab.apply("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-from-client}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"8080\"}]}]\n");
+    assert!(lab.probe("default/client", "10.96.0.10", 80, "tcp"), "allowed on the backend's port");
+}
+
+#[test]
+fn services_and_translation_survive_an_agent_restart() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    let before = lab.cilium_ok(&["service", "list"]);
+    lab.lab(&["agent", "stop"]);
+    assert!(lab.probe("default/client", "10.96.0.10", 80, "tcp"), "no agent: the socket load balancer keeps translating");
+    lab.lab(&["agent", "start"]);
+    assert_eq!(lab.cilium_ok(&["service", "list"]), before, "same services and IDs");
+    assert!(lab.probe("default/client", "10.96.0.10", 53, "udp"));
+}
