@@ -3,6 +3,9 @@
  * Programs attached to the host side of every endpoint's veth (lxc...):
  *   cil_from_container - tc ingress: packets the pod sends (egress policy)
  *   cil_to_container   - tc egress:  packets delivered to the pod (ingress policy)
+ * and to the node's own devices (the per-packet service load balancer):
+ *   cil_from_netdev    - tc ingress: service frontends -> backends
+ *   cil_to_netdev      - tc egress:  replies get their frontend back
  *
  * One loaded copy serves every endpoint: the endpoint is found by the
  * device's ifindex in cilium_lxc, so creating an endpoint needs no compile and
@@ -14,10 +17,7 @@
 #include "lib/ipcache.h"
 #include "lib/policy.h"
 #include "lib/conntrack.h"
-
-#ifndef offsetof
-#define offsetof(t, m) __builtin_offsetof(t, m)
-#endif
+#include "lib/nodeport.h"
 
 #define ETH_P_ARP_BE bpf_htons(0x0806)
 #define ETH_P_IP_BE bpf_htons(0x0800)
@@ -184,6 +184,22 @@ int cil_to_container(struct __sk_buff *skb)
 	return handle(skb, 0);
 }
 
+SEC("classifier")
+int cil_from_netdev(struct __sk_buff *skb)
+{
+	if (skb->protocol != ETH_P_IP_BE)
+		return TC_ACT_OK;
+	return nodeport_ingress(skb);
+}
+
+SEC("classifier")
+int cil_to_netdev(struct __sk_buff *skb)
+{
+	if (skb->protocol != ETH_P_IP_BE)
+		return TC_ACT_OK;
+	return nodeport_egress(skb);
+}
+
 /*
  * Anchor for the ABI check: puts every shared type into the object's BTF,
  * including those only ever written to the ring buffer. Never attached.
@@ -208,6 +224,10 @@ struct abi_anchor {
 	struct lb_affinity_key lb_affinity_key;
 	struct lb_affinity_value lb_affinity_value;
 	struct lb_sock_key lb_sock_key;
+	struct lb4_nat_key lb4_nat_key;
+	struct lb4_nat_entry lb4_nat_entry;
+	struct lb4_src_range_key lb4_src_range_key;
+	enum lb_nat_dir lb_nat_dir;
 	enum lb_flags lb_flags;
 	enum lb_backend_flags lb_backend_flags;
 	enum reserved_identity reserved_identity;

@@ -40,7 +40,9 @@ enum drop_reason {
 	DROP_WRITE_ERROR = 141,
 	DROP_CT_CREATE_FAILED = 155,
 	DROP_FRAG_NOSUPPORT = 157,
+	DROP_NO_SERVICE = 158,
 	DROP_NO_CONFIG = 165,
+	DROP_NOT_IN_SRC_RANGE = 177,
 	DROP_PROXY_LOOKUP_FAILED = 178,
 	DROP_POLICY_DENY = 181,
 };
@@ -218,6 +220,7 @@ struct lb4_key {
 enum lb_flags {
 	LB_F_AFFINITY = 1,       /* ClientIP session affinity */
 	LB_F_MAGLEV = 2,         /* backends picked from cilium_lb4_maglev */
+	LB_F_SRC_RANGE = 4,      /* clients must match cilium_lb4_source_range */
 };
 
 struct lb4_service {
@@ -263,6 +266,40 @@ struct lb_affinity_key {
 struct lb_affinity_value {
 	__u32 backend_id;
 	__u32 last_used;         /* CLOCK_BOOTTIME seconds */
+};
+
+/* Per-packet load balancing (tc on the node's devices): one entry per
+ * direction of a translated flow. Forward: client -> frontend gives the
+ * backend; reverse: backend -> client gives the frontend to restore. */
+enum lb_nat_dir {
+	LB_NAT_FWD = 0,
+	LB_NAT_REV = 1,
+};
+
+struct lb4_nat_key {
+	__u32 saddr;             /* network byte order */
+	__u32 daddr;
+	__u16 sport;             /* network byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 dir;                /* enum lb_nat_dir */
+	__u16 pad;
+};
+
+struct lb4_nat_entry {
+	__u32 addr;              /* forward: the backend; reverse: the frontend */
+	__u16 port;              /* network byte order */
+	__u16 rev_nat_index;     /* the service's ID */
+	__u32 backend_id;        /* forward only */
+	__u32 last_seen;         /* CLOCK_BOOTTIME seconds */
+};
+
+/* loadBalancerSourceRanges: (service, client prefix) -> allowed */
+struct lb4_src_range_key {
+	__u32 prefixlen;         /* 32 + the prefix length of addr */
+	__u16 rev_nat_index;
+	__u16 pad;
+	__u32 addr;              /* network byte order */
 };
 
 /* A translated socket: which frontend its backend address stands for. */

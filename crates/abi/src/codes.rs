@@ -89,7 +89,9 @@ abi_enum!(
         UnknownL4Protocol = 142 => "DROP_UNKNOWN_L4",
         CtMapInsertionFailed = 155 => "DROP_CT_CREATE_FAILED",
         FragmentationNotSupported = 157 => "DROP_FRAG_NOSUPPORT",
+        NoService = 158 => "DROP_NO_SERVICE",
         NoConfiguration = 165 => "DROP_NO_CONFIG",
+        NotInSourceRange = 177 => "DROP_NOT_IN_SRC_RANGE",
         ProxyLookupFailed = 178 => "DROP_PROXY_LOOKUP_FAILED",
         PolicyDeny = 181 => "DROP_POLICY_DENY",
     }
@@ -109,6 +111,8 @@ impl DropReason {
             DropReason::UnknownL4Protocol => "UNKNOWN_L4_PROTOCOL",
             DropReason::CtMapInsertionFailed => "CT_MAP_INSERTION_FAILED",
             DropReason::FragmentationNotSupported => "IP_FRAGMENTATION_NOT_SUPPORTED",
+            DropReason::NoService => "SERVICE_BACKEND_NOT_FOUND",
+            DropReason::NotInSourceRange => "NOT_IN_SOURCE_RANGE",
             DropReason::NoConfiguration => "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
             DropReason::ProxyLookupFailed => "PROXY_LOOKUP_FAILED",
             DropReason::PolicyDeny => "POLICY_DENY",
@@ -128,6 +132,8 @@ impl DropReason {
             DropReason::UnknownL4Protocol => "Unknown L4 protocol",
             DropReason::CtMapInsertionFailed => "CT: Map insertion failed",
             DropReason::FragmentationNotSupported => "Fragmented packet not supported",
+            DropReason::NoService => "Service backend not found",
+            DropReason::NotInSourceRange => "Not in source range",
             DropReason::NoConfiguration => "No configuration available to perform policy decision",
             DropReason::ProxyLookupFailed => "Proxy lookup failed (L7 rules cannot be enforced)",
             DropReason::PolicyDeny => "Policy denied by denylist",
@@ -248,6 +254,15 @@ abi_enum!(
     LbFlag: u8 = "lb_flags" {
         Affinity = 1 => "LB_F_AFFINITY",
         Maglev = 2 => "LB_F_MAGLEV",
+        SourceRange = 4 => "LB_F_SRC_RANGE",
+    }
+);
+
+abi_enum!(
+    /// Which way a cilium_lb4_nat entry translates.
+    LbNatDir: u8 = "lb_nat_dir" {
+        Forward = 0 => "LB_NAT_FWD",
+        Reverse = 1 => "LB_NAT_REV",
     }
 );
 
@@ -298,6 +313,7 @@ pub fn all_enums() -> Vec<(&'static str, Vec<(&'static str, i64)>)> {
         one::<MetricDir>(),
         one::<LbFlag>(),
         one::<LbBackendFlag>(),
+        one::<LbNatDir>(),
     ]
 }
 

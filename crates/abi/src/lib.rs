@@ -199,6 +199,40 @@ abi_struct!(
 );
 
 abi_struct!(
+    /// cilium_lb4_nat key.
+    Lb4NatKey = "lb4_nat_key" {
+        saddr: u32,
+        daddr: u32,
+        sport: u16,
+        dport: u16,
+        proto: u8,
+        dir: u8,
+        pad: u16,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_nat value.
+    Lb4NatEntry = "lb4_nat_entry" {
+        addr: u32,
+        port: u16,
+        rev_nat_index: u16,
+        backend_id: u32,
+        last_seen: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_lb4_source_range key (an LPM key: prefixlen counts from rev_nat_index).
+    Lb4SrcRangeKey = "lb4_src_range_key" {
+        prefixlen: u32,
+        rev_nat_index: u16,
+        pad: u16,
+        addr: u32,
+    }
+);
+
+abi_struct!(
     /// cilium_lb4_maglev key.
     LbMaglevKey = "lb_maglev_key" {
         rev_nat_index: u16,
@@ -365,5 +399,8 @@ pub fn all_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usiz
         one::<LbAffinityKey>(),
         one::<LbAffinityValue>(),
         one::<LbSockKey>(),
+        one::<Lb4NatKey>(),
+        one::<Lb4NatEntry>(),
+        one::<Lb4SrcRangeKey>(),
     ]
 }

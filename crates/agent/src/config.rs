@@ -84,6 +84,12 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_LB_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
     pub bpf_lb_maglev_table_size: u32,
 
+    /// Node devices for the per-packet service load balancer (NodePort,
+    /// LoadBalancer, external IPs from outside), comma-separated. Default:
+    /// every device with an IPv4 address except ours.
+    #[arg(long, env = "CILIUM_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+
     /// Default backend selection of services: random or maglev (a service
     /// overrides it with the annotation service.cilium.io/lb-algorithm).
     #[arg(long, env = "CILIUM_BPF_LB_ALGORITHM", default_value = "random")]
@@ -131,6 +137,8 @@ pub struct Settings {
     pub events_bytes: u32,
     pub maglev_table_size: u32,
     pub lb_algorithm: cilium_lb::Algorithm,
+    /// Empty: detect.
+    pub devices: Vec<String>,
     pub log_level: tracing::Level,
     pub json_logs: bool,
 }
@@ -279,6 +287,7 @@ impl Config {
             events_bytes: self.bpf_events_ring_size,
             maglev_table_size: m,
             lb_algorithm,
+            devices: self.devices,
             log_level,
             json_logs,
         })

@@ -9,9 +9,19 @@ use cilium_datapath::{DatapathError, netlink, sys};
 pub const HOST_DEV: &str = "cilium_host";
 pub const NET_DEV: &str = "cilium_net";
 
+/// The node's addresses and the devices that carry them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNet {
+    /// Every IPv4 address of the namespace except loopback and the router.
+    pub ips: Vec<Ipv4Addr>,
+    /// Devices with such an address (not ours: no cilium_*, no lxc*), where
+    /// the per-packet service load balancer attaches.
+    pub devices: Vec<String>,
+}
+
 /// Creates and configures the host devices; returns the node's addresses
-/// (every IPv4 address of the namespace except loopback and the router).
-pub fn setup(router: Ipv4Addr) -> Result<Vec<Ipv4Addr>, DatapathError> {
+/// and devices.
+pub fn setup(router: Ipv4Addr) -> Result<NodeNet, DatapathError> {
     sys::sysctl("net.ipv4.ip_forward", "1")?;
     sys::sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     sys::sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -26,11 +36,16 @@ pub fn setup(router: Ipv4Addr) -> Result<Vec<Ipv4Addr>, DatapathError> {
                 netlink::add_address(&h, l.index, router, 32).await?;
             }
         }
-        let addrs = netlink::addresses(&h).await?;
-        Ok(addrs
+        let addrs: Vec<(u32, Ipv4Addr, u8)> =
+            netlink::addresses(&h).await?.into_iter().filter(|(_, ip, _)| !ip.is_loopback() && *ip != router).collect();
+        let links = netlink::links(&h).await?;
+        let mut devices: Vec<String> = links
             .into_iter()
-            .map(|(_, ip, _)| ip)
-            .filter(|ip| !ip.is_loopback() && *ip != router)
-            .collect())
+            .filter(|l| addrs.iter().any(|(i, _, _)| *i == l.index))
+            .map(|l| l.name)
+            .filter(|n| !n.starts_with("cilium_") && !n.starts_with("lxc") && n != "lo")
+            .collect();
+        devices.sort();
+        Ok(NodeNet { ips: addrs.into_iter().map(|(_, ip, _)| ip).collect(), devices })
     })
 }

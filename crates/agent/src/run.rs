@@ -32,7 +32,8 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
     let store = StateStore::new(&s.state_dir);
     let saved = store.load().context("reading saved state")?;
     let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
-    let node_ips = crate::node::setup(router).context("setting up host devices")?;
+    let node = crate::node::setup(router).context("setting up host devices")?;
+    let devices = if s.devices.is_empty() { node.devices.clone() } else { s.devices.clone() };
     let mut dp = Loaded::load(LoadOptions {
         pin_dir: Some(s.bpf_root.clone()),
         ct_max: s.ct_max,
@@ -45,6 +46,9 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
     .context("loading the datapath")?;
     let events = dp.take_events().context("event ring buffer missing")?;
     dp.attach_cgroup(&s.cgroup_root).with_context(|| format!("attaching the socket load balancer to {}", s.cgroup_root.display()))?;
+    for dev in &devices {
+        dp.attach_netdev(dev).with_context(|| format!("attaching the service load balancer to device {dev} (see --devices)"))?;
+    }
     let cfg = DaemonConfig {
         node_name: s.node_name.clone(),
         pod_cidr: s.pod_cidr,
@@ -54,7 +58,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         lb_algorithm: s.lb_algorithm,
         maglev_size: s.maglev_table_size,
     };
-    let mut daemon = Daemon::new(cfg, dp, Some(store), node_ips)?;
+    let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
     match saved {
         Some(state) => {
             info!(endpoints = state.endpoints.len(), policies = state.policies.len(), "restoring state");

@@ -338,6 +338,16 @@ pub struct K8sService {
     /// sessionAffinityConfig.clientIP.timeoutSeconds (default 10800).
     #[serde(default)]
     pub session_affinity_timeout: Option<u32>,
+    /// Cluster (default) or Local: NodePort, LoadBalancer and external IP
+    /// traffic only to this node's endpoints.
+    #[serde(default)]
+    pub external_traffic_policy: Option<String>,
+    /// Cluster (default) or Local: ClusterIP traffic only to this node's endpoints.
+    #[serde(default)]
+    pub internal_traffic_policy: Option<String>,
+    /// Clients allowed to reach the LoadBalancer IPs (CIDRs); empty: all.
+    #[serde(default)]
+    pub load_balancer_source_ranges: Vec<String>,
     #[serde(default)]
     pub endpoints: Vec<K8sEndpoint>,
 }
@@ -368,6 +378,9 @@ fn tcp() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct K8sEndpoint {
     pub ip: String,
+    /// The node the endpoint runs on (for the Local traffic policies).
+    #[serde(default)]
+    pub node_name: Option<String>,
     #[serde(default)]
     pub terminating: bool,
     #[serde(default)]

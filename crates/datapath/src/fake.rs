@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
 use ipnet::Ipv4Net;
@@ -34,6 +34,9 @@ pub struct FakeDatapath {
     pub lb_services: BTreeMap<(u32, u16, u16, u8), Lb4Service>,
     pub lb_backends: BTreeMap<u32, Lb4Backend>,
     pub lb_maglev: BTreeMap<(u16, u32), u32>,
+    /// (service, prefix length, address)
+    pub lb_src_ranges: BTreeSet<(u16, u32, u32)>,
+    pub netdevs: BTreeSet<String>,
     /// How many service-map writes (sets and deletes) were made.
     pub lb_writes: usize,
     pub cgroups: Vec<std::path::PathBuf>,
@@ -165,6 +168,20 @@ impl Datapath for FakeDatapath {
         self.lb_maglev.remove(&(key.rev_nat_index, key.slot));
         Ok(())
     }
+    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_src_ranges.insert((key.rev_nat_index, key.prefixlen, key.addr));
+        Ok(())
+    }
+    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        self.lb_writes += 1;
+        self.lb_src_ranges.remove(&(key.rev_nat_index, key.prefixlen, key.addr));
+        Ok(())
+    }
+    fn attach_netdev(&mut self, ifname: &str) -> Result<()> {
+        self.netdevs.insert(ifname.to_string());
+        Ok(())
+    }
     fn lb_dump(&self) -> Result<LbDump> {
         Ok(LbDump {
             services: self
@@ -174,6 +191,7 @@ impl Datapath for FakeDatapath {
                 .collect(),
             backends: self.lb_backends.iter().map(|(k, v)| (*k, *v)).collect(),
             maglev: self.lb_maglev.iter().map(|((r, s), b)| (LbMaglevKey { rev_nat_index: *r, pad: 0, slot: *s }, *b)).collect(),
+            source_ranges: self.lb_src_ranges.iter().map(|(r, p, a)| Lb4SrcRangeKey { prefixlen: *p, rev_nat_index: *r, pad: 0, addr: *a }).collect(),
         })
     }
     fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()> {

@@ -17,7 +17,7 @@
 use std::net::Ipv4Addr;
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
 use ipnet::Ipv4Net;
@@ -116,8 +116,14 @@ pub trait Datapath: Send {
     fn lb_backend_del(&mut self, id: u32) -> Result<()>;
     fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()>;
     fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()>;
+    /// loadBalancerSourceRanges entries (LPM).
+    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()>;
+    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()>;
     /// Everything in the service maps.
     fn lb_dump(&self) -> Result<LbDump>;
+    /// Attaches the per-packet service load balancer to a node device
+    /// (idempotent, atomic replacement like [`Datapath::attach`]).
+    fn attach_netdev(&mut self, ifname: &str) -> Result<()>;
     /// Attaches the socket-level load balancer to a cgroup (idempotent;
     /// replaces the programs atomically when attached already).
     fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()>;
@@ -138,6 +144,7 @@ pub struct LbDump {
     pub services: Vec<(Lb4Key, Lb4Service)>,
     pub backends: Vec<(u32, Lb4Backend)>,
     pub maglev: Vec<(LbMaglevKey, u32)>,
+    pub source_ranges: Vec<Lb4SrcRangeKey>,
 }
 
 /// An IPv4 address as the datapath stores it (network byte order in a u32).

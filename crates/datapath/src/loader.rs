@@ -9,7 +9,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink};
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, LbMaglevKey, MetricsKey,
+    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey, RuntimeConfig,
 };
 use ipnet::Ipv4Net;
@@ -22,20 +22,26 @@ use crate::{BPF_LXC, BPF_SOCK, Datapath, DatapathError, LbDump, MapPressure, Res
 pub enum Program {
     FromContainer,
     ToContainer,
+    FromNetdev,
+    ToNetdev,
 }
 
 impl Program {
+    const ALL: [Program; 4] = [Program::FromContainer, Program::ToContainer, Program::FromNetdev, Program::ToNetdev];
+
     pub fn name(self) -> &'static str {
         match self {
             Program::FromContainer => "cil_from_container",
             Program::ToContainer => "cil_to_container",
+            Program::FromNetdev => "cil_from_netdev",
+            Program::ToNetdev => "cil_to_netdev",
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Program::FromContainer => TcAttachType::Ingress,
-            Program::ToContainer => TcAttachType::Egress,
+            Program::FromContainer | Program::FromNetdev => TcAttachType::Ingress,
+            Program::ToContainer | Program::ToNetdev => TcAttachType::Egress,
         }
     }
 }
@@ -63,6 +69,8 @@ const MAP_LB_BACKENDS: &str = "cilium_lb4_backends";
 const MAP_LB_MAGLEV: &str = "cilium_lb4_maglev";
 const MAP_LB_AFFINITY: &str = "cilium_lb_affinity";
 const MAP_LB_SOCK_REVNAT: &str = "cilium_lb4_sock_revnat";
+const MAP_LB_NAT: &str = "cilium_lb4_nat";
+const MAP_LB_SRC_RANGE: &str = "cilium_lb4_source_range";
 
 const ALL_MAPS: &[&str] = &[
     MAP_LXC,
@@ -79,6 +87,8 @@ const ALL_MAPS: &[&str] = &[
     MAP_LB_MAGLEV,
     MAP_LB_AFFINITY,
     MAP_LB_SOCK_REVNAT,
+    MAP_LB_NAT,
+    MAP_LB_SRC_RANGE,
 ];
 
 /// The socket-level programs and their attach points.
@@ -131,6 +141,17 @@ struct PolicyLpm {
 unsafe impl Pod for PolicyLpm {}
 
 const _: () = assert!(size_of::<Key<PolicyLpm>>() == size_of::<PolicyKey>());
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SrcRangeLpm {
+    rev_nat_index: u16,
+    pad: u16,
+    addr: u32,
+}
+// SAFETY: repr(C), integers only, no padding.
+unsafe impl Pod for SrcRangeLpm {}
+const _: () = assert!(size_of::<Key<SrcRangeLpm>>() == size_of::<cilium_abi::Lb4SrcRangeKey>());
 const _: () = assert!(size_of::<Key<u32>>() == size_of::<cilium_abi::IpcacheKey>());
 
 fn to_lpm(k: &PolicyKey) -> Key<PolicyLpm> {
@@ -174,11 +195,12 @@ fn is_full(e: &aya::maps::MapError) -> bool {
     false
 }
 
-/// The datapath loaded into the kernel: the endpoint programs and the
-/// socket-level load balancer, sharing their maps through the pin directory.
+/// The datapath loaded into the kernel: the tc programs (bpf_lxc.o, which
+/// owns every map) and the socket-level load balancer (bpf_sock.o), which
+/// shares the service maps through the pin directory. Without one (BPF_PROG_RUN
+/// tests) the socket programs see maps of their own.
 pub struct Loaded {
     ebpf: Ebpf,
-    /// bpf_sock.o; owns the service maps.
     sock: Ebpf,
     opts: LoadOptions,
 }
@@ -216,7 +238,7 @@ impl Loaded {
             loader.load(obj).map_err(|e| DatapathError::Load(Box::new(e)))
         };
         let mut ebpf = loader(BPF_LXC)?;
-        for p in [Program::FromContainer, Program::ToContainer] {
+        for p in Program::ALL {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(p.name())
                 .ok_or_else(|| DatapathError::Netlink(format!("program {} missing from object", p.name())))?
@@ -247,32 +269,59 @@ impl Loaded {
         a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
     }
 
-    fn sock_hash_mut<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut MapData, K, V>> {
-        let m = self.sock.map_mut(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
-        HashMap::try_from(m).map_err(map_err(name))
-    }
-
-    fn sock_hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<&MapData, K, V>> {
-        let m = self.sock.map(name).ok_or_else(|| DatapathError::Netlink(format!("map {name} missing")))?;
-        HashMap::try_from(m).map_err(map_err(name))
-    }
-
-    fn sock_set<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K, v: &V) -> Result<()> {
-        self.sock_hash_mut::<K, V>(name)?.insert(k, v, 0).map_err(|e| {
+    fn map_set<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K, v: &V) -> Result<()> {
+        self.hash_mut::<K, V>(name)?.insert(k, v, 0).map_err(|e| {
             if is_full(&e) { DatapathError::MapFull { map: name, max: 0, detail: e.to_string() } } else { map_err(name)(e) }
         })
     }
 
-    fn sock_del<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K) -> Result<()> {
-        match self.sock_hash_mut::<K, V>(name)?.remove(k) {
+    fn map_del<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K) -> Result<()> {
+        match self.hash_mut::<K, V>(name)?.remove(k) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(map_err(name)(e)),
         }
     }
 
-    fn sock_dump<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
-        self.sock_hash::<K, V>(name)?.iter().map(|r| r.map_err(map_err(name))).collect()
+    fn map_dump<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        self.hash::<K, V>(name)?.iter().map(|r| r.map_err(map_err(name))).collect()
+    }
+
+    /// Attaches a pair of programs to an interface as cls_bpf filters
+    /// (idempotent; replaces them atomically when attached already).
+    fn attach_pair(&mut self, ifname: &str, pair: [Program; 2]) -> Result<()> {
+        let iferr = |detail: String| DatapathError::Interface { ifname: ifname.to_string(), detail };
+        if crate::sys::ifindex(ifname).is_none() {
+            return Err(iferr("no such interface".into()));
+        }
+        // clsact + cls_bpf filters: attaching takes ~1 ms (TCX links wait for
+        // an RCU grace period, ~10 ms each here), they outlive this process
+        // without pinning, and a restarted agent swaps programs atomically
+        // by replacing the filter at the same priority and handle.
+        if let Err(e) = qdisc_add_clsact(ifname) {
+            let exists = matches!(&e, TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+            if !exists {
+                return Err(iferr(format!("adding clsact qdisc: {e}")));
+            }
+        }
+        for p in pair {
+            let prog = self.prog(p)?;
+            let opts = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None });
+            let id = match prog.attach_with_options(ifname, p.attach_type(), opts) {
+                Ok(id) => id,
+                Err(e) if is_eexist(&e) => {
+                    // already attached (agent restart): replace atomically
+                    let link = SchedClassifierLink::attached(ifname, p.attach_type(), TC_PRIORITY, TC_HANDLE, None)
+                        .map_err(|e| iferr(e.to_string()))?;
+                    prog.attach_to_link(link).map_err(|e| iferr(format!("replacing {}: {e}", p.name())))?
+                }
+                Err(e) => return Err(iferr(format!("attaching {}: {e}", p.name()))),
+            };
+            // Dropping a link detaches it; the attachment must outlive us.
+            let link = prog.take_link(id).map_err(|e| iferr(e.to_string()))?;
+            std::mem::forget(link);
+        }
+        Ok(())
     }
 
     pub fn options(&self) -> &LoadOptions {
@@ -488,38 +537,14 @@ impl Datapath for Loaded {
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
-        let iferr = |detail: String| DatapathError::Interface { ifname: ifname.to_string(), detail };
-        if crate::sys::ifindex(ifname).is_none() {
-            return Err(iferr("no such interface".into()));
-        }
-        // clsact + cls_bpf filters: attaching takes ~1 ms (TCX links wait for
-        // an RCU grace period, ~10 ms each here), they outlive this process
-        // without pinning, and a restarted agent swaps programs atomically
-        // by replacing the filter at the same priority and handle.
-        if let Err(e) = qdisc_add_clsact(ifname) {
-            let exists = matches!(&e, TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(iferr(format!("adding clsact qdisc: {e}")));
-            }
-        }
-        for p in [Program::FromContainer, Program::ToContainer] {
-            let prog = self.prog(p)?;
-            let opts = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None });
-            let id = match prog.attach_with_options(ifname, p.attach_type(), opts) {
-                Ok(id) => id,
-                Err(e) if is_eexist(&e) => {
-                    // already attached (agent restart): replace atomically
-                    let link = SchedClassifierLink::attached(ifname, p.attach_type(), TC_PRIORITY, TC_HANDLE, None)
-                        .map_err(|e| iferr(e.to_string()))?;
-                    prog.attach_to_link(link).map_err(|e| iferr(format!("replacing {}: {e}", p.name())))?
-                }
-                Err(e) => return Err(iferr(format!("attaching {}: {e}", p.name()))),
-            };
-            // Dropping a link detaches it; the attachment must outlive us.
-            let link = prog.take_link(id).map_err(|e| iferr(e.to_string()))?;
-            std::mem::forget(link);
-        }
+        self.attach_pair(ifname, [Program::FromContainer, Program::ToContainer])?;
         info!(ifname, "endpoint programs attached");
+        Ok(())
+    }
+
+    fn attach_netdev(&mut self, ifname: &str) -> Result<()> {
+        self.attach_pair(ifname, [Program::FromNetdev, Program::ToNetdev])?;
+        info!(ifname, "service load balancer attached to node device");
         Ok(())
     }
 
@@ -553,28 +578,46 @@ impl Datapath for Loaded {
     }
 
     fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()> {
-        self.sock_set(MAP_LB_SERVICES, key, value)
+        self.map_set(MAP_LB_SERVICES, key, value)
     }
     fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()> {
-        self.sock_del::<Lb4Key, Lb4Service>(MAP_LB_SERVICES, key)
+        self.map_del::<Lb4Key, Lb4Service>(MAP_LB_SERVICES, key)
     }
     fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()> {
-        self.sock_set(MAP_LB_BACKENDS, &id, value)
+        self.map_set(MAP_LB_BACKENDS, &id, value)
     }
     fn lb_backend_del(&mut self, id: u32) -> Result<()> {
-        self.sock_del::<u32, Lb4Backend>(MAP_LB_BACKENDS, &id)
+        self.map_del::<u32, Lb4Backend>(MAP_LB_BACKENDS, &id)
     }
     fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
-        self.sock_set(MAP_LB_MAGLEV, key, &backend)
+        self.map_set(MAP_LB_MAGLEV, key, &backend)
     }
     fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()> {
-        self.sock_del::<LbMaglevKey, u32>(MAP_LB_MAGLEV, key)
+        self.map_del::<LbMaglevKey, u32>(MAP_LB_MAGLEV, key)
+    }
+    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
+        self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.insert(&k, 1, 0).map_err(map_err(MAP_LB_SRC_RANGE))
+    }
+    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
+        match self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.remove(&k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(MAP_LB_SRC_RANGE)(e)),
+        }
     }
     fn lb_dump(&self) -> Result<LbDump> {
         Ok(LbDump {
-            services: self.sock_dump(MAP_LB_SERVICES)?,
-            backends: self.sock_dump(MAP_LB_BACKENDS)?,
-            maglev: self.sock_dump(MAP_LB_MAGLEV)?,
+            services: self.map_dump(MAP_LB_SERVICES)?,
+            backends: self.map_dump(MAP_LB_BACKENDS)?,
+            maglev: self.map_dump(MAP_LB_MAGLEV)?,
+            source_ranges: self
+                .lpm::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?
+                .keys()
+                .map(|k| k.map_err(map_err(MAP_LB_SRC_RANGE)))
+                .map(|k| k.map(|k| Lb4SrcRangeKey { prefixlen: k.prefix_len(), rev_nat_index: k.data().rev_nat_index, pad: 0, addr: k.data().addr }))
+                .collect::<Result<_>>()?,
         })
     }
 

@@ -784,7 +784,7 @@ pub fn k8s_service(svc: &cilium_k8s::Service, pods: &[&PodState]) -> cilium_api:
                 })
                 .collect();
             if !ports.is_empty() {
-                endpoints.push(cilium_api::K8sEndpoint { ip: ip.to_string(), terminating: false, ports });
+                endpoints.push(cilium_api::K8sEndpoint { ip: ip.to_string(), node_name: Some(p.node.clone()), terminating: false, ports });
             }
         }
     }
@@ -803,6 +803,9 @@ pub fn k8s_service(svc: &cilium_k8s::Service, pods: &[&PodState]) -> cilium_api:
             .collect(),
         session_affinity: spec.session_affinity.clone(),
         session_affinity_timeout: spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref()).and_then(|c| c.timeout_seconds),
+        external_traffic_policy: spec.external_traffic_policy.clone(),
+        internal_traffic_policy: spec.internal_traffic_policy.clone(),
+        load_balancer_source_ranges: spec.load_balancer_source_ranges.clone(),
         endpoints,
     }
 }

@@ -146,6 +146,10 @@ pub struct Service {
     pub algorithm: Algorithm,
     /// ClientIP session affinity timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// Clients allowed by the per-packet load balancer, as (address,
+    /// prefix length); empty: every client.
+    #[serde(default)]
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
 }
 
 /// Why a service cannot be accepted.
@@ -372,6 +376,7 @@ mod tests {
             backends: backends.iter().map(|b| Backend { ip: Ipv4Addr::from(*b), port: 8080, state: BackendState::Active }).collect(),
             algorithm: Algorithm::Random,
             affinity_timeout: None,
+            source_ranges: vec![],
         }
     }
 

@@ -111,3 +111,50 @@ pub fn icmp_type(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8) -> Vec<u8> {
     i[3] = c as u8;
     ipv4(src, dst, 1, &i, 0)
 }
+
+fn l4_sum(pkt: &[u8]) -> u16 {
+    // pseudo header + L4 segment of an Ethernet/IPv4 packet with a 20-byte header
+    let ip = &pkt[14..34];
+    let l4 = &pkt[34..];
+    let mut pseudo = Vec::with_capacity(12 + l4.len());
+    pseudo.extend_from_slice(&ip[12..20]);
+    pseudo.extend_from_slice(&[0, ip[9]]);
+    pseudo.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(l4);
+    csum(&pseudo)
+}
+
+fn l4_csum_offset(pkt: &[u8]) -> usize {
+    34 + if pkt[23] == 6 { 16 } else { 6 }
+}
+
+/// The packet with its TCP or UDP checksum filled in.
+pub fn with_l4_checksum(mut pkt: Vec<u8>) -> Vec<u8> {
+    let off = l4_csum_offset(&pkt);
+    pkt[off] = 0;
+    pkt[off + 1] = 0;
+    let c = l4_sum(&pkt);
+    pkt[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    pkt
+}
+
+/// Whether the IPv4 header checksum and the TCP, UDP or ICMP checksum are
+/// right (a UDP checksum of 0 means none and is right).
+pub fn checksums_ok(pkt: &[u8]) -> bool {
+    if csum(&pkt[14..34]) != 0 {
+        return false;
+    }
+    match pkt[23] {
+        6 => l4_sum(pkt) == 0,
+        17 => (pkt[40] == 0 && pkt[41] == 0) || l4_sum(pkt) == 0,
+        1 => csum(&pkt[34..]) == 0,
+        _ => true,
+    }
+}
+
+/// (source, source port, destination, destination port) of a TCP/UDP packet.
+pub fn tuple(pkt: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
+    let ip = |o: usize| Ipv4Addr::new(pkt[o], pkt[o + 1], pkt[o + 2], pkt[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([pkt[o], pkt[o + 1]]);
+    (ip(26), port(34), ip(30), port(36))
+}

@@ -227,3 +227,64 @@ fn services_and_translation_survive_an_agent_restart() {
     assert_eq!(lab.cilium_ok(&["service", "list"]), before, "same services and IDs");
     assert!(lab.probe("default/client", "10.96.0.10", 53, "udp"));
 }
+
+const EXTERNAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  selector: {app: web}
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353, nodePort: 30053}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb}
+spec:
+  type: LoadBalancer
+  selector: {app: web}
+  externalIPs: [172.30.1.200]
+  loadBalancerSourceRanges: [10.0.0.0/8]
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: np-empty}
+spec:
+  type: NodePort
+  selector: {app: nobody}
+  ports: [{port: 80, nodePort: 30099}]
+"#;
+
+#[test]
+fn node_ports_load_balancers_and_external_ips_from_outside() {
+    let lab = TestLab::up(&[WORKLOADS, EXTERNAL]);
+    let web = web_pods(&lab);
+    // the world is outside the node: no socket load balancer, the tc one
+    for (port, proto) in [(30080, "tcp"), (30053, "udp")] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..24 {
+            seen.insert(lab.probe_pod("world", "172.30.0.11", port, proto).unwrap_or_else(|| panic!("node port {port}/{proto} from the world")));
+        }
+        assert_eq!(seen, web, "{proto}: both backends answer");
+    }
+    // the LoadBalancer IP (the lab allocates 172.30.1.1) admits 10.0.0.0/8
+    // only; the world is 172.30.0.1. The external IP has no source ranges.
+    assert!(!lab.probe("world", "172.30.1.1", 80, "tcp"), "outside loadBalancerSourceRanges");
+    assert!(lab.probe_pod("world", "172.30.1.200", 80, "tcp").is_some(), "external IP");
+    let text = EXTERNAL.replace("loadBalancerSourceRanges: [10.0.0.0/8]", "loadBalancerSourceRanges: [172.30.0.0/24]");
+    lab.apply(&text);
+    assert!(lab.probe_pod("world", "172.30.1.1", 80, "tcp").is_some(), "inside the new range");
+    // no backends: refused at once (ICMP port unreachable), not a timeout
+    let started = Instant::now();
+    let v = lab.probe_json("world", "172.30.0.11", 30099, "tcp");
+    assert!(v["detail"].as_str().unwrap().contains("refused"), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // an established connection from outside survives an agent restart
+    let mut conn = lab.connect_from("world", "172.30.0.11:30080".parse().unwrap()).expect("connect through the node port");
+    assert!(cilium_privileged_tests::lab::http_roundtrip(&mut conn).unwrap().contains("pod=default/web"));
+    lab.lab(&["agent", "restart"]);
+    assert!(cilium_privileged_tests::lab::http_roundtrip(&mut conn).unwrap().contains("pod=default/web"), "same connection after the restart");
+}

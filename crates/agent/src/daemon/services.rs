@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use cilium_abi::{Lb4Backend, Lb4Key, Lb4Service, LbBackendFlag, LbFlag, LbMaglevKey};
+use cilium_abi::{Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbBackendFlag, LbFlag, LbMaglevKey};
 use cilium_api::{BackendView, FrontendView, K8sService, LbMapView, LbServiceEntry, ServiceUpdate, ServiceView};
 use cilium_datapath::{Datapath, be_to_ip, ip_to_be};
 use cilium_lb::{Algorithm, Backend, BackendState, Frontend, FrontendKind, L4, Service};
@@ -36,11 +36,13 @@ pub(super) struct LbWritten {
     maglev: Vec<u32>,
     /// Backends this service uses (active and terminating).
     backends: BTreeSet<u32>,
+    /// loadBalancerSourceRanges: (LPM prefix length, address).
+    src_ranges: BTreeSet<(u32, u32)>,
 }
 
 impl LbWritten {
     fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.maglev.is_empty() && self.backends.is_empty()
+        self.frontends.is_empty() && self.maglev.is_empty() && self.backends.is_empty() && self.src_ranges.is_empty()
     }
 }
 
@@ -63,12 +65,16 @@ fn ip_port(field: &str, s: &str) -> Result<(Ipv4Addr, u16), DaemonError> {
     Ok((ip, port))
 }
 
-/// The services a Kubernetes Service stands for: one per service port, with
-/// the frontends its type gives it (ClusterIP; NodePort on every node
-/// address; LoadBalancer ingress IPs; externalIPs) and the endpoints serving
-/// that port's name. Headless and ExternalName services have none. Pure:
-/// every field of the input is checked and a bad one is named.
-pub fn k8s_services(k: &K8sService, node_ips: &[Ipv4Addr], default_algorithm: Algorithm) -> Result<Vec<Service>, DaemonError> {
+/// The services a Kubernetes Service stands for: per service port, the
+/// frontends its type gives it (ClusterIP; NodePort on every node address;
+/// LoadBalancer ingress IPs; externalIPs) and the endpoints serving that
+/// port's name. Frontends whose backends differ (a Local traffic policy keeps
+/// only this node's endpoints) or that admit only some clients
+/// (loadBalancerSourceRanges, LoadBalancer IPs only) become separate
+/// services, named after the port with `/external` or `/loadbalancer`.
+/// Headless and ExternalName services have none. Pure: every field of the
+/// input is checked and a bad one is named.
+pub fn k8s_services(k: &K8sService, node_name: &str, node_ips: &[Ipv4Addr], default_algorithm: Algorithm) -> Result<Vec<Service>, DaemonError> {
     if k.namespace.is_empty() || k.name.is_empty() {
         return Err(invalid("metadata.name", format!("{}/{}", k.namespace, k.name), "namespace and name are required"));
     }
@@ -84,7 +90,7 @@ pub fn k8s_services(k: &K8sService, node_ips: &[Ipv4Addr], default_algorithm: Al
         None | Some("") => None,
         Some(s) => Some(ipv4("spec.clusterIP", s)?),
     };
-    let external: Vec<Ipv4Addr> =
+    let external_ips: Vec<Ipv4Addr> =
         k.external_ips.iter().enumerate().map(|(i, s)| ipv4(&format!("spec.externalIPs[{i}]"), s)).collect::<Result<_, _>>()?;
     let lb_ips: Vec<Ipv4Addr> = k
         .load_balancer_ips
@@ -107,15 +113,35 @@ pub fn k8s_services(k: &K8sService, node_ips: &[Ipv4Addr], default_algorithm: Al
         }
         Some(other) => return Err(invalid("spec.sessionAffinity", other, "want ClientIP or None")),
     };
+    let local_only = |field: &str, v: &Option<String>| -> Result<bool, DaemonError> {
+        match v.as_deref() {
+            None | Some("Cluster") => Ok(false),
+            Some("Local") => Ok(true),
+            Some(other) => Err(invalid(field, other, "want Cluster or Local")),
+        }
+    };
+    let etp_local = local_only("spec.externalTrafficPolicy", &k.external_traffic_policy)?;
+    let itp_local = local_only("spec.internalTrafficPolicy", &k.internal_traffic_policy)?;
+    let source_ranges: Vec<(Ipv4Addr, u8)> = k
+        .load_balancer_source_ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.parse::<ipnet::Ipv4Net>()
+                .map(|n| (n.trunc().network(), n.prefix_len()))
+                .map_err(|_| invalid(&format!("spec.loadBalancerSourceRanges[{i}]"), r, "want an IPv4 CIDR"))
+        })
+        .collect::<Result<_, _>>()?;
     let mut endpoints = Vec::new();
     for (i, e) in k.endpoints.iter().enumerate() {
         let ip = ipv4(&format!("endpoints[{i}].ip"), &e.ip)?;
+        let local = e.node_name.as_deref() == Some(node_name);
         for (j, p) in e.ports.iter().enumerate() {
             let proto = l4(&format!("endpoints[{i}].ports[{j}].protocol"), &p.protocol)?;
             if p.port == 0 {
                 return Err(invalid(&format!("endpoints[{i}].ports[{j}].port"), 0, "must be 1-65535"));
             }
-            endpoints.push((ip, p.name.as_deref(), proto, p.port, e.terminating));
+            endpoints.push((ip, p.name.as_deref(), proto, p.port, e.terminating, local));
         }
     }
     let mut out = Vec::new();
@@ -128,39 +154,45 @@ pub fn k8s_services(k: &K8sService, node_ips: &[Ipv4Addr], default_algorithm: Al
         if !seen.insert((p.port, protocol)) {
             return Err(invalid(&format!("spec.ports[{i}].port"), p.port, "duplicate port and protocol"));
         }
-        let mut frontends = Vec::new();
-        let mut fe = |ip: Ipv4Addr, port: u16, kind: FrontendKind| frontends.push(Frontend { ip, port, protocol, kind });
-        if let Some(ip) = cluster_ip {
-            fe(ip, p.port, FrontendKind::ClusterIp);
-        }
+        let fe = |ip: Ipv4Addr, port: u16, kind: FrontendKind| Frontend { ip, port, protocol, kind };
+        let internal: Vec<Frontend> = cluster_ip.iter().map(|ip| fe(*ip, p.port, FrontendKind::ClusterIp)).collect();
+        let mut external: Vec<Frontend> = Vec::new();
         if node_port {
             let np = p.node_port.filter(|n| *n != 0).ok_or_else(|| invalid(&format!("spec.ports[{i}].nodePort"), "", "required for NodePort and LoadBalancer services"))?;
-            for ip in node_ips {
-                fe(*ip, np, FrontendKind::NodePort);
+            external.extend(node_ips.iter().map(|ip| fe(*ip, np, FrontendKind::NodePort)));
+        }
+        external.extend(external_ips.iter().map(|ip| fe(*ip, p.port, FrontendKind::ExternalIp)));
+        let balancers: Vec<Frontend> = if load_balancer { lb_ips.iter().map(|ip| fe(*ip, p.port, FrontendKind::LoadBalancer)).collect() } else { vec![] };
+        let backends = |local_only: bool| -> Vec<Backend> {
+            let mut v: Vec<Backend> = Vec::new();
+            for (ip, name, proto, port, terminating, local) in &endpoints {
+                if *name == p.name.as_deref() && *proto == protocol && (!local_only || *local) && !v.iter().any(|b| b.ip == *ip && b.port == *port) {
+                    let state = if *terminating { BackendState::Terminating } else { BackendState::Active };
+                    v.push(Backend { ip: *ip, port: *port, state });
+                }
+            }
+            v
+        };
+        // frontends sharing backends and source ranges make one service;
+        // the Local traffic policies and source ranges split them
+        let base = format!("{}/{}:{}/{}", k.namespace, k.name, p.port, protocol.name());
+        let mut groups: Vec<(String, Vec<Frontend>, Vec<Backend>, Vec<(Ipv4Addr, u8)>)> = vec![(base.clone(), internal, backends(itp_local), vec![])];
+        for (suffix, fes, ranges) in [("external", external, vec![]), ("loadbalancer", balancers, source_ranges.clone())] {
+            if fes.is_empty() {
+                continue;
+            }
+            let b = backends(etp_local);
+            match groups.iter_mut().find(|g| g.2 == b && g.3 == ranges) {
+                Some(g) => g.1.extend(fes),
+                None => groups.push((format!("{base}/{suffix}"), fes, b, ranges)),
             }
         }
-        if load_balancer {
-            for ip in &lb_ips {
-                fe(*ip, p.port, FrontendKind::LoadBalancer);
+        for (name, frontends, backends, source_ranges) in groups {
+            if frontends.is_empty() {
+                continue;
             }
+            out.push(Service { name, frontends, backends, algorithm, affinity_timeout, source_ranges });
         }
-        for ip in &external {
-            fe(*ip, p.port, FrontendKind::ExternalIp);
-        }
-        let mut backends: Vec<Backend> = Vec::new();
-        for (ip, name, proto, port, terminating) in &endpoints {
-            if *name == p.name.as_deref() && *proto == protocol && !backends.iter().any(|b| b.ip == *ip && b.port == *port) {
-                let state = if *terminating { BackendState::Terminating } else { BackendState::Active };
-                backends.push(Backend { ip: *ip, port: *port, state });
-            }
-        }
-        out.push(Service {
-            name: format!("{}/{}:{}/{}", k.namespace, k.name, p.port, protocol.name()),
-            frontends,
-            backends,
-            algorithm,
-            affinity_timeout,
-        });
     }
     Ok(out)
 }
@@ -168,7 +200,7 @@ pub fn k8s_services(k: &K8sService, node_ips: &[Ipv4Addr], default_algorithm: Al
 impl<D: Datapath> Daemon<D> {
     /// Adds or replaces a Kubernetes Service: all its ports or none.
     pub fn k8s_service_upsert(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
-        let wanted = k8s_services(&k, &self.node_ips, self.cfg.lb_algorithm)?;
+        let wanted = k8s_services(&k, &self.cfg.node_name, &self.node_ips, self.cfg.lb_algorithm)?;
         let key = format!("{}/{}", k.namespace, k.name);
         let old_ids = self.k8s_service_ids(&key);
         self.check_services(&wanted, &old_ids)?;
@@ -256,7 +288,14 @@ impl<D: Datapath> Daemon<D> {
             return Err(invalid("id", 0, "service IDs start at 1"));
         }
         let kind = if self.node_ips.contains(&ip) { FrontendKind::NodePort } else { FrontendKind::ClusterIp };
-        let svc = Service { name: String::new(), frontends: vec![Frontend { ip, port, protocol, kind }], backends, algorithm, affinity_timeout: None };
+        let svc = Service {
+            name: String::new(),
+            frontends: vec![Frontend { ip, port, protocol, kind }],
+            backends,
+            algorithm,
+            affinity_timeout: None,
+            source_ranges: vec![],
+        };
         self.check_services(std::slice::from_ref(&svc), &req.id.into_iter().collect::<Vec<_>>())?;
         let id = self.services.upsert(svc, req.id)?;
         let r = self.sync_service(id);
@@ -367,6 +406,10 @@ impl<D: Datapath> Daemon<D> {
         if s.algorithm == Algorithm::Maglev {
             flags |= LbFlag::Maglev as u8;
         }
+        if !s.source_ranges.is_empty() {
+            flags |= LbFlag::SourceRange as u8;
+        }
+        out.src_ranges = s.source_ranges.iter().map(|(ip, len)| (32 + *len as u32, ip_to_be(*ip))).collect();
         let protocols: BTreeSet<L4> = s.frontends.iter().map(|f| f.protocol).collect();
         let mut active: BTreeMap<L4, Vec<(u32, String)>> = BTreeMap::new();
         for p in &protocols {
@@ -442,6 +485,10 @@ impl<D: Datapath> Daemon<D> {
                 self.lb_backends_written.insert(*bid, *b);
             }
         }
+        for (len, addr) in new.src_ranges.difference(&old.src_ranges) {
+            self.dp.lb_src_range_set(&src_range_key(id, *len, *addr))?;
+            cur.src_ranges.insert((*len, *addr));
+        }
         for (slot, bid) in new.maglev.iter().enumerate() {
             if old.maglev.get(slot) != Some(bid) {
                 self.dp.lb_maglev_set(&LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 }, *bid)?;
@@ -485,6 +532,11 @@ impl<D: Datapath> Daemon<D> {
             self.dp.lb_maglev_del(&LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 })?;
             cur.maglev.truncate(slot);
         }
+        // ranges go after the service entry stopped asking for them
+        for (len, addr) in old.src_ranges.difference(&new.src_ranges) {
+            self.dp.lb_src_range_del(&src_range_key(id, *len, *addr))?;
+            cur.src_ranges.remove(&(*len, *addr));
+        }
         Ok(())
     }
 
@@ -521,6 +573,9 @@ impl<D: Datapath> Daemon<D> {
         for (k, b) in maglev {
             set_at(&mut self.lb_written.entry(k.rev_nat_index).or_default().maglev, k.slot as usize, b);
         }
+        for k in dump.source_ranges {
+            self.lb_written.entry(k.rev_nat_index).or_default().src_ranges.insert((k.prefixlen, k.addr));
+        }
         // holes (a crash mid-write) read as backend 0, which no slot wants,
         // so they are rewritten
         let ids: BTreeSet<u16> = self.lb_written.keys().copied().chain(self.services.iter().map(|(id, _)| id)).collect();
@@ -537,6 +592,10 @@ fn set_at(v: &mut Vec<u32>, i: usize, value: u32) {
         v.resize(i + 1, 0);
     }
     v[i] = value;
+}
+
+fn src_range_key(id: u16, prefixlen: u32, addr: u32) -> Lb4SrcRangeKey {
+    Lb4SrcRangeKey { prefixlen, rev_nat_index: id, pad: 0, addr }
 }
 
 fn lb_key(fe: FeKey, slot: u16) -> Lb4Key {

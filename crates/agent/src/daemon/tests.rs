@@ -355,6 +355,7 @@ fn k8s_svc(name: &str, cluster_ip: &str, backends: &[(&str, bool)]) -> cilium_ap
             .iter()
             .map(|(ip, terminating)| cilium_api::K8sEndpoint {
                 ip: ip.to_string(),
+                node_name: Some("n1".into()),
                 terminating: *terminating,
                 ports: vec![
                     cilium_api::K8sEndpointPort { name: Some("http".into()), protocol: "TCP".into(), port: 8080 },
@@ -533,4 +534,39 @@ fn headless_and_nodeport_services() {
     assert_eq!(frontend(d.datapath(), "10.96.0.20", 80, 6).unwrap().0, 1);
     assert!(d.k8s_service_delete("default", "np").unwrap());
     assert!(d.datapath().lb_services.is_empty() && d.datapath().lb_backends.is_empty());
+}
+
+#[test]
+fn local_traffic_policies_and_source_ranges_split_the_frontends() {
+    let mut d = daemon(None);
+    let mut k = k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false), ("10.0.1.3", false)]);
+    k.endpoints[1].node_name = Some("n2".into());
+    k.ports.truncate(1);
+    k.ports[0].node_port = Some(30080);
+    k.service_type = "LoadBalancer".into();
+    k.load_balancer_ips = vec!["172.30.1.1".into()];
+    // all Cluster, no ranges: one service
+    assert_eq!(d.k8s_service_upsert(k.clone()).unwrap().len(), 1);
+    k.external_traffic_policy = Some("Local".into());
+    k.load_balancer_source_ranges = vec!["203.0.113.0/24".into()];
+    let ids = d.k8s_service_upsert(k.clone()).unwrap();
+    assert_eq!(ids.len(), 3, "cluster IP, node port, load balancer");
+    let dp = d.datapath();
+    assert_eq!(frontend(dp, "10.96.0.10", 80, 6).unwrap().0, 2, "ClusterIP: every endpoint");
+    assert_eq!(frontend(dp, "172.30.0.11", 30080, 6).unwrap().0, 1, "NodePort with Local: this node's only");
+    assert_eq!(frontend(dp, "172.30.1.1", 80, 6).unwrap().0, 1);
+    let lb = dp.lb_services[&(be("172.30.1.1"), 80u16.to_be(), 0, 6)];
+    assert_eq!(lb.flags & cilium_abi::LbFlag::SourceRange as u8, cilium_abi::LbFlag::SourceRange as u8);
+    assert_eq!(dp.lb_src_ranges.iter().collect::<Vec<_>>(), vec![&(lb.rev_nat_index, 56, be("203.0.113.0"))]);
+    let np = dp.lb_services[&(be("172.30.0.11"), 30080u16.to_be(), 0, 6)];
+    assert_eq!(np.flags & cilium_abi::LbFlag::SourceRange as u8, 0, "ranges apply to LoadBalancer IPs only");
+    // back to Cluster without ranges: merged again, ranges removed
+    k.external_traffic_policy = None;
+    k.load_balancer_source_ranges.clear();
+    assert_eq!(d.k8s_service_upsert(k.clone()).unwrap().len(), 1);
+    assert!(d.datapath().lb_src_ranges.is_empty());
+    assert_eq!(frontend(d.datapath(), "172.30.1.1", 80, 6).unwrap().0, 2);
+    k.load_balancer_source_ranges = vec!["203.0.113.0/33".into()];
+    let e = d.k8s_service_upsert(k).unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, .. } if field == "spec.loadBalancerSourceRanges[0]"), "{e}");
 }

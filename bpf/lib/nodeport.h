@@ -1,0 +1,253 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Per-packet service load balancing on the node's devices, for clients the
+ * socket-level load balancer cannot see (anything from outside the node):
+ * NodePort, LoadBalancer and external IPs. The first packet of a flow picks
+ * a backend and records both directions in cilium_lb4_nat; the destination is
+ * rewritten on the way in (tc ingress), the source on the way back out (tc
+ * egress). Backends are local endpoints, so the client's address is kept.
+ */
+#ifndef CILIUM_NODEPORT_H
+#define CILIUM_NODEPORT_H
+
+#include "common.h"
+#include "maps.h"
+#include "events.h"
+#include "lb.h"
+
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct lb4_nat_key);
+	__type(value, struct lb4_nat_entry);
+	__uint(max_entries, 262144);
+} cilium_lb4_nat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct lb4_src_range_key);
+	__type(value, __u8);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} cilium_lb4_source_range SEC(".maps");
+
+/* Affinity keys of the per-packet path: the client address, kept apart
+ * from the socket path's network namespace cookies. */
+#define LB_AFFINITY_CLIENT_IP (1ULL << 63)
+
+static __always_inline __u32 lb_maglev_size(void)
+{
+	__u32 idx = 0;
+	struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
+	return rt ? rt->maglev_size : 0;
+}
+
+static __always_inline __u32 flow_hash(const struct pkt *p)
+{
+	__u32 h = p->saddr * 0x9e3779b1u;
+	h ^= ((__u32)p->sport << 16 | p->dport) * 0x85ebca6bu;
+	h ^= p->daddr * 0xc2b2ae35u;
+	h ^= h >> 16;
+	h *= 0x7feb352du;
+	h ^= h >> 15;
+	return h;
+}
+
+/* Offset of the L4 header: the IPv4 header has been parsed, so it exists. */
+static __always_inline __u32 l4_offset(struct __sk_buff *skb)
+{
+	__u8 vihl = 0;
+	bpf_skb_load_bytes(skb, ETH_HLEN, &vihl, 1);
+	return ETH_HLEN + (vihl & 0xf) * 4;
+}
+
+/*
+ * Rewrites the source (is_src) or destination address and port of a TCP or
+ * UDP packet, with its checksums. A UDP checksum of 0 (none) stays 0.
+ */
+static __always_inline int rewrite_l3l4(struct __sk_buff *skb, __u8 proto, int is_src, __u32 old_addr,
+					__u32 new_addr, __u16 old_port, __u16 new_port)
+{
+	__u32 l4off = l4_offset(skb);
+	__u32 csum_off = l4off + (proto == IPPROTO_TCP ? 16 : 6);
+	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u32 addr_off = ETH_HLEN + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+	__u32 port_off = l4off + (is_src ? 0 : 2);
+
+	if (old_addr != new_addr) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | mangled | 4) < 0 ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_addr, new_addr, 4) < 0 ||
+		    bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
+			return -DROP_WRITE_ERROR;
+	}
+	if (old_port != new_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, mangled | 2) < 0 ||
+		    bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+			return -DROP_WRITE_ERROR;
+	}
+	return 0;
+}
+
+static __always_inline __u16 csum_fold(__s64 csum)
+{
+	__u32 c = (__u32)csum;
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)~c;
+}
+
+/* An ICMP port unreachable, from the frontend to the client, carrying the
+ * offending IPv4 header and the first 8 bytes of its payload. */
+struct icmp_unreach {
+	struct iphdr ip;
+	struct icmphdr icmp;
+	struct iphdr inner;
+	__u8 inner_l4[8];
+};
+_Static_assert(sizeof(struct icmp_unreach) == 56, "ICMP unreachable layout has no padding");
+
+/*
+ * Turns the packet into an ICMP port unreachable for its sender and sends it
+ * back out of the device it came in on: a service without backends refuses
+ * at once (TCP clients see ECONNREFUSED) instead of timing out.
+ */
+static __always_inline int reply_port_unreachable(struct __sk_buff *skb)
+{
+	struct ethhdr eth;
+	struct icmp_unreach r = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0 ||
+	    bpf_skb_load_bytes(skb, ETH_HLEN, &r.inner, sizeof(r.inner)) < 0)
+		return TC_ACT_SHOT;
+	if (r.inner.ihl != 5)
+		return TC_ACT_SHOT;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), r.inner_l4, sizeof(r.inner_l4)) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(r), 0) < 0)
+		return TC_ACT_SHOT;
+
+	r.ip.version = 4;
+	r.ip.ihl = 5;
+	r.ip.tot_len = bpf_htons(sizeof(r));
+	r.ip.ttl = 64;
+	r.ip.protocol = IPPROTO_ICMP;
+	r.ip.saddr = r.inner.daddr;
+	r.ip.daddr = r.inner.saddr;
+	r.ip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.ip, sizeof(r.ip), 0));
+	r.icmp.type = ICMP_DEST_UNREACH_T;
+	r.icmp.code = 3; /* port unreachable */
+	r.icmp.checksum = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&r.icmp,
+						  sizeof(r) - sizeof(r.ip), 0));
+
+	__u8 tmp[ETH_ALEN];
+	__builtin_memcpy(tmp, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, tmp, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &r, sizeof(r), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+static __always_inline int src_range_allowed(__u16 rev_nat_index, __u32 saddr)
+{
+	struct lb4_src_range_key k = { .prefixlen = 64, .rev_nat_index = rev_nat_index, .addr = saddr };
+	return bpf_map_lookup_elem(&cilium_lb4_source_range, &k) != 0;
+}
+
+static __always_inline int lb_drop(struct __sk_buff *skb, int reason, const struct pkt *p)
+{
+	emit_drop(skb, 0, (__u8)reason, IDENTITY_WORLD, 0, EVENT_F_INGRESS, p);
+	metrics_update(skb, (__u8)reason, METRIC_INGRESS);
+	return TC_ACT_SHOT;
+}
+
+/* tc ingress of a node device: translate packets to a service frontend. */
+static __always_inline int nodeport_ingress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK; /* not ours to judge: the stack sees it as is */
+	if (p.protocol != IPPROTO_TCP && p.protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+
+	__u32 now = now_seconds();
+	int new_conn = p.protocol == IPPROTO_UDP ||
+		       (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	struct lb4_nat_key fkey = { .saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,
+				    .dport = p.dport, .proto = p.protocol, .dir = LB_NAT_FWD };
+	struct lb4_nat_entry *fwd = bpf_map_lookup_elem(&cilium_lb4_nat, &fkey);
+	__u32 baddr = 0;
+	__u16 bport = 0;
+
+	if (fwd) {
+		struct lb4_backend *b = bpf_map_lookup_elem(&cilium_lb4_backends, &fwd->backend_id);
+		/* a flow keeps its backend while it exists; a new connection
+		 * reusing the tuple never goes to a terminating one */
+		if (b && b->address == fwd->addr && b->port == fwd->port &&
+		    !(new_conn && p.protocol == IPPROTO_TCP && (b->flags & LB_BACKEND_F_TERMINATING))) {
+			fwd->last_seen = now;
+			baddr = fwd->addr;
+			bport = fwd->port;
+		}
+	}
+	if (!baddr) {
+		struct lb4_service *svc = lb4_lookup_service(p.daddr, p.dport, p.protocol);
+		if (!svc)
+			return TC_ACT_OK;
+		if ((svc->flags & LB_F_SRC_RANGE) && !src_range_allowed(svc->rev_nat_index, p.saddr))
+			return lb_drop(skb, DROP_NOT_IN_SRC_RANGE, &p);
+		struct lb4_backend *backend;
+		__u32 id = lb4_select(svc, p.daddr, p.dport, p.protocol,
+				      LB_AFFINITY_CLIENT_IP | p.saddr, flow_hash(&p),
+				      lb_maglev_size(), now, &backend);
+		if (!id || !backend) {
+			emit_drop(skb, 0, DROP_NO_SERVICE, IDENTITY_WORLD, 0, EVENT_F_INGRESS, &p);
+			metrics_update(skb, DROP_NO_SERVICE, METRIC_INGRESS);
+			return reply_port_unreachable(skb);
+		}
+		baddr = backend->address;
+		bport = backend->port;
+		struct lb4_nat_entry f = { .addr = baddr, .port = bport, .rev_nat_index = svc->rev_nat_index,
+					   .backend_id = id, .last_seen = now };
+		struct lb4_nat_key rkey = { .saddr = baddr, .daddr = p.saddr, .sport = bport,
+					    .dport = p.sport, .proto = p.protocol, .dir = LB_NAT_REV };
+		struct lb4_nat_entry r = { .addr = p.daddr, .port = p.dport,
+					   .rev_nat_index = svc->rev_nat_index, .last_seen = now };
+		if (bpf_map_update_elem(&cilium_lb4_nat, &rkey, &r, BPF_ANY) < 0 ||
+		    bpf_map_update_elem(&cilium_lb4_nat, &fkey, &f, BPF_ANY) < 0)
+			return lb_drop(skb, DROP_CT_CREATE_FAILED, &p);
+	}
+	int ret = rewrite_l3l4(skb, p.protocol, 0, p.daddr, baddr, p.dport, bport);
+	if (ret < 0)
+		return lb_drop(skb, -ret, &p);
+	return TC_ACT_OK;
+}
+
+/* tc egress of a node device: restore the frontend as the source of replies. */
+static __always_inline int nodeport_egress(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK;
+	if (p.protocol != IPPROTO_TCP && p.protocol != IPPROTO_UDP)
+		return TC_ACT_OK;
+	struct lb4_nat_key rkey = { .saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,
+				    .dport = p.dport, .proto = p.protocol, .dir = LB_NAT_REV };
+	struct lb4_nat_entry *rev = bpf_map_lookup_elem(&cilium_lb4_nat, &rkey);
+	if (!rev)
+		return TC_ACT_OK;
+	rev->last_seen = now_seconds();
+	__u32 addr = rev->addr;
+	__u16 port = rev->port;
+	if (rewrite_l3l4(skb, p.protocol, 1, p.saddr, addr, p.sport, port) < 0) {
+		metrics_update(skb, DROP_WRITE_ERROR, METRIC_EGRESS);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+#endif /* CILIUM_NODEPORT_H */
