@@ -22,7 +22,7 @@ use cilium_policy::{
 use ipnet::Ipv4Net;
 use tracing::{error, info, warn};
 
-use crate::state::{EndpointRecord, STATE_VERSION, State, StateError, StateStore};
+use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
 
 pub mod services;
 
@@ -119,6 +119,8 @@ pub struct Daemon<D: Datapath> {
     /// The service maps as last written, per service ID.
     lb_written: BTreeMap<u16, services::LbWritten>,
     lb_backends_written: BTreeMap<u32, cilium_abi::Lb4Backend>,
+    /// Services changed since they were last handed out for saving.
+    services_dirty: bool,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -172,6 +174,7 @@ impl<D: Datapath> Daemon<D> {
             k8s_services: BTreeMap::new(),
             lb_written: BTreeMap::new(),
             lb_backends_written: BTreeMap::new(),
+            services_dirty: false,
         })
     }
 
@@ -234,8 +237,6 @@ impl<D: Datapath> Daemon<D> {
             pods: self.pods.clone(),
             namespaces: self.namespaces.clone(),
             next_endpoint_id: self.next_endpoint_id,
-            services: self.services.clone(),
-            k8s_services: self.k8s_services.clone(),
         }
     }
 
@@ -260,8 +261,6 @@ impl<D: Datapath> Daemon<D> {
         self.pods = state.pods;
         self.namespaces = state.namespaces;
         self.next_endpoint_id = state.next_endpoint_id.max(1);
-        self.services = state.services;
-        self.k8s_services = state.k8s_services;
         for (source, doc) in state.policies {
             let value: serde_yaml::Value = match serde_yaml::to_value(&doc) {
                 Ok(v) => v,

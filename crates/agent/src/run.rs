@@ -31,6 +31,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
     std::fs::create_dir_all(&s.cgroup_root).with_context(|| format!("creating the cgroup root {}", s.cgroup_root.display()))?;
     let store = StateStore::new(&s.state_dir);
     let saved = store.load().context("reading saved state")?;
+    let saved_services = store.load_services().context("reading saved services")?;
     let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
     let node = crate::node::setup(router).context("setting up host devices")?;
     let devices = if s.devices.is_empty() { node.devices.clone() } else { s.devices.clone() };
@@ -59,6 +60,10 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         maglev_size: s.maglev_table_size,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
+    if let Some(svc) = saved_services {
+        info!(services = svc.services.len(), "restoring services");
+        daemon.set_services(svc);
+    }
     match saved {
         Some(state) => {
             info!(endpoints = state.endpoints.len(), policies = state.policies.len(), "restoring state");
@@ -91,6 +96,8 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
 
     tokio::spawn(monitor_events(events, tx));
     tokio::spawn(ct_gc(daemon.clone()));
+    let store = StateStore::new(&s.state_dir);
+    tokio::spawn(save_services(daemon.clone(), store.clone()));
     if let Some(dir) = s.policy_dir.clone() {
         tokio::spawn(watch_policy_dir(daemon.clone(), dir));
     }
@@ -100,9 +107,33 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let app = router(state);
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     server.await.context("API server")?;
+    flush_services(&daemon, &store);
     let _ = std::fs::remove_file(&s.socket_path);
     info!("stopped; the datapath keeps enforcing");
     Ok(())
+}
+
+/// Writes the services behind their changes, at most every 100 ms.
+async fn save_services(daemon: Arc<Mutex<Daemon<Loaded>>>, store: StateStore) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let (d, st) = (daemon.clone(), store.clone());
+        let _ = tokio::task::spawn_blocking(move || flush_services(&d, &st)).await;
+    }
+}
+
+fn flush_services(daemon: &Mutex<Daemon<Loaded>>, store: &StateStore) {
+    // one writer at a time, so an older snapshot never overwrites a newer one
+    static WRITER: Mutex<()> = Mutex::new(());
+    let _w = WRITER.lock().unwrap_or_else(|p| p.into_inner());
+    let snapshot = daemon.lock().unwrap_or_else(|p| p.into_inner()).services_snapshot();
+    if let Some(s) = snapshot {
+        if let Err(e) = store.save_services(&s) {
+            error!(error = %e, "saving services");
+            daemon.lock().unwrap_or_else(|p| p.into_inner()).services_unsaved();
+        }
+    }
 }
 
 async fn shutdown_signal() {

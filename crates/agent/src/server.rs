@@ -89,6 +89,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/pod/{ns}/{name}", delete(pod_delete))
         .route("/v1/k8s/namespace", put(namespace_upsert))
         .route("/v1/k8s/service", put(k8s_service_upsert))
+        .route("/v1/k8s/services", put(k8s_services_sync))
         .route("/v1/k8s/service/{ns}/{name}", delete(k8s_service_delete))
         .route("/v1/service", get(service_list).put(service_update))
         .route("/v1/service/{id}", delete(service_delete))
@@ -209,6 +210,12 @@ async fn pod_delete(State(s): State<Shared>, UrlPath((ns, name)): UrlPath<(Strin
 
 async fn k8s_service_upsert(State(s): State<Shared>, Json(k): Json<K8sService>) -> Result<Json<Vec<u16>>, ApiError> {
     with(&s, move |d| d.k8s_service_upsert(k)).await.map(Json)
+}
+
+/// A re-list: every Kubernetes Service. Answers the rejected ones as
+/// (namespace/name, error).
+async fn k8s_services_sync(State(s): State<Shared>, Json(list): Json<Vec<K8sService>>) -> Result<Json<Vec<(String, String)>>, ApiError> {
+    with(&s, move |d| Ok(d.k8s_services_sync(list)?.into_iter().map(|(k, e)| (k, e.to_string())).collect())).await.map(Json)
 }
 
 async fn k8s_service_delete(State(s): State<Shared>, UrlPath((ns, name)): UrlPath<(String, String)>) -> Result<Json<bool>, ApiError> {

@@ -44,11 +44,19 @@ pub struct State {
     pub pods: BTreeMap<String, PodMeta>,
     pub namespaces: BTreeMap<String, NamespaceMeta>,
     pub next_endpoint_id: u16,
+}
+
+/// Services, kept in a file of their own and written behind the change
+/// (see `Daemon::services_snapshot`): the service maps outlive the agent and
+/// Kubernetes re-lists Services after a restart, so a lost last write costs
+/// nothing, while writing the whole table before acknowledging each change
+/// would cost milliseconds at 10,000 services.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub version: u32,
     /// Services with their IDs and backend IDs.
-    #[serde(default)]
     pub services: cilium_lb::ServiceTable,
     /// Kubernetes Services as received, by `namespace/name`.
-    #[serde(default)]
     pub k8s_services: BTreeMap<String, cilium_api::K8sService>,
 }
 
@@ -78,44 +86,68 @@ impl StateStore {
         StateStore { dir: dir.to_path_buf() }
     }
 
-    fn file(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-
     /// The saved state, or `None` on first start.
     pub fn load(&self) -> Result<Option<State>, StateError> {
-        let path = self.file();
+        let state: Option<State> = self.read("state.json")?;
+        if let Some(s) = &state {
+            self.check_version("state.json", s.version)?;
+        }
+        Ok(state)
+    }
+
+    /// Saves atomically: a crash leaves the old or the new state, never a mix.
+    pub fn save(&self, state: &State) -> Result<(), StateError> {
+        self.write("state.json", state)
+    }
+
+    /// The saved services, or `None` if there are none yet.
+    pub fn load_services(&self) -> Result<Option<ServiceState>, StateError> {
+        let state: Option<ServiceState> = self.read("services.json")?;
+        if let Some(s) = &state {
+            self.check_version("services.json", s.version)?;
+        }
+        Ok(state)
+    }
+
+    pub fn save_services(&self, state: &ServiceState) -> Result<(), StateError> {
+        self.write("services.json", state)
+    }
+
+    fn check_version(&self, name: &str, version: u32) -> Result<(), StateError> {
+        if version != STATE_VERSION {
+            return Err(StateError::Corrupt {
+                path: self.dir.join(name).display().to_string(),
+                detail: format!("version {version} (this agent reads {STATE_VERSION})"),
+            });
+        }
+        Ok(())
+    }
+
+    fn read<T: serde::de::DeserializeOwned>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(name);
         let text = match std::fs::read(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path: path.display().to_string(), source }),
         };
-        let state: State = serde_json::from_slice(&text)
-            .map_err(|e| StateError::Corrupt { path: path.display().to_string(), detail: e.to_string() })?;
-        if state.version != STATE_VERSION {
-            return Err(StateError::Corrupt {
-                path: path.display().to_string(),
-                detail: format!("version {} (this agent reads {STATE_VERSION})", state.version),
-            });
-        }
-        Ok(Some(state))
+        serde_json::from_slice(&text).map(Some).map_err(|e| StateError::Corrupt { path: path.display().to_string(), detail: e.to_string() })
     }
 
-    /// Saves atomically: a crash leaves the old or the new state, never a mix.
-    pub fn save(&self, state: &State) -> Result<(), StateError> {
+    fn write<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let io = |path: &Path| {
             let p = path.display().to_string();
             move |source| StateError::Io { path: p, source }
         };
         std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
-        let tmp = self.dir.join("state.json.tmp");
-        let data = serde_json::to_vec_pretty(state).expect("state serializes");
+        let file = self.dir.join(name);
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        let data = serde_json::to_vec(value).expect("state serializes");
         {
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
             f.write_all(&data).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
         }
-        std::fs::rename(&tmp, self.file()).map_err(io(&self.file()))?;
+        std::fs::rename(&tmp, &file).map_err(io(&file))?;
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }

@@ -308,7 +308,8 @@ impl Lab {
             let tail: Vec<&str> = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
             anyhow!("the agent of {} did not become ready; its log ends:\n{}", self.state.nodes[i].name, tail.join("\n"))
         })?;
-        Ok(())
+        // as a Kubernetes watcher re-lists after a restart
+        self.sync_services_to(i)
     }
 
     /// Stops a node's agent (SIGTERM: the datapath keeps enforcing).
@@ -539,13 +540,21 @@ impl Lab {
     /// Sends every Service, with the endpoints its selector picks now, to
     /// every agent (the Service and EndpointSlice watchers' job). Agents
     /// write only what changed.
-    fn sync_services(&mut self) -> anyhow::Result<()> {
+    fn sync_services(&self) -> anyhow::Result<()> {
+        for i in 0..self.state.nodes.len() {
+            self.sync_services_to(i)?;
+        }
+        Ok(())
+    }
+
+    /// One node's agent gets the full list (a re-list: Services it knows
+    /// that are not listed go).
+    fn sync_services_to(&self, node: usize) -> anyhow::Result<()> {
         let pods: Vec<&PodState> = self.state.pods.values().collect();
         let list: Vec<cilium_api::K8sService> = self.state.services.values().map(|s| k8s_service(s, &pods)).collect();
-        for c in self.clients() {
-            for k in &list {
-                let _: Vec<u16> = block_on(c.call("PUT", "/v1/k8s/service", Some(k)))?;
-            }
+        let rejected: Vec<(String, String)> = block_on(self.client(node).call("PUT", "/v1/k8s/services", Some(&list)))?;
+        if let Some((svc, e)) = rejected.first() {
+            bail!("the agent of {} rejected service {svc}: {e}", self.state.nodes[node].name);
         }
         Ok(())
     }
@@ -574,9 +583,6 @@ impl Lab {
                 }
                 Object::Service(_) => {
                     if self.state.services.remove(&format!("{ns}/{name}")).is_some() {
-                        for c in self.clients() {
-                            let _: bool = block_on(c.call::<(), bool>("DELETE", &format!("/v1/k8s/service/{ns}/{name}"), None))?;
-                        }
                         out.push(format!("service/{name} deleted"));
                     }
                 }

@@ -334,6 +334,11 @@ impl ServiceTable {
         Ok(s)
     }
 
+    /// IDs of the services whose name starts with `prefix`, in name order.
+    pub fn ids_with_prefix(&self, prefix: &str) -> Vec<u16> {
+        self.names.range(prefix.to_string()..).take_while(|(n, _)| n.starts_with(prefix)).map(|(_, id)| *id).collect()
+    }
+
     pub fn id_of(&self, name: &str) -> Option<u16> {
         self.names.get(name).copied()
     }

@@ -16,7 +16,7 @@ use cilium_api::{BackendView, FrontendView, K8sService, LbMapView, LbServiceEntr
 use cilium_datapath::{Datapath, be_to_ip, ip_to_be};
 use cilium_lb::{Algorithm, Backend, BackendState, Frontend, FrontendKind, L4, Service};
 
-use super::{Daemon, DaemonError, invalid};
+use super::{Daemon, DaemonError, STATE_VERSION, ServiceState, invalid};
 
 /// The annotation that picks a service's backend selection.
 pub const ALGORITHM_ANNOTATION: &str = "service.cilium.io/lb-algorithm";
@@ -198,12 +198,41 @@ pub fn k8s_services(k: &K8sService, node_name: &str, node_ips: &[Ipv4Addr], defa
 }
 
 impl<D: Datapath> Daemon<D> {
+    /// Services as saved (before `restore` or `reconcile_datapath`).
+    pub fn set_services(&mut self, saved: ServiceState) {
+        self.services = saved.services;
+        self.k8s_services = saved.k8s_services;
+    }
+
+    /// The services to save, if they changed since last asked. Services are
+    /// saved behind the change, off the request path (see [`ServiceState`]).
+    pub fn services_snapshot(&mut self) -> Option<ServiceState> {
+        if !std::mem::take(&mut self.services_dirty) {
+            return None;
+        }
+        Some(ServiceState { version: STATE_VERSION, services: self.services.clone(), k8s_services: self.k8s_services.clone() })
+    }
+
+    /// Marks the services for saving again (after a failed write).
+    pub fn services_unsaved(&mut self) {
+        self.services_dirty = true;
+    }
+
     /// Adds or replaces a Kubernetes Service: all its ports or none.
     pub fn k8s_service_upsert(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
+        let r = self.upsert_k8s(k);
+        self.services_dirty = true;
+        r
+    }
+
+    fn upsert_k8s(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
         let wanted = k8s_services(&k, &self.cfg.node_name, &self.node_ips, self.cfg.lb_algorithm)?;
         let key = format!("{}/{}", k.namespace, k.name);
         let old_ids = self.k8s_service_ids(&key);
         self.check_services(&wanted, &old_ids)?;
+        if self.k8s_services.get(&key) == Some(&k) && old_ids.len() == wanted.len() {
+            return Ok(old_ids);
+        }
         let names: BTreeSet<&str> = wanted.iter().map(|s| s.name.as_str()).collect();
         let mut touched = Vec::new();
         for id in &old_ids {
@@ -218,31 +247,58 @@ impl<D: Datapath> Daemon<D> {
             ids.push(id);
             touched.push(id);
         }
-        self.k8s_services.insert(key, k);
-        let r = touched.iter().try_for_each(|id| self.sync_service(*id));
-        self.save()?;
-        r?;
+        self.k8s_services.insert(key.clone(), k);
+        if let Err(e) = touched.iter().try_for_each(|id| self.sync_service(*id)) {
+            // not recorded as applied, so the same Service again retries
+            self.k8s_services.remove(&key);
+            return Err(e);
+        }
         Ok(ids)
+    }
+
+    /// The Kubernetes Services, all of them (a watcher's re-list): each is
+    /// applied whole or rejected whole, and those not listed are removed.
+    /// Returns the rejected ones with their errors.
+    pub fn k8s_services_sync(&mut self, list: Vec<K8sService>) -> Result<Vec<(String, DaemonError)>, DaemonError> {
+        self.services_dirty = true;
+        let listed: BTreeSet<String> = list.iter().map(|k| format!("{}/{}", k.namespace, k.name)).collect();
+        let gone: Vec<String> = self.k8s_services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+        for key in gone {
+            let (ns, name) = key.split_once('/').expect("namespace/name");
+            self.remove_k8s(ns, name)?;
+        }
+        let mut rejected = Vec::new();
+        for k in list {
+            let key = format!("{}/{}", k.namespace, k.name);
+            match self.upsert_k8s(k) {
+                Ok(_) => {}
+                Err(e @ (DaemonError::Invalid { .. } | DaemonError::Service(_))) => rejected.push((key, e)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(rejected)
     }
 
     /// Removes a Kubernetes Service. Returns whether it existed.
     pub fn k8s_service_delete(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
+        self.services_dirty = true;
+        self.remove_k8s(namespace, name)
+    }
+
+    fn remove_k8s(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
         let key = format!("{namespace}/{name}");
         let existed = self.k8s_services.remove(&key).is_some();
         let ids = self.k8s_service_ids(&key);
         for id in &ids {
             self.services.remove(*id)?;
         }
-        let r = ids.iter().try_for_each(|id| self.sync_service(*id));
-        self.save()?;
-        r?;
+        ids.iter().try_for_each(|id| self.sync_service(*id))?;
         Ok(existed || !ids.is_empty())
     }
 
     /// IDs of the services made from the Kubernetes Service `ns/name`.
     fn k8s_service_ids(&self, key: &str) -> Vec<u16> {
-        let prefix = format!("{key}:");
-        self.services.iter().filter(|(_, s)| s.name.starts_with(&prefix)).map(|(id, _)| id).collect()
+        self.services.ids_with_prefix(&format!("{key}:"))
     }
 
     /// Checks a set of services before any is stored: frontends free (or
@@ -252,13 +308,16 @@ impl<D: Datapath> Daemon<D> {
             let id = self.services.id_of(&s.name).filter(|_| !s.name.is_empty());
             self.services.check(s, id, replacing)?;
         }
+        let add = wanted.iter().filter(|s| s.algorithm == Algorithm::Maglev).count() as u32;
+        if add == 0 {
+            return Ok(());
+        }
         let m = self.cfg.maglev_size.max(1);
         let keep = self
             .services
             .iter()
             .filter(|(id, s)| s.algorithm == Algorithm::Maglev && !replacing.contains(id) && !wanted.iter().any(|w| !w.name.is_empty() && w.name == s.name))
             .count() as u32;
-        let add = wanted.iter().filter(|s| s.algorithm == Algorithm::Maglev).count() as u32;
         if (keep + add) * m > MAGLEV_MAP_MAX {
             return Err(invalid(
                 ALGORITHM_ANNOTATION,
@@ -298,18 +357,16 @@ impl<D: Datapath> Daemon<D> {
         };
         self.check_services(std::slice::from_ref(&svc), &req.id.into_iter().collect::<Vec<_>>())?;
         let id = self.services.upsert(svc, req.id)?;
-        let r = self.sync_service(id);
-        self.save()?;
-        r?;
+        self.services_dirty = true;
+        self.sync_service(id)?;
         Ok(id)
     }
 
     /// `cilium service delete`.
     pub fn service_delete(&mut self, id: u16) -> Result<(), DaemonError> {
         self.services.remove(id)?;
-        let r = self.sync_service(id);
-        self.save()?;
-        r
+        self.services_dirty = true;
+        self.sync_service(id)
     }
 
     pub fn service_list(&self) -> Vec<ServiceView> {

@@ -460,8 +460,12 @@ fn services_survive_a_restart_with_their_ids() {
     let api = d.service_update(&cilium_api::ServiceUpdate { id: Some(300), frontend: "10.96.5.5:443".into(), protocol: "TCP".into(), backends: vec!["10.0.1.9:8443".into()], algorithm: None }).unwrap();
     assert_eq!(api, 300);
     let dp = d.datapath().clone();
+    store.save_services(&d.services_snapshot().expect("services changed")).unwrap();
+    assert!(d.services_snapshot().is_none(), "handed out once per change");
     let mut d2 = Daemon::new(config(), dp.clone(), Some(store.clone()), vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
-    d2.restore(store.load().unwrap().unwrap()).unwrap();
+    d2.set_services(store.load_services().unwrap().unwrap());
+    assert!(store.load().unwrap().is_none(), "services alone do not write the main state");
+    d2.reconcile_datapath().unwrap();
     assert_eq!(d2.datapath().lb_writes, dp.lb_writes, "nothing rewritten");
     assert_eq!(d2.service_list(), d.service_list());
     // the Kubernetes Service updates in place under its old IDs
@@ -569,4 +573,27 @@ fn local_traffic_policies_and_source_ranges_split_the_frontends() {
     k.load_balancer_source_ranges = vec!["203.0.113.0/33".into()];
     let e = d.k8s_service_upsert(k).unwrap_err();
     assert!(matches!(&e, DaemonError::Invalid { field, .. } if field == "spec.loadBalancerSourceRanges[0]"), "{e}");
+}
+
+#[test]
+fn a_relist_applies_each_service_whole_and_removes_the_unlisted() {
+    let mut d = daemon(None);
+    d.k8s_service_upsert(k8s_svc("old", "10.96.0.9", &[("10.0.1.2", false)])).unwrap();
+    d.service_update(&cilium_api::ServiceUpdate { id: Some(50), frontend: "10.96.5.5:443".into(), protocol: "TCP".into(), backends: vec!["10.0.1.9:8443".into()], algorithm: None }).unwrap();
+    let mut bad = k8s_svc("bad", "10.96.0.11", &[]);
+    bad.session_affinity = Some("Sticky".into());
+    let rejected = d
+        .k8s_services_sync(vec![k8s_svc("a", "10.96.0.10", &[("10.0.1.2", false)]), bad, k8s_svc("c", "10.96.0.12", &[("10.0.1.3", false)])])
+        .unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].0, "default/bad");
+    let names: BTreeSet<String> = d.service_list().into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n.starts_with("default/a:")) && names.iter().any(|n| n.starts_with("default/c:")));
+    assert!(!names.iter().any(|n| n.starts_with("default/old:")), "not listed: removed");
+    assert!(names.contains(""), "services made through the API are not Kubernetes'");
+    assert!(frontend(d.datapath(), "10.96.0.9", 80, 6).is_none());
+    // the same list again writes nothing
+    let before = d.datapath().lb_writes;
+    d.k8s_services_sync(vec![k8s_svc("a", "10.96.0.10", &[("10.0.1.2", false)]), k8s_svc("c", "10.96.0.12", &[("10.0.1.3", false)])]).unwrap();
+    assert_eq!(d.datapath().lb_writes, before);
 }
