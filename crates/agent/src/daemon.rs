@@ -277,6 +277,7 @@ impl<D: Datapath> Daemon<D> {
                 Err(e) => error!(%source, error = %e, "dropping saved policy that no longer validates"),
             }
         }
+        self.refresh_repo_services();
         // CIDR identities keep their numbers across restarts
         for (id, labels) in &state.identities {
             if *id < cilium_identity::MIN_LOCAL_IDENTITY {
@@ -711,7 +712,9 @@ impl<D: Datapath> Daemon<D> {
         for (d, _) in &parsed {
             self.policy_sources.insert(d.key(), source.to_string());
         }
-        let rev = self.repo.apply(parsed);
+        self.repo.apply(parsed);
+        self.refresh_repo_services();
+        let rev = self.repo.revision();
         self.sync_cidr_identities()?;
         self.regenerate_all();
         self.sync_ipcache()?;
@@ -729,6 +732,7 @@ impl<D: Datapath> Daemon<D> {
             self.policy_sources.remove(k);
         }
         if !keys.is_empty() {
+            self.refresh_repo_services();
             self.sync_cidr_identities()?;
             self.regenerate_all();
             self.sync_ipcache()?;
@@ -754,6 +758,7 @@ impl<D: Datapath> Daemon<D> {
         if !parsed.is_empty() {
             self.repo.apply(parsed);
         }
+        self.refresh_repo_services();
         self.sync_cidr_identities()?;
         self.regenerate_all();
         self.sync_ipcache()?;

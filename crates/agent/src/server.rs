@@ -102,6 +102,8 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/bpf/ipcache", get(bpf_ipcache))
         .route("/v1/bpf/metrics", get(bpf_metrics))
         .route("/v1/monitor", get(monitor))
+        // a re-list of 10,000 Services is several MB
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
 

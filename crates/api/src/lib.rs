@@ -319,6 +319,13 @@ pub struct K8sService {
     pub name: String,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// metadata.labels (what `k8sServiceSelector` in policies matches).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// spec.selector; none for a Service whose endpoints are kept by hand
+    /// (`toServices` then means its endpoint addresses).
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
     /// ClusterIP, NodePort or LoadBalancer.
     #[serde(rename = "type", default = "cluster_ip")]
     pub service_type: String,

@@ -798,6 +798,8 @@ pub fn k8s_service(svc: &cilium_k8s::Service, pods: &[&PodState]) -> cilium_api:
         namespace: ns,
         name: svc.metadata.name.clone(),
         annotations: svc.metadata.annotations.clone(),
+        labels: svc.metadata.labels.clone(),
+        selector: if spec.selector.is_empty() { None } else { Some(spec.selector.clone()) },
         service_type: spec.service_type.clone().unwrap_or_else(|| "ClusterIP".into()),
         cluster_ip: spec.cluster_ip.clone(),
         external_ips: spec.external_ips.clone(),

@@ -181,6 +181,9 @@ pub struct ServiceTable {
     /// (ip, port, protocol) -> (backend ID, services using it); shared by services.
     backend_ids: BTreeMap<AddrKey, (u32, usize)>,
     next_backend: u32,
+    /// Where the search for a free service ID starts (after the last one
+    /// handed out), so allocating stays O(1) as the table grows.
+    next_id: u16,
 }
 
 /// What is persisted: the services and the backend IDs; indexes are rebuilt.
@@ -230,6 +233,7 @@ impl ServiceTable {
             frontends: BTreeMap::new(),
             backend_ids: BTreeMap::new(),
             next_backend: 1,
+            next_id: 1,
         }
     }
 
@@ -270,7 +274,7 @@ impl ServiceTable {
         self.check(&svc, id, &[])?;
         let id = match self.existing(&svc, id) {
             Some(i) => i,
-            None => (1..=u16::MAX).find(|i| !self.services.contains_key(i)).ok_or(ServiceError::Exhausted)?,
+            None => self.free_id()?,
         };
         // new backend references first, so backends the old and the new
         // service share keep their IDs
@@ -280,6 +284,13 @@ impl ServiceTable {
         }
         self.index_addresses(id, &svc);
         self.services.insert(id, svc);
+        Ok(id)
+    }
+
+    fn free_id(&mut self) -> Result<u16, ServiceError> {
+        let start = self.next_id.max(1);
+        let id = (start..=u16::MAX).chain(1..start).find(|i| !self.services.contains_key(i)).ok_or(ServiceError::Exhausted)?;
+        self.next_id = id.wrapping_add(1).max(1);
         Ok(id)
     }
 

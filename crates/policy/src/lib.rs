@@ -30,7 +30,11 @@ pub use rule::{Protocol, Rule};
 #[derive(Debug, Clone, Default)]
 pub struct Repository {
     docs: BTreeMap<PolicyRef, (PolicyDocument, Vec<Rule>)>,
+    /// Every rule, `toServices` resolved against `services`.
     rules: Vec<Rule>,
+    services: BTreeMap<(String, String), rule::ServiceInfo>,
+    /// Some rule names Services.
+    service_refs: bool,
     revision: u64,
 }
 
@@ -72,9 +76,33 @@ impl Repository {
     }
 
     fn changed(&mut self) -> u64 {
-        self.rules = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
+        let rules: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
+        self.service_refs = rule::references_services(&rules);
+        self.rules = if self.service_refs { rule::resolve_services(&rules, &self.services) } else { rules };
         self.revision += 1;
         self.revision
+    }
+
+    /// The Services `toServices` rules resolve against, by (namespace,
+    /// name). Returns whether the rules changed (a new revision).
+    pub fn set_services(&mut self, services: BTreeMap<(String, String), rule::ServiceInfo>) -> bool {
+        self.services = services;
+        if !self.service_refs {
+            return false;
+        }
+        let raw: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
+        let resolved = rule::resolve_services(&raw, &self.services);
+        if resolved == self.rules {
+            return false;
+        }
+        self.rules = resolved;
+        self.revision += 1;
+        true
+    }
+
+    /// Whether some rule names Services (`toServices`).
+    pub fn references_services(&self) -> bool {
+        self.service_refs
     }
 
     /// Every rule of every policy.

@@ -95,10 +95,35 @@ pub enum Peers {
     Selected(Vec<Selector>),
 }
 
+/// A Service a `toServices` rule names; which peers it stands for is known
+/// only with the Services themselves (see [`resolve_services`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceRef {
+    /// k8sService: one Service by namespace and name.
+    Named { namespace: String, name: String },
+    /// k8sServiceSelector: Services whose labels match, in one namespace or
+    /// (clusterwide, none given) any.
+    Selected { namespace: Option<String>, selector: Selector },
+}
+
+/// What the rules need to know about a Service to resolve `toServices`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The pod selector; `None` for a Service without one (its endpoints
+    /// are maintained by hand, usually outside the cluster).
+    pub selector: Option<std::collections::BTreeMap<String, String>>,
+    /// Endpoint addresses (used for Services without a selector).
+    pub endpoints: Vec<IpAddr>,
+}
+
 /// One allow or deny rule of one direction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRule {
     pub peers: Peers,
+    /// toServices: resolved into `peers` by [`resolve_services`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceRef>,
     /// Selectors every peer must also match (fromRequires/toRequires).
     pub requires: Vec<Selector>,
     /// Empty means every protocol and port.
@@ -198,6 +223,72 @@ pub fn cidr_identity_labels(net: &IpNet) -> cilium_labels::LabelSet {
     }
     set.insert(Label::reserved("world"));
     set
+}
+
+/// Whether any rule names Services (and so depends on them).
+pub fn references_services(rules: &[Rule]) -> bool {
+    rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.services.is_empty()))
+}
+
+/// The rules with every `toServices` peer replaced by the peers it stands
+/// for, as upstream: a Service with a selector means its pods (its selector
+/// in its namespace), one without means its endpoint addresses (as /32 and
+/// /128 CIDRs). Services that do not exist select nothing.
+pub fn resolve_services(rules: &[Rule], services: &std::collections::BTreeMap<(String, String), ServiceInfo>) -> Vec<Rule> {
+    let expand = |refs: &[ServiceRef]| -> Vec<Selector> {
+        let mut out = Vec::new();
+        for r in refs {
+            let matching: Vec<(&(String, String), &ServiceInfo)> = match r {
+                ServiceRef::Named { namespace, name } => {
+                    services.get_key_value(&(namespace.clone(), name.clone())).into_iter().collect()
+                }
+                ServiceRef::Selected { namespace, selector } => services
+                    .iter()
+                    .filter(|((ns, _), _)| namespace.as_ref().is_none_or(|n| n == ns))
+                    .filter(|(_, info)| {
+                        let mut set = cilium_labels::LabelSet::new();
+                        for (k, v) in &info.labels {
+                            set.insert(Label::k8s(k, v));
+                        }
+                        selector.matches(&set)
+                    })
+                    .collect(),
+            };
+            for ((ns, _), info) in matching {
+                match &info.selector {
+                    Some(sel) if !sel.is_empty() => {
+                        let mut s = Selector::default();
+                        for (k, v) in sel {
+                            s = s.with(Requirement { source: SOURCE_K8S.to_string(), key: k.clone(), op: Operator::In(vec![v.clone()]) });
+                        }
+                        out.push(s.with(namespace_requirement(ns)));
+                    }
+                    _ => {
+                        for ip in &info.endpoints {
+                            out.push(Selector::for_label(&cidr_label(&IpNet::from(*ip))));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    };
+    rules
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            for pr in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
+                if pr.services.is_empty() {
+                    continue;
+                }
+                let extra = expand(&pr.services);
+                if let Peers::Selected(v) = &mut pr.peers {
+                    v.extend(extra);
+                }
+            }
+            r
+        })
+        .collect()
 }
 
 /// Every CIDR the rules name (allowed prefixes and exceptions), which need an
@@ -684,17 +775,24 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
             return Err(ctx.err(&format!("{field}.{}", if n_ep.starts_with("from") { "fromGroups" } else { "toGroups" }), "", "cloud provider groups are not supported in this environment"));
         }
     }
+    let mut service_refs = Vec::new();
     if let Some(services) = p.services {
         any_peer_field = true;
         for (i, s) in services.iter().enumerate() {
             let f = format!("{field}.toServices[{i}]");
+            let default_ns = ctx.namespace.map(str::to_string);
             match (&s.k8s_service, &s.k8s_service_selector) {
                 (Some(svc), None) if svc.service_name.is_empty() => {
                     return Err(ctx.err(&format!("{f}.k8sService.serviceName"), "", "missing"));
                 }
-                (Some(_), None) => {}
+                (Some(svc), None) => {
+                    let namespace = svc.namespace.clone().filter(|n| !n.is_empty()).or(default_ns).unwrap_or_else(|| "default".into());
+                    service_refs.push(ServiceRef::Named { namespace, name: svc.service_name.clone() });
+                }
                 (None, Some(sel)) => {
-                    ctx.selector(&format!("{f}.k8sServiceSelector.selector"), &sel.selector, SOURCE_K8S)?;
+                    let selector = ctx.selector(&format!("{f}.k8sServiceSelector.selector"), &sel.selector, SOURCE_K8S)?;
+                    let namespace = sel.namespace.clone().filter(|n| !n.is_empty()).or(default_ns);
+                    service_refs.push(ServiceRef::Selected { namespace, selector });
                 }
                 _ => return Err(ctx.err(&f, "", "exactly one of k8sService or k8sServiceSelector is required")),
             }
@@ -734,7 +832,7 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
     } else {
         Peers::Selected(selectors)
     };
-    Ok(PeerRule { peers, requires, ports, has_l7, origin: field.to_string() })
+    Ok(PeerRule { peers, services: service_refs, requires, ports, has_l7, origin: field.to_string() })
 }
 
 fn check_authentication(ctx: &Ctx, field: &str, a: &Option<api::Authentication>, deny: bool) -> Result<(), PolicyError> {
@@ -990,6 +1088,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         let f = format!("spec.ingress[{i}]");
         ingress.push(PeerRule {
             peers: k8s_peers(&ctx, &format!("{f}.from"), &r.from)?,
+            services: vec![],
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
@@ -1001,6 +1100,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         let f = format!("spec.egress[{i}]");
         egress.push(PeerRule {
             peers: k8s_peers(&ctx, &format!("{f}.to"), &r.to)?,
+            services: vec![],
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,

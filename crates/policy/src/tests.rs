@@ -769,3 +769,51 @@ fn upstream_validation_rules() {
         assert!(e.message.contains(msg), "{e}");
     }
 }
+
+#[test]
+fn to_services_means_the_pods_or_the_endpoints_of_the_service() {
+    let mut w = World::new(&[("default", "client"), ("default", "web"), ("other", "web"), ("default", "db")]);
+    let text = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: to-services}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toServices:
+    - k8sService: {serviceName: web}
+    toPorts: [{ports: [{port: "8080", protocol: TCP}]}]
+  - toServices:
+    - k8sServiceSelector: {selector: {matchLabels: {tier: external}}}
+"#;
+    let rules: Vec<Rule> = parse_policies(text, "t.yaml").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+    assert!(rule::references_services(&rules));
+    // before the Services are known, nothing is selected
+    let p = w.policy_for_rules(&rule::resolve_services(&rules, &BTreeMap::new()), "default/client");
+    assert!(p.egress_enforced);
+    assert!(!allowed(&p, w.id("default/web"), true, TCP, 8080));
+    let mut services = BTreeMap::new();
+    services.insert(
+        ("default".to_string(), "web".to_string()),
+        rule::ServiceInfo { selector: Some(BTreeMap::from([("app".to_string(), "web".to_string())])), ..Default::default() },
+    );
+    services.insert(
+        ("default".to_string(), "api".to_string()),
+        rule::ServiceInfo {
+            labels: BTreeMap::from([("tier".to_string(), "external".to_string())]),
+            selector: None,
+            endpoints: vec!["192.0.2.10".parse().unwrap()],
+        },
+    );
+    let resolved = rule::resolve_services(&rules, &services);
+    // the selectorless service's endpoints become CIDR identities
+    let cidrs = rule::referenced_cidrs(&resolved);
+    assert_eq!(cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(), vec!["192.0.2.10/32"]);
+    w.ids.insert(1 << 24, rule::cidr_identity_labels(cidrs.iter().next().unwrap()));
+    let p = w.policy_for_rules(&resolved, "default/client");
+    assert!(allowed(&p, w.id("default/web"), true, TCP, 8080), "the service's pods, on the rule's port");
+    assert!(!allowed(&p, w.id("default/web"), true, TCP, 80));
+    assert!(!allowed(&p, w.id("other/web"), true, TCP, 8080), "same labels in another namespace are not the service's pods");
+    assert!(!allowed(&p, w.id("default/db"), true, TCP, 8080));
+    assert!(allowed(&p, 1 << 24, true, TCP, 443), "endpoints of a selectorless service matched by labels");
+}

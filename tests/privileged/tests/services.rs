@@ -288,3 +288,12 @@ fn node_ports_load_balancers_and_external_ips_from_outside() {
     lab.lab(&["agent", "restart"]);
     assert!(cilium_privileged_tests::lab::http_roundtrip(&mut conn).unwrap().contains("pod=default/web"), "same connection after the restart");
 }
+
+#[test]
+fn to_services_allows_the_services_pods_only() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    lab.apply("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: client-to-web}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toServices: [{k8sService: {serviceName: web, namespace: default}}]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n");
+    assert!(lab.probe_pod("default/client", "10.96.0.10", 80, "tcp").is_some(), "web's backends through its ClusterIP");
+    assert!(!lab.probe("default/client", "10.96.0.12", 90, "tcp"), "another service's pod is not allowed");
+    assert!(!lab.probe("default/client", "10.96.0.10", 53, "udp"), "only the rule's port");
+}

@@ -597,3 +597,33 @@ fn a_relist_applies_each_service_whole_and_removes_the_unlisted() {
     d.k8s_services_sync(vec![k8s_svc("a", "10.96.0.10", &[("10.0.1.2", false)]), k8s_svc("c", "10.96.0.12", &[("10.0.1.3", false)])]).unwrap();
     assert_eq!(d.datapath().lb_writes, before);
 }
+
+#[test]
+fn to_services_follows_the_service() {
+    let mut d = daemon(None);
+    pod(&mut d, "client", "client");
+    pod(&mut d, "web", "web");
+    pod(&mut d, "api", "api");
+    let client = create(&mut d, "client", 1);
+    let web = create(&mut d, "web", 2);
+    let api = create(&mut d, "api", 3);
+    let id_of = |d: &Daemon<FakeDatapath>, ep: u16| d.endpoint_view(ep).unwrap().identity;
+    let (web_id, api_id) = (id_of(&d, web), id_of(&d, api));
+    d.policy_import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p}\nspec:\n  endpointSelector: {matchLabels: {app: client}}\n  egress:\n  - toServices: [{k8sService: {serviceName: svc}}]\n",
+        "p.yaml",
+        false,
+    )
+    .unwrap();
+    let allows = |d: &Daemon<FakeDatapath>, peer: u32| d.endpoint_policy(client).unwrap().entries.lookup(peer, true, 6, 80).is_some_and(|(_, v)| !v.deny);
+    assert!(!allows(&d, web_id), "no such service yet: nothing allowed");
+    let mut k = k8s_svc("svc", "10.96.0.10", &[]);
+    k.selector = Some(BTreeMap::from([("app".to_string(), "web".to_string())]));
+    d.k8s_service_upsert(k.clone()).unwrap();
+    assert!(allows(&d, web_id) && !allows(&d, api_id), "the service's pods");
+    k.selector = Some(BTreeMap::from([("app".to_string(), "api".to_string())]));
+    d.k8s_service_upsert(k).unwrap();
+    assert!(!allows(&d, web_id) && allows(&d, api_id), "follows the service's selector");
+    d.k8s_service_delete("default", "svc").unwrap();
+    assert!(!allows(&d, api_id), "service gone: nothing allowed");
+}
