@@ -317,45 +317,45 @@ pub struct MetricEntry {
 pub struct K8sService {
     pub namespace: String,
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// metadata.labels (what `k8sServiceSelector` in policies matches).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// spec.selector; none for a Service whose endpoints are kept by hand
     /// (`toServices` then means its endpoint addresses).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
     /// ClusterIP, NodePort or LoadBalancer.
     #[serde(rename = "type", default = "cluster_ip")]
     pub service_type: String,
     /// The allocated ClusterIP, or "None" for a headless service.
-    #[serde(default, rename = "clusterIP")]
+    #[serde(default, rename = "clusterIP", skip_serializing_if = "Option::is_none")]
     pub cluster_ip: Option<String>,
-    #[serde(default, rename = "externalIPs")]
+    #[serde(default, rename = "externalIPs", skip_serializing_if = "Vec::is_empty")]
     pub external_ips: Vec<String>,
     /// status.loadBalancer.ingress IPs.
-    #[serde(default, rename = "loadBalancerIPs")]
+    #[serde(default, rename = "loadBalancerIPs", skip_serializing_if = "Vec::is_empty")]
     pub load_balancer_ips: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<K8sServicePort>,
     /// "ClientIP" or "None".
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity: Option<String>,
     /// sessionAffinityConfig.clientIP.timeoutSeconds (default 10800).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_affinity_timeout: Option<u32>,
     /// Cluster (default) or Local: NodePort, LoadBalancer and external IP
     /// traffic only to this node's endpoints.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_traffic_policy: Option<String>,
     /// Cluster (default) or Local: ClusterIP traffic only to this node's endpoints.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub internal_traffic_policy: Option<String>,
     /// Clients allowed to reach the LoadBalancer IPs (CIDRs); empty: all.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub load_balancer_source_ranges: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<K8sEndpoint>,
 }
 
@@ -366,12 +366,12 @@ fn cluster_ip() -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct K8sServicePort {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default = "tcp")]
     pub protocol: String,
     pub port: u16,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_port: Option<u16>,
 }
 
@@ -386,18 +386,18 @@ fn tcp() -> String {
 pub struct K8sEndpoint {
     pub ip: String,
     /// The node the endpoint runs on (for the Local traffic policies).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminating: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<K8sEndpointPort>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct K8sEndpointPort {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default = "tcp")]
     pub protocol: String,

@@ -10,7 +10,7 @@ use cilium_abi::{
 };
 use ipnet::Ipv4Net;
 
-use crate::{Datapath, DatapathError, LbDump, MapPressure, Result};
+use crate::{Datapath, DatapathError, LbDump, LbOp, MapPressure, Result};
 
 /// The fake's state, public so tests can inspect it.
 #[derive(Debug, Default, Clone)]
@@ -138,44 +138,36 @@ impl Datapath for FakeDatapath {
         self.routes.remove(&ip);
         Ok(())
     }
-    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_services.insert(lb_key(key), *value);
-        Ok(())
-    }
-    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_services.remove(&lb_key(key));
-        Ok(())
-    }
-    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_backends.insert(id, *value);
-        Ok(())
-    }
-    fn lb_backend_del(&mut self, id: u32) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_backends.remove(&id);
-        Ok(())
-    }
-    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_maglev.insert((key.rev_nat_index, key.slot), backend);
-        Ok(())
-    }
-    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_maglev.remove(&(key.rev_nat_index, key.slot));
-        Ok(())
-    }
-    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_src_ranges.insert((key.rev_nat_index, key.prefixlen, key.addr));
-        Ok(())
-    }
-    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
-        self.lb_writes += 1;
-        self.lb_src_ranges.remove(&(key.rev_nat_index, key.prefixlen, key.addr));
+    fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()> {
+        for op in ops {
+            self.lb_writes += 1;
+            match op {
+                LbOp::BackendSet(id, v) => {
+                    self.lb_backends.insert(*id, *v);
+                }
+                LbOp::BackendDel(id) => {
+                    self.lb_backends.remove(id);
+                }
+                LbOp::ServiceSet(k, v) => {
+                    self.lb_services.insert(lb_key(k), *v);
+                }
+                LbOp::ServiceDel(k) => {
+                    self.lb_services.remove(&lb_key(k));
+                }
+                LbOp::MaglevSet(k, b) => {
+                    self.lb_maglev.insert((k.rev_nat_index, k.slot), *b);
+                }
+                LbOp::MaglevDel(k) => {
+                    self.lb_maglev.remove(&(k.rev_nat_index, k.slot));
+                }
+                LbOp::SrcRangeSet(k) => {
+                    self.lb_src_ranges.insert((k.rev_nat_index, k.prefixlen, k.addr));
+                }
+                LbOp::SrcRangeDel(k) => {
+                    self.lb_src_ranges.remove(&(k.rev_nat_index, k.prefixlen, k.addr));
+                }
+            }
+        }
         Ok(())
     }
     fn attach_netdev(&mut self, ifname: &str) -> Result<()> {

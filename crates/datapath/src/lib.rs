@@ -110,15 +110,9 @@ pub trait Datapath: Send {
     /// Removes the route to an endpoint (absent is fine).
     fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()>;
 
-    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()>;
-    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()>;
-    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()>;
-    fn lb_backend_del(&mut self, id: u32) -> Result<()>;
-    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()>;
-    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()>;
-    /// loadBalancerSourceRanges entries (LPM).
-    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()>;
-    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()>;
+    /// Applies service-map writes in order (runs of one kind may go to the
+    /// kernel as one batch). On error, a prefix of them has been applied.
+    fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()>;
     /// Everything in the service maps.
     fn lb_dump(&self) -> Result<LbDump>;
     /// Attaches the per-packet service load balancer to a node device
@@ -136,6 +130,37 @@ pub trait Datapath: Send {
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;
     fn lost_events(&self) -> Result<u64>;
     fn pressure(&self) -> Vec<MapPressure>;
+}
+
+/// One write to the service maps.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LbOp {
+    BackendSet(u32, Lb4Backend),
+    BackendDel(u32),
+    /// A service entry (slot 0) or a backend slot.
+    ServiceSet(Lb4Key, Lb4Service),
+    ServiceDel(Lb4Key),
+    MaglevSet(LbMaglevKey, u32),
+    MaglevDel(LbMaglevKey),
+    /// A loadBalancerSourceRanges entry (LPM).
+    SrcRangeSet(Lb4SrcRangeKey),
+    SrcRangeDel(Lb4SrcRangeKey),
+}
+
+impl LbOp {
+    /// Ops of one kind, next to each other, can be one batch.
+    pub fn kind(&self) -> u8 {
+        match self {
+            LbOp::BackendSet(..) => 0,
+            LbOp::BackendDel(..) => 1,
+            LbOp::ServiceSet(..) => 2,
+            LbOp::ServiceDel(..) => 3,
+            LbOp::MaglevSet(..) => 4,
+            LbOp::MaglevDel(..) => 5,
+            LbOp::SrcRangeSet(..) => 6,
+            LbOp::SrcRangeDel(..) => 7,
+        }
+    }
 }
 
 /// The content of the service maps.

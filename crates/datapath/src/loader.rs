@@ -15,7 +15,7 @@ use cilium_abi::{
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
-use crate::{BPF_LXC, BPF_SOCK, Datapath, DatapathError, LbDump, MapPressure, Result, be_to_ip, ip_to_be};
+use crate::{BPF_LXC, BPF_SOCK, Datapath, DatapathError, LbDump, LbOp, MapPressure, Result, be_to_ip, ip_to_be};
 
 /// The programs of the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,22 +269,46 @@ impl Loaded {
         a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
     }
 
-    fn map_set<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K, v: &V) -> Result<()> {
-        self.hash_mut::<K, V>(name)?.insert(k, v, 0).map_err(|e| {
-            if is_full(&e) { DatapathError::MapFull { map: name, max: 0, detail: e.to_string() } } else { map_err(name)(e) }
-        })
+    fn map_dump<K: Pod + Default, V: Pod + Default>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        crate::sys::map_dump_batched(self.hash_fd(name)?, 4096).map_err(|source| DatapathError::Io { what: format!("reading {name}"), source })
     }
 
-    fn map_del<K: Pod, V: Pod>(&mut self, name: &'static str, k: &K) -> Result<()> {
-        match self.hash_mut::<K, V>(name)?.remove(k) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(name)(e)),
+    fn hash_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::HashMap(d)) | Some(aya::maps::Map::LruHashMap(d)) => Ok(d.fd().as_fd()),
+            _ => Err(DatapathError::Netlink(format!("map {name} missing or not a hash map"))),
         }
     }
 
-    fn map_dump<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
-        self.hash::<K, V>(name)?.iter().map(|r| r.map_err(map_err(name))).collect()
+    fn update_batched<K: Pod, V: Pod>(&self, name: &'static str, keys: &[K], values: &[V]) -> Result<()> {
+        crate::sys::map_update_batched(self.hash_fd(name)?, keys, values, 4096).map_err(|source| {
+            if matches!(source.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
+                DatapathError::MapFull { map: name, max: 0, detail: source.to_string() }
+            } else {
+                DatapathError::Io { what: format!("writing {name}"), source }
+            }
+        })
+    }
+
+    fn delete_batched<K: Pod>(&self, name: &'static str, keys: &[K]) -> Result<()> {
+        crate::sys::map_delete_batched(self.hash_fd(name)?, keys, 4096)
+            .map(|_| ())
+            .map_err(|source| DatapathError::Io { what: format!("deleting from {name}"), source })
+    }
+
+    fn src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
+        self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.insert(&k, 1, 0).map_err(map_err(MAP_LB_SRC_RANGE))
+    }
+
+    fn src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
+        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
+        match self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.remove(&k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(map_err(MAP_LB_SRC_RANGE)(e)),
+        }
     }
 
     /// Attaches a pair of programs to an interface as cls_bpf filters
@@ -577,35 +601,50 @@ impl Datapath for Loaded {
         crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, Ipv4Net::new(ip, 32).expect("/32")).await })
     }
 
-    fn lb_service_set(&mut self, key: &Lb4Key, value: &Lb4Service) -> Result<()> {
-        self.map_set(MAP_LB_SERVICES, key, value)
-    }
-    fn lb_service_del(&mut self, key: &Lb4Key) -> Result<()> {
-        self.map_del::<Lb4Key, Lb4Service>(MAP_LB_SERVICES, key)
-    }
-    fn lb_backend_set(&mut self, id: u32, value: &Lb4Backend) -> Result<()> {
-        self.map_set(MAP_LB_BACKENDS, &id, value)
-    }
-    fn lb_backend_del(&mut self, id: u32) -> Result<()> {
-        self.map_del::<u32, Lb4Backend>(MAP_LB_BACKENDS, &id)
-    }
-    fn lb_maglev_set(&mut self, key: &LbMaglevKey, backend: u32) -> Result<()> {
-        self.map_set(MAP_LB_MAGLEV, key, &backend)
-    }
-    fn lb_maglev_del(&mut self, key: &LbMaglevKey) -> Result<()> {
-        self.map_del::<LbMaglevKey, u32>(MAP_LB_MAGLEV, key)
-    }
-    fn lb_src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
-        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
-        self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.insert(&k, 1, 0).map_err(map_err(MAP_LB_SRC_RANGE))
-    }
-    fn lb_src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
-        let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
-        match self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.remove(&k) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(MAP_LB_SRC_RANGE)(e)),
+    fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()> {
+        let mut i = 0;
+        while i < ops.len() {
+            let kind = ops[i].kind();
+            let n = ops[i..].iter().take_while(|o| o.kind() == kind).count();
+            let run = &ops[i..i + n];
+            match run[0] {
+                LbOp::BackendSet(..) => {
+                    let (k, v): (Vec<u32>, Vec<Lb4Backend>) = run.iter().filter_map(|o| if let LbOp::BackendSet(k, v) = o { Some((*k, *v)) } else { None }).unzip();
+                    self.update_batched(MAP_LB_BACKENDS, &k, &v)?;
+                }
+                LbOp::ServiceSet(..) => {
+                    let (k, v): (Vec<Lb4Key>, Vec<Lb4Service>) = run.iter().filter_map(|o| if let LbOp::ServiceSet(k, v) = o { Some((*k, *v)) } else { None }).unzip();
+                    self.update_batched(MAP_LB_SERVICES, &k, &v)?;
+                }
+                LbOp::MaglevSet(..) => {
+                    let (k, v): (Vec<LbMaglevKey>, Vec<u32>) = run.iter().filter_map(|o| if let LbOp::MaglevSet(k, v) = o { Some((*k, *v)) } else { None }).unzip();
+                    self.update_batched(MAP_LB_MAGLEV, &k, &v)?;
+                }
+                LbOp::BackendDel(..) => {
+                    let k: Vec<u32> = run.iter().filter_map(|o| if let LbOp::BackendDel(k) = o { Some(*k) } else { None }).collect();
+                    self.delete_batched(MAP_LB_BACKENDS, &k)?;
+                }
+                LbOp::ServiceDel(..) => {
+                    let k: Vec<Lb4Key> = run.iter().filter_map(|o| if let LbOp::ServiceDel(k) = o { Some(*k) } else { None }).collect();
+                    self.delete_batched(MAP_LB_SERVICES, &k)?;
+                }
+                LbOp::MaglevDel(..) => {
+                    let k: Vec<LbMaglevKey> = run.iter().filter_map(|o| if let LbOp::MaglevDel(k) = o { Some(*k) } else { None }).collect();
+                    self.delete_batched(MAP_LB_MAGLEV, &k)?;
+                }
+                LbOp::SrcRangeSet(..) | LbOp::SrcRangeDel(..) => {
+                    for o in run {
+                        match o {
+                            LbOp::SrcRangeSet(k) => self.src_range_set(k)?,
+                            LbOp::SrcRangeDel(k) => self.src_range_del(k)?,
+                            _ => unreachable!("a run holds one kind"),
+                        }
+                    }
+                }
+            }
+            i += n;
         }
+        Ok(())
     }
     fn lb_dump(&self) -> Result<LbDump> {
         Ok(LbDump {

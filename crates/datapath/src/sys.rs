@@ -71,6 +71,7 @@ pub fn in_netns<T: Send + 'static>(
 }
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// The `batch` member of `union bpf_attr`.
@@ -154,6 +155,24 @@ pub fn map_delete_batched<K: Copy>(fd: std::os::fd::BorrowedFd<'_>, keys: &[K], 
         }
     }
     Ok(deleted)
+}
+
+/// Writes entries of a map in one syscall per `chunk` (BPF_MAP_UPDATE_BATCH).
+/// On failure, the entries before the failing one are written.
+pub fn map_update_batched<K: Copy, V: Copy>(fd: std::os::fd::BorrowedFd<'_>, keys: &[K], values: &[V], chunk: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    for (k, v) in keys.chunks(chunk).zip(values.chunks(chunk)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf_batch(BPF_MAP_UPDATE_BATCH, &mut attr)?;
+    }
+    Ok(())
 }
 
 const BPF_OBJ_GET: libc::c_long = 7;

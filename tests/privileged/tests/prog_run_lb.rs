@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use aya::maps::{MapData, RingBuf};
 use cilium_abi::{DropReason, Event, EventType, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbBackendFlag, LbFlag};
-use cilium_datapath::{Datapath, LoadOptions, Loaded, Program, ip_to_be};
+use cilium_datapath::{Datapath, LbOp, LoadOptions, Loaded, Program, ip_to_be};
 use cilium_privileged_tests::packet::{self, TCP_ACK, TCP_SYN, checksums_ok, tuple, with_l4_checksum};
 use cilium_privileged_tests::require_root;
 
@@ -39,12 +39,12 @@ impl Harness {
     fn service(&mut self, proto: u8, backends: &[Ipv4Addr], flags: u8) {
         for (i, b) in backends.iter().enumerate() {
             let id = i as u32 + 1;
-            self.dp.lb_backend_set(id, &Lb4Backend { address: ip_to_be(*b), port: 8080u16.to_be(), proto, flags: 0 }).unwrap();
+            self.dp.lb_apply(&[LbOp::BackendSet(id, Lb4Backend { address: ip_to_be(*b), port: 8080u16.to_be(), proto, flags: 0 })]).unwrap();
             let v = Lb4Service { backend_id: id, rev_nat_index: 1, ..Default::default() };
-            self.dp.lb_service_set(&key(proto, i as u16 + 1), &v).unwrap();
+            self.dp.lb_apply(&[LbOp::ServiceSet(key(proto, i as u16 + 1), v)]).unwrap();
         }
         let master = Lb4Service { count: backends.len() as u16, rev_nat_index: 1, flags, ..Default::default() };
-        self.dp.lb_service_set(&key(proto, 0), &master).unwrap();
+        self.dp.lb_apply(&[LbOp::ServiceSet(key(proto, 0), master)]).unwrap();
     }
 
     fn ingress(&mut self, pkt: &[u8]) -> (i32, Vec<u8>) {
@@ -123,11 +123,11 @@ fn a_flow_keeps_its_backend_and_new_ones_avoid_terminating_backends() {
     }
     // its backend starts terminating and leaves the slots: the flow stays
     let (id, other) = if first == B1 { (1, B2) } else { (2, B1) };
-    h.dp.lb_backend_set(id, &Lb4Backend { address: ip_to_be(first), port: 8080u16.to_be(), proto: 6, flags: LbBackendFlag::Terminating as u8 }).unwrap();
+    h.dp.lb_apply(&[LbOp::BackendSet(id, Lb4Backend { address: ip_to_be(first), port: 8080u16.to_be(), proto: 6, flags: LbBackendFlag::Terminating as u8 })]).unwrap();
     let keep = 3 - id;
-    h.dp.lb_service_set(&key(6, 1), &Lb4Service { backend_id: keep, rev_nat_index: 1, ..Default::default() }).unwrap();
-    h.dp.lb_service_set(&key(6, 0), &Lb4Service { count: 1, rev_nat_index: 1, ..Default::default() }).unwrap();
-    h.dp.lb_service_del(&key(6, 2)).unwrap();
+    h.dp.lb_apply(&[LbOp::ServiceSet(key(6, 1), Lb4Service { backend_id: keep, rev_nat_index: 1, ..Default::default() })]).unwrap();
+    h.dp.lb_apply(&[LbOp::ServiceSet(key(6, 0), Lb4Service { count: 1, rev_nat_index: 1, ..Default::default() })]).unwrap();
+    h.dp.lb_apply(&[LbOp::ServiceDel(key(6, 2))]).unwrap();
     let ack = with_l4_checksum(packet::tcp(CLIENT, 41000, NODE, NODE_PORT, TCP_ACK));
     assert_eq!(tuple(&h.ingress(&ack).1).2, first, "established flows continue to a terminating backend");
     // a new connection on the same tuple goes to an active backend
@@ -161,10 +161,10 @@ fn source_ranges_admit_only_their_clients() {
     h.service(6, &[B1], LbFlag::SourceRange as u8);
     assert_eq!(h.ingress(&syn(44000)).0, SHOT, "no range admits the client yet");
     assert_eq!(h.drops(), vec![DropReason::NotInSourceRange.code()]);
-    h.dp.lb_src_range_set(&Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) }).unwrap();
+    h.dp.lb_apply(&[LbOp::SrcRangeSet(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) })]).unwrap();
     let (rc, out) = h.ingress(&syn(44001));
     assert_eq!((rc, tuple(&out).2), (OK, B1));
-    h.dp.lb_src_range_set(&Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 2, pad: 0, addr: ip_to_be(Ipv4Addr::new(198, 51, 100, 0)) }).unwrap();
-    h.dp.lb_src_range_del(&Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) }).unwrap();
+    h.dp.lb_apply(&[LbOp::SrcRangeSet(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 2, pad: 0, addr: ip_to_be(Ipv4Addr::new(198, 51, 100, 0)) })]).unwrap();
+    h.dp.lb_apply(&[LbOp::SrcRangeDel(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) })]).unwrap();
     assert_eq!(h.ingress(&syn(44002)).0, SHOT, "another service's range does not count");
 }

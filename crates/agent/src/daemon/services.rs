@@ -4,17 +4,21 @@
 //! the service it touches, and a resync (start-up, restore) is a diff against
 //! what the maps hold.
 //!
-//! Write order keeps every lookup valid while a service changes: backends
-//! first, then Maglev slots and backend slots, then the service entry (with
-//! the new count), then surplus slots, then backends nobody uses.
+//! Write order keeps every lookup valid while services change: backends
+//! first, then source ranges, Maglev slots and backend slots, then service
+//! entries (with their new counts), then removed services, surplus slots and
+//! Maglev slots, then backends nobody uses. The writes of one change (one
+//! Service, or a whole re-list) go to the kernel as one batch per phase.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use cilium_abi::{Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbBackendFlag, LbFlag, LbMaglevKey};
 use cilium_api::{BackendView, FrontendView, K8sService, LbMapView, LbServiceEntry, ServiceUpdate, ServiceView};
-use cilium_datapath::{Datapath, be_to_ip, ip_to_be};
+use cilium_datapath::{Datapath, LbOp, be_to_ip, ip_to_be};
 use cilium_lb::{Algorithm, Backend, BackendState, Frontend, FrontendKind, L4, Service};
+
+use tracing::error;
 
 use super::{Daemon, DaemonError, STATE_VERSION, ServiceState, invalid};
 
@@ -218,14 +222,6 @@ impl<D: Datapath> Daemon<D> {
         self.services_dirty = true;
     }
 
-    /// Adds or replaces a Kubernetes Service: all its ports or none.
-    pub fn k8s_service_upsert(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
-        let r = self.upsert_k8s(k);
-        self.services_dirty = true;
-        self.services_to_policy()?;
-        r
-    }
-
     /// After a Service change: when `toServices` rules select something
     /// else now, every endpoint's policy is recomputed.
     fn services_to_policy(&mut self) -> Result<(), DaemonError> {
@@ -257,14 +253,16 @@ impl<D: Datapath> Daemon<D> {
         self.repo.set_services(infos)
     }
 
-    fn upsert_k8s(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
+    /// Stores a Kubernetes Service's services in the table (not yet the
+    /// maps). Returns their IDs and every ID whose entries must be synced.
+    fn upsert_k8s(&mut self, k: K8sService) -> Result<(Vec<u16>, Vec<u16>), DaemonError> {
         let wanted = k8s_services(&k, &self.cfg.node_name, &self.node_ips, self.cfg.lb_algorithm)?;
         let key = format!("{}/{}", k.namespace, k.name);
         let old_ids = self.k8s_service_ids(&key);
-        self.check_services(&wanted, &old_ids)?;
         if self.k8s_services.get(&key) == Some(&k) && old_ids.len() == wanted.len() {
-            return Ok(old_ids);
+            return Ok((old_ids, vec![]));
         }
+        self.check_services(&wanted, &old_ids)?;
         let names: BTreeSet<&str> = wanted.iter().map(|s| s.name.as_str()).collect();
         let mut touched = Vec::new();
         for id in &old_ids {
@@ -279,35 +277,60 @@ impl<D: Datapath> Daemon<D> {
             ids.push(id);
             touched.push(id);
         }
-        self.k8s_services.insert(key.clone(), k);
-        if let Err(e) = touched.iter().try_for_each(|id| self.sync_service(*id)) {
-            // not recorded as applied, so the same Service again retries
-            self.k8s_services.remove(&key);
-            return Err(e);
+        self.k8s_services.insert(key, k);
+        Ok((ids, touched))
+    }
+
+    /// Syncs the maps for Kubernetes Services just stored; on failure they
+    /// are not recorded as applied, so the same Services again retry.
+    fn sync_k8s(&mut self, keys: &[String], touched: &[u16]) -> Result<(), DaemonError> {
+        let r = self.sync_services(touched, vec![]);
+        if r.is_err() {
+            for k in keys {
+                self.k8s_services.remove(k);
+            }
         }
+        r
+    }
+
+    /// Adds or replaces a Kubernetes Service: all its ports or none.
+    pub fn k8s_service_upsert(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
+        self.services_dirty = true;
+        let key = format!("{}/{}", k.namespace, k.name);
+        let (ids, touched) = self.upsert_k8s(k)?;
+        self.sync_k8s(&[key], &touched)?;
+        self.services_to_policy()?;
         Ok(ids)
     }
 
     /// The Kubernetes Services, all of them (a watcher's re-list): each is
-    /// applied whole or rejected whole, and those not listed are removed.
-    /// Returns the rejected ones with their errors.
+    /// applied whole or rejected whole, and those not listed are removed;
+    /// the maps are written in one batch. Returns the rejected ones with
+    /// their errors.
     pub fn k8s_services_sync(&mut self, list: Vec<K8sService>) -> Result<Vec<(String, DaemonError)>, DaemonError> {
         self.services_dirty = true;
         let listed: BTreeSet<String> = list.iter().map(|k| format!("{}/{}", k.namespace, k.name)).collect();
         let gone: Vec<String> = self.k8s_services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
+        let mut touched = Vec::new();
         for key in gone {
-            let (ns, name) = key.split_once('/').expect("namespace/name");
-            self.remove_k8s(ns, name)?;
+            touched.extend(self.remove_k8s(&key)?);
         }
         let mut rejected = Vec::new();
+        let mut applied = Vec::new();
         for k in list {
             let key = format!("{}/{}", k.namespace, k.name);
             match self.upsert_k8s(k) {
-                Ok(_) => {}
+                Ok((_, t)) => {
+                    if !t.is_empty() {
+                        applied.push(key);
+                    }
+                    touched.extend(t);
+                }
                 Err(e @ (DaemonError::Invalid { .. } | DaemonError::Service(_))) => rejected.push((key, e)),
                 Err(e) => return Err(e),
             }
         }
+        self.sync_k8s(&applied, &touched)?;
         self.services_to_policy()?;
         Ok(rejected)
     }
@@ -315,20 +338,22 @@ impl<D: Datapath> Daemon<D> {
     /// Removes a Kubernetes Service. Returns whether it existed.
     pub fn k8s_service_delete(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
         self.services_dirty = true;
-        let r = self.remove_k8s(namespace, name);
+        let key = format!("{namespace}/{name}");
+        let existed = self.k8s_services.contains_key(&key);
+        let touched = self.remove_k8s(&key)?;
+        self.sync_services(&touched, vec![])?;
         self.services_to_policy()?;
-        r
+        Ok(existed || !touched.is_empty())
     }
 
-    fn remove_k8s(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
-        let key = format!("{namespace}/{name}");
-        let existed = self.k8s_services.remove(&key).is_some();
-        let ids = self.k8s_service_ids(&key);
+    /// Removes a Kubernetes Service from the table; returns the IDs to sync.
+    fn remove_k8s(&mut self, key: &str) -> Result<Vec<u16>, DaemonError> {
+        self.k8s_services.remove(key);
+        let ids = self.k8s_service_ids(key);
         for id in &ids {
             self.services.remove(*id)?;
         }
-        ids.iter().try_for_each(|id| self.sync_service(*id))?;
-        Ok(existed || !ids.is_empty())
+        Ok(ids)
     }
 
     /// IDs of the services made from the Kubernetes Service `ns/name`.
@@ -393,7 +418,7 @@ impl<D: Datapath> Daemon<D> {
         self.check_services(std::slice::from_ref(&svc), &req.id.into_iter().collect::<Vec<_>>())?;
         let id = self.services.upsert(svc, req.id)?;
         self.services_dirty = true;
-        self.sync_service(id)?;
+        self.sync_services(&[id], vec![])?;
         Ok(id)
     }
 
@@ -401,7 +426,7 @@ impl<D: Datapath> Daemon<D> {
     pub fn service_delete(&mut self, id: u16) -> Result<(), DaemonError> {
         self.services.remove(id)?;
         self.services_dirty = true;
-        self.sync_service(id)
+        self.sync_services(&[id], vec![])
     }
 
     pub fn service_list(&self) -> Vec<ServiceView> {
@@ -503,7 +528,7 @@ impl<D: Datapath> Daemon<D> {
         }
         out.src_ranges = s.source_ranges.iter().map(|(ip, len)| (32 + *len as u32, ip_to_be(*ip))).collect();
         let protocols: BTreeSet<L4> = s.frontends.iter().map(|f| f.protocol).collect();
-        let mut active: BTreeMap<L4, Vec<(u32, String)>> = BTreeMap::new();
+        let mut active: BTreeMap<L4, Vec<(u32, &Backend)>> = BTreeMap::new();
         for p in &protocols {
             for b in &s.backends {
                 let Some(bid) = self.services.backend_id(b.ip, b.port, *p) else { continue };
@@ -518,7 +543,7 @@ impl<D: Datapath> Daemon<D> {
                     },
                 );
                 if !terminating {
-                    active.entry(*p).or_default().push((bid, format!("{}:{}", b.ip, b.port)));
+                    active.entry(*p).or_default().push((bid, b));
                 }
             }
         }
@@ -537,117 +562,85 @@ impl<D: Datapath> Daemon<D> {
         // unless made through the API, which makes one frontend
         if s.algorithm == Algorithm::Maglev {
             if let Some(list) = s.frontends.first().and_then(|f| active.get(&f.protocol)) {
-                out.maglev = cilium_lb::maglev::table(list, self.cfg.maglev_size);
+                let named: Vec<(u32, String)> = list.iter().map(|(id, b)| (*id, format!("{}:{}", b.ip, b.port))).collect();
+                out.maglev = cilium_lb::maglev::table(&named, self.cfg.maglev_size);
             }
         }
         out.backends = backends.keys().copied().collect();
         (out, backends)
     }
 
-    /// Makes the maps hold what service `id` needs, writing only what differs
-    /// from what was written. The one place service entries change.
-    pub(super) fn sync_service(&mut self, id: u16) -> Result<(), DaemonError> {
-        let old = self.lb_written.remove(&id).unwrap_or_default();
-        let (new, backends) = self.desired_service(id);
-        let mut cur = old.clone();
-        let r = self.write_service(id, &old, &new, &backends, &mut cur);
-        if r.is_ok() {
-            cur.backends = new.backends.clone();
-            self.drop_unused_backends(old.backends.difference(&new.backends).copied().collect())?;
-        } else {
-            cur.backends = old.backends.union(&new.backends).copied().collect();
-        }
-        if !cur.is_empty() {
-            self.lb_written.insert(id, cur);
-        }
-        r
-    }
-
-    fn write_service(
-        &mut self,
-        id: u16,
-        old: &LbWritten,
-        new: &LbWritten,
-        backends: &BTreeMap<u32, Lb4Backend>,
-        cur: &mut LbWritten,
-    ) -> Result<(), DaemonError> {
-        for (bid, b) in backends {
-            if self.lb_backends_written.get(bid) != Some(b) {
-                self.dp.lb_backend_set(*bid, b)?;
-                self.lb_backends_written.insert(*bid, *b);
-            }
-        }
-        for (len, addr) in new.src_ranges.difference(&old.src_ranges) {
-            self.dp.lb_src_range_set(&src_range_key(id, *len, *addr))?;
-            cur.src_ranges.insert((*len, *addr));
-        }
-        for (slot, bid) in new.maglev.iter().enumerate() {
-            if old.maglev.get(slot) != Some(bid) {
-                self.dp.lb_maglev_set(&LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 }, *bid)?;
-                set_at(&mut cur.maglev, slot, *bid);
-            }
-        }
-        for (fe, (master, slots)) in &new.frontends {
-            let prev = old.frontends.get(fe).cloned();
-            let entry = cur.frontends.entry(*fe).or_insert_with(|| (Lb4Service::default(), vec![]));
-            for (i, bid) in slots.iter().enumerate() {
-                if prev.as_ref().and_then(|p| p.1.get(i)) != Some(bid) {
-                    let v = Lb4Service { backend_id: *bid, rev_nat_index: id, ..Default::default() };
-                    self.dp.lb_service_set(&lb_key(*fe, i as u16 + 1), &v)?;
-                    set_at(&mut entry.1, i, *bid);
+    /// Makes the maps hold what the services `ids` need, writing only what
+    /// differs from what was written, all in one batch of ordered phases
+    /// (see the module comment). `backend_candidates` are backends to drop
+    /// if no service uses them, besides those these services stopped using.
+    /// The one place service entries change.
+    pub(super) fn sync_services(&mut self, ids: &[u16], backend_candidates: Vec<u32>) -> Result<(), DaemonError> {
+        let mut plan: Vec<(Phase, LbOp)> = Vec::new();
+        let mut planned: BTreeMap<u32, Lb4Backend> = BTreeMap::new();
+        let mut results: Vec<(u16, LbWritten)> = Vec::new();
+        let mut candidates: BTreeSet<u32> = backend_candidates.into_iter().collect();
+        // keys some service of the batch wants: never deleted by another
+        // (a frontend moving between services in one change)
+        let mut wanted: BTreeSet<(FeKey, u16)> = BTreeSet::new();
+        let mut olds: Vec<(u16, LbWritten)> = Vec::new();
+        let unique: BTreeSet<u16> = ids.iter().copied().collect();
+        for id in unique {
+            let old = self.lb_written.remove(&id).unwrap_or_default();
+            let (new, backends) = self.desired_service(id);
+            for (bid, b) in &backends {
+                if self.lb_backends_written.get(bid) != Some(b) && planned.get(bid) != Some(b) {
+                    plan.push((Phase::BackendSet, LbOp::BackendSet(*bid, *b)));
+                    planned.insert(*bid, *b);
                 }
             }
-            if prev.as_ref().map(|p| &p.0) != Some(master) {
-                self.dp.lb_service_set(&lb_key(*fe, 0), master)?;
-                entry.0 = *master;
+            for (fe, (_, slots)) in &new.frontends {
+                wanted.extend((0..=slots.len() as u16).map(|slot| (*fe, slot)));
             }
-            let had = prev.map(|p| p.1.len()).unwrap_or(0);
-            for i in (slots.len()..had).rev() {
-                self.dp.lb_service_del(&lb_key(*fe, i as u16 + 1))?;
-                entry.1.truncate(i);
-            }
+            candidates.extend(old.backends.difference(&new.backends));
+            results.push((id, new));
+            olds.push((id, old));
         }
-        for (fe, (_, slots)) in &old.frontends {
-            if new.frontends.contains_key(fe) {
-                continue;
-            }
-            self.dp.lb_service_del(&lb_key(*fe, 0))?;
-            for i in (0..slots.len()).rev() {
-                self.dp.lb_service_del(&lb_key(*fe, i as u16 + 1))?;
-                if let Some(e) = cur.frontends.get_mut(fe) {
-                    e.1.truncate(i);
-                }
-            }
-            cur.frontends.remove(fe);
+        for ((id, old), (_, new)) in olds.iter().zip(&results) {
+            plan_service(*id, old, new, &wanted, &mut plan);
         }
-        for slot in (new.maglev.len()..old.maglev.len()).rev() {
-            self.dp.lb_maglev_del(&LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 })?;
-            cur.maglev.truncate(slot);
-        }
-        // ranges go after the service entry stopped asking for them
-        for (len, addr) in old.src_ranges.difference(&new.src_ranges) {
-            self.dp.lb_src_range_del(&src_range_key(id, *len, *addr))?;
-            cur.src_ranges.remove(&(*len, *addr));
-        }
-        Ok(())
-    }
-
-    /// Deletes backend entries no service uses any more.
-    fn drop_unused_backends(&mut self, candidates: Vec<u32>) -> Result<(), DaemonError> {
         for bid in candidates {
             let Some(b) = self.lb_backends_written.get(&bid).copied() else { continue };
-            let Some(p) = L4::parse(proto_name(b.proto)) else { continue };
-            if self.services.backend_id(be_to_ip(b.address), u16::from_be(b.port), p) != Some(bid) {
-                self.dp.lb_backend_del(bid)?;
-                self.lb_backends_written.remove(&bid);
+            let used = L4::parse(proto_name(b.proto)).and_then(|p| self.services.backend_id(be_to_ip(b.address), u16::from_be(b.port), p)) == Some(bid);
+            if !used {
+                plan.push((Phase::BackendDel, LbOp::BackendDel(bid)));
+            }
+        }
+        plan.sort_by_key(|(phase, _)| *phase);
+        let ops: Vec<LbOp> = plan.into_iter().map(|(_, op)| op).collect();
+        if let Err(e) = self.dp.lb_apply(&ops) {
+            // a prefix was applied: only the maps know what they hold now
+            if let Err(reload) = self.load_lb_written() {
+                error!(error = %reload, "reading the service maps back after a failed write");
+            }
+            return Err(e.into());
+        }
+        for (id, w) in results {
+            if !w.is_empty() {
+                self.lb_written.insert(id, w);
+            }
+        }
+        for op in &ops {
+            match op {
+                LbOp::BackendSet(id, b) => {
+                    self.lb_backends_written.insert(*id, *b);
+                }
+                LbOp::BackendDel(id) => {
+                    self.lb_backends_written.remove(id);
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 
-    /// Reads what the service maps hold and makes them match the table:
-    /// start-up and restore. Entries of unknown services and backends go.
-    pub(super) fn reconcile_services(&mut self) -> Result<(), DaemonError> {
+    /// What the service maps hold, as written state.
+    fn load_lb_written(&mut self) -> Result<(), DaemonError> {
         let dump = self.dp.lb_dump()?;
         self.lb_written.clear();
         self.lb_backends_written = dump.backends.into_iter().collect();
@@ -670,12 +663,79 @@ impl<D: Datapath> Daemon<D> {
         }
         // holes (a crash mid-write) read as backend 0, which no slot wants,
         // so they are rewritten
-        let ids: BTreeSet<u16> = self.lb_written.keys().copied().chain(self.services.iter().map(|(id, _)| id)).collect();
-        for id in ids {
-            self.sync_service(id)?;
-        }
+        Ok(())
+    }
+
+    /// Reads what the service maps hold and makes them match the table:
+    /// start-up and restore. Entries of unknown services and backends go.
+    pub(super) fn reconcile_services(&mut self) -> Result<(), DaemonError> {
+        self.load_lb_written()?;
+        let ids: Vec<u16> = self.lb_written.keys().copied().chain(self.services.iter().map(|(id, _)| id)).collect();
         let all: Vec<u32> = self.lb_backends_written.keys().copied().collect();
-        self.drop_unused_backends(all)
+        self.sync_services(&ids, all)
+    }
+}
+
+/// Write phases: every lookup the datapath makes stays valid between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    BackendSet,
+    SrcRangeSet,
+    MaglevSet,
+    SlotSet,
+    ServiceSet,
+    ServiceDel,
+    SlotDel,
+    MaglevDel,
+    SrcRangeDel,
+    BackendDel,
+}
+
+/// The writes that turn service `id` from `old` into `new`, by phase.
+/// Keys in `wanted` belong to a service of the batch and are not deleted.
+fn plan_service(id: u16, old: &LbWritten, new: &LbWritten, wanted: &BTreeSet<(FeKey, u16)>, plan: &mut Vec<(Phase, LbOp)>) {
+    for (len, addr) in new.src_ranges.difference(&old.src_ranges) {
+        plan.push((Phase::SrcRangeSet, LbOp::SrcRangeSet(src_range_key(id, *len, *addr))));
+    }
+    for (slot, bid) in new.maglev.iter().enumerate() {
+        if old.maglev.get(slot) != Some(bid) {
+            plan.push((Phase::MaglevSet, LbOp::MaglevSet(LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 }, *bid)));
+        }
+    }
+    let del = |phase: Phase, fe: FeKey, slot: u16, plan: &mut Vec<(Phase, LbOp)>| {
+        if !wanted.contains(&(fe, slot)) {
+            plan.push((phase, LbOp::ServiceDel(lb_key(fe, slot))));
+        }
+    };
+    for (fe, (master, slots)) in &new.frontends {
+        let prev = old.frontends.get(fe);
+        for (i, bid) in slots.iter().enumerate() {
+            if prev.and_then(|p| p.1.get(i)) != Some(bid) {
+                let v = Lb4Service { backend_id: *bid, rev_nat_index: id, ..Default::default() };
+                plan.push((Phase::SlotSet, LbOp::ServiceSet(lb_key(*fe, i as u16 + 1), v)));
+            }
+        }
+        if prev.map(|p| &p.0) != Some(master) {
+            plan.push((Phase::ServiceSet, LbOp::ServiceSet(lb_key(*fe, 0), *master)));
+        }
+        for i in slots.len()..prev.map(|p| p.1.len()).unwrap_or(0) {
+            del(Phase::SlotDel, *fe, i as u16 + 1, plan);
+        }
+    }
+    for (fe, (_, slots)) in &old.frontends {
+        if new.frontends.contains_key(fe) {
+            continue;
+        }
+        del(Phase::ServiceDel, *fe, 0, plan);
+        for i in 0..slots.len() {
+            del(Phase::SlotDel, *fe, i as u16 + 1, plan);
+        }
+    }
+    for slot in new.maglev.len()..old.maglev.len() {
+        plan.push((Phase::MaglevDel, LbOp::MaglevDel(LbMaglevKey { rev_nat_index: id, pad: 0, slot: slot as u32 })));
+    }
+    for (len, addr) in old.src_ranges.difference(&new.src_ranges) {
+        plan.push((Phase::SrcRangeDel, LbOp::SrcRangeDel(src_range_key(id, *len, *addr))));
     }
 }
 
