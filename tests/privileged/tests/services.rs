@@ -297,3 +297,61 @@ fn to_services_allows_the_services_pods_only() {
     assert!(!lab.probe("default/client", "10.96.0.12", 90, "tcp"), "another service's pod is not allowed");
     assert!(!lab.probe("default/client", "10.96.0.10", 53, "udp"), "only the rule's port");
 }
+
+#[test]
+fn dns_through_a_cluster_ip() {
+    let lab = TestLab::up(&[
+        WORKLOADS,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: dns, labels: {app: dns}}\nspec: {containers: [{name: d}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: kube-dns}\nspec:\n  clusterIP: 10.96.0.53\n  selector: {app: dns}\n  ports: [{name: dns, port: 53, protocol: UDP, targetPort: 5353}]\n",
+    ]);
+    // a real DNS server in the dns pod (it exits with the pod's namespace)
+    let out = lab.lab_output(&[
+        "exec", "default/dns", "--", "dnsmasq", "--port=5353", "--no-resolv", "--no-hosts", "--bind-interfaces",
+        "--listen-address=0.0.0.0", "--address=/svc.example.test/192.0.2.77", "--pid-file=", "--user=root",
+    ]);
+    assert!(out.status.success(), "dnsmasq: {}", String::from_utf8_lossy(&out.stderr));
+    // a real resolver in the client pod asks the ClusterIP
+    let mut answer = String::new();
+    for _ in 0..20 {
+        let o = lab.lab_output(&["exec", "default/client", "--", "dig", "+short", "+time=1", "+tries=1", "@10.96.0.53", "svc.example.test", "A"]);
+        answer = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if answer == "192.0.2.77" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(answer, "192.0.2.77", "dig through the ClusterIP");
+}
+
+#[test]
+fn backend_churn_breaks_no_established_connection() {
+    let lab = TestLab::up(&[WORKLOADS, EXTERNAL]);
+    let web = web_pods(&lab);
+    // connections from outside through the node port (the per-packet path;
+    // a pod's socket is connected to its backend and never sees the service
+    // again, see removed_backend_keeps_its_established_connections)
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(lab.connect_from("world", "172.30.0.11:30080".parse().unwrap()).expect("node port"));
+    }
+    let check = |held: &mut Vec<std::net::TcpStream>, when: &str| {
+        for c in held.iter_mut() {
+            let body = cilium_privileged_tests::lab::http_roundtrip(c).unwrap_or_else(|e| panic!("{when}: {e}"));
+            assert!(web.iter().any(|p| body.contains(&format!("pod={p} "))), "{when}: {body}");
+        }
+    };
+    check(&mut held, "before");
+    // scale up (new backends join) and back down (they leave)
+    let scaled = WORKLOADS.replace("replicas: 2", "replicas: 4");
+    lab.apply(&scaled);
+    check(&mut held, "after scaling up");
+    assert_eq!(web_pods(&lab).len(), 4);
+    lab.apply(WORKLOADS);
+    check(&mut held, "after scaling down");
+    // every backend replaced (the target port moves to one nobody serves), twice
+    for _ in 0..2 {
+        lab.apply(&EXTERNAL.replace("targetPort: 8080, nodePort: 30080", "targetPort: 8081, nodePort: 30080"));
+        lab.apply(EXTERNAL);
+    }
+    check(&mut held, "after the target port moved away and back");
+}
