@@ -69,6 +69,17 @@ step "Why: cilium policy trace explains both directions (the source's egress, th
 BACKEND_POD_NAME=$(cilium lab get pods -l app=backend -o name)
 run cilium policy trace --src-k8s-pod "${BACKEND_POD_NAME/\//:}" --dst-k8s-pod "${FRONTEND_POD_NAME/\//:}" --dport 80/TCP || true
 
+step "A Service for the backend (kube-proxy replacement, no iptables)"
+cat examples/services/backend-service.yaml
+run cilium lab apply -f examples/services/backend-service.yaml
+run cilium service list
+CLUSTER_IP=$(cilium service list | awk '$3 == "ClusterIP" { split($2, a, ":"); print a[1]; exit }')
+echo "the frontend pod curls the ClusterIP; its socket is connected straight to the backend pod:"
+run cilium lab exec "$FRONTEND_POD_NAME" -- curl -s -m 2 "http://$CLUSTER_IP:80"
+echo "the world reaches the node port; the node's devices translate each packet:"
+run cilium lab probe --from world --to node1 --port 30080
+run cilium bpf lb list
+
 step "Done"
 if [ "${KEEP:-0}" = 1 ]; then
   echo "The lab is still up. Try: cilium lab get pods; cilium monitor; cilium lab down"
