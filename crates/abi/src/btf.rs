@@ -188,14 +188,21 @@ impl Btf {
     }
 
     /// The size in bytes of a type, following typedefs and qualifiers.
-    pub fn size_of(&self, mut id: u32) -> Option<usize> {
-        for _ in 0..32 {
+    pub fn size_of(&self, id: u32) -> Option<usize> {
+        self.size_at_depth(id, 0)
+    }
+
+    /// Follows at most 32 references in all, through arrays too, so a
+    /// malformed object with a reference cycle ends instead of recursing.
+    fn size_at_depth(&self, mut id: u32, mut depth: u32) -> Option<usize> {
+        while depth < 32 {
+            depth += 1;
             match self.types.get(&id)? {
                 Type::Struct { size, .. } | Type::Enum { size, .. } => return Some(*size),
                 Type::Other { kind: KIND_INT, size_or_type, .. } => return Some(*size_or_type as usize),
                 Type::Other { kind: KIND_PTR, .. } => return Some(8),
                 Type::Other { array: Some((elem, n)), .. } => {
-                    return Some(self.size_of(*elem)? * *n as usize);
+                    return self.size_at_depth(*elem, depth)?.checked_mul(*n as usize);
                 }
                 Type::Other { kind: KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT, size_or_type, .. } => {
                     id = *size_or_type;
