@@ -168,3 +168,32 @@ fn source_ranges_admit_only_their_clients() {
     h.dp.lb_apply(&[LbOp::SrcRangeDel(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) })]).unwrap();
     assert_eq!(h.ingress(&syn(44002)).0, SHOT, "another service's range does not count");
 }
+
+#[test]
+fn client_ip_affinity_keeps_new_connections_on_one_backend() {
+    let mut h = Harness::new();
+    h.service(6, &[B1, B2], LbFlag::Affinity as u8);
+    // the service entry carries the timeout
+    h.dp.lb_apply(&[LbOp::ServiceSet(key(6, 0), Lb4Service { count: 2, rev_nat_index: 1, flags: LbFlag::Affinity as u8, affinity_timeout: 60, ..Default::default() })]).unwrap();
+    let first = tuple(&h.ingress(&syn(45000)).1).2;
+    for p in 1..20 {
+        assert_eq!(tuple(&h.ingress(&syn(45000 + p)).1).2, first, "every new connection of the client goes to its backend");
+    }
+    // without affinity, 20 new connections spread over both backends
+    let mut h = Harness::new();
+    h.service(6, &[B1, B2], 0);
+    let seen: std::collections::BTreeSet<Ipv4Addr> = (0..20).map(|p| tuple(&h.ingress(&syn(46000 + p)).1).2).collect();
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn maglev_picks_the_backend_its_table_names() {
+    let mut h = Harness::new();
+    h.service(6, &[B1, B2], LbFlag::Maglev as u8);
+    // a table that names only backend 2: every flow lands there
+    let ops: Vec<LbOp> = (0..251u32).map(|slot| LbOp::MaglevSet(cilium_abi::LbMaglevKey { rev_nat_index: 1, pad: 0, slot }, 2)).collect();
+    h.dp.lb_apply(&ops).unwrap();
+    for p in 0..20 {
+        assert_eq!(tuple(&h.ingress(&syn(47000 + p)).1).2, B2);
+    }
+}
