@@ -355,3 +355,39 @@ fn backend_churn_breaks_no_established_connection() {
     }
     check(&mut held, "after the target port moved away and back");
 }
+
+#[test]
+fn local_traffic_policies_keep_external_traffic_on_this_nodes_endpoints() {
+    let lab = TestLab::up(&[WORKLOADS]);
+    let pods = lab.pods();
+    let web: Vec<(String, String)> = pods
+        .iter()
+        .filter(|p| p["labels"]["app"] == "web")
+        .map(|p| (format!("default/{}", p["name"].as_str().unwrap()), p["ip"].as_str().unwrap().to_string()))
+        .collect();
+    // As a Service and EndpointSlice watcher would deliver it: one endpoint
+    // on this node, one the EndpointSlice places on another node (node2).
+    let svc = serde_json::json!({
+        "namespace": "default", "name": "local", "type": "NodePort", "clusterIP": "10.96.0.77",
+        "externalTrafficPolicy": "Local",
+        "ports": [{"name": "http", "port": 80, "nodePort": 30077}],
+        "endpoints": [
+            {"ip": web[0].1, "nodeName": "node1", "ports": [{"name": "http", "port": 8080}]},
+            {"ip": web[1].1, "nodeName": "node2", "ports": [{"name": "http", "port": 8080}]},
+        ],
+    });
+    let put = std::process::Command::new("curl")
+        .args(["-sf", "--unix-socket", lab.socket().to_str().unwrap(), "-X", "PUT", "-H", "Content-Type: application/json", "-d", &svc.to_string(), "http://localhost/v1/k8s/service"])
+        .output()
+        .unwrap();
+    assert!(put.status.success(), "PUT /v1/k8s/service: {}", String::from_utf8_lossy(&put.stderr));
+    // from outside, through the node port: only this node's endpoint
+    for _ in 0..12 {
+        assert_eq!(lab.probe_pod("world", "172.30.0.11", 30077, "tcp").as_deref(), Some(web[0].0.as_str()), "externalTrafficPolicy: Local");
+    }
+    // inside, through the ClusterIP (internalTrafficPolicy Cluster): both
+    let seen: BTreeSet<String> = (0..24).filter_map(|_| lab.probe_pod("default/client", "10.96.0.77", 80, "tcp")).collect();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let list = lab.cilium_ok(&["service", "list"]);
+    assert!(list.contains("172.30.0.11:30077/TCP") && list.contains("10.96.0.77:80/TCP"), "{list}");
+}
