@@ -4,7 +4,8 @@
  * or sendto() to a service frontend is rewritten to a backend before any
  * packet exists, so local clients pay no per-packet translation and policy
  * sees the backend directly. recvmsg() and getpeername() show the frontend
- * again, so UDP clients get their answers from the address they asked.
+ * again, so UDP clients get their answers from the address they asked; the
+ * reverse entry goes when the socket does.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -85,6 +86,22 @@ SEC("cgroup/getpeername4")
 int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
 {
 	return sock4_revnat(ctx);
+}
+
+/* A translated socket goes away: so does its reverse entry (an LRU map that
+ * fills up evicts on every insert, which new connections would pay for). */
+SEC("cgroup/sock_release")
+int cil_sock_release(struct bpf_sock *ctx)
+{
+	if (ctx->family != 2 /* AF_INET */ || !ctx->dst_ip4)
+		return 1;
+	struct lb_sock_key skey = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.address = ctx->dst_ip4,
+		.port = (__u16)ctx->dst_port,
+	};
+	bpf_map_delete_elem(&cilium_lb4_sock_revnat, &skey);
+	return 1;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

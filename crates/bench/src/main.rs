@@ -36,7 +36,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,1000,5000,10000")]
     service_counts: Vec<u32>,
     /// Rounds per service measurement.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     service_rounds: usize,
     /// Seconds per service measurement.
     #[arg(long, default_value_t = 2)]

@@ -6,7 +6,7 @@ use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray};
 use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle, qdisc_add_clsact};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
     CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
@@ -92,7 +92,8 @@ const ALL_MAPS: &[&str] = &[
 ];
 
 /// The socket-level programs and their attach points.
-const SOCK_PROGRAMS: &[&str] = &["cil_sock4_connect", "cil_sock4_sendmsg", "cil_sock4_recvmsg", "cil_sock4_getpeername"];
+const SOCK_ADDR_PROGRAMS: &[&str] = &["cil_sock4_connect", "cil_sock4_sendmsg", "cil_sock4_recvmsg", "cil_sock4_getpeername"];
+const SOCK_RELEASE_PROGRAM: &str = "cil_sock_release";
 
 /// How to load the datapath.
 #[derive(Debug, Clone)]
@@ -247,7 +248,7 @@ impl Loaded {
             prog.load().map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
         }
         let mut sock = loader(BPF_SOCK)?;
-        for name in SOCK_PROGRAMS {
+        for name in SOCK_ADDR_PROGRAMS {
             let prog: &mut CgroupSockAddr = sock
                 .program_mut(name)
                 .ok_or_else(|| DatapathError::Netlink(format!("program {name} missing from object")))?
@@ -255,6 +256,13 @@ impl Loaded {
                 .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
             prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         }
+        let name = SOCK_RELEASE_PROGRAM;
+        let prog: &mut CgroupSock = sock
+            .program_mut(name)
+            .ok_or_else(|| DatapathError::Netlink(format!("program {name} missing from object")))?
+            .try_into()
+            .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         let mut loaded = Loaded { ebpf, sock, opts };
         loaded.set_maglev_size()?;
         Ok(loaded)
@@ -664,18 +672,14 @@ impl Datapath for Loaded {
         use std::os::fd::AsFd;
         let cg = std::fs::File::open(cgroup).map_err(|source| DatapathError::Io { what: format!("opening cgroup {}", cgroup.display()), source })?;
         let pin_dir = self.opts.pin_dir.clone();
-        for name in SOCK_PROGRAMS {
-            let prog: &mut CgroupSockAddr = self
-                .sock
-                .program_mut(name)
-                .and_then(|p| p.try_into().ok())
-                .ok_or_else(|| DatapathError::Netlink(format!("program {name} not loaded")))?;
+        for name in SOCK_ADDR_PROGRAMS.iter().chain([&SOCK_RELEASE_PROGRAM]) {
             let perr = |e: aya::programs::ProgramError| DatapathError::Program { name, source: Box::new(e) };
+            let program = self.sock.program_mut(name).ok_or_else(|| DatapathError::Netlink(format!("program {name} not loaded")))?;
             let pin = pin_dir.as_ref().map(|d| d.join(format!("link_{name}")));
             if let Some(pin) = &pin {
                 // attached by an earlier agent: swap the program atomically
                 if let Ok(link) = crate::sys::obj_get(pin) {
-                    let prog_fd = prog.fd().map_err(perr)?;
+                    let prog_fd = program.fd().map_err(perr)?;
                     match crate::sys::link_update(link.as_fd(), prog_fd.as_fd()) {
                         Ok(()) => continue,
                         Err(e) => {
@@ -685,9 +689,18 @@ impl Datapath for Loaded {
                     }
                 }
             }
-            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
-            let link = prog.take_link(id).map_err(perr)?;
-            let fd = FdLink::try_from(link).map_err(|e| DatapathError::Pin { path: cgroup.display().to_string(), detail: e.to_string() })?;
+            let link = match program {
+                aya::programs::Program::CgroupSockAddr(p) => {
+                    let id = p.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+                    FdLink::try_from(p.take_link(id).map_err(perr)?)
+                }
+                aya::programs::Program::CgroupSock(p) => {
+                    let id = p.attach(&cg, CgroupAttachMode::Single).map_err(perr)?;
+                    FdLink::try_from(p.take_link(id).map_err(perr)?)
+                }
+                _ => return Err(DatapathError::Netlink(format!("program {name} is not a cgroup program"))),
+            };
+            let fd = link.map_err(|e| DatapathError::Pin { path: cgroup.display().to_string(), detail: e.to_string() })?;
             match pin {
                 Some(pin) => {
                     fd.pin(&pin).map_err(|e| DatapathError::Pin { path: pin.display().to_string(), detail: e.to_string() })?;

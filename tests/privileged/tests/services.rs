@@ -391,3 +391,20 @@ fn local_traffic_policies_keep_external_traffic_on_this_nodes_endpoints() {
     let list = lab.cilium_ok(&["service", "list"]);
     assert!(list.contains("172.30.0.11:30077/TCP") && list.contains("10.96.0.77:80/TCP"), "{list}");
 }
+
+/// Entries of the node's socket reverse-translation map.
+fn sock_revnat_entries(lab: &TestLab) -> usize {
+    let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/cilium_lb4_sock_revnat", lab.name);
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &path]).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("bpftool json").as_array().map(|a| a.len()).unwrap_or(0)
+}
+
+#[test]
+fn a_closed_socket_leaves_no_reverse_entry() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    for _ in 0..10 {
+        assert!(lab.probe("default/client", "10.96.0.10", 80, "tcp"));
+    }
+    assert_eq!(sock_revnat_entries(&lab), 0, "every probe's socket is closed: its entry went with it");
+}
