@@ -13,6 +13,7 @@ packages=(
   iproute2 curl iperf3                  # the lab, the demo, the benchmarks
   iptables nftables                     # the kube-proxy rulesets the service benchmark compares with
   dnsmasq-base bind9-dnsutils           # DNS through a ClusterIP (tests)
+  prometheus                            # scrapes the agent's and Hubble's metrics (tests)
   containerd crun busybox-static        # CNI interop test (ctr run --cni)
 )
 missing=()

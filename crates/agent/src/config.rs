@@ -95,6 +95,55 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_LB_ALGORITHM", default_value = "random")]
     pub bpf_lb_algorithm: String,
 
+    /// Run the Hubble server (flows, Observer and Peer gRPC services).
+    #[arg(long, env = "CILIUM_ENABLE_HUBBLE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_hubble: bool,
+
+    /// Hubble's unix socket. Default: hubble.sock next to the API socket.
+    #[arg(long, env = "CILIUM_HUBBLE_SOCKET_PATH")]
+    pub hubble_socket_path: Option<PathBuf>,
+
+    /// Hubble's TCP address, e.g. ":4244" (empty: unix socket only).
+    #[arg(long, env = "CILIUM_HUBBLE_LISTEN_ADDRESS", default_value = "")]
+    pub hubble_listen_address: String,
+
+    /// Flows kept in memory (upstream uses 2^n - 1).
+    #[arg(long, env = "CILIUM_HUBBLE_EVENT_BUFFER_CAPACITY", default_value_t = 4095)]
+    pub hubble_event_buffer_capacity: u32,
+
+    /// Address of Hubble's Prometheus endpoint, e.g. ":9965" (empty: off).
+    #[arg(long, env = "CILIUM_HUBBLE_METRICS_SERVER", default_value = "")]
+    pub hubble_metrics_server: String,
+
+    /// Hubble metric families: flow, drop, tcp, icmp, port-distribution,
+    /// policy, dns, http (comma-separated).
+    #[arg(long, env = "CILIUM_HUBBLE_METRICS", value_delimiter = ',')]
+    pub hubble_metrics: Vec<String>,
+
+    /// Address of the agent's Prometheus endpoint, e.g. ":9962" (empty: off).
+    #[arg(long, env = "CILIUM_PROMETHEUS_SERVE_ADDR", default_value = "")]
+    pub prometheus_serve_addr: String,
+
+    /// File flows are exported to as JSON lines (empty: off).
+    #[arg(long, env = "CILIUM_HUBBLE_EXPORT_FILE_PATH", default_value = "")]
+    pub hubble_export_file_path: String,
+
+    /// Size at which the export file is rotated, in MB.
+    #[arg(long, env = "CILIUM_HUBBLE_EXPORT_FILE_MAX_SIZE_MB", default_value_t = 10)]
+    pub hubble_export_file_max_size_mb: u32,
+
+    /// Rotated export files kept.
+    #[arg(long, env = "CILIUM_HUBBLE_EXPORT_FILE_MAX_BACKUPS", default_value_t = 5)]
+    pub hubble_export_file_max_backups: u32,
+
+    /// Flows to export: JSON FlowFilters (any matches).
+    #[arg(long, env = "CILIUM_HUBBLE_EXPORT_ALLOWLIST", default_value = "")]
+    pub hubble_export_allowlist: String,
+
+    /// Flows not to export: JSON FlowFilters (any matches).
+    #[arg(long, env = "CILIUM_HUBBLE_EXPORT_DENYLIST", default_value = "")]
+    pub hubble_export_denylist: String,
+
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, env = "CILIUM_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
@@ -141,6 +190,29 @@ pub struct Settings {
     pub devices: Vec<String>,
     pub log_level: tracing::Level,
     pub json_logs: bool,
+    /// None: Hubble off.
+    pub hubble: Option<HubbleSettings>,
+    pub prometheus_addr: Option<std::net::SocketAddr>,
+}
+
+/// Hubble's validated settings.
+#[derive(Debug, Clone)]
+pub struct HubbleSettings {
+    pub socket_path: PathBuf,
+    pub listen: Option<std::net::SocketAddr>,
+    pub capacity: usize,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub metrics: Vec<String>,
+    pub export: Option<cilium_hubble::export::ExportConfig>,
+}
+
+/// ":4244", "0.0.0.0:4244", "127.0.0.1:4244", "[::]:4244"; empty is off.
+fn listen_addr(key: &str, s: &str) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
+    full.parse().map(Some).map_err(|_| bad(key, s, "want [host]:port, e.g. :4244"))
 }
 
 /// Parses flags, environment and config file. `args` includes argv[0].
@@ -269,7 +341,47 @@ impl Config {
             "json" => true,
             other => return Err(bad("log-format", other, "want text or json")),
         };
+        let prometheus_addr = listen_addr("prometheus-serve-addr", &self.prometheus_serve_addr)?;
+        let hubble = if self.enable_hubble {
+            let capacity = self.hubble_event_buffer_capacity;
+            if capacity == 0 || capacity > 1 << 20 {
+                return Err(bad("hubble-event-buffer-capacity", capacity, "must be between 1 and 1048576"));
+            }
+            let mut probe = prometheus_client::registry::Registry::default();
+            cilium_hubble::metrics::Metrics::register(&mut probe, &self.hubble_metrics).map_err(|e| bad("hubble-metrics", self.hubble_metrics.join(","), e.to_string()))?;
+            let export = if self.hubble_export_file_path.is_empty() {
+                None
+            } else {
+                let path = PathBuf::from(&self.hubble_export_file_path);
+                if !path.is_absolute() {
+                    return Err(bad("hubble-export-file-path", path.display(), "must be an absolute path"));
+                }
+                if self.hubble_export_file_max_size_mb == 0 {
+                    return Err(bad("hubble-export-file-max-size-mb", 0, "must be at least 1"));
+                }
+                let allow = cilium_hubble::export::parse_filters("hubble-export-allowlist", &self.hubble_export_allowlist).map_err(|e| bad("hubble-export-allowlist", &self.hubble_export_allowlist, e.to_string()))?;
+                let deny = cilium_hubble::export::parse_filters("hubble-export-denylist", &self.hubble_export_denylist).map_err(|e| bad("hubble-export-denylist", &self.hubble_export_denylist, e.to_string()))?;
+                Some(cilium_hubble::export::ExportConfig { path, max_size_bytes: u64::from(self.hubble_export_file_max_size_mb) << 20, max_backups: self.hubble_export_file_max_backups, allow, deny })
+            };
+            let socket_path = match &self.hubble_socket_path {
+                Some(p) if !p.is_absolute() => return Err(bad("hubble-socket-path", p.display(), "must be an absolute path")),
+                Some(p) => p.clone(),
+                None => self.socket_path.parent().unwrap_or(Path::new("/")).join("hubble.sock"),
+            };
+            Some(HubbleSettings {
+                socket_path,
+                listen: listen_addr("hubble-listen-address", &self.hubble_listen_address)?,
+                capacity: capacity as usize,
+                metrics_addr: listen_addr("hubble-metrics-server", &self.hubble_metrics_server)?,
+                metrics: self.hubble_metrics.clone(),
+                export,
+            })
+        } else {
+            None
+        };
         Ok(Settings {
+            hubble,
+            prometheus_addr,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,

@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
 
+pub mod hubble;
 pub mod services;
 
 /// Why an operation failed.
@@ -121,6 +122,9 @@ pub struct Daemon<D: Datapath> {
     lb_backends_written: BTreeMap<u32, cilium_abi::Lb4Backend>,
     /// Services changed since they were last handed out for saving.
     services_dirty: bool,
+    /// Bumped by every change of what Hubble names (endpoints, identities,
+    /// pods, services), so its snapshot is rebuilt only when needed.
+    changes: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -175,6 +179,7 @@ impl<D: Datapath> Daemon<D> {
             lb_written: BTreeMap::new(),
             lb_backends_written: BTreeMap::new(),
             services_dirty: false,
+            changes: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
         })
     }
 
@@ -241,6 +246,7 @@ impl<D: Datapath> Daemon<D> {
     }
 
     fn save(&self) -> Result<(), DaemonError> {
+        self.changed();
         if let Some(store) = &self.store {
             store.save(&self.snapshot())?;
         }

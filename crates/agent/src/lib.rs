@@ -11,6 +11,8 @@
 
 pub mod config;
 pub mod daemon;
+pub mod hubble;
+pub mod metrics;
 pub mod node;
 pub mod run;
 pub mod server;

@@ -15,6 +15,8 @@ use tokio::sync::broadcast;
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
+use crate::hubble::{FlowMaker, HubbleRuntime};
+use crate::metrics::AgentMetrics;
 use crate::daemon::{Daemon, DaemonConfig};
 use crate::server::{AppState, bind, router};
 use crate::state::StateStore;
@@ -82,8 +84,14 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     info!(node = %s.node_name, pod_cidr = %s.pod_cidr, bpf_root = %s.bpf_root.display(), state_dir = %s.state_dir.display(), "starting cilium-agent");
     let settings = s.clone();
     let (daemon, events) = tokio::task::spawn_blocking(move || setup(&settings)).await??;
+    let changes = daemon.change_counter();
     let daemon = Arc::new(Mutex::new(daemon));
     let (tx, _) = broadcast::channel(8192);
+    let hubble = match s.hubble.clone() {
+        Some(h) => Some(Arc::new(HubbleRuntime::new(&s.node_name, h).context("starting Hubble")?)),
+        None => None,
+    };
+    let metrics = Arc::new(AgentMetrics::new());
     let state = Arc::new(AppState {
         daemon: daemon.clone(),
         monitor: tx.clone(),
@@ -92,9 +100,40 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         bpf_root: s.bpf_root.display().to_string(),
         state_dir: s.state_dir.display().to_string(),
         socket: s.socket_path.display().to_string(),
+        hubble: hubble.clone(),
+        metrics: metrics.clone(),
     });
 
-    tokio::spawn(monitor_events(events, tx));
+    if let Some(h) = &hubble {
+        let hs = h.settings().clone();
+        // bind before answering the API, so a ready agent has its Hubble socket
+        let server = cilium_hubble::server::serve(h.hubble.clone(), Some(hs.socket_path.clone()), hs.listen);
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                error!(error = %e, "Hubble server");
+            }
+        });
+        wait_for_socket(&hs.socket_path).await;
+        if let Some(addr) = hs.metrics_addr {
+            let h = h.clone();
+            serve_metrics("hubble", addr, move || {
+                let mut out = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut out, &h.registry);
+                out
+            })
+            .await?;
+        }
+        tokio::spawn(hubble_lost_events(daemon.clone(), h.clone()));
+    }
+    if let Some(addr) = s.prometheus_addr {
+        let (m, d) = (metrics.clone(), daemon.clone());
+        serve_metrics("agent", addr, move || {
+            m.refresh(&d.lock().unwrap_or_else(|p| p.into_inner()));
+            m.encode()
+        })
+        .await?;
+    }
+    tokio::spawn(monitor_events(events, tx, hubble.map(|h| (h, FlowMaker::new(changes), daemon.clone()))));
     tokio::spawn(ct_gc(daemon.clone()));
     let store = StateStore::new(&s.state_dir);
     tokio::spawn(save_services(daemon.clone(), store.clone()));
@@ -155,7 +194,55 @@ fn boot_to_unix_ns() -> u64 {
     now.saturating_sub(boot)
 }
 
-async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEvent>>) {
+/// Waits (briefly) until a just-spawned server's socket exists.
+async fn wait_for_socket(path: &Path) {
+    for _ in 0..200 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Serves `GET /metrics` on `addr` with what `render` returns (run on a
+/// blocking thread: the agent's renderer takes the daemon's lock).
+async fn serve_metrics(what: &'static str, addr: std::net::SocketAddr, render: impl Fn() -> String + Send + Sync + 'static) -> anyhow::Result<()> {
+    let render = Arc::new(render);
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move {
+                let body = tokio::task::spawn_blocking(move || render()).await.unwrap_or_default();
+                ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the {what} metrics server to {addr}"))?;
+    info!(%addr, what, "metrics server listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, what, "metrics server");
+        }
+    });
+    Ok(())
+}
+
+/// Carries the datapath's lost-event count into Hubble every second.
+async fn hubble_lost_events(daemon: Arc<Mutex<Daemon<Loaded>>>, h: Arc<HubbleRuntime>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let d = daemon.clone();
+        if let Ok(Ok(n)) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).datapath().lost_events()).await {
+            h.set_lost_datapath(n);
+        }
+    }
+}
+
+type HubbleFeed = (Arc<HubbleRuntime>, FlowMaker, Arc<Mutex<Daemon<Loaded>>>);
+
+async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEvent>>, mut hubble: Option<HubbleFeed>) {
     let mut reader = match EventReader::new(map) {
         Ok(r) => r,
         Err(e) => {
@@ -167,11 +254,21 @@ async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEv
     loop {
         match reader.next_batch().await {
             Ok(batch) => {
+                let mut flows = Vec::new();
+                if let Some((_, maker, daemon)) = &mut hubble {
+                    maker.refresh(daemon);
+                }
                 for (ev, capture) in batch {
                     if let Some(m) = MonitorEvent::from_event(&ev, &capture, offset) {
+                        if let Some((_, maker, _)) = &hubble {
+                            flows.push(Arc::new(maker.flow(&m)));
+                        }
                         // no subscriber is fine: events are dropped here, the datapath never waits
                         let _ = tx.send(Arc::new(m));
                     }
+                }
+                if let Some((h, _, _)) = &hubble {
+                    h.ingest(flows);
                 }
             }
             Err(e) => {

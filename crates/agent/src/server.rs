@@ -31,6 +31,8 @@ pub struct AppState {
     pub bpf_root: String,
     pub state_dir: String,
     pub socket: String,
+    pub hubble: Option<Arc<crate::hubble::HubbleRuntime>>,
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 type Shared = Arc<AppState>;
@@ -75,7 +77,19 @@ async fn with<T: Send + 'static>(
     .map_err(ApiError::from)
 }
 
+/// Times every request for `cilium_api_process_time_seconds`, labelled by
+/// the route (not the raw path, so IDs do not make new series).
+async fn timed(State(s): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.api_request(&method, &path, resp.status().as_u16(), started.elapsed().as_secs_f64());
+    resp
+}
+
 pub fn router(state: Shared) -> Router {
+    let timing = axum::middleware::from_fn_with_state(state.clone(), timed);
     Router::new()
         .route("/v1/healthz", get(|| async { Json("ok") }))
         .route("/v1/status", get(status))
@@ -104,6 +118,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/monitor", get(monitor))
         // a re-list of 10,000 Services is several MB
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .route_layer(timing)
         .with_state(state)
 }
 
@@ -111,6 +126,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
     let subscribers = s.subscribers.load(Ordering::Relaxed);
     let lost_stream = s.monitor_lost.load(Ordering::Relaxed);
     let (bpf_root, state_dir, socket) = (s.bpf_root.clone(), s.state_dir.clone(), s.socket.clone());
+    let hubble = s.hubble.as_ref().map(|h| h.status());
     with(&s, move |d| {
         let cfg = d.config().clone();
         let lost = d.datapath().lost_events().unwrap_or(0) + lost_stream;
@@ -142,6 +158,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
             bpf_root,
             socket,
             warnings: d.warnings(),
+            hubble,
         })
     })
     .await
@@ -245,12 +262,17 @@ async fn namespace_upsert(State(s): State<Shared>, Json(n): Json<NamespaceMeta>)
 }
 
 async fn policy_import(State(s): State<Shared>, Json(req): Json<PolicyImport>) -> Result<Json<PolicyChange>, ApiError> {
-    with(&s, move |d| {
+    let started = std::time::Instant::now();
+    let dry_run = req.dry_run;
+    let r = with(&s, move |d| {
         let (revision, policies) = d.policy_import(&req.text, &req.source, req.dry_run)?;
         Ok(PolicyChange { revision, policies })
     })
-    .await
-    .map(Json)
+    .await;
+    if !dry_run {
+        s.metrics.policy_changed(r.is_ok(), started.elapsed().as_secs_f64());
+    }
+    r.map(Json)
 }
 
 async fn policy_list(State(s): State<Shared>) -> Result<Json<PolicyList>, ApiError> {

@@ -87,6 +87,23 @@ pub struct Status {
     pub socket: String,
     /// Problems worth a human's attention (e.g. a policy that did not fit).
     pub warnings: Vec<String>,
+    /// None when Hubble is disabled.
+    #[serde(default)]
+    pub hubble: Option<HubbleStatus>,
+}
+
+/// The Hubble server's state, as `cilium status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HubbleStatus {
+    pub flows: u64,
+    pub max_flows: u64,
+    pub seen_flows: u64,
+    /// Events the datapath could not hand to the agent (ring buffer full).
+    pub lost_datapath_events: u64,
+    /// Flows the exporter could not keep up with.
+    pub lost_export: u64,
+    pub socket: String,
+    pub listen_address: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +195,9 @@ pub struct PodMeta {
     /// Container ports: (name, protocol, port).
     #[serde(default)]
     pub ports: Vec<(Option<String>, String, u16)>,
+    /// The workload owning the pod, `Kind/name` (e.g. `Deployment/web`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
 }
 
 fn default_sa() -> String {

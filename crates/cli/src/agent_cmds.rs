@@ -225,6 +225,22 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
     println!("Kubernetes:              Disabled (pods and namespaces are fed through the agent API)");
     println!("Cilium:                  {}   {} (cilium-rs), node {}, up {}s", if s.healthy { "Ok" } else { "Warning" }, s.version, s.node_name, s.uptime_secs);
     println!("NodeMonitor:             Listening for events: {} subscribers, {} events lost", s.monitor_subscribers, s.monitor_lost_events);
+    match &s.hubble {
+        Some(h) => {
+            let pct = if h.max_flows > 0 { h.flows as f64 * 100.0 / h.max_flows as f64 } else { 0.0 };
+            println!(
+                "Hubble:                  Ok   Current/Max Flows: {}/{} ({pct:.2}%), {} seen, lost: {} from the datapath, {} by export   [{}{}]",
+                h.flows,
+                h.max_flows,
+                h.seen_flows,
+                h.lost_datapath_events,
+                h.lost_export,
+                h.socket,
+                h.listen_address.as_deref().map(|a| format!(", {a}")).unwrap_or_default()
+            );
+        }
+        None => println!("Hubble:                  Disabled"),
+    }
     println!("IPAM:                    IPv4: {}/{} allocated from {}, router {}", s.ipam_used, s.ipam_used + s.ipam_available, s.pod_cidr, s.router_ip);
     println!("Routing:                 Network: Native (single node)   Host: Legacy");
     println!("Endpoints:               {}/{} ready", s.endpoints_ready, s.endpoints);

@@ -110,7 +110,8 @@ pub enum LabCmd {
         #[arg(long)]
         node: Option<String>,
     },
-    /// Print `export CILIUM_SOCK=...` for a node's agent.
+    /// Print `export CILIUM_SOCK=...` for a node's agent and
+    /// `export HUBBLE_SERVER=...` for the lab's hubble-relay.
     Env {
         #[command(flatten)]
         lab: LabName,
@@ -292,6 +293,9 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             let l = Lab::open(&lab.get(), &bin_dir()?)?;
             let i = l.node_index(node.as_deref())?;
             println!("export CILIUM_SOCK={}", l.state.nodes[i].socket.display());
+            if let Some(a) = &l.state.relay_address {
+                println!("export HUBBLE_SERVER={a}");
+            }
             Ok(0)
         }
         LabCmd::Cni { lab, command, pod } => {

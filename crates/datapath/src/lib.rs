@@ -130,6 +130,10 @@ pub trait Datapath: Send {
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;
     fn lost_events(&self) -> Result<u64>;
     fn pressure(&self) -> Vec<MapPressure>;
+    /// Map operations done so far: (map, operation, outcome, count).
+    fn map_ops(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// One write to the service maps.

@@ -204,6 +204,8 @@ pub struct Loaded {
     ebpf: Ebpf,
     sock: Ebpf,
     opts: LoadOptions,
+    /// (map, operation, outcome) -> count, for `cilium_bpf_map_ops_total`.
+    ops: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str, &'static str), u64>>,
 }
 
 impl Loaded {
@@ -263,7 +265,7 @@ impl Loaded {
             .try_into()
             .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
-        let mut loaded = Loaded { ebpf, sock, opts };
+        let mut loaded = Loaded { ebpf, sock, opts, ops: Default::default() };
         loaded.set_maglev_size()?;
         Ok(loaded)
     }
@@ -289,20 +291,30 @@ impl Loaded {
         }
     }
 
+    /// Counts a map operation for the agent's metrics.
+    fn count(&self, map: &'static str, op: &'static str, ok: bool) {
+        let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
+        *ops.entry((map, op, if ok { "success" } else { "fail" })).or_default() += 1;
+    }
+
     fn update_batched<K: Pod, V: Pod>(&self, name: &'static str, keys: &[K], values: &[V]) -> Result<()> {
-        crate::sys::map_update_batched(self.hash_fd(name)?, keys, values, 4096).map_err(|source| {
+        let r = crate::sys::map_update_batched(self.hash_fd(name)?, keys, values, 4096).map_err(|source| {
             if matches!(source.raw_os_error(), Some(libc::E2BIG) | Some(libc::ENOSPC)) {
                 DatapathError::MapFull { map: name, max: 0, detail: source.to_string() }
             } else {
                 DatapathError::Io { what: format!("writing {name}"), source }
             }
-        })
+        });
+        self.count(name, "update", r.is_ok());
+        r
     }
 
     fn delete_batched<K: Pod>(&self, name: &'static str, keys: &[K]) -> Result<()> {
-        crate::sys::map_delete_batched(self.hash_fd(name)?, keys, 4096)
+        let r = crate::sys::map_delete_batched(self.hash_fd(name)?, keys, 4096)
             .map(|_| ())
-            .map_err(|source| DatapathError::Io { what: format!("deleting from {name}"), source })
+            .map_err(|source| DatapathError::Io { what: format!("deleting from {name}"), source });
+        self.count(name, "delete", r.is_ok());
+        r
     }
 
     fn src_range_set(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
@@ -468,31 +480,39 @@ fn ipcache_key(prefix: Ipv4Net) -> Key<u32> {
 
 impl Datapath for Loaded {
     fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()> {
-        let max = self.opts.endpoints_max;
-        let full = |map: &'static str| {
-            move |e: aya::maps::MapError| {
-                if is_full(&e) { DatapathError::MapFull { map, max, detail: e.to_string() } } else { map_err(map)(e) }
-            }
-        };
-        self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
-        self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))
+        let r = (|| -> Result<()> {
+            let max = self.opts.endpoints_max;
+            let full = |map: &'static str| {
+                move |e: aya::maps::MapError| {
+                    if is_full(&e) { DatapathError::MapFull { map, max, detail: e.to_string() } } else { map_err(map)(e) }
+                }
+            };
+            self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
+            self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))
+        })();
+        self.count(MAP_LXC, "update", r.is_ok());
+        r
     }
 
     fn endpoint_delete(&mut self, ifindex: u32) -> Result<()> {
-        let gone = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(map)(e)),
-        };
-        let existing = self.hash::<u32, EndpointInfo>(MAP_LXC)?.get(&ifindex, 0).ok();
-        if let Some(info) = existing {
-            let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
-            if ips.get(&info.ipv4, 0).ok() == Some(ifindex) {
-                gone(ips.remove(&info.ipv4), MAP_LXC_IP)?;
+        let r = (|| -> Result<()> {
+            let gone = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(e) => Err(map_err(map)(e)),
+            };
+            let existing = self.hash::<u32, EndpointInfo>(MAP_LXC)?.get(&ifindex, 0).ok();
+            if let Some(info) = existing {
+                let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
+                if ips.get(&info.ipv4, 0).ok() == Some(ifindex) {
+                    gone(ips.remove(&info.ipv4), MAP_LXC_IP)?;
+                }
             }
-        }
-        let r = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.remove(&ifindex);
-        gone(r, MAP_LXC)
+            let r = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.remove(&ifindex);
+            gone(r, MAP_LXC)
+        })();
+        self.count(MAP_LXC, "delete", r.is_ok());
+        r
     }
 
     fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
@@ -501,24 +521,32 @@ impl Datapath for Loaded {
     }
 
     fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()> {
-        let max = self.opts.ipcache_max;
-        let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
-        m.insert(&ipcache_key(prefix), *value, 0).map_err(|e| {
-            if is_full(&e) {
-                DatapathError::MapFull { map: MAP_IPCACHE, max, detail: e.to_string() }
-            } else {
-                map_err(MAP_IPCACHE)(e)
-            }
-        })
+        let r = (|| -> Result<()> {
+            let max = self.opts.ipcache_max;
+            let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
+            m.insert(&ipcache_key(prefix), *value, 0).map_err(|e| {
+                if is_full(&e) {
+                    DatapathError::MapFull { map: MAP_IPCACHE, max, detail: e.to_string() }
+                } else {
+                    map_err(MAP_IPCACHE)(e)
+                }
+            })
+        })();
+        self.count(MAP_IPCACHE, "update", r.is_ok());
+        r
     }
 
     fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()> {
-        let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
-        match m.remove(&ipcache_key(prefix)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(MAP_IPCACHE)(e)),
-        }
+        let r = (|| -> Result<()> {
+            let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
+            match m.remove(&ipcache_key(prefix)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+            }
+        })();
+        self.count(MAP_IPCACHE, "delete", r.is_ok());
+        r
     }
 
     fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>> {
@@ -534,24 +562,32 @@ impl Datapath for Loaded {
     }
 
     fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()> {
-        let max = self.opts.policy_max;
-        let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
-        m.insert(&to_lpm(key), *entry, 0).map_err(|e| {
-            if is_full(&e) {
-                DatapathError::MapFull { map: MAP_POLICY, max, detail: e.to_string() }
-            } else {
-                map_err(MAP_POLICY)(e)
-            }
-        })
+        let r = (|| -> Result<()> {
+            let max = self.opts.policy_max;
+            let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
+            m.insert(&to_lpm(key), *entry, 0).map_err(|e| {
+                if is_full(&e) {
+                    DatapathError::MapFull { map: MAP_POLICY, max, detail: e.to_string() }
+                } else {
+                    map_err(MAP_POLICY)(e)
+                }
+            })
+        })();
+        self.count(MAP_POLICY, "update", r.is_ok());
+        r
     }
 
     fn policy_delete(&mut self, key: &PolicyKey) -> Result<()> {
-        let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
-        match m.remove(&to_lpm(key)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(MAP_POLICY)(e)),
-        }
+        let r = (|| -> Result<()> {
+            let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
+            match m.remove(&to_lpm(key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+                Err(e) => Err(map_err(MAP_POLICY)(e)),
+            }
+        })();
+        self.count(MAP_POLICY, "delete", r.is_ok());
+        r
     }
 
     fn policy_dump(&self) -> Result<Vec<(PolicyKey, PolicyEntry)>> {
@@ -756,6 +792,10 @@ impl Datapath for Loaded {
         let a: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(m).map_err(map_err(MAP_EVENT_STATS))?;
         let v = a.get(&0, 0).map_err(map_err(MAP_EVENT_STATS))?;
         Ok(v.iter().sum())
+    }
+
+    fn map_ops(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(&(m, o, r), &n)| (m, o, r, n)).collect()
     }
 
     fn pressure(&self) -> Vec<MapPressure> {

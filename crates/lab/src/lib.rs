@@ -98,6 +98,12 @@ pub struct LabState {
     /// clusterIP, nodePorts and load balancer IPs.
     pub services: BTreeMap<String, cilium_k8s::Service>,
     pub policies: BTreeSet<String>,
+    /// hubble-relay, in the host's network namespace, over every node's
+    /// Hubble socket.
+    #[serde(default)]
+    pub relay_pid: Option<u32>,
+    #[serde(default)]
+    pub relay_address: Option<String>,
 }
 
 /// An open lab (holding its lock).
@@ -189,7 +195,7 @@ impl Lab {
         if dir.join("lab.json").exists() {
             bail!("lab {name} already exists: use `cilium lab apply`, or `cilium lab down --name {name}` first");
         }
-        for bin in ["cilium-agent", "cilium-cni"] {
+        for bin in ["cilium-agent", "cilium-cni", "hubble-relay"] {
             if !bin_dir.join(bin).exists() {
                 bail!("{} not found next to this binary (build the workspace first)", bin_dir.join(bin).display());
             }
@@ -219,6 +225,8 @@ impl Lab {
             namespaces: BTreeMap::from([("default".to_string(), BTreeMap::new())]),
             services: BTreeMap::new(),
             policies: BTreeSet::new(),
+            relay_pid: None,
+            relay_address: None,
         };
         let mut lab = Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock };
         // Record what we are about to make before making it, so `down`
@@ -262,7 +270,44 @@ impl Lab {
             self.start_agent(i)?;
         }
         self.start_world()?;
+        self.start_relay()?;
         self.save()
+    }
+
+    /// Starts hubble-relay on 127.0.0.1:4245 (upstream's port, what `hubble`
+    /// dials by default) or, if another lab holds it, a free port.
+    pub fn start_relay(&mut self) -> anyhow::Result<()> {
+        let bin = self.bin_dir.join("hubble-relay");
+        if !bin.exists() {
+            bail!("{} not found next to this binary (build the workspace first)", bin.display());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:4245")
+            .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .and_then(|l| l.local_addr())
+            .context("finding a port for hubble-relay")?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut args = vec!["serve".to_string(), format!("--listen-address={addr}")];
+        for n in &self.state.nodes {
+            args.push(format!("--static-peer={}=unix://{}", n.name, hubble_socket(n).display()));
+        }
+        let log = self.dir.join("relay.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(&args).stdin(std::process::Stdio::null()).stdout(logf.try_clone()?).stderr(logf);
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        self.state.relay_pid = Some(child.id());
+        self.state.relay_address = Some(addr.clone());
+        self.save()?;
+        wait_for(|| std::net::TcpStream::connect(&addr).is_ok(), Duration::from_secs(10)).with_context(|| format!("hubble-relay did not listen on {addr} (see {})", log.display()))?;
+        Ok(())
     }
 
     fn start_world(&mut self) -> anyhow::Result<()> {
@@ -292,6 +337,12 @@ impl Lab {
             format!("--state-dir={}", n.state_dir.display()),
             format!("--socket-path={}", n.socket.display()),
             format!("--cgroup-root={}", n.cgroup_root.display()),
+            format!("--hubble-socket-path={}", hubble_socket(n).display()),
+            // in the node's network namespace, upstream's ports are free
+            "--hubble-listen-address=:4244".to_string(),
+            "--hubble-metrics-server=:9965".to_string(),
+            "--hubble-metrics=flow,drop,tcp,icmp,port-distribution,policy,dns,http".to_string(),
+            "--prometheus-serve-addr=:9962".to_string(),
         ];
         args.extend(self.state.agent_args.iter().cloned());
         let pid = sys::spawn_daemon(&n.netns, None, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;
@@ -818,6 +869,11 @@ pub fn k8s_service(svc: &cilium_k8s::Service, pods: &[&PodState]) -> cilium_api:
     }
 }
 
+/// A node's Hubble socket.
+pub fn hubble_socket(n: &NodeState) -> PathBuf {
+    n.socket.with_file_name("hubble.sock")
+}
+
 fn pod_meta(p: &PodState) -> PodMeta {
     PodMeta {
         namespace: p.namespace.clone(),
@@ -825,6 +881,10 @@ fn pod_meta(p: &PodState) -> PodMeta {
         labels: p.labels.clone(),
         service_account: "default".into(),
         ports: p.ports.clone(),
+        workload: p.owner.as_deref().map(|o| {
+            let kind = o.split('/').next().unwrap_or("");
+            format!("{kind}/{}", o.rsplit('/').next().unwrap_or(""))
+        }),
     }
 }
 
@@ -867,6 +927,7 @@ pub fn down(name: &str) -> anyhow::Result<Vec<String>> {
         pids.extend(s.nodes.iter().filter_map(|n| n.agent_pid));
         pids.extend(s.pods.values().filter_map(|p| p.workload_pid));
         pids.extend(s.world_pid);
+        pids.extend(s.relay_pid);
     }
     for pid in &pids {
         if sys::alive(*pid) {

@@ -220,6 +220,7 @@ impl<D: Datapath> Daemon<D> {
     /// Marks the services for saving again (after a failed write).
     pub fn services_unsaved(&mut self) {
         self.services_dirty = true;
+        self.changed();
     }
 
     /// After a Service change: when `toServices` rules select something
@@ -296,6 +297,7 @@ impl<D: Datapath> Daemon<D> {
     /// Adds or replaces a Kubernetes Service: all its ports or none.
     pub fn k8s_service_upsert(&mut self, k: K8sService) -> Result<Vec<u16>, DaemonError> {
         self.services_dirty = true;
+        self.changed();
         let key = format!("{}/{}", k.namespace, k.name);
         let (ids, touched) = self.upsert_k8s(k)?;
         self.sync_k8s(&[key], &touched)?;
@@ -309,6 +311,7 @@ impl<D: Datapath> Daemon<D> {
     /// their errors.
     pub fn k8s_services_sync(&mut self, list: Vec<K8sService>) -> Result<Vec<(String, DaemonError)>, DaemonError> {
         self.services_dirty = true;
+        self.changed();
         let listed: BTreeSet<String> = list.iter().map(|k| format!("{}/{}", k.namespace, k.name)).collect();
         let gone: Vec<String> = self.k8s_services.keys().filter(|k| !listed.contains(*k)).cloned().collect();
         let mut touched = Vec::new();
@@ -338,6 +341,7 @@ impl<D: Datapath> Daemon<D> {
     /// Removes a Kubernetes Service. Returns whether it existed.
     pub fn k8s_service_delete(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
         self.services_dirty = true;
+        self.changed();
         let key = format!("{namespace}/{name}");
         let existed = self.k8s_services.contains_key(&key);
         let touched = self.remove_k8s(&key)?;
@@ -418,6 +422,7 @@ impl<D: Datapath> Daemon<D> {
         self.check_services(std::slice::from_ref(&svc), &req.id.into_iter().collect::<Vec<_>>())?;
         let id = self.services.upsert(svc, req.id)?;
         self.services_dirty = true;
+        self.changed();
         self.sync_services(&[id], vec![])?;
         Ok(id)
     }
@@ -426,6 +431,7 @@ impl<D: Datapath> Daemon<D> {
     pub fn service_delete(&mut self, id: u16) -> Result<(), DaemonError> {
         self.services.remove(id)?;
         self.services_dirty = true;
+        self.changed();
         self.sync_services(&[id], vec![])
     }
 

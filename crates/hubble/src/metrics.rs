@@ -1,0 +1,398 @@
+//! Hubble's Prometheus metrics (served on :9965), derived from flows. Each
+//! family can be turned on by name like upstream's `--hubble-metrics`:
+//! flow, drop, tcp, icmp, port-distribution, policy, dns, http.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::proto::flow::{DropReason, Flow, TrafficDirection, Verdict, layer4, layer7};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub protocol: String,
+    pub subtype: String,
+    pub r#type: String,
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: String,
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub flag: String,
+    pub family: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IcmpLabels {
+    pub family: String,
+    pub r#type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    pub protocol: String,
+    pub port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabels {
+    pub direction: String,
+    pub r#match: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LostLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub rcode: String,
+    pub qtypes: String,
+    pub ips_returned: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    pub protocol: String,
+    pub status: String,
+    pub reporter: String,
+}
+
+/// Every family name `--hubble-metrics` accepts.
+pub const FAMILIES: &[&str] = &[
+    "flow",
+    "drop",
+    "tcp",
+    "icmp",
+    "port-distribution",
+    "policy",
+    "dns",
+    "http",
+];
+
+/// Hubble's metrics. Families not enabled are never registered.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    flows: Option<Family<FlowLabels, Counter>>,
+    drops: Option<Family<DropLabels, Counter>>,
+    tcp: Option<Family<TcpLabels, Counter>>,
+    icmp: Option<Family<IcmpLabels, Counter>>,
+    ports: Option<Family<PortLabels, Counter>>,
+    verdicts: Option<Family<VerdictLabels, Counter>>,
+    dns_queries: Option<Family<DnsLabels, Counter>>,
+    dns_responses: Option<Family<DnsLabels, Counter>>,
+    http_requests: Option<Family<HttpLabels, Counter>>,
+    http_responses: Option<Family<HttpLabels, Counter>>,
+    http_duration: Option<Family<HttpLabels, Histogram>>,
+    lost: Family<LostLabels, Counter>,
+}
+
+/// An unknown family name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown Hubble metric {0:?}; known: {known}", known = FAMILIES.join(", "))]
+pub struct UnknownMetric(pub String);
+
+fn family<L>(reg: &mut Registry, on: bool, name: &str, help: &str) -> Option<Family<L, Counter>>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+{
+    on.then(|| {
+        let f = Family::<L, Counter>::default();
+        reg.register(name, help, f.clone());
+        f
+    })
+}
+
+impl Metrics {
+    /// Registers the enabled families (names with an optional `:options`
+    /// suffix, which is accepted and ignored) under `hubble_`.
+    pub fn register(reg: &mut Registry, enabled: &[String]) -> Result<Metrics, UnknownMetric> {
+        let mut on = std::collections::BTreeSet::new();
+        for e in enabled {
+            let name = e.split(':').next().unwrap_or("").trim();
+            if name.is_empty() {
+                continue;
+            }
+            if !FAMILIES.contains(&name) {
+                return Err(UnknownMetric(name.to_string()));
+            }
+            on.insert(name.to_string());
+        }
+        let has = |n: &str| on.contains(n);
+        let reg = reg.sub_registry_with_prefix("hubble");
+        let lost = Family::<LostLabels, Counter>::default();
+        reg.register("lost_events", "Events Hubble lost, by where", lost.clone());
+        for source in [
+            "perf_event_ring_buffer",
+            "hubble_ring_buffer",
+            "observer_events_queue",
+        ] {
+            let _ = lost.get_or_create(&LostLabels {
+                source: source.into(),
+            });
+        }
+        let http_duration = has("http").then(|| {
+            let f = Family::<HttpLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            });
+            reg.register(
+                "http_request_duration_seconds",
+                "HTTP request duration",
+                f.clone(),
+            );
+            f
+        });
+        Ok(Metrics {
+            flows: family(
+                reg,
+                has("flow"),
+                "flows_processed",
+                "Flows processed, by type, subtype, verdict and protocol",
+            ),
+            drops: family(
+                reg,
+                has("drop"),
+                "drop",
+                "Dropped packets, by reason and protocol",
+            ),
+            tcp: family(reg, has("tcp"), "tcp_flags", "TCP packets, by flag"),
+            icmp: family(reg, has("icmp"), "icmp", "ICMP packets, by type"),
+            ports: family(
+                reg,
+                has("port-distribution"),
+                "port_distribution",
+                "Packets, by destination port and protocol",
+            ),
+            verdicts: family(
+                reg,
+                has("policy"),
+                "policy_verdicts",
+                "Policy verdicts, by direction, match and action",
+            ),
+            dns_queries: family(reg, has("dns"), "dns_queries", "DNS queries"),
+            dns_responses: family(reg, has("dns"), "dns_responses", "DNS responses"),
+            http_requests: family(reg, has("http"), "http_requests", "HTTP requests"),
+            http_responses: family(reg, has("http"), "http_responses", "HTTP responses"),
+            http_duration,
+            lost,
+        })
+    }
+
+    /// Counts events lost at `source` ("perf_event_ring_buffer", "hubble_ring_buffer", "observer_events_queue").
+    pub fn lost(&self, source: &str, n: u64) {
+        self.lost
+            .get_or_create(&LostLabels {
+                source: source.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Counts one flow in every enabled family.
+    pub fn observe(&self, f: &Flow) {
+        let l4 = f.l4.as_ref().and_then(|l| l.protocol.as_ref());
+        let protocol = match l4 {
+            Some(layer4::Protocol::Tcp(_)) => "TCP",
+            Some(layer4::Protocol::Udp(_)) => "UDP",
+            Some(layer4::Protocol::IcmPv4(_)) => "ICMPv4",
+            Some(layer4::Protocol::IcmPv6(_)) => "ICMPv6",
+            Some(layer4::Protocol::Sctp(_)) => "SCTP",
+            None => "",
+        };
+        let et = f.event_type.as_ref().map(|e| e.r#type).unwrap_or(0);
+        let verdict = Verdict::try_from(f.verdict)
+            .map(|v| v.as_str_name())
+            .unwrap_or("VERDICT_UNKNOWN");
+        if let Some(m) = &self.flows {
+            let (ty, sub) = match et {
+                crate::parser::MSG_DROP => ("Drop", String::new()),
+                crate::parser::MSG_POLICY_VERDICT => ("PolicyVerdict", String::new()),
+                crate::parser::MSG_TRACE => ("Trace", crate::printer::flow_type(f)),
+                _ if f.l7.is_some() => ("L7", String::new()),
+                _ => ("Unknown", String::new()),
+            };
+            let protocol = if f.l7.is_some() {
+                l7_protocol(f).to_string()
+            } else {
+                protocol.to_string()
+            };
+            m.get_or_create(&FlowLabels {
+                protocol,
+                subtype: sub,
+                r#type: ty.into(),
+                verdict: verdict.into(),
+            })
+            .inc();
+        }
+        if let Some(m) = &self.drops {
+            if f.verdict == Verdict::Dropped as i32 {
+                let reason = DropReason::try_from(f.drop_reason_desc)
+                    .map(|d| d.as_str_name())
+                    .unwrap_or("DROP_REASON_UNKNOWN");
+                m.get_or_create(&DropLabels {
+                    reason: reason.into(),
+                    protocol: protocol.into(),
+                })
+                .inc();
+            }
+        }
+        // the packet families count each packet once: at its trace or drop
+        let packet_event = et == crate::parser::MSG_TRACE || et == crate::parser::MSG_DROP;
+        if let (Some(m), Some(layer4::Protocol::Tcp(t)), true) = (&self.tcp, l4, packet_event) {
+            if let Some(fl) = &t.flags {
+                let flag = if fl.syn && fl.ack {
+                    Some("SYN-ACK")
+                } else if fl.syn {
+                    Some("SYN")
+                } else if fl.fin {
+                    Some("FIN")
+                } else if fl.rst {
+                    Some("RST")
+                } else {
+                    None
+                };
+                if let Some(flag) = flag {
+                    m.get_or_create(&TcpLabels {
+                        flag: flag.into(),
+                        family: "IPv4".into(),
+                    })
+                    .inc();
+                }
+            }
+        }
+        if let (Some(m), Some(layer4::Protocol::IcmPv4(i)), true) = (&self.icmp, l4, packet_event) {
+            m.get_or_create(&IcmpLabels {
+                family: "IPv4".into(),
+                r#type: crate::parser::icmp4_name(i.r#type, i.code),
+            })
+            .inc();
+        }
+        if let (Some(m), true) = (
+            &self.ports,
+            packet_event && !f.is_reply.as_ref().is_some_and(|r| r.value),
+        ) {
+            let port = match l4 {
+                Some(layer4::Protocol::Tcp(t)) => Some(t.destination_port),
+                Some(layer4::Protocol::Udp(u)) => Some(u.destination_port),
+                _ => None,
+            };
+            if let Some(p) = port {
+                m.get_or_create(&PortLabels {
+                    protocol: protocol.into(),
+                    port: p.to_string(),
+                })
+                .inc();
+            }
+        }
+        if let (Some(m), crate::parser::MSG_POLICY_VERDICT) = (&self.verdicts, et) {
+            let direction = match TrafficDirection::try_from(f.traffic_direction) {
+                Ok(TrafficDirection::Ingress) => "ingress",
+                Ok(TrafficDirection::Egress) => "egress",
+                _ => "unknown",
+            };
+            let matched = match f.policy_match_type {
+                1 => "l3-only",
+                2 => "l3-l4",
+                3 => "l4-only",
+                4 => "all",
+                _ => "none",
+            };
+            m.get_or_create(&VerdictLabels {
+                direction: direction.into(),
+                r#match: matched.into(),
+                action: verdict.to_ascii_lowercase(),
+            })
+            .inc();
+        }
+        if let Some(l7) = &f.l7 {
+            match &l7.record {
+                Some(layer7::Record::Dns(d)) => {
+                    let labels = DnsLabels {
+                        rcode: if l7.r#type == 2 {
+                            rcode(d.rcode)
+                        } else {
+                            String::new()
+                        },
+                        qtypes: d.qtypes.join(","),
+                        ips_returned: if l7.r#type == 2 {
+                            d.ips.len().to_string()
+                        } else {
+                            String::new()
+                        },
+                    };
+                    let m = if l7.r#type == 2 {
+                        &self.dns_responses
+                    } else {
+                        &self.dns_queries
+                    };
+                    if let Some(m) = m {
+                        m.get_or_create(&labels).inc();
+                    }
+                }
+                Some(layer7::Record::Http(h)) => {
+                    let reporter = if f.traffic_direction == TrafficDirection::Ingress as i32 {
+                        "server"
+                    } else {
+                        "client"
+                    };
+                    let resp = l7.r#type == 2;
+                    let labels = HttpLabels {
+                        method: h.method.clone(),
+                        protocol: h.protocol.clone(),
+                        status: if resp {
+                            h.code.to_string()
+                        } else {
+                            String::new()
+                        },
+                        reporter: reporter.into(),
+                    };
+                    if let Some(m) = if resp {
+                        &self.http_responses
+                    } else {
+                        &self.http_requests
+                    } {
+                        m.get_or_create(&labels).inc();
+                    }
+                    if let (true, Some(m)) = (resp, &self.http_duration) {
+                        m.get_or_create(&labels).observe(l7.latency_ns as f64 / 1e9);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn l7_protocol(f: &Flow) -> &'static str {
+    match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
+        Some(layer7::Record::Dns(_)) => "DNS",
+        Some(layer7::Record::Http(_)) => "HTTP",
+        Some(layer7::Record::Kafka(_)) => "Kafka",
+        None => "",
+    }
+}
+
+fn rcode(c: u32) -> String {
+    match c {
+        0 => "No Error",
+        1 => "Format Error",
+        2 => "Server Failure",
+        3 => "Non-Existent Domain",
+        4 => "Not Implemented",
+        5 => "Query Refused",
+        _ => return c.to_string(),
+    }
+    .to_string()
+}

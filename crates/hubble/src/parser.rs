@@ -1,0 +1,355 @@
+//! Datapath events ([`cilium_flow::MonitorEvent`]) to Hubble flows, with the
+//! names of both ends. Pure: the same event and snapshot give the same flow
+//! (except for its UUID).
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use cilium_abi::ReservedIdentity;
+use cilium_flow::{L4, MonitorEvent};
+
+use crate::names::{EndpointName, Names, namespace_of};
+use crate::proto::flow::{
+    self as pb, CiliumEventType, DropReason, Emitter, Endpoint, Flow, FlowType, IpVersion, Layer4,
+    NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, layer4,
+};
+
+/// Upstream's monitor message types, as `event_type.type`.
+pub const MSG_DROP: i32 = 1;
+pub const MSG_TRACE: i32 = 4;
+pub const MSG_POLICY_VERDICT: i32 = 5;
+
+/// Makes flows; holds the UUID sequence.
+#[derive(Debug)]
+pub struct Parser {
+    seed: u64,
+    seq: AtomicU64,
+}
+
+impl Default for Parser {
+    fn default() -> Self {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Parser {
+            seed: (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32),
+            seq: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The observation point of a trace, from the datapath's point name.
+pub fn observation_point(name: &str) -> TraceObservationPoint {
+    match name {
+        "to-endpoint" => TraceObservationPoint::ToEndpoint,
+        "to-proxy" => TraceObservationPoint::ToProxy,
+        "to-host" => TraceObservationPoint::ToHost,
+        "to-stack" => TraceObservationPoint::ToStack,
+        "to-overlay" => TraceObservationPoint::ToOverlay,
+        "from-endpoint" => TraceObservationPoint::FromEndpoint,
+        "from-proxy" => TraceObservationPoint::FromProxy,
+        "from-host" => TraceObservationPoint::FromHost,
+        "from-stack" => TraceObservationPoint::FromStack,
+        "from-overlay" => TraceObservationPoint::FromOverlay,
+        "from-network" => TraceObservationPoint::FromNetwork,
+        "to-network" => TraceObservationPoint::ToNetwork,
+        _ => TraceObservationPoint::UnknownPoint,
+    }
+}
+
+/// The datapath's trace point code for an observation point (the
+/// `event_type.sub_type` of trace flows).
+pub fn trace_sub_type(p: TraceObservationPoint) -> i32 {
+    match p {
+        TraceObservationPoint::ToEndpoint => 0,
+        other => other as i32,
+    }
+}
+
+fn reserved_labels(identity: u32) -> Option<Vec<String>> {
+    let r = ReservedIdentity::from_code(identity)?;
+    let mut v = vec![format!("reserved:{}", r.label())];
+    if r == ReservedIdentity::World {
+        v.push("reserved:world-ipv4".into());
+        v.sort();
+    }
+    Some(v)
+}
+
+fn endpoint(names: &Names, ip: Ipv4Addr, identity: u32) -> Endpoint {
+    if let Some(e) = names.endpoints.get(&ip) {
+        return to_pb(e, identity);
+    }
+    let labels = names
+        .identities
+        .get(&identity)
+        .cloned()
+        .or_else(|| reserved_labels(identity))
+        .unwrap_or_default();
+    Endpoint {
+        identity,
+        namespace: namespace_of(&labels).unwrap_or("").to_string(),
+        labels,
+        ..Default::default()
+    }
+}
+
+fn to_pb(e: &EndpointName, identity: u32) -> Endpoint {
+    Endpoint {
+        id: e.id,
+        identity: if e.identity != 0 {
+            e.identity
+        } else {
+            identity
+        },
+        cluster_name: String::new(),
+        namespace: e.namespace.clone(),
+        labels: e.labels.clone(),
+        pod_name: e.pod_name.clone(),
+        workloads: e
+            .workloads
+            .iter()
+            .map(|w| pb::Workload {
+                name: w.name.clone(),
+                kind: w.kind.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn timestamp(ns: u64) -> pbjson_types::Timestamp {
+    pbjson_types::Timestamp {
+        seconds: (ns / 1_000_000_000) as i64,
+        nanos: (ns % 1_000_000_000) as i32,
+    }
+}
+
+/// "TCP Flags: SYN, ACK", "ICMPv4 EchoRequest", "UDP".
+pub fn summary(l4: Option<&Layer4>) -> String {
+    match l4.and_then(|l| l.protocol.as_ref()) {
+        Some(layer4::Protocol::Tcp(t)) => {
+            format!("TCP Flags: {}", tcp_flags_string(t.flags.as_ref()))
+        }
+        Some(layer4::Protocol::Udp(_)) => "UDP".into(),
+        Some(layer4::Protocol::IcmPv4(i)) => format!("ICMPv4 {}", icmp4_name(i.r#type, i.code)),
+        Some(layer4::Protocol::IcmPv6(i)) => format!("ICMPv6 type {} code {}", i.r#type, i.code),
+        Some(layer4::Protocol::Sctp(_)) => "SCTP".into(),
+        None => String::new(),
+    }
+}
+
+/// Upstream's order and spelling of TCP flags.
+pub fn tcp_flags_string(f: Option<&pb::TcpFlags>) -> String {
+    let Some(f) = f else { return String::new() };
+    let mut v = Vec::new();
+    for (on, n) in [
+        (f.syn, "SYN"),
+        (f.ack, "ACK"),
+        (f.fin, "FIN"),
+        (f.rst, "RST"),
+        (f.psh, "PSH"),
+        (f.urg, "URG"),
+        (f.ece, "ECE"),
+        (f.cwr, "CWR"),
+        (f.ns, "NS"),
+    ] {
+        if on {
+            v.push(n);
+        }
+    }
+    v.join(", ")
+}
+
+/// ICMPv4 type names as Hubble prints them.
+pub fn icmp4_name(t: u32, code: u32) -> String {
+    match t {
+        0 => "EchoReply".into(),
+        3 => match code {
+            0 => "DestinationUnreachable(Net)".into(),
+            1 => "DestinationUnreachable(Host)".into(),
+            2 => "DestinationUnreachable(Protocol)".into(),
+            3 => "DestinationUnreachable(Port)".into(),
+            c => format!("DestinationUnreachable({c})"),
+        },
+        5 => "Redirect".into(),
+        8 => "EchoRequest".into(),
+        11 => "TimeExceeded".into(),
+        _ => format!("type {t} code {code}"),
+    }
+}
+
+impl Parser {
+    fn uuid(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let a = self.seed;
+        format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            (a >> 32) as u32,
+            (a >> 16) as u16,
+            (a & 0xfff) as u16,
+            (n >> 48) & 0xfff,
+            n & 0xffff_ffff_ffff
+        )
+    }
+
+    /// The flow of one datapath event.
+    pub fn flow(&self, ev: &MonitorEvent, names: &Names) -> Flow {
+        let mut f = Flow {
+            time: Some(timestamp(ev.time_ns)),
+            uuid: self.uuid(),
+            emitter: Some(Emitter {
+                name: "Hubble".into(),
+                version: crate::VERSION.into(),
+            }),
+            r#type: FlowType::L3L4 as i32,
+            node_name: names.node_name.clone(),
+            is_reply: Some(pbjson_types::BoolValue { value: ev.is_reply }),
+            ..Default::default()
+        };
+        if ev.ifindex != 0 {
+            f.interface = Some(NetworkInterface {
+                index: ev.ifindex,
+                name: names
+                    .interfaces
+                    .get(&ev.ifindex)
+                    .cloned()
+                    .unwrap_or_default(),
+            });
+        }
+        if let Some(p) = &ev.packet {
+            f.ip = Some(pb::Ip {
+                source: p.src.to_string(),
+                destination: p.dst.to_string(),
+                ip_version: IpVersion::IPv4 as i32,
+                ..Default::default()
+            });
+            let proto = match &p.l4 {
+                L4::Tcp {
+                    src_port,
+                    dst_port,
+                    flags,
+                } => Some(layer4::Protocol::Tcp(pb::Tcp {
+                    source_port: (*src_port).into(),
+                    destination_port: (*dst_port).into(),
+                    flags: Some(pb::TcpFlags {
+                        fin: flags.fin,
+                        syn: flags.syn,
+                        rst: flags.rst,
+                        psh: flags.psh,
+                        ack: flags.ack,
+                        urg: flags.urg,
+                        ..Default::default()
+                    }),
+                })),
+                L4::Udp { src_port, dst_port } => Some(layer4::Protocol::Udp(pb::Udp {
+                    source_port: (*src_port).into(),
+                    destination_port: (*dst_port).into(),
+                })),
+                L4::Icmp { icmp_type, code } => Some(layer4::Protocol::IcmPv4(pb::IcmPv4 {
+                    r#type: (*icmp_type).into(),
+                    code: (*code).into(),
+                })),
+                L4::Other { .. } => None,
+            };
+            f.l4 = proto.map(|p| Layer4 { protocol: Some(p) });
+            f.source = Some(endpoint(names, p.src, ev.src_identity));
+            f.destination = Some(endpoint(names, p.dst, ev.dst_identity));
+            let dport = match &p.l4 {
+                L4::Tcp { dst_port, .. } | L4::Udp { dst_port, .. } => Some(*dst_port),
+                _ => None,
+            };
+            if let Some(svc) = dport.and_then(|port| names.services.get(&(p.dst, port))) {
+                f.destination_service = Some(pb::Service {
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                });
+            }
+            let sport = match &p.l4 {
+                L4::Tcp { src_port, .. } | L4::Udp { src_port, .. } => Some(*src_port),
+                _ => None,
+            };
+            if let Some(svc) = sport.and_then(|port| names.services.get(&(p.src, port))) {
+                f.source_service = Some(pb::Service {
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                });
+            }
+        } else {
+            f.source = Some(Endpoint {
+                identity: ev.src_identity,
+                ..Default::default()
+            });
+            f.destination = Some(Endpoint {
+                identity: ev.dst_identity,
+                ..Default::default()
+            });
+        }
+        let dir = |ingress: bool| if ingress { TrafficDirection::Ingress } else { TrafficDirection::Egress } as i32;
+        match ev.kind.as_str() {
+            #[allow(deprecated)]
+            "drop" => {
+                let code = ev.drop_reason.as_ref().map(|(c, _)| *c).unwrap_or(0);
+                f.verdict = Verdict::Dropped as i32;
+                f.drop_reason = code.into();
+                f.drop_reason_desc = DropReason::try_from(i32::from(code))
+                    .map(|d| d as i32)
+                    .unwrap_or(0);
+                f.event_type = Some(CiliumEventType {
+                    r#type: MSG_DROP,
+                    sub_type: code.into(),
+                });
+                f.traffic_direction = dir(ev.ingress);
+            }
+            #[allow(deprecated)]
+            "policy-verdict" => {
+                f.verdict = match ev.action.as_deref() {
+                    Some("allow") => Verdict::Forwarded,
+                    Some("audit") => Verdict::Audit,
+                    _ => Verdict::Dropped,
+                } as i32;
+                if let Some((code, _)) = &ev.drop_reason {
+                    f.drop_reason = (*code).into();
+                    f.drop_reason_desc = DropReason::try_from(i32::from(*code))
+                        .map(|d| d as i32)
+                        .unwrap_or(0);
+                }
+                f.event_type = Some(CiliumEventType {
+                    r#type: MSG_POLICY_VERDICT,
+                    sub_type: 0,
+                });
+                f.traffic_direction = dir(ev.ingress);
+                f.policy_match_type = match ev.match_type.as_deref() {
+                    Some("L3-Only") => 1,
+                    Some("L3-L4") => 2,
+                    Some("L4-Only") => 3,
+                    Some("all") => 4,
+                    _ => 0,
+                };
+            }
+            _ => {
+                let point = observation_point(ev.observation_point.as_deref().unwrap_or(""));
+                f.verdict = Verdict::Forwarded as i32;
+                f.trace_observation_point = point as i32;
+                f.event_type = Some(CiliumEventType {
+                    r#type: MSG_TRACE,
+                    sub_type: trace_sub_type(point),
+                });
+                // the direction of the connection, seen from the endpoint
+                f.traffic_direction = match point {
+                    TraceObservationPoint::FromEndpoint => dir(ev.is_reply),
+                    TraceObservationPoint::ToEndpoint => dir(!ev.is_reply),
+                    _ => TrafficDirection::Unknown as i32,
+                };
+            }
+        }
+        #[allow(deprecated)]
+        {
+            f.reply = ev.is_reply;
+            f.summary = summary(f.l4.as_ref());
+        }
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+use std::net::Ipv4Addr;
+
+use cilium_flow::{MonitorEvent, Packet, TcpFlags};
+
+use super::*;
+use crate::names::{EndpointName, ServiceName, Workload};
+use crate::printer::{Format, Options, format};
+use crate::proto::observer::{GetFlowsResponse, get_flows_response::ResponseTypes};
+
+fn names() -> Names {
+    let mut n = Names {
+        node_name: "node1".into(),
+        ..Default::default()
+    };
+    n.endpoints.insert(
+        Ipv4Addr::new(10, 0, 1, 2),
+        EndpointName {
+            id: 101,
+            identity: 300,
+            namespace: "default".into(),
+            pod_name: "frontend".into(),
+            labels: vec![
+                "k8s:app=frontend".into(),
+                "k8s:io.kubernetes.pod.namespace=default".into(),
+            ],
+            workloads: vec![Workload {
+                kind: "Deployment".into(),
+                name: "frontend".into(),
+            }],
+        },
+    );
+    n.endpoints.insert(
+        Ipv4Addr::new(10, 0, 1, 3),
+        EndpointName {
+            id: 102,
+            identity: 301,
+            namespace: "default".into(),
+            pod_name: "backend".into(),
+            labels: vec!["k8s:app=backend".into()],
+            workloads: vec![],
+        },
+    );
+    n.services.insert(
+        (Ipv4Addr::new(10, 96, 0, 10), 80),
+        ServiceName {
+            namespace: "default".into(),
+            name: "backend".into(),
+        },
+    );
+    n
+}
+
+fn ev(kind: &str, src: [u8; 4], dst: [u8; 4], syn: bool) -> MonitorEvent {
+    MonitorEvent {
+        kind: kind.into(),
+        time_ns: 1_700_000_000_123_000_000,
+        endpoint: 102,
+        ifindex: 7,
+        src_identity: 300,
+        dst_identity: 301,
+        drop_reason: None,
+        observation_point: None,
+        action: None,
+        match_type: None,
+        ingress: true,
+        is_reply: false,
+        length: 60,
+        packet: Some(Packet {
+            src: Ipv4Addr::from(src),
+            dst: Ipv4Addr::from(dst),
+            l4: L4::Tcp {
+                src_port: 43210,
+                dst_port: 80,
+                flags: TcpFlags {
+                    syn,
+                    ..Default::default()
+                },
+            },
+        }),
+    }
+}
+
+fn compact(f: &Flow) -> String {
+    let r = GetFlowsResponse {
+        response_types: Some(ResponseTypes::Flow(f.clone())),
+        node_name: f.node_name.clone(),
+        time: f.time,
+    };
+    format(&r, Format::Compact, Options::default())
+}
+
+#[test]
+fn policy_drop_is_dropped_with_reason_and_both_pod_names() {
+    let mut e = ev("drop", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    e.drop_reason = Some((133, "Policy denied".into()));
+    let f = Parser::default().flow(&e, &names());
+    assert_eq!(f.verdict, Verdict::Dropped as i32);
+    assert_eq!(f.drop_reason_desc, DropReason::PolicyDenied as i32);
+    assert_eq!(
+        f.event_type,
+        Some(CiliumEventType {
+            r#type: MSG_DROP,
+            sub_type: 133
+        })
+    );
+    assert_eq!(f.traffic_direction, TrafficDirection::Ingress as i32);
+    let src = f.source.as_ref().unwrap();
+    assert_eq!(
+        (
+            src.namespace.as_str(),
+            src.pod_name.as_str(),
+            src.id,
+            src.identity
+        ),
+        ("default", "frontend", 101, 300)
+    );
+    assert_eq!(src.workloads[0].kind, "Deployment");
+    assert_eq!(f.destination.as_ref().unwrap().pod_name, "backend");
+    assert_eq!(f.node_name, "node1");
+    let line = compact(&f);
+    assert!(line.ends_with(": default/frontend:43210 (ID:300) -> default/backend:80 (ID:301) Policy denied DROPPED (TCP Flags: SYN)\n"), "{line}");
+}
+
+#[test]
+fn policy_verdicts_say_allowed_or_denied_with_match_type() {
+    let mut e = ev("policy-verdict", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    e.action = Some("allow".into());
+    e.match_type = Some("L3-L4".into());
+    let f = Parser::default().flow(&e, &names());
+    assert_eq!(f.verdict, Verdict::Forwarded as i32);
+    assert_eq!(f.policy_match_type, 2);
+    assert!(
+        compact(&f).contains("policy-verdict:L3-L4 INGRESS ALLOWED (TCP Flags: SYN)"),
+        "{}",
+        compact(&f)
+    );
+    e.action = Some("deny".into());
+    e.match_type = None;
+    let f = Parser::default().flow(&e, &names());
+    assert!(
+        compact(&f).contains("policy-verdict:none INGRESS DENIED"),
+        "{}",
+        compact(&f)
+    );
+    e.action = Some("audit".into());
+    assert_eq!(
+        Parser::default().flow(&e, &names()).verdict,
+        Verdict::Audit as i32
+    );
+}
+
+#[test]
+fn traces_carry_point_direction_and_replies_print_client_first() {
+    let mut e = ev("trace", [10, 0, 1, 3], [10, 0, 1, 2], false);
+    e.observation_point = Some("to-endpoint".into());
+    e.is_reply = true;
+    let f = Parser::default().flow(&e, &names());
+    assert_eq!(
+        f.trace_observation_point,
+        TraceObservationPoint::ToEndpoint as i32
+    );
+    assert_eq!(f.event_type.unwrap().sub_type, 0);
+    assert_eq!(f.traffic_direction, TrafficDirection::Egress as i32);
+    assert_eq!(f.is_reply.map(|r| r.value), Some(true));
+    let line = compact(&f);
+    assert!(
+        line.contains(
+            "default/frontend:80 (ID:300) <- default/backend:43210 (ID:301) to-endpoint FORWARDED"
+        ),
+        "{line}"
+    );
+}
+
+#[test]
+fn unknown_addresses_fall_back_to_identity_labels_and_services_are_named() {
+    let mut n = names();
+    n.identities.insert(
+        16_777_217,
+        vec!["cidr:1.1.1.0/24".into(), "reserved:world".into()],
+    );
+    let mut e = ev("trace", [10, 0, 1, 2], [10, 96, 0, 10], true);
+    e.observation_point = Some("from-endpoint".into());
+    e.dst_identity = 2;
+    let f = Parser::default().flow(&e, &n);
+    assert_eq!(f.destination_service.as_ref().unwrap().name, "backend");
+    assert_eq!(f.traffic_direction, TrafficDirection::Egress as i32);
+    let d = f.destination.as_ref().unwrap();
+    assert_eq!(d.identity, 2);
+    assert!(d.labels.contains(&"reserved:world".to_string()));
+    assert!(
+        compact(&f).contains("-> 10.96.0.10:80 (world) from-endpoint FORWARDED"),
+        "{}",
+        compact(&f)
+    );
+}
+
+#[test]
+fn json_uses_proto_names_and_enum_strings() {
+    let mut e = ev("drop", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    e.drop_reason = Some((133, "Policy denied".into()));
+    let f = Parser::default().flow(&e, &names());
+    let r = GetFlowsResponse {
+        response_types: Some(ResponseTypes::Flow(f.clone())),
+        node_name: "node1".into(),
+        time: f.time,
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&format(&r, Format::Json, Options::default())).unwrap();
+    assert_eq!(v["flow"]["verdict"], "DROPPED");
+    assert_eq!(v["flow"]["drop_reason_desc"], "POLICY_DENIED");
+    assert_eq!(v["flow"]["source"]["pod_name"], "frontend");
+    assert_eq!(v["flow"]["destination"]["namespace"], "default");
+    assert_eq!(v["flow"]["l4"]["TCP"]["destination_port"], 80);
+    assert_eq!(v["flow"]["IP"]["source"], "10.0.1.2");
+    assert_eq!(v["node_name"], "node1");
+    assert!(
+        v["time"]
+            .as_str()
+            .unwrap()
+            .starts_with("2023-11-14T22:13:20.123")
+    );
+    // and it reads back
+    let back: GetFlowsResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(back, r);
+}
+
+#[test]
+fn protobuf_bytes_round_trip() {
+    use prost::Message;
+    let mut e = ev("drop", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    e.drop_reason = Some((181, "Policy denied by denylist".into()));
+    let f = Parser::default().flow(&e, &names());
+    let bytes = f.encode_to_vec();
+    assert_eq!(Flow::decode(bytes.as_slice()).unwrap(), f);
+    // field 25 (drop_reason_desc), varint: tag 25<<3 = 200 = c8 01, value 181 = b5 01
+    assert!(bytes.windows(4).any(|w| w == [0xc8, 0x01, 0xb5, 0x01]));
+}
