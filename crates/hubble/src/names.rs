@@ -31,9 +31,47 @@ pub struct ServiceName {
     pub name: String,
 }
 
+/// A policy as flows name it (upstream's `flow.Policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PolicyName {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Which traffic to attribute to policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PolicyQuery {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    /// At the source's egress (true) or the destination's ingress.
+    pub egress: bool,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// Destination port (ICMP: the type).
+    pub port: u16,
+    /// The local endpoint's address (for its named ports).
+    pub local: Ipv4Addr,
+}
+
+/// The policies that allowed and denied some traffic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attribution {
+    pub allowed_by: Vec<PolicyName>,
+    pub denied_by: Vec<PolicyName>,
+}
+
+/// Names the policies behind a verdict (the agent implements it with its
+/// policy engine; Hubble stays independent of it).
+pub trait Attributor: Send + Sync + std::fmt::Debug {
+    fn attribute(&self, q: &PolicyQuery) -> Attribution;
+}
+
 /// The snapshot.
 #[derive(Debug, Clone, Default)]
 pub struct Names {
+    /// Names the policies of policy verdicts and policy drops.
+    pub policies: Option<std::sync::Arc<dyn Attributor>>,
     pub node_name: String,
     pub endpoints: HashMap<Ipv4Addr, EndpointName>,
     /// Identity -> its labels (`source:key=value`, sorted).

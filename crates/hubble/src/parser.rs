@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use cilium_abi::ReservedIdentity;
 use cilium_flow::{L4, MonitorEvent};
 
-use crate::names::{EndpointName, Names, namespace_of};
+use crate::names::{EndpointName, Names, PolicyName, PolicyQuery, namespace_of};
 use crate::proto::flow::{
     self as pb, CiliumEventType, DropReason, Emitter, Endpoint, Flow, FlowType, IpVersion, Layer4,
     NetworkInterface, TraceObservationPoint, TrafficDirection, Verdict, layer4,
@@ -179,6 +179,33 @@ pub fn icmp4_name(t: u32, code: u32) -> String {
 }
 
 impl Parser {
+    /// Names the policies behind a policy verdict or a policy drop.
+    fn attribute(&self, f: &mut Flow, ev: &MonitorEvent, names: &Names) {
+        let Some(att) = &names.policies else { return };
+        let policy_drop = ev.kind == "drop" && matches!(ev.drop_reason.as_ref().map(|(c, _)| *c), Some(133 | 181));
+        if ev.kind != "policy-verdict" && !policy_drop {
+            return;
+        }
+        let Some(p) = &ev.packet else { return };
+        let (protocol, port) = match &p.l4 {
+            L4::Tcp { dst_port, .. } => (6, *dst_port),
+            L4::Udp { dst_port, .. } => (17, *dst_port),
+            L4::Icmp { icmp_type, .. } => (1, u16::from(*icmp_type)),
+            L4::Other { number } => (*number, 0),
+        };
+        let egress = !ev.ingress;
+        let q = PolicyQuery { src_identity: ev.src_identity, dst_identity: ev.dst_identity, egress, protocol, port, local: if egress { p.src } else { p.dst } };
+        let a = att.attribute(&q);
+        let conv = |v: Vec<PolicyName>| v.into_iter().map(|n| pb::Policy { name: n.name, namespace: n.namespace, labels: Vec::new(), revision: 0, kind: n.kind }).collect::<Vec<_>>();
+        if egress {
+            f.egress_allowed_by = conv(a.allowed_by);
+            f.egress_denied_by = conv(a.denied_by);
+        } else {
+            f.ingress_allowed_by = conv(a.allowed_by);
+            f.ingress_denied_by = conv(a.denied_by);
+        }
+    }
+
     fn uuid(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let a = self.seed;
@@ -342,6 +369,7 @@ impl Parser {
                 };
             }
         }
+        self.attribute(&mut f, ev, names);
         #[allow(deprecated)]
         {
             f.reply = ev.is_reply;

@@ -237,6 +237,20 @@ spec:
 }
 
 #[test]
+fn trace_names_the_deny_policy_not_the_allow() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let yaml = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: allow}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: b}}]}]\n---\napiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: deny}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: b}}]}]\n";
+    let rules: Vec<Rule> = parse_policies(yaml, "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+    let named = NamedPorts::new();
+    let party = |l| trace::Party { labels: l, is_endpoint: true, named_ports: &named };
+    let t = trace::trace(&rules, &party(&w.ids[&w.id("default/b")]), &party(&w.ids[&w.id("default/a")]), Protocol::Tcp, 80, PolicyOptions::default());
+    let ing = t.ingress.unwrap();
+    assert_eq!(ing.verdict, trace::Verdict::Denied);
+    assert_eq!(ing.denied_by.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["deny"]);
+    assert!(ing.allowed_by.is_empty());
+}
+
+#[test]
 fn deny_of_all_peers_on_a_port_beats_specific_allow() {
     let w = World::new(&[("default", "a"), ("default", "b")]);
     let p = w.policy(
@@ -654,9 +668,12 @@ fn trace_explains_the_seed_policy() {
     assert!(ing.enforced);
     assert!(ing.steps[0].contains("spec.ingress[0]") && ing.steps[0].contains("80/TCP is not in 8080/TCP"), "{:?}", ing.steps);
     assert!(!t.egress.as_ref().unwrap().enforced, "backend's egress is open");
+    assert!(ing.allowed_by.is_empty() && ing.denied_by.is_empty(), "default deny names no policy");
     let t = trace::trace(&rules, &party(be), &party(fe), Protocol::Tcp, 8080, PolicyOptions::default());
     assert_eq!(t.verdict, trace::Verdict::Allowed);
-    assert!(t.ingress.unwrap().reason.contains("frontend-to-backend spec.ingress[0]"));
+    let ing = t.ingress.unwrap();
+    assert!(ing.reason.contains("frontend-to-backend spec.ingress[0]"));
+    assert_eq!(ing.allowed_by.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(), vec!["frontend-to-backend"]);
     // the world: no egress side to trace
     let world = LabelSet::parse_all(["reserved:world"]);
     let t = trace::trace(&rules, &trace::Party { labels: &world, is_endpoint: false, named_ports: &named }, &party(fe), Protocol::Tcp, 8080, PolicyOptions::default());

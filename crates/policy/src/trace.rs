@@ -43,6 +43,12 @@ pub struct DirectionTrace {
     pub verdict: Verdict,
     /// The sentence that decided.
     pub reason: String,
+    /// The policies whose rules allowed it (when allowed by rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_by: Vec<crate::PolicyRef>,
+    /// The policies whose deny rules denied it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied_by: Vec<crate::PolicyRef>,
 }
 
 /// A full trace.
@@ -97,6 +103,8 @@ fn direction(
     let mut selected_by: Vec<String> = selecting.iter().map(|r| r.policy.to_string()).collect();
     selected_by.dedup();
     let mut steps = Vec::new();
+    let mut allow_refs: Vec<crate::PolicyRef> = Vec::new();
+    let mut deny_refs: Vec<crate::PolicyRef> = Vec::new();
     let done = |enforced: bool, steps: Vec<String>, verdict: Verdict, reason: String| DirectionTrace {
         direction: name.to_string(),
         enforced,
@@ -104,6 +112,8 @@ fn direction(
         steps,
         verdict,
         reason,
+        allowed_by: Vec::new(),
+        denied_by: Vec::new(),
     };
     if options.mode == EnforcementMode::Never {
         return done(false, steps, Verdict::Allowed, "policy enforcement is disabled (--enable-policy=never)".into());
@@ -148,10 +158,16 @@ fn direction(
                 } else {
                     if kind == "deny" {
                         denied_by.get_or_insert(who.clone());
+                        if !deny_refs.contains(&r.policy) {
+                            deny_refs.push(r.policy.clone());
+                        }
                     } else if pr.has_l7 {
                         l7_by.get_or_insert(who.clone());
                     } else {
                         allowed_by.get_or_insert(who.clone());
+                        if !allow_refs.contains(&r.policy) {
+                            allow_refs.push(r.policy.clone());
+                        }
                     }
                     format!(
                         "MATCHES: peer matches {} on {}{}",
@@ -165,13 +181,13 @@ fn direction(
         }
     }
     if let Some(d) = denied_by {
-        return done(true, steps, Verdict::Denied, format!("denied by {d} (deny rules take precedence)"));
+        return DirectionTrace { denied_by: deny_refs, ..done(true, steps, Verdict::Denied, format!("denied by {d} (deny rules take precedence)")) };
     }
     if !egress && options.allow_localhost && peer.has_reserved(ReservedIdentity::Host.label()) {
         return done(true, steps, Verdict::Allowed, "the local host may always reach its endpoints (allow-localhost)".into());
     }
     if let Some(a) = allowed_by {
-        return done(true, steps, Verdict::Allowed, format!("allowed by {a}"));
+        return DirectionTrace { allowed_by: allow_refs, ..done(true, steps, Verdict::Allowed, format!("allowed by {a}")) };
     }
     if let Some(a) = l7_by {
         return done(true, steps, Verdict::Denied, format!("{a} allows it only through L7 rules, which are not enforced yet: dropped (178)"));

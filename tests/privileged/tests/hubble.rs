@@ -154,6 +154,10 @@ fn denied_and_allowed_flows_with_names_verdicts_and_filters() {
         |f| f["verdict"] == "FORWARDED" && is_pod(&f["source"], "default", "b-"),
     );
     assert_eq!(verdict["policy_match_type"], 2);
+    // named: the policy that allowed it
+    assert_eq!(verdict["ingress_allowed_by"][0]["name"], "a-from-b", "{verdict:#}");
+    assert_eq!(verdict["ingress_allowed_by"][0]["namespace"], "default");
+    assert_eq!(verdict["ingress_allowed_by"][0]["kind"], "CiliumNetworkPolicy");
     assert_eq!(verdict["source"]["workloads"][0]["kind"], "Deployment");
     assert_eq!(verdict["source"]["workloads"][0]["name"], "b");
     assert!(

@@ -235,3 +235,30 @@ fn protobuf_bytes_round_trip() {
     // field 25 (drop_reason_desc), varint: tag 25<<3 = 200 = c8 01, value 181 = b5 01
     assert!(bytes.windows(4).any(|w| w == [0xc8, 0x01, 0xb5, 0x01]));
 }
+
+#[derive(Debug)]
+struct FakePolicies;
+
+impl crate::names::Attributor for FakePolicies {
+    fn attribute(&self, q: &crate::names::PolicyQuery) -> crate::names::Attribution {
+        let p = |n: &str| crate::names::PolicyName { kind: "CiliumNetworkPolicy".into(), namespace: "default".into(), name: n.into() };
+        assert_eq!((q.src_identity, q.dst_identity, q.protocol, q.port, q.local), (300, 301, 6, 80, Ipv4Addr::new(10, 0, 1, 3)));
+        if q.egress { crate::names::Attribution::default() } else { crate::names::Attribution { allowed_by: vec![p("allow-b")], denied_by: vec![] } }
+    }
+}
+
+#[test]
+fn policy_verdicts_name_the_policies_behind_them() {
+    let mut n = names();
+    n.policies = Some(std::sync::Arc::new(FakePolicies));
+    let mut e = ev("policy-verdict", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    e.action = Some("allow".into());
+    let f = Parser::default().flow(&e, &n);
+    assert_eq!(f.ingress_allowed_by.len(), 1);
+    assert_eq!((f.ingress_allowed_by[0].name.as_str(), f.ingress_allowed_by[0].kind.as_str()), ("allow-b", "CiliumNetworkPolicy"));
+    assert!(f.egress_allowed_by.is_empty() && f.ingress_denied_by.is_empty());
+    // traces are not attributed
+    let mut t = ev("trace", [10, 0, 1, 2], [10, 0, 1, 3], true);
+    t.observation_point = Some("to-endpoint".into());
+    assert!(Parser::default().flow(&t, &n).ingress_allowed_by.is_empty());
+}
