@@ -312,7 +312,8 @@ pub fn parse(args: &[String], now: chrono::DateTime<chrono::Utc>) -> Result<Obse
                 None => (long.to_string(), None),
             }
         } else if let Some(short) = a.strip_prefix('-').filter(|s| !s.is_empty()) {
-            let (s, rest) = short.split_at(1);
+            let split = short.chars().next().map(char::len_utf8).unwrap_or(1);
+            let (s, rest) = short.split_at(split);
             let long = match s {
                 "f" => "follow",
                 "n" => "namespace",

@@ -93,6 +93,8 @@ fn errors_name_the_flag_and_value() {
     assert_eq!(p(&["--output", "xml"]).unwrap_err().flag, "output");
     assert_eq!(p(&["--bogus"]).unwrap_err().flag, "bogus");
     assert_eq!(p(&["--last"]).unwrap_err().reason, "needs a value");
+    // found by the fuzz target: a multi-byte shorthand
+    assert_eq!(p(&["-Ցamespace"]).unwrap_err().reason, "unknown shorthand flag");
 }
 
 #[test]
