@@ -6,6 +6,7 @@
 //! kube-proxy's rulesets ([`services`]). Client, server and their softirq
 //! processing are pinned to one CPU. Writes BENCHMARKS.md.
 
+mod hubble;
 mod services;
 
 use std::io::{Read, Write};
@@ -41,7 +42,7 @@ struct Args {
     /// Seconds per service measurement.
     #[arg(long, default_value_t = 2)]
     service_seconds: u64,
-    /// Run one part only: pods or services.
+    /// Run one part only: pods, services or hubble.
     #[arg(long)]
     only: Option<String>,
 }
@@ -292,13 +293,15 @@ fn main() -> anyhow::Result<()> {
     }
     cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
     if let Some(o) = &a.only {
-        if o != "pods" && o != "services" {
-            bail!("--only {o:?}: want pods or services");
+        if o != "pods" && o != "services" && o != "hubble" {
+            bail!("--only {o:?}: want pods, services or hubble");
         }
     }
-    let pods_md = if a.only.as_deref() != Some("services") { Some(pods(&a, &logs, &bin)?) } else { None };
+    let part = |p: &str| a.only.as_deref().is_none_or(|o| o == p);
+    let pods_md = if part("pods") { Some(pods(&a, &logs, &bin)?) } else { None };
+    let hubble_md = if part("hubble") { Some(hubble::run(a.rounds, a.seconds, &logs, &bin)?) } else { None };
     let svc_opts = services::Options { counts: a.service_counts.clone(), rounds: a.service_rounds, seconds: a.service_seconds };
-    let svc_md = if a.only.as_deref() != Some("pods") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
+    let svc_md = if part("services") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
 
     let rev = sh("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default().trim().to_string();
     let dirty = !sh("git", &["status", "--porcelain"]).unwrap_or_default().trim().is_empty();
@@ -320,6 +323,10 @@ fn main() -> anyhow::Result<()> {
     md.push('\n');
     if let Some(p) = pods_md {
         md.push_str(&p);
+    }
+    if let Some(h) = hubble_md {
+        md.push('\n');
+        md.push_str(&h);
     }
     if let Some(s) = svc_md {
         md.push('\n');
