@@ -65,6 +65,17 @@ step "What the datapath reported (cilium monitor): verdicts and drops with upstr
 grep -v '^Listening' "$mon" | head -8
 rm -f "$mon"
 
+step "The same story as Hubble flows (hubble observe, through the lab's hubble-relay)"
+eval "$(cilium lab env | grep HUBBLE_SERVER)"
+run hubble observe --namespace default --verdict DROPPED --last 5
+echo "the allowed side: backend -> frontend:8080 passes the policy (nothing listens there, so it is refused)"
+cilium lab probe --from "$(cilium lab get pods -l app=backend -o name)" --to "$FRONTEND_POD_NAME" --port 8080 >/dev/null || true
+sleep 0.5   # the agent reads the datapath's events every 20 ms or when its ring fills up
+run hubble observe --type policy-verdict --verdict FORWARDED --to-pod "$FRONTEND_POD_NAME" --last 1
+echo "and the flow names the policy that allowed it (-o json):"
+hubble observe --type policy-verdict --verdict FORWARDED --to-pod "$FRONTEND_POD_NAME" --last 1 -o json | grep -o '"ingress_allowed_by":[^]]*]' || true
+run hubble status
+
 step "Why: cilium policy trace explains both directions (the source's egress, the destination's ingress)"
 BACKEND_POD_NAME=$(cilium lab get pods -l app=backend -o name)
 run cilium policy trace --src-k8s-pod "${BACKEND_POD_NAME/\//:}" --dst-k8s-pod "${FRONTEND_POD_NAME/\//:}" --dport 80/TCP || true

@@ -148,7 +148,11 @@ async fn run(args: Vec<String>) -> anyhow::Result<i32> {
                 let line = printer::format(&r, o.output, opts);
                 let json = matches!(o.output, Format::Json | Format::Jsonpb);
                 if !json && printer::is_status(&r) {
-                    eprint!("{line}");
+                    // a node that cannot be reached is worth a warning; one that connected is not
+                    let connected = matches!(&r.response_types, Some(cilium_hubble::proto::observer::get_flows_response::ResponseTypes::NodeStatus(n)) if n.state_change == NodeState::NodeConnected as i32);
+                    if !connected {
+                        eprint!("{line}");
+                    }
                     continue;
                 }
                 if !line.is_empty()
