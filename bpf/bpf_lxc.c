@@ -18,6 +18,7 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/nodeport.h"
+#include "lib/proxy.h"
 
 #define ETH_P_ARP_BE bpf_htons(0x0806)
 #define ETH_P_IP_BE bpf_htons(0x0800)
@@ -33,10 +34,12 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
 /*
  * The policy decision shared by both hooks. `egress` selects the endpoint's
  * egress (from-container) or ingress (to-container) policy; `peer_id` is the
- * identity of the other side. Returns TC_ACT_OK or TC_ACT_SHOT.
+ * identity of the other side. Returns TC_ACT_OK or TC_ACT_SHOT; when the
+ * connection belongs to the L7 proxy, *proxy_port (network order) says which.
  */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
-				   struct pkt *p, int egress, __u32 peer_id, __u32 now)
+				   struct pkt *p, int egress, __u32 peer_id, __u32 now,
+				   __u16 *proxy_port)
 {
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
 	__u8 point = egress ? TRACE_FROM_LXC : TRACE_TO_LXC;
@@ -45,6 +48,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
 	struct ct_result ct;
 
+	*proxy_port = 0;
 	ct_lookup(p, egress, skb->len, now, &ct);
 
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
@@ -61,7 +65,8 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 
 	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {
 		/* Verdict cached for this connection at the current policy revision. */
-		if (ct.new_flags)
+		*proxy_port = ct.entry->proxy_port;
+		if (ct.new_flags && !*proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 		metrics_update(skb, 0, metric_dir);
 		return TC_ACT_OK;
@@ -80,18 +85,21 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 				    metric_dir, p);
 	}
 
+	*proxy_port = pol.proxy_port;
 	if (ct.status == CT_NEW && !p->untracked && !p->is_icmp_error) {
 		int ret = ct_create(p, egress, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
 			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
-		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
+		if (!pol.proxy_port)
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.status == CT_NEW) {
 		/* untracked ICMP and ICMP errors: every packet is judged and traced */
 		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.entry) {
 		/* Re-checked after a policy change: remember the new revision. */
 		ct.entry->policy_rev = rev;
-		if (ct.new_flags)
+		ct.entry->proxy_port = pol.proxy_port;
+		if (ct.new_flags && !pol.proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	}
 	metrics_update(skb, 0, metric_dir);
@@ -125,6 +133,19 @@ static __always_inline int redirect_to_endpoint(struct __sk_buff *skb, const str
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
+/* Hands a packet of a proxied connection to the proxy, with a trace event
+ * at the first packets (to-proxy), or drops it when the proxy is missing. */
+static __always_inline int to_proxy(struct __sk_buff *skb, const struct endpoint_info *ep, const struct pkt *p,
+				    __u32 src_id, __u32 dst_id, __u8 dir_flag, __u16 proxy_port)
+{
+	int ret = redirect_to_proxy(skb, p, proxy_port);
+	if (ret < 0)
+		return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, dir_flag ? METRIC_INGRESS : METRIC_EGRESS, p);
+	if (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))
+		emit_trace(skb, ep->ep_id, TRACE_TO_PROXY, src_id, dst_id, dir_flag, p);
+	return TC_ACT_OK;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int egress)
 {
 	__u32 ifindex = skb->ifindex;
@@ -145,6 +166,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir, 0);
 
 	__u32 now = now_seconds();
+	__u16 proxy = 0;
 	if (egress) {
 		/* A pod may only send from its own address. */
 		if (p.saddr != ep->ipv4)
@@ -155,22 +177,48 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * packet goes straight to it. */
 		__u32 *dst_ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.daddr);
 		struct endpoint_info *dst = dst_ifindex ? bpf_map_lookup_elem(&cilium_lxc, dst_ifindex) : 0;
+		__u32 dst_id = dst ? dst->sec_identity : ipcache_identity(p.daddr);
+		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy);
+		if (ret != TC_ACT_OK)
+			return ret;
+		/* The source's egress wants the L7 proxy: it goes there; the
+		 * destination's ingress is applied to the proxy's own connection. */
+		if (proxy)
+			return to_proxy(skb, ep, &p, ep->sec_identity, dst_id, 0, proxy);
 		if (!dst)
-			return enforce(skb, ep, &p, 1, ipcache_identity(p.daddr), now);
-		ret = enforce(skb, ep, &p, 1, dst->sec_identity, now);
+			return TC_ACT_OK;
+		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy);
 		if (ret != TC_ACT_OK)
 			return ret;
-		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now);
-		if (ret != TC_ACT_OK)
-			return ret;
+		if (proxy)
+			return to_proxy(skb, dst, &p, ep->sec_identity, dst_id, EVENT_F_INGRESS, proxy);
 		return redirect_to_endpoint(skb, dst, ep->ep_id);
+	}
+	if (from_proxy(skb)) {
+		/* The proxy's replies to a client (a reply of the client's own
+		 * connection) or its upstream connection on behalf of a client,
+		 * whose identity the mark carries. L7 rules of this endpoint were
+		 * applied by the proxy, so an entry that would redirect allows. */
+		__u32 id = proxy_identity(skb);
+		if (!id) {
+			__u32 *src_ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr);
+			struct endpoint_info *src = src_ifindex ? bpf_map_lookup_elem(&cilium_lxc, src_ifindex) : 0;
+			id = src ? src->sec_identity : ipcache_identity(p.saddr);
+		}
+		return enforce(skb, ep, &p, 0, id, now, &proxy);
 	}
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir, &p);
-	return enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now);
+	ret = enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now, &proxy);
+	if (ret == TC_ACT_OK && proxy)
+		/* L7 ingress rules for a client outside this node: the proxy is
+		 * reached from tc ingress only, and this is tc egress. Fail closed. */
+		return drop(skb, ep->ep_id, DROP_PROXY_LOOKUP_FAILED, ipcache_identity(p.saddr), ep->sec_identity, dir_flag, metric_dir, &p);
+	return ret;
 }
+
 
 SEC("classifier")
 int cil_from_container(struct __sk_buff *skb)

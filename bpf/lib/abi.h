@@ -153,6 +153,20 @@ enum policy_entry_flags {
  * traffic is dropped (178) rather than allowed unfiltered. */
 #define POLICY_PROXY_PORT_PENDING 65535
 
+/* The agent's transparent L7 proxy listens on these ports (host byte order);
+ * a policy entry's proxy_port names one of them. */
+#define PROXY_PORT_HTTP_INGRESS 15001
+#define PROXY_PORT_HTTP_EGRESS 15002
+
+/* skb marks, as upstream's (mask 0xF00). TO_PROXY routes a packet to the
+ * local stack, where the socket assigned to it takes it (the agent's
+ * policy rule: fwmark 0x200/0xF00 lookup 2005, local default). PROXY marks
+ * what the proxy sends (its listener's replies, its upstream connections);
+ * the upper 16 bits carry the client's identity on upstream connections. */
+#define MARK_MAGIC_MASK 0xF00
+#define MARK_MAGIC_TO_PROXY 0x200
+#define MARK_MAGIC_PROXY 0xA00
+
 struct policy_entry {
 	__u16 proxy_port;        /* network byte order, 0 = no L7 redirect */
 	__u8 flags;              /* enum policy_entry_flags */

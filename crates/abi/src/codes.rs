@@ -290,6 +290,18 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 /// Proxy port of an entry whose L7 rules cannot be enforced yet: the
 /// datapath drops matching traffic (178) instead of allowing it unfiltered.
 pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
+
+/// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
+pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
+pub const PROXY_PORT_HTTP_EGRESS: u16 = 15002;
+
+/// skb marks (mask [`MARK_MAGIC_MASK`]).
+pub const MARK_MAGIC_MASK: u32 = 0xF00;
+/// Routes a packet to the local stack and the socket assigned to it.
+pub const MARK_MAGIC_TO_PROXY: u32 = 0x200;
+/// What the proxy sends; upstream connections carry the client's identity
+/// in the upper 16 bits.
+pub const MARK_MAGIC_PROXY: u32 = 0xA00;
 /// `gen_dir` bit of a policy key: egress.
 pub const POLICY_KEY_DIR_EGRESS: u8 = 1;
 /// `gen_dir` bit of a policy key: generation 1.
@@ -327,6 +339,11 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("POLICY_KEY_DIR_EGRESS", POLICY_KEY_DIR_EGRESS as i64),
         ("POLICY_KEY_GEN", POLICY_KEY_GEN as i64),
         ("POLICY_PROXY_PORT_PENDING", POLICY_PROXY_PORT_PENDING as i64),
+        ("PROXY_PORT_HTTP_INGRESS", PROXY_PORT_HTTP_INGRESS as i64),
+        ("PROXY_PORT_HTTP_EGRESS", PROXY_PORT_HTTP_EGRESS as i64),
+        ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
+        ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
+        ("MARK_MAGIC_PROXY", MARK_MAGIC_PROXY as i64),
         ("EVENT_DATA_LEN", crate::EVENT_DATA_LEN as i64),
         ("EVENT_STATS_LOST", 0),
         ("METRICS_DIR_BITS", crate::METRICS_DIR_BITS as i64),

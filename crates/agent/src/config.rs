@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_LB_ALGORITHM", default_value = "random")]
     pub bpf_lb_algorithm: String,
 
+    /// Run the transparent L7 proxy (HTTP rules are enforced by it; without
+    /// it traffic that L7 rules would allow is dropped).
+    #[arg(long, env = "CILIUM_ENABLE_L7_PROXY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_l7_proxy: bool,
+
     /// Run the Hubble server (flows, Observer and Peer gRPC services).
     #[arg(long, env = "CILIUM_ENABLE_HUBBLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_hubble: bool,
@@ -192,6 +197,7 @@ pub struct Settings {
     pub json_logs: bool,
     /// None: Hubble off.
     pub hubble: Option<HubbleSettings>,
+    pub l7_proxy: bool,
     pub prometheus_addr: Option<std::net::SocketAddr>,
 }
 
@@ -380,6 +386,7 @@ impl Config {
             None
         };
         Ok(Settings {
+            l7_proxy: self.enable_l7_proxy,
             hubble,
             prometheus_addr,
             node_name: self.node_name.unwrap_or_else(hostname),

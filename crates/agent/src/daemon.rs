@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
 
 pub mod hubble;
+pub mod proxy;
 pub mod services;
 
 /// Why an operation failed.

@@ -123,48 +123,47 @@ impl HubbleRuntime {
 }
 
 /// The parser and the names it uses, refreshed when the daemon changed.
+/// Shared by the event reader and the L7 proxy's access log.
 pub struct FlowMaker {
     parser: Parser,
-    names: Names,
-    seen_change: u64,
+    names: std::sync::RwLock<Arc<Names>>,
+    seen_change: AtomicU64,
     changes: Arc<AtomicU64>,
 }
 
 impl FlowMaker {
     pub fn new(changes: Arc<AtomicU64>) -> FlowMaker {
-        FlowMaker {
-            parser: Parser::default(),
-            names: Names::default(),
-            seen_change: 0,
-            changes,
-        }
+        FlowMaker { parser: Parser::default(), names: std::sync::RwLock::new(Arc::new(Names::default())), seen_change: AtomicU64::new(0), changes }
     }
 
     /// Refreshes the names if the daemon changed and its lock is free
     /// (never waits: a busy daemon means one more batch with old names).
-    pub fn refresh<D: cilium_datapath::Datapath>(
-        &mut self,
-        daemon: &Mutex<crate::daemon::Daemon<D>>,
-    ) {
+    pub fn refresh<D: cilium_datapath::Datapath>(&self, daemon: &Mutex<crate::daemon::Daemon<D>>) {
         let now = self.changes.load(Ordering::Relaxed);
-        if now == self.seen_change {
+        if now == self.seen_change.load(Ordering::Relaxed) {
             return;
         }
-        match daemon.try_lock() {
-            Ok(d) => {
-                self.names = d.hubble_names();
-                self.seen_change = now;
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {}
+        let names = match daemon.try_lock() {
+            Ok(d) => d.hubble_names(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
             Err(std::sync::TryLockError::Poisoned(p)) => {
                 warn!("daemon lock poisoned; using it anyway for names");
-                self.names = p.into_inner().hubble_names();
-                self.seen_change = now;
+                p.into_inner().hubble_names()
             }
-        }
+        };
+        *self.names.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(names);
+        self.seen_change.store(now, Ordering::Relaxed);
+    }
+
+    fn names(&self) -> Arc<Names> {
+        self.names.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn flow(&self, ev: &cilium_flow::MonitorEvent) -> Flow {
-        self.parser.flow(ev, &self.names)
+        self.parser.flow(ev, &self.names())
+    }
+
+    pub fn http_flow(&self, r: &cilium_hubble::parser::HttpRecord) -> Flow {
+        self.parser.http_flow(r, &self.names())
     }
 }

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod hubble;
+pub mod l7;
 pub mod metrics;
 pub mod node;
 pub mod run;

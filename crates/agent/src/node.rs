@@ -46,6 +46,8 @@ pub fn setup(router: Ipv4Addr) -> Result<NodeNet, DatapathError> {
             .filter(|n| !n.starts_with("cilium_") && !n.starts_with("lxc") && n != "lo")
             .collect();
         devices.sort();
+        // the L7 proxy's policy route (packets the datapath assigned to a proxy socket)
+        netlink::proxy_routing(&h).await?;
         Ok(NodeNet { ips: addrs.into_iter().map(|(_, ip, _)| ip).collect(), devices })
     })
 }

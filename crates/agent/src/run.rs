@@ -56,7 +56,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         node_name: s.node_name.clone(),
         pod_cidr: s.pod_cidr,
         mtu: s.mtu,
-        policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost },
+        policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost, l7_proxy: s.l7_proxy },
         audit_mode: s.audit_mode,
         lb_algorithm: s.lb_algorithm,
         maglev_size: s.maglev_table_size,
@@ -133,7 +133,16 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         })
         .await?;
     }
-    tokio::spawn(monitor_events(events, tx, hubble.map(|h| (h, FlowMaker::new(changes), daemon.clone()))));
+    let maker = Arc::new(FlowMaker::new(changes.clone()));
+    if s.l7_proxy {
+        let provider = Arc::new(crate::l7::Provider::new(daemon.clone(), changes.clone()));
+        let log: Arc<dyn cilium_proxy::AccessLog> = match &hubble {
+            Some(h) => Arc::new(crate::l7::HubbleLog { hubble: h.clone(), maker: maker.clone(), daemon: daemon.clone() }),
+            None => Arc::new(crate::l7::NoLog),
+        };
+        crate::l7::start(provider, log)?;
+    }
+    tokio::spawn(monitor_events(events, tx, hubble.map(|h| (h, maker, daemon.clone()))));
     tokio::spawn(ct_gc(daemon.clone()));
     let store = StateStore::new(&s.state_dir);
     tokio::spawn(save_services(daemon.clone(), store.clone()));
@@ -240,9 +249,9 @@ async fn hubble_lost_events(daemon: Arc<Mutex<Daemon<Loaded>>>, h: Arc<HubbleRun
     }
 }
 
-type HubbleFeed = (Arc<HubbleRuntime>, FlowMaker, Arc<Mutex<Daemon<Loaded>>>);
+type HubbleFeed = (Arc<HubbleRuntime>, Arc<FlowMaker>, Arc<Mutex<Daemon<Loaded>>>);
 
-async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEvent>>, mut hubble: Option<HubbleFeed>) {
+async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEvent>>, hubble: Option<HubbleFeed>) {
     let mut reader = match EventReader::new(map) {
         Ok(r) => r,
         Err(e) => {
@@ -255,7 +264,7 @@ async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEv
         match reader.next_batch().await {
             Ok(batch) => {
                 let mut flows = Vec::new();
-                if let Some((_, maker, daemon)) = &mut hubble {
+                if let Some((_, maker, daemon)) = &hubble {
                     maker.refresh(daemon);
                 }
                 for (ev, capture) in batch {

@@ -208,3 +208,32 @@ pub async fn route_delete(h: &Handle, dst: Ipv4Net) -> Result<()> {
         Err(e) => Err(nl("deleting route")(e)),
     }
 }
+
+/// Routing table of the proxy route (upstream's 2005).
+pub const PROXY_TABLE: u32 = 2005;
+
+/// The policy route that hands packets marked MARK_MAGIC_TO_PROXY to the
+/// local stack, where the socket the datapath assigned takes them:
+/// `ip rule add fwmark 0x200/0xf00 lookup 2005 pref 9` and
+/// `ip route replace local 0.0.0.0/0 dev lo table 2005`. Idempotent.
+pub async fn proxy_routing(h: &Handle) -> Result<()> {
+    let lo = link(h, "lo").await?.ok_or_else(|| DatapathError::Interface { ifname: "lo".into(), detail: "missing".into() })?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .output_interface(lo.index)
+        .table_id(PROXY_TABLE)
+        .kind(rtnetlink::packet_route::route::RouteType::Local)
+        .scope(RouteScope::Host)
+        .build();
+    h.route().add(route).replace().execute().await.map_err(nl("adding the proxy route"))?;
+    let mut rules = h.rule().get(rtnetlink::IpVersion::V4).execute();
+    while let Some(r) = rules.try_next().await.map_err(nl("listing rules"))? {
+        let has = |a: &rtnetlink::packet_route::rule::RuleAttribute| matches!(a, rtnetlink::packet_route::rule::RuleAttribute::FwMark(m) if *m == cilium_abi::MARK_MAGIC_TO_PROXY);
+        if r.attributes.iter().any(has) {
+            return Ok(());
+        }
+    }
+    let mut req = h.rule().add().v4().fw_mark(cilium_abi::MARK_MAGIC_TO_PROXY).table_id(PROXY_TABLE).priority(9).action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+    req.message_mut().attributes.push(rtnetlink::packet_route::rule::RuleAttribute::FwMask(cilium_abi::MARK_MAGIC_MASK));
+    req.execute().await.map_err(nl("adding the proxy rule"))
+}

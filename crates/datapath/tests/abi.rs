@@ -47,7 +47,11 @@ fn defines_match_header() {
             .lines()
             .find(|l| l.split_whitespace().nth(1) == Some(name) && l.starts_with("#define"))
             .unwrap_or_else(|| panic!("#define {name} not in abi.h"));
-        let v: i64 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+        let text = line.split_whitespace().nth(2).unwrap();
+        let v: i64 = match text.strip_prefix("0x") {
+            Some(hex) => i64::from_str_radix(hex, 16).unwrap(),
+            None => text.parse().unwrap(),
+        };
         assert_eq!(v, value, "#define {name}");
     }
 }

@@ -18,6 +18,29 @@ use crate::proto::flow::{
 pub const MSG_DROP: i32 = 1;
 pub const MSG_TRACE: i32 = 4;
 pub const MSG_POLICY_VERDICT: i32 = 5;
+/// L7 records (upstream's MessageTypeAccessLog).
+pub const MSG_ACCESS_LOG: i32 = 129;
+
+/// An HTTP request or response the L7 proxy handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRecord {
+    pub time_ns: u64,
+    /// The client and the original destination.
+    pub client: std::net::SocketAddrV4,
+    pub server: std::net::SocketAddrV4,
+    pub client_identity: u32,
+    pub server_identity: u32,
+    /// Redirected by the server's ingress policy (else the client's egress).
+    pub ingress: bool,
+    pub response: bool,
+    pub denied: bool,
+    pub method: String,
+    pub url: String,
+    pub protocol: String,
+    pub code: u32,
+    pub latency_ns: u64,
+    pub headers: Vec<(String, String)>,
+}
 
 /// Makes flows; holds the UUID sequence.
 #[derive(Debug)]
@@ -179,6 +202,47 @@ pub fn icmp4_name(t: u32, code: u32) -> String {
 }
 
 impl Parser {
+    /// The L7 flow of an HTTP request or response. A response flows from
+    /// the server to the client and is a reply.
+    pub fn http_flow(&self, r: &HttpRecord, names: &Names) -> Flow {
+        let (src, dst, sid, did) = if r.response { (r.server, r.client, r.server_identity, r.client_identity) } else { (r.client, r.server, r.client_identity, r.server_identity) };
+        let l7_type = if r.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
+        let http = pb::Http {
+            code: r.code,
+            method: r.method.clone(),
+            url: r.url.clone(),
+            protocol: r.protocol.clone(),
+            headers: r.headers.iter().map(|(k, v)| pb::HttpHeader { key: k.clone(), value: v.clone() }).collect(),
+        };
+        let mut f = Flow {
+            time: Some(timestamp(r.time_ns)),
+            uuid: self.uuid(),
+            emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
+            verdict: if r.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
+            l4: Some(Layer4 { protocol: Some(layer4::Protocol::Tcp(pb::Tcp { source_port: src.port().into(), destination_port: dst.port().into(), flags: None })) }),
+            source: Some(endpoint(names, *src.ip(), sid)),
+            destination: Some(endpoint(names, *dst.ip(), did)),
+            r#type: FlowType::L7 as i32,
+            node_name: names.node_name.clone(),
+            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: r.latency_ns, record: Some(pb::layer7::Record::Http(http)) }),
+            event_type: Some(CiliumEventType { r#type: MSG_ACCESS_LOG, sub_type: 0 }),
+            traffic_direction: if r.ingress { TrafficDirection::Ingress } else { TrafficDirection::Egress } as i32,
+            is_reply: Some(pbjson_types::BoolValue { value: r.response }),
+            ..Default::default()
+        };
+        if let Some(svc) = names.services.get(&(*r.server.ip(), r.server.port())) {
+            let s = Some(pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() });
+            if r.response { f.source_service = s } else { f.destination_service = s }
+        }
+        #[allow(deprecated)]
+        {
+            f.reply = r.response;
+            f.summary = crate::printer::l7_summary(&f);
+        }
+        f
+    }
+
     /// Names the policies behind a policy verdict or a policy drop.
     fn attribute(&self, f: &mut Flow, ev: &MonitorEvent, names: &Names) {
         let Some(att) = &names.policies else { return };

@@ -104,7 +104,24 @@ pub fn flow_type(f: &Flow) -> String {
             format!("policy-verdict:{m} {dir}")
         }
         crate::parser::MSG_TRACE => observation_point_name(f.trace_observation_point).to_string(),
-        _ => if f.l7.is_some() { "L7" } else { "unknown" }.to_string(),
+        _ => match f.l7.as_ref() {
+            Some(l) => {
+                let proto = match &l.record {
+                    Some(crate::proto::flow::layer7::Record::Http(_)) => "http",
+                    Some(crate::proto::flow::layer7::Record::Dns(_)) => "dns",
+                    Some(crate::proto::flow::layer7::Record::Kafka(_)) => "kafka",
+                    None => "l7",
+                };
+                let kind = match crate::proto::flow::L7FlowType::try_from(l.r#type) {
+                    Ok(crate::proto::flow::L7FlowType::Request) => "request",
+                    Ok(crate::proto::flow::L7FlowType::Response) => "response",
+                    Ok(crate::proto::flow::L7FlowType::Sample) => "sample",
+                    _ => "unknown",
+                };
+                format!("{proto}-{kind}")
+            }
+            None => "unknown".into(),
+        },
     }
 }
 
@@ -168,7 +185,26 @@ pub fn verdict(f: &Flow) -> String {
     }
 }
 
+/// Upstream's L7 summary: "HTTP/1.1 GET http://h/p" for requests,
+/// "HTTP/1.1 200 3ms (GET http://h/p)" for responses.
+pub fn l7_summary(f: &Flow) -> String {
+    let Some(l) = &f.l7 else { return String::new() };
+    match &l.record {
+        Some(crate::proto::flow::layer7::Record::Http(h)) => {
+            if l.r#type == crate::proto::flow::L7FlowType::Response as i32 {
+                format!("{} {} {}ms ({} {})", h.protocol, h.code, l.latency_ns / 1_000_000, h.method, h.url)
+            } else {
+                format!("{} {} {}", h.protocol, h.method, h.url)
+            }
+        }
+        _ => String::new(),
+    }
+}
+
 fn summary_of(f: &Flow) -> String {
+    if f.l7.is_some() {
+        return l7_summary(f);
+    }
     #[allow(deprecated)]
     let s = if f.summary.is_empty() {
         summary(f.l4.as_ref())

@@ -83,6 +83,8 @@ async fn handle_tcp(s: tokio::net::TcpStream, pod: &str) -> std::io::Result<()> 
         let request_line = line.trim_end().to_string();
         let mut content_length = 0usize;
         let mut close = request_line.ends_with("HTTP/1.0");
+        // x-* headers are echoed back, so tests can see what arrived
+        let mut echoed = Vec::new();
         loop {
             let mut h = String::new();
             if r.read_line(&mut h).await? == 0 {
@@ -98,14 +100,20 @@ async fn handle_tcp(s: tokio::net::TcpStream, pod: &str) -> std::io::Result<()> 
                     content_length = v.parse().unwrap_or(0);
                 } else if k == "connection" {
                     close = v == "close";
+                } else if k.starts_with("x-") {
+                    echoed.push(format!("{k}={v}"));
                 }
             }
         }
-        if content_length > 0 {
-            let mut body = vec![0u8; content_length.min(1 << 20)];
-            r.read_exact(&mut body).await?;
+        // the body is read (any size) and counted, not kept
+        let mut left = content_length;
+        let mut chunk = vec![0u8; 65536];
+        while left > 0 {
+            let want = left.min(chunk.len());
+            r.read_exact(&mut chunk[..want]).await?;
+            left -= want;
         }
-        let body = format!("pod={pod} request=\"{request_line}\"\n");
+        let body = if echoed.is_empty() { format!("pod={pod} request=\"{request_line}\"{}\n", if content_length > 0 { format!(" body={content_length}") } else { String::new() }) } else { format!("pod={pod} request=\"{request_line}\" headers=\"{}\"\n", echoed.join(";")) };
         let resp = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n{body}",
             body.len(),

@@ -42,11 +42,27 @@ pub struct PolicyOptions {
     /// Always allow the local host to reach its endpoints (upstream's
     /// `allow-localhost=always`, needed for health checks and probes).
     pub allow_localhost: bool,
+    /// The agent runs the L7 proxy: HTTP rules redirect to it. Without it
+    /// (and for L7 kinds it does not handle yet) traffic that needs L7
+    /// rules is dropped, never allowed unfiltered.
+    #[serde(default)]
+    pub l7_proxy: bool,
+}
+
+/// The proxy port an L7 rule redirects to, or the pending marker when no
+/// running proxy handles its kind.
+pub fn l7_proxy_port(l7: Option<&crate::api::L7Rules>, egress: bool, options: PolicyOptions) -> u16 {
+    match l7 {
+        Some(r) if options.l7_proxy && r.http.is_some() => {
+            if egress { cilium_abi::PROXY_PORT_HTTP_EGRESS } else { cilium_abi::PROXY_PORT_HTTP_INGRESS }
+        }
+        _ => cilium_abi::POLICY_PROXY_PORT_PENDING,
+    }
 }
 
 impl Default for PolicyOptions {
     fn default() -> Self {
-        PolicyOptions { mode: EnforcementMode::Default, allow_localhost: true }
+        PolicyOptions { mode: EnforcementMode::Default, allow_localhost: true, l7_proxy: false }
     }
 }
 
@@ -199,17 +215,18 @@ fn add_rule(
     deny: bool,
     requires: &[Selector],
     named: &NamedSource,
+    options: PolicyOptions,
 ) {
     let identities: Vec<u32> = match resolver.peers(rule, if deny { &[] } else { requires }) {
         None => vec![0],
         Some(set) => set.into_iter().collect(),
     };
-    // L7 rules need the L7 proxy; until it exists their traffic is dropped
-    // by the datapath (never allowed unfiltered)
+    // L7 rules redirect to the proxy; a kind it does not handle (or no
+    // proxy) leaves the pending marker, whose traffic the datapath drops
     let value = if deny {
         MapValue::DENY
     } else if rule.has_l7 {
-        MapValue { deny: false, proxy_port: cilium_abi::POLICY_PROXY_PORT_PENDING }
+        MapValue { deny: false, proxy_port: l7_proxy_port(rule.l7.as_ref(), egress, options) }
     } else {
         MapValue::ALLOW
     };
@@ -280,10 +297,10 @@ pub fn compute(input: &Input) -> EndpointPolicy {
         for r in &selecting {
             let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
             for pr in allows {
-                add_rule(&mut state, &mut resolver, pr, egress, false, &requires, &named);
+                add_rule(&mut state, &mut resolver, pr, egress, false, &requires, &named, input.options);
             }
             for pr in denies {
-                add_rule(&mut state, &mut resolver, pr, egress, true, &requires, &named);
+                add_rule(&mut state, &mut resolver, pr, egress, true, &requires, &named, input.options);
             }
         }
         if !egress && input.options.allow_localhost {

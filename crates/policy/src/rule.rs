@@ -130,6 +130,10 @@ pub struct PeerRule {
     pub ports: Vec<PortSpec>,
     /// Has L7 rules (parsed and validated; enforced by the proxy).
     pub has_l7: bool,
+    /// The L7 rules every port of this rule carries (a toPorts entry with
+    /// rules becomes a peer rule of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub l7: Option<api::L7Rules>,
     /// Where in the document it came from, e.g. `spec.ingress[0]`.
     pub origin: String,
 }
@@ -610,17 +614,20 @@ fn validate_fqdn(ctx: &Ctx, field: &str, d: &api::FqdnSelector) -> Result<(), Po
     }
 }
 
-/// Port specs of a toPorts list. `deny` forbids L7 rules.
+/// Port specs of a toPorts list, grouped: the entries without L7 rules
+/// together, each entry with L7 rules on its own with its rules. `deny`
+/// forbids L7 rules.
 fn port_rules(
     ctx: &Ctx,
     field: &str,
     to_ports: &[api::PortRule],
     deny: bool,
     ingress: bool,
-) -> Result<(Vec<PortSpec>, bool), PolicyError> {
-    let mut out = Vec::new();
-    let mut has_l7 = false;
+) -> Result<Vec<(Vec<PortSpec>, Option<api::L7Rules>)>, PolicyError> {
+    let mut plain = Vec::new();
+    let mut groups = Vec::new();
     for (i, pr) in to_ports.iter().enumerate() {
+        let mut out = Vec::new();
         let f = format!("{field}[{i}]");
         // constraints the datapath cannot honour yet: refuse them rather than
         // allow more than the policy says
@@ -652,7 +659,6 @@ fn port_rules(
                 }
             }
             validate_l7(ctx, &format!("{f}.rules"), rules)?;
-            has_l7 = true;
         }
         if pr.ports.is_empty() {
             // toPorts without ports: every port (an L7-only rule is rejected upstream)
@@ -672,8 +678,15 @@ fn port_rules(
                 out.push(PortSpec { protocol, port: port.clone() });
             }
         }
+        match &pr.rules {
+            Some(r) => groups.push((out, Some(r.clone()))),
+            None => plain.extend(out),
+        }
     }
-    Ok((out, has_l7))
+    if !plain.is_empty() || groups.is_empty() {
+        groups.insert(0, (plain, None));
+    }
+    Ok(groups)
 }
 
 struct PeerFields<'a> {
@@ -691,7 +704,7 @@ struct PeerFields<'a> {
     names: [&'static str; 6], // endpoints, requires, cidr, cidrSet, entities, nodes
 }
 
-fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRule, PolicyError> {
+fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<PeerRule>, PolicyError> {
     let [n_ep, n_req, n_cidr, n_cidrset, n_ent, n_nodes] = p.names;
     // one kind of peer per rule, as upstream (selectors, CIDRs and entities
     // would otherwise have to be intersected, which neither side defines)
@@ -812,10 +825,11 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
         }
     }
 
-    let (mut ports, has_l7) = match p.to_ports {
+    let mut groups = match p.to_ports {
         Some(tp) => port_rules(ctx, &format!("{field}.toPorts"), tp, deny, n_ep.starts_with("from"))?,
-        None => (vec![], false),
+        None => vec![(vec![], None)],
     };
+    let ports = &mut groups[0].0;
     let has_icmp = p.icmps.as_ref().is_some_and(|v| !v.is_empty());
     if let Some(icmps) = p.icmps {
         if p.to_ports.as_ref().is_some_and(|v| !v.is_empty()) && has_icmp {
@@ -832,7 +846,18 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<PeerRu
     } else {
         Peers::Selected(selectors)
     };
-    Ok(PeerRule { peers, services: service_refs, requires, ports, has_l7, origin: field.to_string() })
+    Ok(groups
+        .into_iter()
+        .map(|(ports, l7)| PeerRule {
+            peers: peers.clone(),
+            services: service_refs.clone(),
+            requires: requires.clone(),
+            ports,
+            has_l7: l7.is_some(),
+            l7,
+            origin: field.to_string(),
+        })
+        .collect())
 }
 
 fn check_authentication(ctx: &Ctx, field: &str, a: &Option<api::Authentication>, deny: bool) -> Result<(), PolicyError> {
@@ -847,7 +872,7 @@ fn check_authentication(ctx: &Ctx, field: &str, a: &Option<api::Authentication>,
     }
 }
 
-fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<PeerRule, PolicyError> {
+fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<Vec<PeerRule>, PolicyError> {
     check_authentication(ctx, field, &r.authentication, deny)?;
     peer_rule(
         ctx,
@@ -870,7 +895,7 @@ fn ingress_rule(ctx: &Ctx, field: &str, r: &IngressRule, deny: bool) -> Result<P
     )
 }
 
-fn egress_rule(ctx: &Ctx, field: &str, r: &EgressRule, deny: bool) -> Result<PeerRule, PolicyError> {
+fn egress_rule(ctx: &Ctx, field: &str, r: &EgressRule, deny: bool) -> Result<Vec<PeerRule>, PolicyError> {
     check_authentication(ctx, field, &r.authentication, deny)?;
     if deny && r.to_fqdns.is_some() {
         return Err(ctx.err(&format!("{field}.toFQDNs"), "", "egressDeny cannot use toFQDNs"));
@@ -950,19 +975,19 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
         }
         let mut ingress = Vec::new();
         for (i, ir) in r.ingress.iter().flatten().enumerate() {
-            ingress.push(ingress_rule(&ctx, &format!("{origin}.ingress[{i}]"), ir, false)?);
+            ingress.extend(ingress_rule(&ctx, &format!("{origin}.ingress[{i}]"), ir, false)?);
         }
         let mut ingress_deny = Vec::new();
         for (i, ir) in r.ingress_deny.iter().flatten().enumerate() {
-            ingress_deny.push(ingress_rule(&ctx, &format!("{origin}.ingressDeny[{i}]"), ir, true)?);
+            ingress_deny.extend(ingress_rule(&ctx, &format!("{origin}.ingressDeny[{i}]"), ir, true)?);
         }
         let mut egress = Vec::new();
         for (i, er) in r.egress.iter().flatten().enumerate() {
-            egress.push(egress_rule(&ctx, &format!("{origin}.egress[{i}]"), er, false)?);
+            egress.extend(egress_rule(&ctx, &format!("{origin}.egress[{i}]"), er, false)?);
         }
         let mut egress_deny = Vec::new();
         for (i, er) in r.egress_deny.iter().flatten().enumerate() {
-            egress_deny.push(egress_rule(&ctx, &format!("{origin}.egressDeny[{i}]"), er, true)?);
+            egress_deny.extend(egress_rule(&ctx, &format!("{origin}.egressDeny[{i}]"), er, true)?);
         }
         let dd = r.enable_default_deny.clone().unwrap_or_default();
         let mut labels = policy_labels(&policy);
@@ -1092,6 +1117,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
+            l7: None,
             origin: f,
         });
     }
@@ -1104,6 +1130,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
+            l7: None,
             origin: f,
         });
     }

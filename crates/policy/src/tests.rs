@@ -404,7 +404,7 @@ fn enforcement_modes() {
             identities: &w.ids,
             own_ports: &NamedPorts::new(),
             peer_ports: &BTreeMap::new(),
-            options: PolicyOptions { mode, allow_localhost: true },
+            options: PolicyOptions { mode, allow_localhost: true, l7_proxy: false },
         })
     };
     let d = run(EnforcementMode::Default);
@@ -421,7 +421,7 @@ fn enforcement_modes() {
         identities: &w.ids,
         own_ports: &NamedPorts::new(),
         peer_ports: &BTreeMap::new(),
-        options: PolicyOptions { mode: EnforcementMode::Never, allow_localhost: true },
+        options: PolicyOptions { mode: EnforcementMode::Never, allow_localhost: true, l7_proxy: false },
     });
     assert!(!n.ingress_enforced && n.entries.is_empty());
 }

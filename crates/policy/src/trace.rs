@@ -156,12 +156,13 @@ fn direction(
                 } else if !port_ok {
                     format!("peer matches {}, but {port}/{} is not in {}", describe_peers(pr), protocol.name(), describe_ports(pr))
                 } else {
+                    let proxied = pr.has_l7 && crate::compute::l7_proxy_port(pr.l7.as_ref(), egress, options) != cilium_abi::POLICY_PROXY_PORT_PENDING;
                     if kind == "deny" {
                         denied_by.get_or_insert(who.clone());
                         if !deny_refs.contains(&r.policy) {
                             deny_refs.push(r.policy.clone());
                         }
-                    } else if pr.has_l7 {
+                    } else if pr.has_l7 && !proxied {
                         l7_by.get_or_insert(who.clone());
                     } else {
                         allowed_by.get_or_insert(who.clone());
@@ -173,7 +174,13 @@ fn direction(
                         "MATCHES: peer matches {} on {}{}",
                         describe_peers(pr),
                         describe_ports(pr),
-                        if pr.has_l7 { " (with L7 rules, which cannot be enforced yet: such traffic is dropped)" } else { "" }
+                        if proxied {
+                            " (with HTTP rules: the L7 proxy then checks each request)"
+                        } else if pr.has_l7 {
+                            " (with L7 rules the proxy does not enforce yet: such traffic is dropped)"
+                        } else {
+                            ""
+                        }
                     )
                 };
                 steps.push(format!("{who} ({kind}): {verdict}"));
@@ -190,7 +197,7 @@ fn direction(
         return DirectionTrace { allowed_by: allow_refs, ..done(true, steps, Verdict::Allowed, format!("allowed by {a}")) };
     }
     if let Some(a) = l7_by {
-        return done(true, steps, Verdict::Denied, format!("{a} allows it only through L7 rules, which are not enforced yet: dropped (178)"));
+        return done(true, steps, Verdict::Denied, format!("{a} allows it only through L7 rules the proxy does not enforce yet: dropped (178)"));
     }
     if enforced && !default_deny && !always {
         return done(true, steps, Verdict::Allowed, "no rule matches, and the selecting rules disable default deny".into());
@@ -238,4 +245,73 @@ impl Trace {
         out.push_str(&format!("\nFinal verdict: {}\n", if self.verdict == Verdict::Allowed { "ALLOWED" } else { "DENIED" }));
         out
     }
+}
+
+/// What the L7 proxy must check for the requests of one connection, in one
+/// direction of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L7Policy {
+    /// Not restricted at L7 (a matching rule has no L7 part, or the
+    /// direction is not enforced).
+    Unrestricted,
+    /// Requests must match one of these (from every matching rule).
+    Http(Vec<crate::api::HttpRule>),
+    /// Not allowed at all (L3/L4 says no, e.g. after a policy change).
+    Denied,
+}
+
+/// The L7 policy for traffic between `endpoint` (a local endpoint, whose
+/// `egress` or ingress applies) and `peer` on `protocol`/`port`. `named`
+/// are the destination's named ports. Matches exactly what the datapath
+/// computation allows: deny rules first, then allow rules; a rule without
+/// L7 rules on the port lifts L7 filtering (as upstream).
+pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: bool, protocol: Protocol, port: u16, named: &NamedPorts, options: PolicyOptions) -> L7Policy {
+    if options.mode == EnforcementMode::Never {
+        return L7Policy::Unrestricted;
+    }
+    let selecting: Vec<&Rule> = rules.iter().filter(|r| r.subject.as_ref().is_some_and(|s| s.matches(endpoint))).collect();
+    let (enforced, default_deny) = selecting.iter().fold((false, false), |(e, d), r| {
+        let (re, rd) = if egress { (r.egress_enforced, r.egress_enforced && r.egress_default_deny) } else { (r.ingress_enforced, r.ingress_enforced && r.ingress_default_deny) };
+        (e || re, d || rd)
+    });
+    let always = options.mode == EnforcementMode::Always;
+    if !enforced && !always {
+        return L7Policy::Unrestricted;
+    }
+    let requires: Vec<_> = selecting.iter().flat_map(|r| if egress { &r.egress } else { &r.ingress }).flat_map(|pr| pr.requires.iter()).collect();
+    let matches = |pr: &PeerRule, deny: bool| {
+        let peer_ok = match &pr.peers {
+            Peers::All => true,
+            Peers::Selected(v) => v.iter().any(|s| s.matches(peer)),
+        };
+        peer_ok && (deny || requires.iter().all(|s| s.matches(peer))) && (pr.ports.is_empty() || pr.ports.iter().any(|p| port_matches(p, protocol, port, named)))
+    };
+    let mut http = Vec::new();
+    let mut allowed = false;
+    for r in &selecting {
+        let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
+        if denies.iter().any(|pr| matches(pr, true)) {
+            return L7Policy::Denied;
+        }
+        for pr in allows.iter().filter(|pr| matches(pr, false)) {
+            match pr.l7.as_ref().and_then(|l| l.http.as_ref()) {
+                Some(h) if pr.has_l7 => {
+                    allowed = true;
+                    http.extend(h.iter().cloned());
+                }
+                _ if pr.has_l7 => {}
+                _ => return L7Policy::Unrestricted,
+            }
+        }
+    }
+    if !egress && options.allow_localhost && peer.has_reserved(ReservedIdentity::Host.label()) {
+        return L7Policy::Unrestricted;
+    }
+    if allowed {
+        return L7Policy::Http(http);
+    }
+    if !default_deny && !always {
+        return L7Policy::Unrestricted;
+    }
+    L7Policy::Denied
 }

@@ -445,3 +445,30 @@ fn conntrack_dump_gc_and_flush_in_batches() {
     assert_eq!(h.dp.ct_gc(u32::MAX).unwrap(), 5000, "everything expires eventually");
     assert!(h.dp.ct_dump().unwrap().is_empty());
 }
+
+/// An egress entry of the endpoint for `identity` on TCP `port` that
+/// redirects to `proxy_port`.
+fn l7_rule(h: &mut Harness, identity: u32, port: u16, proxy_port: u16) {
+    let key = PolicyKey {
+        prefixlen: POLICY_PREFIX_FULL,
+        ep_id: EP_ID,
+        gen_dir: POLICY_KEY_DIR_EGRESS,
+        identity,
+        protocol: 6,
+        dport: port.to_be(),
+        ..Default::default()
+    };
+    let entry = PolicyEntry { proxy_port: proxy_port.to_be(), match_type: PolicyMatch::L3L4.code(), ..Default::default() };
+    h.dp.policy_insert(&key, &entry).unwrap();
+}
+
+#[test]
+fn l7_redirect_without_a_proxy_socket_drops_and_never_forwards() {
+    let mut h = Harness::new(EGRESS);
+    // a port no proxy listens on in this namespace
+    l7_rule(&mut h, 2, 80, 15999);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, OUTSIDE, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::ProxyLookupFailed.code()]);
+    // the conntrack entry remembers the redirect: later packets are not let through either
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, OUTSIDE, 80, TCP_ACK)), SHOT);
+}

@@ -1,0 +1,97 @@
+//! What the L7 proxy needs from the daemon: a snapshot of rules, endpoints
+//! and identities, from which each proxied connection's checks are derived
+//! with the same matching the policy computation uses.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use cilium_datapath::Datapath;
+use cilium_labels::LabelSet;
+use cilium_policy::trace::{L7Policy, l7_policy};
+use cilium_policy::{NamedPorts, PolicyOptions, Protocol, Rule};
+use cilium_proxy::{Check, ConnInfo, ConnPolicy, HttpRules};
+use ipnet::Ipv4Net;
+
+use super::Daemon;
+
+/// A local endpoint as the proxy sees it.
+#[derive(Debug, Clone)]
+struct Local {
+    identity: u32,
+    labels: LabelSet,
+    named_ports: NamedPorts,
+}
+
+/// The daemon's state the proxy decides with.
+#[derive(Debug, Clone, Default)]
+pub struct ProxySnapshot {
+    rules: Vec<Rule>,
+    identities: HashMap<u32, LabelSet>,
+    endpoints: HashMap<Ipv4Addr, Local>,
+    ipcache: BTreeMap<Ipv4Net, u32>,
+    options: PolicyOptions,
+}
+
+impl ProxySnapshot {
+    fn identity_of(&self, ip: Ipv4Addr) -> u32 {
+        if let Some(e) = self.endpoints.get(&ip) {
+            return e.identity;
+        }
+        for len in (0..=32u8).rev() {
+            if let Ok(net) = Ipv4Net::new(ip, len) {
+                if let Some(id) = self.ipcache.get(&net.trunc()) {
+                    return *id;
+                }
+            }
+        }
+        cilium_abi::ReservedIdentity::World as u32
+    }
+
+    /// Identities and checks for one proxied connection: the client's
+    /// egress and the server's ingress, for each that is a local endpoint.
+    pub fn conn_policy(&self, c: &ConnInfo) -> ConnPolicy {
+        let (src_ip, dst_ip, port) = (*c.client.ip(), *c.server.ip(), c.server.port());
+        let src_identity = self.identity_of(src_ip);
+        let dst_identity = self.identity_of(dst_ip);
+        let empty = LabelSet::default();
+        let labels = |id: u32| self.identities.get(&id).unwrap_or(&empty);
+        let no_ports = NamedPorts::new();
+        let dst_ports = self.endpoints.get(&dst_ip).map(|e| &e.named_ports).unwrap_or(&no_ports);
+        let mut checks = Vec::new();
+        if let Some(src) = self.endpoints.get(&src_ip) {
+            checks.push(l7_policy(&self.rules, &src.labels, labels(dst_identity), true, Protocol::Tcp, port, dst_ports, self.options));
+        }
+        if let Some(dst) = self.endpoints.get(&dst_ip) {
+            checks.push(l7_policy(&self.rules, &dst.labels, labels(src_identity), false, Protocol::Tcp, port, dst_ports, self.options));
+        }
+        let checks = checks
+            .into_iter()
+            .filter_map(|p| match p {
+                L7Policy::Unrestricted => None,
+                L7Policy::Denied => Some(Check::Denied),
+                // rules were validated at import; a failure here denies
+                L7Policy::Http(rules) => Some(HttpRules::compile(&rules).map(Check::Rules).unwrap_or(Check::Denied)),
+            })
+            .collect();
+        ConnPolicy { src_identity, dst_identity, checks }
+    }
+}
+
+impl<D: Datapath> Daemon<D> {
+    pub fn proxy_snapshot(&self) -> ProxySnapshot {
+        let mut endpoints = HashMap::new();
+        for e in self.endpoints.values() {
+            let r = &e.rec;
+            let mut named_ports = NamedPorts::new();
+            Self::named_ports(self.pods.get(&Self::pod_key(&r.namespace, &r.pod_name)), &mut named_ports);
+            endpoints.insert(r.ipv4, Local { identity: r.identity, labels: r.labels.clone(), named_ports });
+        }
+        ProxySnapshot {
+            rules: self.repo.rules().to_vec(),
+            identities: self.identities.iter().map(|i| (i.id, i.labels.clone())).collect(),
+            endpoints,
+            ipcache: self.ipcache_written.clone(),
+            options: self.cfg.policy,
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The L7 proxy inside the agent: its listeners, the policy it asks for
+//! each connection (from a snapshot of the daemon, rebuilt when the daemon
+//! changed), and its access log turned into Hubble's L7 flows.
+
+use std::collections::HashMap;
+use std::net::SocketAddrV4;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use anyhow::Context;
+use cilium_datapath::Loaded;
+use cilium_proxy::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, PolicyProvider, Proxy};
+
+use crate::daemon::Daemon;
+use crate::daemon::proxy::ProxySnapshot;
+use crate::hubble::{FlowMaker, HubbleRuntime};
+
+/// Connections' policies remembered per snapshot.
+const CACHE: usize = 16_384;
+
+struct Cached {
+    seen: u64,
+    snapshot: Arc<ProxySnapshot>,
+    policies: HashMap<(SocketAddrV4, std::net::Ipv4Addr, bool), Arc<ConnPolicy>>,
+}
+
+/// Answers the proxy from the daemon's current state.
+pub struct Provider {
+    daemon: Arc<Mutex<Daemon<Loaded>>>,
+    changes: Arc<AtomicU64>,
+    cached: Mutex<Cached>,
+}
+
+impl Provider {
+    pub fn new(daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<AtomicU64>) -> Provider {
+        Provider { daemon, changes, cached: Mutex::new(Cached { seen: 0, snapshot: Arc::new(ProxySnapshot::default()), policies: HashMap::new() }) }
+    }
+}
+
+impl PolicyProvider for Provider {
+    fn policy(&self, c: &ConnInfo) -> Arc<ConnPolicy> {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.changes.load(Ordering::Relaxed);
+        if now != cached.seen {
+            // a stale snapshot could allow what the new policy denies: wait
+            // for the daemon rather than decide with old rules
+            let snapshot = self.daemon.lock().unwrap_or_else(|p| p.into_inner()).proxy_snapshot();
+            *cached = Cached { seen: now, snapshot: Arc::new(snapshot), policies: HashMap::new() };
+        }
+        // what applies depends on the two addresses, the port and the side
+        let port_key = (SocketAddrV4::new(*c.client.ip(), c.server.port()), *c.server.ip(), c.ingress);
+        if let Some(p) = cached.policies.get(&port_key) {
+            return p.clone();
+        }
+        let p = Arc::new(cached.snapshot.conn_policy(c));
+        if cached.policies.len() >= CACHE {
+            cached.policies.clear();
+        }
+        cached.policies.insert(port_key, p.clone());
+        p
+    }
+}
+
+/// Sends the proxy's requests and responses to Hubble as L7 flows.
+pub struct HubbleLog {
+    pub hubble: Arc<HubbleRuntime>,
+    pub maker: Arc<FlowMaker>,
+    pub daemon: Arc<Mutex<Daemon<Loaded>>>,
+}
+
+impl AccessLog for HubbleLog {
+    fn log(&self, r: AccessRecord) {
+        self.maker.refresh(&self.daemon);
+        let rec = cilium_hubble::parser::HttpRecord {
+            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            client: r.conn.client,
+            server: r.conn.server,
+            client_identity: r.src_identity,
+            server_identity: r.dst_identity,
+            ingress: r.conn.ingress,
+            response: r.response,
+            denied: r.denied,
+            method: r.method,
+            url: r.url,
+            protocol: r.protocol,
+            code: u32::from(r.code),
+            latency_ns: r.latency.as_nanos() as u64,
+            headers: r.headers,
+        };
+        self.hubble.ingest(vec![Arc::new(self.maker.http_flow(&rec))]);
+    }
+}
+
+/// Drops the records when Hubble is off.
+pub struct NoLog;
+
+impl AccessLog for NoLog {
+    fn log(&self, _: AccessRecord) {}
+}
+
+/// Binds the proxy's listeners (HTTP ingress and egress) and serves them.
+pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) -> anyhow::Result<()> {
+    for (port, ingress) in [(cilium_abi::PROXY_PORT_HTTP_INGRESS, true), (cilium_abi::PROXY_PORT_HTTP_EGRESS, false)] {
+        let l = Proxy::listen(port).with_context(|| format!("binding the L7 proxy to port {port} (see --enable-l7-proxy)"))?;
+        tokio::spawn(Proxy::serve(l, ingress, provider.clone(), log.clone()));
+    }
+    Ok(())
+}

@@ -1,0 +1,345 @@
+//! The proxy's listeners and connections.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use crate::http::{Chunked, Framing, HttpError, Request, Response, access_denied, error_response};
+use crate::rules::{Check, Verdict};
+
+/// One proxied connection, as the datapath handed it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnInfo {
+    pub client: SocketAddrV4,
+    /// The original destination.
+    pub server: SocketAddrV4,
+    /// Redirected by the server's ingress policy (else the client's egress).
+    pub ingress: bool,
+}
+
+/// What applies to a connection: both ends' identities and the checks of
+/// each side whose policy is L7.
+#[derive(Debug, Clone)]
+pub struct ConnPolicy {
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub checks: Vec<Check>,
+}
+
+/// The agent's answer to "what applies to this connection".
+pub trait PolicyProvider: Send + Sync + 'static {
+    fn policy(&self, c: &ConnInfo) -> Arc<ConnPolicy>;
+}
+
+/// A request or a response, for Hubble.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRecord {
+    pub time: SystemTime,
+    pub conn: ConnInfo,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub response: bool,
+    pub denied: bool,
+    pub method: String,
+    /// `http://host/target`.
+    pub url: String,
+    /// "HTTP/1.1".
+    pub protocol: String,
+    /// Responses: the status.
+    pub code: u16,
+    /// Responses: from the request's arrival to the response head.
+    pub latency: Duration,
+    pub headers: Vec<(String, String)>,
+}
+
+/// Where requests and responses are reported.
+pub trait AccessLog: Send + Sync + 'static {
+    fn log(&self, r: AccessRecord);
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Http(#[from] HttpError),
+    #[error("connection closed in the middle of a message")]
+    Truncated,
+}
+
+/// How long to wait for the original destination to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_CHUNK: usize = 16 * 1024;
+
+/// The proxy: one transparent listener per port.
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds a transparent listener on `port` (all addresses of the node's
+    /// namespace) and serves it until the process ends.
+    pub fn listen(port: u16) -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        s.set_reuse_address(true)?;
+        // accept connections addressed to anyone (the datapath assigned them)
+        s.set_ip_transparent_v4(true)?;
+        // our replies to clients carry the proxy mark: the datapath lets a
+        // local endpoint's address through as their source
+        s.set_mark(cilium_abi::MARK_MAGIC_PROXY)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        TcpListener::from_std(s.into())
+    }
+
+    /// Accepts and serves connections forever.
+    pub async fn serve(listener: TcpListener, ingress: bool, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) {
+        loop {
+            let (conn, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "proxy accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (Ok(SocketAddr::V4(server)), SocketAddr::V4(client)) = (conn.local_addr(), peer) else { continue };
+            let info = ConnInfo { client, server, ingress };
+            let (provider, log) = (provider.clone(), log.clone());
+            tokio::spawn(async move {
+                if let Err(e) = serve_conn(conn, info, &*provider, &*log).await {
+                    debug!(client = %info.client, server = %info.server, error = %e, "proxied connection ended");
+                }
+            });
+        }
+    }
+}
+
+/// Bytes read ahead on one side of the proxy.
+struct Side {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Side {
+    /// Reads a message head; `None` at a clean end of stream.
+    async fn head<T>(&mut self, parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>) -> Result<Option<T>, ConnError> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some((h, n)) = parse(&self.buf)? {
+                    self.buf.drain(..n);
+                    return Ok(Some(h));
+                }
+            }
+            let mut tmp = [0u8; READ_CHUNK];
+            let n = self.s.read(&mut tmp).await?;
+            if n == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::Truncated) };
+            }
+            self.buf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Moves one body from this side to `to` (or discards it), streaming.
+    async fn body(&mut self, framing: Framing, mut to: Option<&mut TcpStream>) -> Result<(), ConnError> {
+        match framing {
+            Framing::None => Ok(()),
+            Framing::Length(mut left) => {
+                loop {
+                    let take = (left.min(self.buf.len() as u64)) as usize;
+                    if take > 0 {
+                        if let Some(t) = to.as_deref_mut() {
+                            t.write_all(&self.buf[..take]).await?;
+                        }
+                        self.buf.drain(..take);
+                        left -= take as u64;
+                    }
+                    if left == 0 {
+                        return Ok(());
+                    }
+                    self.fill().await?;
+                }
+            }
+            Framing::Chunked => {
+                let mut c = Chunked::default();
+                loop {
+                    let take = c.feed(&self.buf)?;
+                    if take > 0 {
+                        if let Some(t) = to.as_deref_mut() {
+                            t.write_all(&self.buf[..take]).await?;
+                        }
+                        self.buf.drain(..take);
+                    }
+                    if c.done() {
+                        return Ok(());
+                    }
+                    self.fill().await?;
+                }
+            }
+            Framing::Close => {
+                loop {
+                    if let Some(t) = to.as_deref_mut() {
+                        t.write_all(&self.buf).await?;
+                    }
+                    self.buf.clear();
+                    let mut tmp = [0u8; READ_CHUNK];
+                    let n = self.s.read(&mut tmp).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.buf.extend_from_slice(&tmp[..n]);
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), ConnError> {
+        let mut tmp = [0u8; READ_CHUNK];
+        let n = self.s.read(&mut tmp).await?;
+        if n == 0 {
+            return Err(ConnError::Truncated);
+        }
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(())
+    }
+}
+
+/// Connects to the original destination, marked with the client's identity
+/// so the datapath applies the destination's ingress policy to it as to the
+/// client (and knows the proxy already applied the L7 rules).
+async fn connect_upstream(server: SocketAddrV4, src_identity: u32) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let id = if src_identity < 1 << 16 { src_identity } else { cilium_abi::ReservedIdentity::World as u32 };
+    s.set_mark(cilium_abi::MARK_MAGIC_PROXY | (id << 16))?;
+    s.set_tcp_nodelay(true)?;
+    s.set_nonblocking(true)?;
+    let std_stream: std::net::TcpStream = s.into();
+    let sock = tokio::net::TcpSocket::from_std_stream(std_stream);
+    tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(SocketAddr::V4(server))).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+fn version(v: u8) -> String {
+    format!("HTTP/1.{v}")
+}
+
+async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvider, log: &dyn AccessLog) -> Result<(), ConnError> {
+    let _ = conn.set_nodelay(true);
+    let mut client = Side { s: conn, buf: Vec::with_capacity(4096) };
+    let mut upstream: Option<Side> = None;
+    loop {
+        let mut req = match client.head(Request::parse).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(()),
+            Err(ConnError::Http(e)) => {
+                let code = if matches!(e, HttpError::TooLarge) { (431, "Request Header Fields Too Large") } else { (400, "Bad Request") };
+                let _ = client.s.write_all(&error_response(code.0, code.1)).await;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e),
+        };
+        let started = Instant::now();
+        // asked per request: a policy change applies to open connections too
+        let policy = provider.policy(&info);
+        if policy.checks.iter().any(|c| matches!(c, Check::Denied)) {
+            // L3/L4 no longer allows it (a policy change): close
+            return Ok(());
+        }
+        let framing = match req.framing() {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = client.s.write_all(&error_response(400, "Bad Request")).await;
+                return Err(e.into());
+            }
+        };
+        let url = format!("http://{}{}", if req.host().is_empty() { info.server.to_string() } else { req.host().to_string() }, req.target);
+        let record = |response: bool, denied: bool, code: u16, latency: Duration, req: &Request| AccessRecord {
+            time: SystemTime::now(),
+            conn: info,
+            src_identity: policy.src_identity,
+            dst_identity: policy.dst_identity,
+            response,
+            denied,
+            method: req.method.clone(),
+            url: url.clone(),
+            protocol: version(req.version),
+            code,
+            latency,
+            headers: if response { Vec::new() } else { req.headers.iter().map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned())).collect() },
+        };
+        let mut allowed = true;
+        for c in &policy.checks {
+            if let Check::Rules(r) = c {
+                if r.check(&mut req) == Verdict::Denied {
+                    allowed = false;
+                }
+            }
+        }
+        let close = req.wants_close();
+        if !allowed {
+            log.log(record(false, true, 0, Duration::ZERO, &req));
+            // read and drop the body, so the connection stays usable
+            client.body(framing, None).await?;
+            client.s.write_all(&access_denied(close)).await?;
+            log.log(record(true, true, 403, started.elapsed(), &req));
+            if close {
+                return Ok(());
+            }
+            continue;
+        }
+        log.log(record(false, false, 0, Duration::ZERO, &req));
+        if upstream.is_none() {
+            match connect_upstream(info.server, policy.src_identity).await {
+                Ok(s) => upstream = Some(Side { s, buf: Vec::with_capacity(4096) }),
+                Err(e) => {
+                    warn!(server = %info.server, error = %e, "proxy cannot reach the destination");
+                    client.body(framing, None).await?;
+                    client.s.write_all(&error_response(503, "Service Unavailable")).await?;
+                    log.log(record(true, false, 503, started.elapsed(), &req));
+                    return Ok(());
+                }
+            }
+        }
+        let up = upstream.as_mut().expect("connected above");
+        up.s.write_all(&req.encode()).await?;
+        client.body(framing, Some(&mut up.s)).await?;
+        // the response, after any interim (1xx) ones
+        let resp = loop {
+            let Some(resp) = up.head(Response::parse).await? else { return Err(ConnError::Truncated) };
+            if (100..200).contains(&resp.code) && resp.code != 101 {
+                client.s.write_all(&encode_response(&resp)).await?;
+                continue;
+            }
+            break resp;
+        };
+        log.log(record(true, false, resp.code, started.elapsed(), &req));
+        client.s.write_all(&encode_response(&resp)).await?;
+        if resp.code == 101 {
+            // protocol switch: from here on, bytes both ways
+            client.s.write_all(&up.buf).await?;
+            up.s.write_all(&client.buf).await?;
+            tokio::io::copy_bidirectional(&mut client.s, &mut up.s).await?;
+            return Ok(());
+        }
+        let rframing = resp.framing(&req.method)?;
+        up.body(rframing, Some(&mut client.s)).await?;
+        if close || resp.wants_close() || rframing == Framing::Close {
+            return Ok(());
+        }
+    }
+}
+
+fn encode_response(r: &Response) -> Vec<u8> {
+    let mut out = format!("HTTP/1.{} {} {}\r\n", r.version, r.code, r.reason).into_bytes();
+    for (n, v) in &r.headers {
+        out.extend_from_slice(n.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}

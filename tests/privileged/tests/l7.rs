@@ -1,0 +1,205 @@
+//! L7 (HTTP) policy end to end: real curl in lab pods, the datapath handing
+//! connections to the agent's transparent proxy, requests allowed or denied
+//! by method, path, host and headers, and the flows Hubble records of them.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use serde_json::Value;
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, labels: {app: other}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: server}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: server}}
+  template:
+    metadata: {labels: {app: server}}
+    spec: {containers: [{name: s, ports: [{containerPort: 80, name: http}, {containerPort: 8080}]}]}
+"#;
+
+/// The server accepts the client only; on port 80 through HTTP rules, on
+/// 8080 at L4 only.
+const SERVER_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server-l7}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http:
+        - {method: GET, path: "/public/.*"}
+        - {method: POST, path: /api/v1/users, headers: [X-API-Key]}
+        - {method: POST, path: /upload}
+        - method: PUT
+          path: /token
+          headerMatches: [{name: X-Token, value: ok, mismatch: REPLACE}]
+    - ports: [{port: "8080", protocol: TCP}]
+"#;
+
+fn curl(lab: &TestLab, from: &str, args: &[&str]) -> (String, String) {
+    let mut a = vec!["exec", from, "--", "curl", "-s", "-m", "5", "-o", "-", "-w", "\n%{http_code}"];
+    a.extend_from_slice(args);
+    let out = lab.lab_output(&a);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (code.trim().to_string(), body.to_string())
+}
+
+fn hubble_flows(lab: &TestLab, args: &[&str]) -> Vec<Value> {
+    let server = format!("unix:///var/run/cilium-lab/{}/node1/hubble.sock", lab.name);
+    let mut a = vec!["observe", "--server", &server, "-o", "json", "--all"];
+    a.extend_from_slice(args);
+    let out = Command::new(bin_dir().join("hubble")).args(&a).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v.get("flow").cloned()).collect()
+}
+
+#[test]
+fn http_rules_allow_and_deny_requests_and_hubble_sees_them() {
+    let lab = TestLab::up(&[PODS, SERVER_POLICY]);
+    let ip = lab.pod_ip("server");
+    let url = |p: &str| format!("http://{ip}{p}");
+
+    let (code, body) = curl(&lab, "default/client", &[&url("/public/books?page=1")]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("pod=default/server-") && body.contains("GET /public/books?page=1"), "{body}");
+    let (code, body) = curl(&lab, "default/client", &[&url("/private")]);
+    assert_eq!((code.as_str(), body.as_str()), ("403", "Access denied\r\n"));
+    let (code, _) = curl(&lab, "default/client", &["-X", "DELETE", &url("/public/x")]);
+    assert_eq!(code, "403", "the method is part of the rule");
+    // headers: presence
+    let (code, _) = curl(&lab, "default/client", &["-X", "POST", "-H", "X-API-Key: k", "-d", "{}", &url("/api/v1/users")]);
+    assert_eq!(code, "200");
+    let (code, _) = curl(&lab, "default/client", &["-X", "POST", "-d", "{}", &url("/api/v1/users")]);
+    assert_eq!(code, "403");
+    // headerMatches with REPLACE: allowed, and the server sees the policy's value
+    let (code, body) = curl(&lab, "default/client", &["-X", "PUT", "-H", "X-Token: bad", &url("/token")]);
+    assert_eq!(code, "200");
+    assert!(body.contains("x-token=ok"), "{body}");
+    // a body streamed through (2 MB)
+    let big = lab.write("big.bin", &"x".repeat(2 << 20));
+    let (code, body) = curl(&lab, "default/client", &["-X", "POST", "--data-binary", &format!("@{}", big.display()), &url("/upload")]);
+    assert_eq!(code, "200");
+    assert!(body.contains(&format!("body={}", 2 << 20)), "{body}");
+    // keep-alive: an allowed and a denied request on one connection
+    let out = lab.lab_output(&["exec", "default/client", "--", "curl", "-s", "-m", "5", "-w", "%{http_code} %{num_connects}\n", "-o", "/dev/null", &url("/public/a"), "-o", "/dev/null", &url("/nope")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines, vec!["200 1", "403 0"], "the second request reused the connection");
+    // port 8080 is L4 only: any request
+    let (code, _) = curl(&lab, "default/client", &["-X", "DELETE", &format!("http://{ip}:8080/anything")]);
+    assert_eq!(code, "200");
+    // L3/L4 still applies: the other pod is not allowed at all
+    let (code, _) = curl(&lab, "default/other", &["-m", "2", &url("/public/x")]);
+    assert_eq!(code, "000");
+
+    // Hubble: L7 flows with method, URL, status and verdict
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let flows = loop {
+        let f = hubble_flows(&lab, &["--protocol", "http"]);
+        if f.iter().any(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/private"))) || Instant::now() > deadline {
+            break f;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let req = flows.iter().find(|f| f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/public/books?page=1"))).expect("the allowed request");
+    assert_eq!(req["verdict"], "FORWARDED");
+    assert_eq!(req["l7"]["http"]["method"], "GET");
+    assert_eq!(req["source"]["pod_name"], "client");
+    assert!(req["destination"]["pod_name"].as_str().unwrap().starts_with("server-"));
+    assert_eq!(req["traffic_direction"], "INGRESS");
+    assert_eq!(req["Type"], "L7");
+    let resp = flows.iter().find(|f| f["l7"]["type"] == "RESPONSE" && f["l7"]["http"]["code"] == 200).expect("a response");
+    assert_eq!(resp["is_reply"], true);
+    let denied = flows.iter().find(|f| f["l7"]["type"] == "REQUEST" && f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/private"))).expect("the denied request");
+    assert_eq!(denied["verdict"], "DROPPED");
+    let f403 = hubble_flows(&lab, &["--http-status", "403"]);
+    assert!(!f403.is_empty() && f403.iter().all(|f| f["l7"]["http"]["code"] == 403));
+    let l7 = hubble_flows(&lab, &["--type", "l7", "--http-method", "POST"]);
+    assert!(!l7.is_empty() && l7.iter().all(|f| f["l7"]["http"]["method"] == "POST"));
+    let server = format!("unix:///var/run/cilium-lab/{}/node1/hubble.sock", lab.name);
+    let out = Command::new(bin_dir().join("hubble")).args(["observe", "--server", &server, "--all", "--protocol", "http", "--http-path", "/private"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l.contains("http-request DROPPED (HTTP/1.1 GET http://") && l.contains("/private)")), "{text}");
+}
+
+#[test]
+fn pipelined_requests_get_answers_in_order() {
+    let lab = TestLab::up(&[PODS, SERVER_POLICY]);
+    let ip = lab.pod_ip("server");
+    let mut s = lab.connect_from("default/client", SocketAddr::from((ip, 80))).expect("connect through the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /public/1 HTTP/1.1\r\nHost: s\r\n\r\nGET /secret HTTP/1.1\r\nHost: s\r\n\r\nGET /public/3 HTTP/1.1\r\nHost: s\r\nConnection: close\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let codes: Vec<&str> = all.lines().filter(|l| l.starts_with("HTTP/1.1 ")).map(|l| &l[9..12]).collect();
+    assert_eq!(codes, vec!["200", "403", "200"], "{all}");
+    let first = all.find("/public/1").unwrap();
+    let third = all.find("/public/3").unwrap();
+    assert!(first < third);
+}
+
+#[test]
+fn egress_http_rules_to_the_world() {
+    let egress = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /allowed}]
+"#;
+    let lab = TestLab::up(&[PODS, egress]);
+    let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/allowed"]);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("pod=world"), "{body}");
+    let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/other"]);
+    assert_eq!((code.as_str(), body.as_str()), ("403", "Access denied\r\n"));
+    // the other pod has no policy: untouched, not proxied
+    let (code, _) = curl(&lab, "default/other", &["http://203.0.113.10/other"]);
+    assert_eq!(code, "200");
+    let flows = hubble_flows(&lab, &["--protocol", "http", "--from-pod", "default/client"]);
+    assert!(flows.iter().any(|f| f["traffic_direction"] == "EGRESS" && f["verdict"] == "DROPPED"), "{flows:#?}");
+}
+
+#[test]
+fn l7_policy_survives_an_agent_restart_and_follows_policy_changes() {
+    let lab = TestLab::up(&[PODS, SERVER_POLICY]);
+    let ip = lab.pod_ip("server");
+    let url = |p: &str| format!("http://{ip}{p}");
+    assert_eq!(curl(&lab, "default/client", &[&url("/public/x")]).0, "200");
+    lab.lab(&["agent", "restart"]);
+    assert_eq!(curl(&lab, "default/client", &[&url("/public/x")]).0, "200");
+    assert_eq!(curl(&lab, "default/client", &[&url("/private")]).0, "403");
+    // a policy change applies to new requests
+    lab.apply(&SERVER_POLICY.replace("/public/.*", "/open/.*"));
+    assert_eq!(curl(&lab, "default/client", &[&url("/public/x")]).0, "403");
+    assert_eq!(curl(&lab, "default/client", &[&url("/open/x")]).0, "200");
+    // and the trace explains it
+    let t = lab.cilium_ok(&["policy", "trace", "--src-k8s-pod", "default:client", "--dst-k8s-pod", &format!("default:{}", lab.pod("server").split('/').nth(1).unwrap()), "--dport", "80/TCP"]);
+    assert!(t.contains("HTTP rules") && t.contains("ALLOWED"), "{t}");
+}
