@@ -141,7 +141,7 @@ static __always_inline int to_proxy(struct __sk_buff *skb, const struct endpoint
 	int ret = redirect_to_proxy(skb, p, proxy_port);
 	if (ret < 0)
 		return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, dir_flag ? METRIC_INGRESS : METRIC_EGRESS, p);
-	if (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))
+	if (p->protocol == IPPROTO_UDP || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
 		emit_trace(skb, ep->ep_id, TRACE_TO_PROXY, src_id, dst_id, dir_flag, p);
 	return TC_ACT_OK;
 }

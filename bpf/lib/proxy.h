@@ -20,12 +20,20 @@ static __always_inline int redirect_to_proxy(struct __sk_buff *skb, const struct
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
 
-	if (p->protocol != IPPROTO_TCP)
+	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
 		return -DROP_PROXY_LOOKUP_FAILED;
 	tuple.ipv4.saddr = p->saddr;
 	tuple.ipv4.daddr = p->daddr;
 	tuple.ipv4.sport = p->sport;
 	tuple.ipv4.dport = p->dport;
+	if (p->protocol == IPPROTO_UDP) {
+		/* datagrams (DNS): always the proxy's socket on its port */
+		tuple.ipv4.dport = proxy_port;
+		sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (!sk)
+			return -DROP_PROXY_LOOKUP_FAILED;
+		goto assign;
+	}
 	/* a proxied connection in progress: its socket, also while the
 	 * handshake is not finished (a request socket, hence skc_lookup) */
 	sk = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);

@@ -19,6 +19,8 @@ fuzz_target!(|data: &[u8]| {
         audit_mode: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
         maglev_size: 251,
+        fqdn_min_ttl: 0,
+        fqdn_max_ips: 50,
     };
     let mut d = Daemon::new(cfg, FakeDatapath::default(), None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
     for k in list {

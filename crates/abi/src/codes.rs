@@ -294,6 +294,8 @@ pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
 /// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
 pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
 pub const PROXY_PORT_HTTP_EGRESS: u16 = 15002;
+/// The DNS proxy (UDP and TCP).
+pub const PROXY_PORT_DNS: u16 = 15053;
 
 /// skb marks (mask [`MARK_MAGIC_MASK`]).
 pub const MARK_MAGIC_MASK: u32 = 0xF00;
@@ -341,6 +343,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("POLICY_PROXY_PORT_PENDING", POLICY_PROXY_PORT_PENDING as i64),
         ("PROXY_PORT_HTTP_INGRESS", PROXY_PORT_HTTP_INGRESS as i64),
         ("PROXY_PORT_HTTP_EGRESS", PROXY_PORT_HTTP_EGRESS as i64),
+        ("PROXY_PORT_DNS", PROXY_PORT_DNS as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
         ("MARK_MAGIC_PROXY", MARK_MAGIC_PROXY as i64),

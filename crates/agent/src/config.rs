@@ -100,6 +100,16 @@ pub struct Config {
     #[arg(long, env = "CILIUM_ENABLE_L7_PROXY", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_l7_proxy: bool,
 
+    /// Seconds an address learned from DNS stays allowed at least
+    /// (upstream's --tofqdns-min-ttl).
+    #[arg(long, env = "CILIUM_TOFQDNS_MIN_TTL", default_value_t = 3600)]
+    pub tofqdns_min_ttl: u32,
+
+    /// Addresses kept per DNS name (upstream's
+    /// --tofqdns-endpoint-max-ip-per-hostname).
+    #[arg(long, env = "CILIUM_TOFQDNS_ENDPOINT_MAX_IP_PER_HOSTNAME", default_value_t = 50)]
+    pub tofqdns_endpoint_max_ip_per_hostname: u32,
+
     /// Run the Hubble server (flows, Observer and Peer gRPC services).
     #[arg(long, env = "CILIUM_ENABLE_HUBBLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub enable_hubble: bool,
@@ -198,6 +208,8 @@ pub struct Settings {
     /// None: Hubble off.
     pub hubble: Option<HubbleSettings>,
     pub l7_proxy: bool,
+    pub fqdn_min_ttl: u32,
+    pub fqdn_max_ips: usize,
     pub prometheus_addr: Option<std::net::SocketAddr>,
 }
 
@@ -385,8 +397,13 @@ impl Config {
         } else {
             None
         };
+        if self.tofqdns_endpoint_max_ip_per_hostname == 0 {
+            return Err(bad("tofqdns-endpoint-max-ip-per-hostname", 0, "must be at least 1"));
+        }
         Ok(Settings {
             l7_proxy: self.enable_l7_proxy,
+            fqdn_min_ttl: self.tofqdns_min_ttl,
+            fqdn_max_ips: self.tofqdns_endpoint_max_ip_per_hostname as usize,
             hubble,
             prometheus_addr,
             node_name: self.node_name.unwrap_or_else(hostname),

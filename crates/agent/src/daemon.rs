@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
 
+pub mod fqdn;
 pub mod hubble;
 pub mod proxy;
 pub mod services;
@@ -65,6 +66,10 @@ pub struct DaemonConfig {
     pub lb_algorithm: cilium_lb::Algorithm,
     /// Slots of each Maglev table.
     pub maglev_size: u32,
+    /// Seconds a learned DNS address is allowed at least.
+    pub fqdn_min_ttl: u32,
+    /// Addresses kept per DNS name.
+    pub fqdn_max_ips: usize,
 }
 
 /// Policy as written to the datapath for one endpoint.
@@ -126,6 +131,8 @@ pub struct Daemon<D: Datapath> {
     /// Bumped by every change of what Hubble names (endpoints, identities,
     /// pods, services), so its snapshot is rebuilt only when needed.
     changes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// DNS names -> learned addresses -> expiry (Unix seconds).
+    fqdn: BTreeMap<String, BTreeMap<Ipv4Addr, u64>>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {
@@ -181,6 +188,7 @@ impl<D: Datapath> Daemon<D> {
             lb_backends_written: BTreeMap::new(),
             services_dirty: false,
             changes: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            fqdn: BTreeMap::new(),
         })
     }
 
@@ -243,6 +251,7 @@ impl<D: Datapath> Daemon<D> {
             pods: self.pods.clone(),
             namespaces: self.namespaces.clone(),
             next_endpoint_id: self.next_endpoint_id,
+            fqdn: self.fqdn.clone(),
         }
     }
 
@@ -268,6 +277,7 @@ impl<D: Datapath> Daemon<D> {
         self.pods = state.pods;
         self.namespaces = state.namespaces;
         self.next_endpoint_id = state.next_endpoint_id.max(1);
+        self.fqdn = state.fqdn;
         for (source, doc) in state.policies {
             let value: serde_yaml::Value = match serde_yaml::to_value(&doc) {
                 Ok(v) => v,
@@ -285,6 +295,7 @@ impl<D: Datapath> Daemon<D> {
             }
         }
         self.refresh_repo_services();
+        self.refresh_repo_fqdns();
         // CIDR identities keep their numbers across restarts
         for (id, labels) in &state.identities {
             if *id < cilium_identity::MIN_LOCAL_IDENTITY {

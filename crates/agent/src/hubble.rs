@@ -166,4 +166,8 @@ impl FlowMaker {
     pub fn http_flow(&self, r: &cilium_hubble::parser::HttpRecord) -> Flow {
         self.parser.http_flow(r, &self.names())
     }
+
+    pub fn dns_flow(&self, r: &cilium_hubble::parser::DnsRecord) -> Flow {
+        self.parser.dns_flow(r, &self.names())
+    }
 }

@@ -60,6 +60,14 @@ impl PolicyProvider for Provider {
         cached.policies.insert(port_key, p.clone());
         p
     }
+
+    fn learn(&self, client: SocketAddrV4, learned: cilium_proxy::Learned) {
+        let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let mut d = self.daemon.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = d.fqdn_learn(learned, now) {
+            tracing::warn!(%client, error = %e, "applying what a DNS answer taught");
+        }
+    }
 }
 
 /// Sends the proxy's requests and responses to Hubble as L7 flows.
@@ -90,6 +98,33 @@ impl AccessLog for HubbleLog {
         };
         self.hubble.ingest(vec![Arc::new(self.maker.http_flow(&rec))]);
     }
+
+    fn log_dns(&self, r: cilium_proxy::DnsRecord) {
+        self.dns(r);
+    }
+}
+
+impl HubbleLog {
+    fn dns(&self, r: cilium_proxy::DnsRecord) {
+        self.maker.refresh(&self.daemon);
+        let rec = cilium_hubble::parser::DnsRecord {
+            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            client: r.conn.client,
+            server: r.conn.server,
+            client_identity: r.src_identity,
+            server_identity: r.dst_identity,
+            response: r.response,
+            denied: r.denied,
+            query: r.query,
+            qtypes: r.qtypes,
+            rcode: r.rcode,
+            ips: r.ips.iter().map(|i| i.to_string()).collect(),
+            ttl: r.ttl,
+            cnames: r.cnames,
+            latency_ns: r.latency.as_nanos() as u64,
+        };
+        self.hubble.ingest(vec![Arc::new(self.maker.dns_flow(&rec))]);
+    }
 }
 
 /// Drops the records when Hubble is off.
@@ -105,5 +140,8 @@ pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) -> anyh
         let l = Proxy::listen(port).with_context(|| format!("binding the L7 proxy to port {port} (see --enable-l7-proxy)"))?;
         tokio::spawn(Proxy::serve(l, ingress, provider.clone(), log.clone()));
     }
+    let port = cilium_abi::PROXY_PORT_DNS;
+    let dns = cilium_proxy::dns_server::listen(port).with_context(|| format!("binding the DNS proxy to UDP port {port} (see --enable-l7-proxy)"))?;
+    tokio::spawn(cilium_proxy::dns_server::serve(dns, provider, log));
     Ok(())
 }

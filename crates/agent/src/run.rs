@@ -60,6 +60,8 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         audit_mode: s.audit_mode,
         lb_algorithm: s.lb_algorithm,
         maglev_size: s.maglev_table_size,
+        fqdn_min_ttl: s.fqdn_min_ttl,
+        fqdn_max_ips: s.fqdn_max_ips,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
     if let Some(svc) = saved_services {
@@ -144,6 +146,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     }
     tokio::spawn(monitor_events(events, tx, hubble.map(|h| (h, maker, daemon.clone()))));
     tokio::spawn(ct_gc(daemon.clone()));
+    tokio::spawn(fqdn_gc(daemon.clone()));
     let store = StateStore::new(&s.state_dir);
     tokio::spawn(save_services(daemon.clone(), store.clone()));
     if let Some(dir) = s.policy_dir.clone() {
@@ -284,6 +287,31 @@ async fn monitor_events(map: aya::maps::Map, tx: broadcast::Sender<Arc<MonitorEv
                 error!(error = %e, "reading datapath events");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Expires learned DNS addresses that no tracked connection still uses.
+async fn fqdn_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let d = daemon.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let mut g = d.lock().unwrap_or_else(|p| p.into_inner());
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            if !g.fqdn_expired(now) {
+                return Ok(0);
+            }
+            let in_use: std::collections::BTreeSet<std::net::Ipv4Addr> =
+                g.datapath().ct_dump().map_err(crate::daemon::DaemonError::from)?.iter().map(|(k, _)| cilium_datapath::be_to_ip(k.remote)).collect();
+            g.fqdn_gc(now, &in_use)
+        })
+        .await;
+        match res {
+            Ok(Ok(n)) if n > 0 => info!(removed = n, "expired DNS addresses removed"),
+            Ok(Err(e)) => warn!(error = %e, "FQDN cache GC"),
+            _ => {}
         }
     }
 }

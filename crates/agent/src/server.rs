@@ -116,10 +116,15 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/bpf/ipcache", get(bpf_ipcache))
         .route("/v1/bpf/metrics", get(bpf_metrics))
         .route("/v1/monitor", get(monitor))
+        .route("/v1/fqdn/cache", get(fqdn_cache))
         // a re-list of 10,000 Services is several MB
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .route_layer(timing)
         .with_state(state)
+}
+
+async fn fqdn_cache(State(s): State<Shared>) -> Result<Json<Vec<cilium_api::FqdnCacheEntry>>, ApiError> {
+    with(&s, |d| Ok(d.fqdn_cache())).await.map(Json)
 }
 
 async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {

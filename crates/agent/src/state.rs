@@ -44,6 +44,10 @@ pub struct State {
     pub pods: BTreeMap<String, PodMeta>,
     pub namespaces: BTreeMap<String, NamespaceMeta>,
     pub next_endpoint_id: u16,
+    /// Addresses the DNS proxy learned: name -> address -> expiry (Unix
+    /// seconds). Kept so `toFQDNs` rules allow the same after a restart.
+    #[serde(default)]
+    pub fqdn: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, u64>>,
 }
 
 /// Services, kept in a file of their own and written behind the change

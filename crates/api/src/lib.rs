@@ -92,6 +92,15 @@ pub struct Status {
     pub hubble: Option<HubbleStatus>,
 }
 
+/// One address the DNS proxy learned for a name (`cilium fqdn cache list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FqdnCacheEntry {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
 /// The Hubble server's state, as `cilium status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HubbleStatus {

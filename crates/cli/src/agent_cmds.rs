@@ -132,6 +132,45 @@ pub enum BpfLbCmd {
 }
 
 #[derive(Subcommand)]
+pub enum FqdnCmd {
+    /// The FQDN cache.
+    #[command(subcommand)]
+    Cache(FqdnCacheCmd),
+}
+
+#[derive(Subcommand)]
+pub enum FqdnCacheCmd {
+    /// Names, the addresses learned for them, and when they expire.
+    List {
+        /// Only names matching this (exact, or a pattern with '*').
+        #[arg(long)]
+        matchpattern: Option<String>,
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+pub async fn fqdn(c: &Client, cmd: FqdnCmd) -> anyhow::Result<i32> {
+    let FqdnCmd::Cache(FqdnCacheCmd::List { matchpattern, output }) = cmd;
+    let mut list: Vec<cilium_api::FqdnCacheEntry> = c.get("/v1/fqdn/cache").await?;
+    if let Some(p) = matchpattern {
+        let m = cilium_policy::fqdn::NameMatcher::new(&cilium_policy::api::FqdnSelector { match_name: None, match_pattern: Some(p) });
+        list.retain(|e| m.matches(&e.name));
+    }
+    if output == "json" {
+        return json(&list);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    println!("{:<40} {:<8} {:<22} {}", "FQDN", "TTL", "ExpirationTime", "IPs");
+    for e in list {
+        let ttl = e.expires.saturating_sub(now);
+        let when = format!("in {}m{:02}s", ttl / 60, ttl % 60);
+        println!("{:<40} {:<8} {:<22} {}", format!("{}.", e.name), ttl, if ttl == 0 { "expired (in use)".to_string() } else { when }, e.ip);
+    }
+    Ok(0)
+}
+
+#[derive(Subcommand)]
 pub enum ServiceCmd {
     /// List services: frontends and backends.
     List {

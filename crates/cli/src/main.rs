@@ -40,6 +40,9 @@ enum Cmd {
     Bpf(agent_cmds::BpfCmd),
     /// Live datapath events: drops with reasons, traces, policy verdicts.
     Monitor(agent_cmds::MonitorArgs),
+    /// What the DNS proxy learned for toFQDNs rules.
+    #[command(subcommand)]
+    Fqdn(agent_cmds::FqdnCmd),
     /// The lab: a cluster of network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab_cmds::LabCmd),
@@ -81,6 +84,7 @@ fn main() {
                     Cmd::Service(c) => agent_cmds::service(&client, c).await,
                     Cmd::Bpf(c) => agent_cmds::bpf(&client, c).await,
                     Cmd::Monitor(a) => agent_cmds::monitor(&client, a).await,
+                    Cmd::Fqdn(c) => agent_cmds::fqdn(&client, c).await,
                     Cmd::Lab(_) => unreachable!(),
                 }
             })

@@ -201,7 +201,70 @@ pub fn icmp4_name(t: u32, code: u32) -> String {
     }
 }
 
+/// A DNS query or response the DNS proxy handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsRecord {
+    pub time_ns: u64,
+    pub client: std::net::SocketAddrV4,
+    pub server: std::net::SocketAddrV4,
+    pub client_identity: u32,
+    pub server_identity: u32,
+    pub response: bool,
+    pub denied: bool,
+    pub query: String,
+    pub qtypes: Vec<String>,
+    pub rcode: u32,
+    pub ips: Vec<String>,
+    pub ttl: u32,
+    pub cnames: Vec<String>,
+    pub latency_ns: u64,
+}
+
 impl Parser {
+    /// The L7 flow of a DNS query or response (egress of the client).
+    pub fn dns_flow(&self, r: &DnsRecord, names: &Names) -> Flow {
+        let (src, dst, sid, did) = if r.response { (r.server, r.client, r.server_identity, r.client_identity) } else { (r.client, r.server, r.client_identity, r.server_identity) };
+        let dns = pb::Dns {
+            query: format!("{}.", r.query),
+            ips: if r.response { r.ips.clone() } else { vec![] },
+            ttl: r.ttl,
+            cnames: r.cnames.iter().map(|c| format!("{c}.")).collect(),
+            observation_source: "proxy".into(),
+            rcode: r.rcode,
+            qtypes: r.qtypes.clone(),
+            rrtypes: if r.response && !r.ips.is_empty() { vec!["A".into()] } else { vec![] },
+        };
+        let l7_type = if r.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
+        let mut f = Flow {
+            time: Some(timestamp(r.time_ns)),
+            uuid: self.uuid(),
+            emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
+            verdict: if r.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
+            l4: Some(Layer4 { protocol: Some(layer4::Protocol::Udp(pb::Udp { source_port: src.port().into(), destination_port: dst.port().into() })) }),
+            source: Some(endpoint(names, *src.ip(), sid)),
+            destination: Some(endpoint(names, *dst.ip(), did)),
+            r#type: FlowType::L7 as i32,
+            node_name: names.node_name.clone(),
+            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: r.latency_ns, record: Some(pb::layer7::Record::Dns(dns)) }),
+            event_type: Some(CiliumEventType { r#type: MSG_ACCESS_LOG, sub_type: 0 }),
+            traffic_direction: TrafficDirection::Egress as i32,
+            is_reply: Some(pbjson_types::BoolValue { value: r.response }),
+            ..Default::default()
+        };
+        if r.response {
+            f.source_names = vec![format!("{}.", r.query)];
+        } else {
+            f.destination_names = vec![format!("{}.", r.query)];
+        }
+        #[allow(deprecated)]
+        {
+            f.reply = r.response;
+            f.summary = crate::printer::l7_summary(&f);
+        }
+        f
+    }
+
     /// The L7 flow of an HTTP request or response. A response flows from
     /// the server to the client and is a reply.
     pub fn http_flow(&self, r: &HttpRecord, names: &Names) -> Flow {

@@ -197,6 +197,20 @@ pub fn l7_summary(f: &Flow) -> String {
                 format!("{} {} {}", h.protocol, h.method, h.url)
             }
         }
+        Some(crate::proto::flow::layer7::Record::Dns(d)) => {
+            let q = d.qtypes.join(",");
+            if l.r#type == crate::proto::flow::L7FlowType::Response as i32 {
+                let rcode = match d.rcode {
+                    0 => "NoError".to_string(),
+                    3 => "NXDomain".to_string(),
+                    5 => "Refused".to_string(),
+                    c => format!("RCode {c}"),
+                };
+                format!("DNS Answer {:?} TTL: {} (Proxy {} {}) {rcode}", d.ips.join(","), d.ttl, d.query, q)
+            } else {
+                format!("DNS Query {} {q}", d.query)
+            }
+        }
         _ => String::new(),
     }
 }

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod compute;
 pub mod conformance;
+pub mod fqdn;
 pub mod mapstate;
 pub mod parse;
 pub mod rule;
@@ -35,6 +36,10 @@ pub struct Repository {
     services: BTreeMap<(String, String), rule::ServiceInfo>,
     /// Some rule names Services.
     service_refs: bool,
+    /// Addresses the DNS proxy learned, by name (lower case, no trailing dot).
+    fqdn_ips: BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>>,
+    /// Some rule names DNS names (`toFQDNs`).
+    fqdn_refs: bool,
     revision: u64,
 }
 
@@ -78,9 +83,37 @@ impl Repository {
     fn changed(&mut self) -> u64 {
         let rules: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
         self.service_refs = rule::references_services(&rules);
-        self.rules = if self.service_refs { rule::resolve_services(&rules, &self.services) } else { rules };
+        self.fqdn_refs = rule::references_fqdns(&rules);
+        self.rules = self.resolve(rules);
         self.revision += 1;
         self.revision
+    }
+
+    fn resolve(&self, rules: Vec<Rule>) -> Vec<Rule> {
+        let rules = if self.service_refs { rule::resolve_services(&rules, &self.services) } else { rules };
+        if self.fqdn_refs { rule::resolve_fqdns(&rules, &self.fqdn_ips) } else { rules }
+    }
+
+    /// The addresses `toFQDNs` rules resolve against, by name. Returns
+    /// whether the rules changed (a new revision).
+    pub fn set_fqdn_ips(&mut self, ips: BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>>) -> bool {
+        self.fqdn_ips = ips;
+        if !self.fqdn_refs {
+            return false;
+        }
+        let raw: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
+        let resolved = self.resolve(raw);
+        if resolved == self.rules {
+            return false;
+        }
+        self.rules = resolved;
+        self.revision += 1;
+        true
+    }
+
+    /// Whether some rule names DNS names (`toFQDNs`).
+    pub fn references_fqdns(&self) -> bool {
+        self.fqdn_refs
     }
 
     /// The Services `toServices` rules resolve against, by (namespace,
@@ -91,7 +124,7 @@ impl Repository {
             return false;
         }
         let raw: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
-        let resolved = rule::resolve_services(&raw, &self.services);
+        let resolved = self.resolve(raw);
         if resolved == self.rules {
             return false;
         }

@@ -130,6 +130,10 @@ pub struct PeerRule {
     pub ports: Vec<PortSpec>,
     /// Has L7 rules (parsed and validated; enforced by the proxy).
     pub has_l7: bool,
+    /// toFQDNs: resolved into `peers` by [`resolve_fqdns`] from the names
+    /// the DNS proxy learned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fqdns: Vec<api::FqdnSelector>,
     /// The L7 rules every port of this rule carries (a toPorts entry with
     /// rules becomes a peer rule of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -230,6 +234,39 @@ pub fn cidr_identity_labels(net: &IpNet) -> cilium_labels::LabelSet {
 }
 
 /// Whether any rule names Services (and so depends on them).
+/// Whether any rule names DNS names (`toFQDNs`).
+pub fn references_fqdns(rules: &[Rule]) -> bool {
+    rules.iter().any(|r| r.egress.iter().any(|pr| !pr.fqdns.is_empty()))
+}
+
+/// The rules with every `toFQDNs` peer replaced by the addresses learned
+/// for the names it matches, as /32 CIDRs (names nobody resolved yet select
+/// nothing).
+pub fn resolve_fqdns(rules: &[Rule], ips: &std::collections::BTreeMap<String, std::collections::BTreeSet<IpAddr>>) -> Vec<Rule> {
+    rules
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            for pr in r.egress.iter_mut() {
+                if pr.fqdns.is_empty() {
+                    continue;
+                }
+                let matchers: Vec<crate::fqdn::NameMatcher> = pr.fqdns.iter().map(crate::fqdn::NameMatcher::new).collect();
+                let mut addrs = std::collections::BTreeSet::new();
+                for (name, set) in ips {
+                    if matchers.iter().any(|m| m.matches(name)) {
+                        addrs.extend(set.iter().copied());
+                    }
+                }
+                if let Peers::Selected(v) = &mut pr.peers {
+                    v.extend(addrs.into_iter().map(|ip| Selector::for_label(&cidr_label(&IpNet::from(ip)))));
+                }
+            }
+            r
+        })
+        .collect()
+}
+
 pub fn references_services(rules: &[Rule]) -> bool {
     rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.services.is_empty()))
 }
@@ -811,10 +848,12 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<Pe
             }
         }
     }
+    let mut fqdn_sels = Vec::new();
     if let Some(fqdns) = p.fqdns {
         any_peer_field = true;
         for (i, d) in fqdns.iter().enumerate() {
             validate_fqdn(ctx, &format!("{field}.toFQDNs[{i}]"), d)?;
+            fqdn_sels.push(d.clone());
         }
     }
 
@@ -855,6 +894,7 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<Pe
             ports,
             has_l7: l7.is_some(),
             l7,
+            fqdns: fqdn_sels.clone(),
             origin: field.to_string(),
         })
         .collect())
@@ -1118,6 +1158,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
             l7: None,
+            fqdns: vec![],
             origin: f,
         });
     }
@@ -1131,6 +1172,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
             l7: None,
+            fqdns: vec![],
             origin: f,
         });
     }

@@ -256,6 +256,8 @@ pub enum L7Policy {
     Unrestricted,
     /// Requests must match one of these (from every matching rule).
     Http(Vec<crate::api::HttpRule>),
+    /// DNS queries must name something one of these matches.
+    Dns(Vec<crate::api::FqdnSelector>),
     /// Not allowed at all (L3/L4 says no, e.g. after a policy change).
     Denied,
 }
@@ -287,6 +289,7 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
         peer_ok && (deny || requires.iter().all(|s| s.matches(peer))) && (pr.ports.is_empty() || pr.ports.iter().any(|p| port_matches(p, protocol, port, named)))
     };
     let mut http = Vec::new();
+    let mut dns = Vec::new();
     let mut allowed = false;
     for r in &selecting {
         let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
@@ -294,13 +297,17 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
             return L7Policy::Denied;
         }
         for pr in allows.iter().filter(|pr| matches(pr, false)) {
-            match pr.l7.as_ref().and_then(|l| l.http.as_ref()) {
-                Some(h) if pr.has_l7 => {
+            match pr.l7.as_ref() {
+                Some(l) if l.http.is_some() => {
                     allowed = true;
-                    http.extend(h.iter().cloned());
+                    http.extend(l.http.iter().flatten().cloned());
                 }
-                _ if pr.has_l7 => {}
-                _ => return L7Policy::Unrestricted,
+                Some(l) if l.dns.is_some() => {
+                    allowed = true;
+                    dns.extend(l.dns.iter().flatten().cloned());
+                }
+                Some(_) => {}
+                None => return L7Policy::Unrestricted,
             }
         }
     }
@@ -308,7 +315,7 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
         return L7Policy::Unrestricted;
     }
     if allowed {
-        return L7Policy::Http(http);
+        return if !dns.is_empty() || (http.is_empty() && protocol == Protocol::Udp) { L7Policy::Dns(dns) } else { L7Policy::Http(http) };
     }
     if !default_deny && !always {
         return L7Policy::Unrestricted;

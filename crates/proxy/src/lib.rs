@@ -14,9 +14,11 @@
 //! datapath did) and knows no policy syntax beyond compiled HTTP rules; a
 //! request it cannot parse or check is refused, never forwarded.
 
+pub mod dns;
+pub mod dns_server;
 pub mod http;
 pub mod rules;
 pub mod server;
 
 pub use rules::{Check, HttpRules};
-pub use server::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, PolicyProvider, Proxy};
+pub use server::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, DnsRecord, Learned, PolicyProvider, Proxy};

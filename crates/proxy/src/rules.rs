@@ -49,6 +49,8 @@ pub enum Check {
     Unrestricted,
     /// Every request must match these.
     Rules(HttpRules),
+    /// DNS queries must name something these match.
+    Dns(Vec<cilium_policy::fqdn::NameMatcher>),
     /// Nothing passes (the connection is closed).
     Denied,
 }

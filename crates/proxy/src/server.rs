@@ -19,6 +19,30 @@ pub struct ConnInfo {
     pub server: SocketAddrV4,
     /// Redirected by the server's ingress policy (else the client's egress).
     pub ingress: bool,
+    /// A UDP flow (DNS) rather than a TCP connection.
+    pub udp: bool,
+}
+
+/// Addresses a DNS answer taught: (name, addresses, TTL in seconds).
+pub type Learned = Vec<(String, Vec<Ipv4Addr>, u32)>;
+
+/// A DNS query or response, for Hubble.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsRecord {
+    pub time: SystemTime,
+    pub conn: ConnInfo,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub response: bool,
+    /// Refused by policy.
+    pub denied: bool,
+    pub query: String,
+    pub qtypes: Vec<String>,
+    pub rcode: u32,
+    pub ips: Vec<Ipv4Addr>,
+    pub ttl: u32,
+    pub cnames: Vec<String>,
+    pub latency: Duration,
 }
 
 /// What applies to a connection: both ends' identities and the checks of
@@ -33,6 +57,9 @@ pub struct ConnPolicy {
 /// The agent's answer to "what applies to this connection".
 pub trait PolicyProvider: Send + Sync + 'static {
     fn policy(&self, c: &ConnInfo) -> Arc<ConnPolicy>;
+    /// Addresses an allowed DNS answer taught; returns once policy that
+    /// names them (toFQDNs) is in force, before the answer reaches the client.
+    fn learn(&self, _client: SocketAddrV4, _learned: Learned) {}
 }
 
 /// A request or a response, for Hubble.
@@ -59,6 +86,7 @@ pub struct AccessRecord {
 /// Where requests and responses are reported.
 pub trait AccessLog: Send + Sync + 'static {
     fn log(&self, r: AccessRecord);
+    fn log_dns(&self, _r: DnsRecord) {}
 }
 
 /// Why a connection ended early.
@@ -108,7 +136,7 @@ impl Proxy {
                 }
             };
             let (Ok(SocketAddr::V4(server)), SocketAddr::V4(client)) = (conn.local_addr(), peer) else { continue };
-            let info = ConnInfo { client, server, ingress };
+            let info = ConnInfo { client, server, ingress, udp: false };
             let (provider, log) = (provider.clone(), log.clone());
             tokio::spawn(async move {
                 if let Err(e) = serve_conn(conn, info, &*provider, &*log).await {

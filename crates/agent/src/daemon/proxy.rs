@@ -58,11 +58,12 @@ impl ProxySnapshot {
         let no_ports = NamedPorts::new();
         let dst_ports = self.endpoints.get(&dst_ip).map(|e| &e.named_ports).unwrap_or(&no_ports);
         let mut checks = Vec::new();
+        let proto = if c.udp { Protocol::Udp } else { Protocol::Tcp };
         if let Some(src) = self.endpoints.get(&src_ip) {
-            checks.push(l7_policy(&self.rules, &src.labels, labels(dst_identity), true, Protocol::Tcp, port, dst_ports, self.options));
+            checks.push(l7_policy(&self.rules, &src.labels, labels(dst_identity), true, proto, port, dst_ports, self.options));
         }
         if let Some(dst) = self.endpoints.get(&dst_ip) {
-            checks.push(l7_policy(&self.rules, &dst.labels, labels(src_identity), false, Protocol::Tcp, port, dst_ports, self.options));
+            checks.push(l7_policy(&self.rules, &dst.labels, labels(src_identity), false, proto, port, dst_ports, self.options));
         }
         let checks = checks
             .into_iter()
@@ -71,6 +72,7 @@ impl ProxySnapshot {
                 L7Policy::Denied => Some(Check::Denied),
                 // rules were validated at import; a failure here denies
                 L7Policy::Http(rules) => Some(HttpRules::compile(&rules).map(Check::Rules).unwrap_or(Check::Denied)),
+                L7Policy::Dns(sels) => Some(Check::Dns(sels.iter().map(cilium_policy::fqdn::NameMatcher::new).collect())),
             })
             .collect();
         ConnPolicy { src_identity, dst_identity, checks }

@@ -14,6 +14,8 @@ fn config() -> DaemonConfig {
         audit_mode: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
         maglev_size: 251,
+        fqdn_min_ttl: 0,
+        fqdn_max_ips: 50,
     }
 }
 
