@@ -142,6 +142,8 @@ pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) -> anyh
     }
     let port = cilium_abi::PROXY_PORT_DNS;
     let dns = cilium_proxy::dns_server::listen(port).with_context(|| format!("binding the DNS proxy to UDP port {port} (see --enable-l7-proxy)"))?;
-    tokio::spawn(cilium_proxy::dns_server::serve(dns, provider, log));
+    tokio::spawn(cilium_proxy::dns_server::serve(dns, provider.clone(), log.clone()));
+    let dns_tcp = cilium_proxy::dns_server::listen_tcp(port).with_context(|| format!("binding the DNS proxy to TCP port {port} (see --enable-l7-proxy)"))?;
+    tokio::spawn(cilium_proxy::dns_server::serve_tcp(dns_tcp, provider, log));
     Ok(())
 }

@@ -21,8 +21,9 @@ pub struct Message {
     pub addrs: Vec<(String, Ipv4Addr, u32)>,
     /// CNAME records: (owner, target).
     pub cnames: Vec<(String, String)>,
-    /// End of the question section (for building answers).
-    question_end: usize,
+    /// The first question's labels as sent, and its class.
+    qlabels: Vec<Vec<u8>>,
+    qclass: u16,
 }
 
 fn u16_at(b: &[u8], i: usize) -> Result<u16, DnsError> {
@@ -35,8 +36,14 @@ fn u32_at(b: &[u8], i: usize) -> Result<u32, DnsError> {
 
 /// Reads a (possibly compressed) name at `i`; returns it and where the
 /// record continues.
-fn name_at(b: &[u8], mut i: usize) -> Result<(String, usize), DnsError> {
-    let mut labels: Vec<String> = Vec::new();
+fn name_at(b: &[u8], i: usize) -> Result<(String, usize), DnsError> {
+    let (labels, end) = labels_at(b, i)?;
+    let text: Vec<String> = labels.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
+    Ok((text.join(".").to_ascii_lowercase(), end))
+}
+
+fn labels_at(b: &[u8], mut i: usize) -> Result<(Vec<Vec<u8>>, usize), DnsError> {
+    let mut labels: Vec<Vec<u8>> = Vec::new();
     let mut end = None;
     let mut jumps = 0;
     let mut total = 0usize;
@@ -57,14 +64,14 @@ fn name_at(b: &[u8], mut i: usize) -> Result<(String, usize), DnsError> {
         }
         if len == 0 {
             let end = end.unwrap_or(i + 1);
-            return Ok((labels.join(".").to_ascii_lowercase(), end));
+            return Ok((labels, end));
         }
         let label = b.get(i + 1..i + 1 + len).ok_or(DnsError("truncated label"))?;
         total += len + 1;
         if total > 255 {
             return Err(DnsError("name too long"));
         }
-        labels.push(String::from_utf8_lossy(label).into_owned());
+        labels.push(label.to_vec());
         i += 1 + len;
     }
 }
@@ -83,16 +90,17 @@ impl Message {
         let mut m = Message { id, response: flags & 0x8000 != 0, rcode: (flags & 0x000f) as u8, ..Default::default() };
         let mut i = 12;
         for q in 0..qd {
-            let (name, next) = name_at(b, i)?;
+            let (labels, next) = labels_at(b, i)?;
             let qtype = u16_at(b, next)?;
-            u16_at(b, next + 2)?;
+            let qclass = u16_at(b, next + 2)?;
             if q == 0 {
-                m.qname = name;
+                m.qname = name_at(b, i)?.0;
                 m.qtype = qtype;
+                m.qclass = qclass;
+                m.qlabels = labels;
             }
             i = next + 4;
         }
-        m.question_end = i;
         for _ in 0..an {
             let (owner, next) = name_at(b, i)?;
             let rtype = u16_at(b, next)?;
@@ -115,16 +123,21 @@ impl Message {
         Ok(m)
     }
 
-    /// The REFUSED answer to this query (its header and question).
+    /// The REFUSED answer to this query: its ID and flags, and its first
+    /// question written out again (uncompressed).
     pub fn refused(&self, query: &[u8]) -> Vec<u8> {
-        let end = self.question_end.min(query.len());
-        let mut out = query[..end].to_vec();
-        if out.len() >= 12 {
-            let rd = out[2] & 0x01;
-            out[2] = 0x80 | (out[2] & 0x78) | rd; // QR, opcode kept, RD kept
-            out[3] = 0x80 | 5; // RA, REFUSED
-            out[6..12].fill(0); // no answers, authority or additional records
+        let mut out = query.get(..12).map(<[u8]>::to_vec).unwrap_or_else(|| vec![0; 12]);
+        let rd = out[2] & 0x01;
+        out[2] = 0x80 | (out[2] & 0x78) | rd; // QR, opcode kept, RD kept
+        out[3] = 0x80 | 5; // RA, REFUSED
+        out[4..12].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // one question, nothing else
+        for l in &self.qlabels {
+            out.push(l.len() as u8);
+            out.extend_from_slice(l);
         }
+        out.push(0);
+        out.extend_from_slice(&self.qtype.to_be_bytes());
+        out.extend_from_slice(&self.qclass.to_be_bytes());
         out
     }
 }

@@ -132,10 +132,41 @@ pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<
 }
 
 async fn handle(query: Vec<u8>, client: SocketAddrV4, server: SocketAddrV4, provider: &dyn PolicyProvider, log: &dyn AccessLog, replies: &ReplySockets) -> std::io::Result<()> {
-    let started = Instant::now();
     let info = ConnInfo { client, server, ingress: false, udp: true };
+    let reply = replies.get(server)?;
+    let answer = answer(&query, info, provider, log, |q, src_identity| async move {
+        // ask the server, as the client (the mark carries its identity)
+        let up = udp_socket()?;
+        up.set_mark(proxy_mark(src_identity))?;
+        up.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        let up = UdpSocket::from_std(up.into())?;
+        up.send_to(&q, SocketAddr::V4(server)).await?;
+        let mut buf = vec![0u8; 65535];
+        let (n, _) = tokio::time::timeout(UPSTREAM_TIMEOUT, up.recv_from(&mut buf)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not answer"))??;
+        buf.truncate(n);
+        Ok(buf)
+    })
+    .await?;
+    reply.send_to(&answer, client)?;
+    Ok(())
+}
+
+fn proxy_mark(src_identity: u32) -> u32 {
+    let id = if src_identity < 1 << 16 { src_identity } else { cilium_abi::ReservedIdentity::World as u32 };
+    cilium_abi::MARK_MAGIC_PROXY | (id << 16)
+}
+
+/// The answer a client gets to `query`: REFUSED when its rules do not
+/// allow the name, else the server's (asked with `forward`), after the
+/// addresses it names were taught to the agent.
+async fn answer<F, Fut>(query: &[u8], info: ConnInfo, provider: &dyn PolicyProvider, log: &dyn AccessLog, forward: F) -> std::io::Result<Vec<u8>>
+where
+    F: FnOnce(Vec<u8>, u32) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Vec<u8>>>,
+{
+    let started = Instant::now();
     // not DNS: nothing to answer
-    let q = Message::parse(&query).map_err(std::io::Error::other)?;
+    let q = Message::parse(query).map_err(std::io::Error::other)?;
     let policy = provider.policy(&info);
     let allowed = policy.checks.iter().all(|c| match c {
         Check::Denied => false,
@@ -157,28 +188,17 @@ async fn handle(query: Vec<u8>, client: SocketAddrV4, server: SocketAddrV4, prov
         cnames: m.cnames.iter().map(|(_, t)| t.clone()).collect(),
         latency: if response { started.elapsed() } else { Duration::ZERO },
     };
-    let reply = replies.get(server)?;
     if !allowed {
         log.log_dns(record(false, true, &q));
-        let refused = q.refused(&query);
-        reply.send_to(&refused, client)?;
+        let refused = q.refused(query);
         if let Ok(m) = Message::parse(&refused) {
             log.log_dns(record(true, true, &m));
         }
-        return Ok(());
+        return Ok(refused);
     }
     log.log_dns(record(false, false, &q));
-    // ask the server, as the client (the mark carries its identity)
-    let up = udp_socket()?;
-    let id = if policy.src_identity < 1 << 16 { policy.src_identity } else { cilium_abi::ReservedIdentity::World as u32 };
-    up.set_mark(cilium_abi::MARK_MAGIC_PROXY | (id << 16))?;
-    up.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
-    let up = UdpSocket::from_std(up.into())?;
-    up.send_to(&query, SocketAddr::V4(server)).await?;
-    let mut buf = vec![0u8; 65535];
-    let (n, _) = tokio::time::timeout(UPSTREAM_TIMEOUT, up.recv_from(&mut buf)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not answer"))??;
-    let answer = &buf[..n];
-    if let Ok(m) = Message::parse(answer) {
+    let answer = forward(query.to_vec(), policy.src_identity).await?;
+    if let Ok(m) = Message::parse(&answer) {
         if m.id == q.id && m.rcode == 0 && !m.addrs.is_empty() {
             // every name of the chain leads to these addresses
             let ips: Vec<Ipv4Addr> = m.addrs.iter().map(|(_, ip, _)| *ip).collect();
@@ -188,10 +208,69 @@ async fn handle(query: Vec<u8>, client: SocketAddrV4, server: SocketAddrV4, prov
             names.extend(m.addrs.iter().map(|(o, _, _)| o.clone()));
             names.sort();
             names.dedup();
-            provider.learn(client, names.into_iter().map(|n| (n, ips.clone(), ttl)).collect());
+            provider.learn(info.client, names.into_iter().map(|n| (n, ips.clone(), ttl)).collect());
         }
         log.log_dns(record(true, false, &m));
     }
-    reply.send_to(answer, client)?;
-    Ok(())
+    Ok(answer)
+}
+
+/// Binds the DNS proxy's transparent TCP listener on `port` (DNS over TCP:
+/// two-byte length, then the message).
+pub fn listen_tcp(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    crate::server::Proxy::listen(port)
+}
+
+/// Serves DNS over TCP: one upstream connection per client connection.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let (mut conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "DNS proxy accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (Ok(SocketAddr::V4(server)), SocketAddr::V4(client)) = (conn.local_addr(), peer) else { continue };
+        let (provider, log) = (provider.clone(), log.clone());
+        tokio::spawn(async move {
+            let info = ConnInfo { client, server, ingress: false, udp: false };
+            let mut upstream: Option<tokio::net::TcpStream> = None;
+            loop {
+                let mut len = [0u8; 2];
+                if conn.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+                if conn.read_exact(&mut q).await.is_err() {
+                    return;
+                }
+                let up = &mut upstream;
+                let r = answer(&q, info, &*provider, &*log, |q, src_identity| async move {
+                    if up.is_none() {
+                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+                        s.set_mark(proxy_mark(src_identity))?;
+                        s.set_nonblocking(true)?;
+                        let sock = tokio::net::TcpSocket::from_std_stream(s.into());
+                        *up = Some(tokio::time::timeout(UPSTREAM_TIMEOUT, sock.connect(SocketAddr::V4(server))).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not accept"))??);
+                    }
+                    let s = up.as_mut().expect("connected above");
+                    s.write_all(&(q.len() as u16).to_be_bytes()).await?;
+                    s.write_all(&q).await?;
+                    let mut len = [0u8; 2];
+                    tokio::time::timeout(UPSTREAM_TIMEOUT, s.read_exact(&mut len)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not answer"))??;
+                    let mut a = vec![0u8; u16::from_be_bytes(len) as usize];
+                    s.read_exact(&mut a).await?;
+                    Ok(a)
+                })
+                .await;
+                let Ok(a) = r else { return };
+                if conn.write_all(&(a.len() as u16).to_be_bytes()).await.is_err() || conn.write_all(&a).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }

@@ -83,6 +83,12 @@ fn dns_rules_refuse_names_and_to_fqdns_follows_the_answers() {
     // a name the DNS rules do not match is refused by the proxy
     let refused = dig(&lab, &dns, "blocked.org");
     assert!(refused.contains("status: REFUSED"), "{refused}");
+    // DNS over TCP goes through the proxy too
+    let o = lab.lab_output(&["exec", "default/client", "--", "dig", "+tcp", "+time=2", "+tries=1", &format!("@{dns}"), "api.example.com", "A"]);
+    let tcp = String::from_utf8_lossy(&o.stdout);
+    assert!(tcp.contains("status: NOERROR") && tcp.contains("203.0.113.10"), "{tcp}");
+    let o = lab.lab_output(&["exec", "default/client", "--", "dig", "+tcp", "+time=2", "+tries=1", &format!("@{dns}"), "blocked.org", "A"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("status: REFUSED"));
     // allowed to resolve, but not named by toFQDNs: its address stays closed
     assert!(dig(&lab, &dns, "other.example.com").contains("172.30.0.1"));
     assert_eq!(curl_code(&lab, "http://172.30.0.1/"), "000");
