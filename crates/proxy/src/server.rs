@@ -139,11 +139,38 @@ impl Proxy {
             let info = ConnInfo { client, server, ingress, udp: false };
             let (provider, log) = (provider.clone(), log.clone());
             tokio::spawn(async move {
+                // HTTP/2 with prior knowledge (gRPC) starts with its preface
+                let mut head = vec![0u8; crate::h2c::PREFACE.len()];
+                let n = match peek_full(&conn, &mut head).await {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+                if n == head.len() && head == crate::h2c::PREFACE {
+                    let _ = conn.set_nodelay(true);
+                    if let Err(e) = crate::h2c::serve(crate::h2c::Prefixed { head: Vec::new(), stream: conn }, info, provider, log).await {
+                        debug!(client = %info.client, error = %e, "h2c connection ended");
+                    }
+                    return;
+                }
                 if let Err(e) = serve_conn(conn, info, &*provider, &*log).await {
                     debug!(client = %info.client, server = %info.server, error = %e, "proxied connection ended");
                 }
             });
         }
+    }
+}
+
+/// Peeks at the first bytes of a connection (as many as `buf` holds, or
+/// fewer if the client sent fewer and stopped, e.g. an HTTP/1 request
+/// shorter than the preface).
+async fn peek_full(conn: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        let n = conn.peek(buf).await?;
+        if n == 0 || n >= buf.len() || !crate::h2c::PREFACE.starts_with(&buf[..n]) || Instant::now() > deadline {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -239,7 +266,7 @@ impl Side {
 /// Connects to the original destination, marked with the client's identity
 /// so the datapath applies the destination's ingress policy to it as to the
 /// client (and knows the proxy already applied the L7 rules).
-async fn connect_upstream(server: SocketAddrV4, src_identity: u32) -> std::io::Result<TcpStream> {
+pub(crate) async fn connect_upstream(server: SocketAddrV4, src_identity: u32) -> std::io::Result<TcpStream> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     let id = if src_identity < 1 << 16 { src_identity } else { cilium_abi::ReservedIdentity::World as u32 };
     s.set_mark(cilium_abi::MARK_MAGIC_PROXY | (id << 16))?;

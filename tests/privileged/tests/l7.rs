@@ -284,3 +284,61 @@ spec:
     assert_eq!(curl(&lab, "default/frontend", &["-X", "POST", "-H", "X-API-Key: other", &u("/api/v1/users")]).0, "403");
     assert_eq!(curl(&lab, "default/frontend", &["-X", "POST", &u("/api/v1/users")]).0, "403");
 }
+
+/// gRPC over HTTP/2 (h2c): a real gRPC server (hubble-relay's Observer
+/// service) in the server pod and a real gRPC client (the hubble CLI) in
+/// the client pod; the policy allows one method by its path.
+#[test]
+fn grpc_methods_by_path() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: grpc}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts:
+    - ports: [{port: "50051", protocol: TCP}]
+      rules:
+        http:
+        - {method: POST, path: /observer.Observer/ServerStatus}
+"#;
+    let lab = TestLab::up(&[PODS, policy]);
+    let ip = lab.pod_ip("server");
+    let server = lab.pod("server");
+    let relay = bin_dir().join("hubble-relay");
+    // a gRPC server in the server pod (it ends with the pod's namespace)
+    let mut child = Command::new(bin_dir().join("cilium"))
+        .args(["lab", "exec", "--name", &lab.name, &server, "--", relay.to_str().unwrap(), "serve", "--listen-address", &format!("{ip}:50051")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let hubble = bin_dir().join("hubble");
+    let call = |what: &[&str]| {
+        let mut a = vec!["exec", "default/client", "--", hubble.to_str().unwrap()];
+        a.extend_from_slice(what);
+        let server = format!("{ip}:50051");
+        a.extend_from_slice(&["--server", &server, "--timeout", "2s"]);
+        lab.lab_output(&a)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let o = call(&["status"]);
+        if o.status.success() || Instant::now() > deadline {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.status.success(), "ServerStatus is allowed: {}", String::from_utf8_lossy(&status.stderr));
+    assert!(String::from_utf8_lossy(&status.stdout).contains("Healthcheck"));
+    let nodes = call(&["list", "nodes"]);
+    assert!(!nodes.status.success(), "GetNodes is not allowed");
+    let err = String::from_utf8_lossy(&nodes.stderr).to_lowercase();
+    assert!(err.contains("403") || err.contains("forbidden") || err.contains("permission"), "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let flows = hubble_flows(&lab, &["--protocol", "http", "--http-path", "/observer.Observer/.*"]);
+    assert!(flows.iter().any(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/observer.Observer/GetNodes")) && f["verdict"] == "DROPPED" && f["l7"]["http"]["protocol"] == "HTTP/2"), "{flows:#?}");
+}
