@@ -7,6 +7,7 @@
 //! processing are pinned to one CPU. Writes BENCHMARKS.md.
 
 mod hubble;
+mod l7;
 mod services;
 
 use std::io::{Read, Write};
@@ -42,7 +43,7 @@ struct Args {
     /// Seconds per service measurement.
     #[arg(long, default_value_t = 2)]
     service_seconds: u64,
-    /// Run one part only: pods, services or hubble.
+    /// Run one part only: pods, services, hubble or l7.
     #[arg(long)]
     only: Option<String>,
 }
@@ -293,13 +294,14 @@ fn main() -> anyhow::Result<()> {
     }
     cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
     if let Some(o) = &a.only {
-        if o != "pods" && o != "services" && o != "hubble" {
-            bail!("--only {o:?}: want pods, services or hubble");
+        if !["pods", "services", "hubble", "l7"].contains(&o.as_str()) {
+            bail!("--only {o:?}: want pods, services, hubble or l7");
         }
     }
     let part = |p: &str| a.only.as_deref().is_none_or(|o| o == p);
     let pods_md = if part("pods") { Some(pods(&a, &logs, &bin)?) } else { None };
     let hubble_md = if part("hubble") { Some(hubble::run(a.rounds, a.seconds, &logs, &bin)?) } else { None };
+    let l7_md = if part("l7") { Some(l7::run(a.rounds, a.seconds, &logs, &bin)?) } else { None };
     let svc_opts = services::Options { counts: a.service_counts.clone(), rounds: a.service_rounds, seconds: a.service_seconds };
     let svc_md = if part("services") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
 
@@ -327,6 +329,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(h) = hubble_md {
         md.push('\n');
         md.push_str(&h);
+    }
+    if let Some(l) = l7_md {
+        md.push('\n');
+        md.push_str(&l);
     }
     if let Some(s) = svc_md {
         md.push('\n');

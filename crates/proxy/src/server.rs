@@ -190,12 +190,10 @@ impl Side {
                     return Ok(Some(h));
                 }
             }
-            let mut tmp = [0u8; READ_CHUNK];
-            let n = self.s.read(&mut tmp).await?;
+            let n = self.read_more().await?;
             if n == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(ConnError::Truncated) };
             }
-            self.buf.extend_from_slice(&tmp[..n]);
         }
     }
 
@@ -241,25 +239,36 @@ impl Side {
                         t.write_all(&self.buf).await?;
                     }
                     self.buf.clear();
-                    let mut tmp = [0u8; READ_CHUNK];
-                    let n = self.s.read(&mut tmp).await?;
-                    if n == 0 {
+                    if self.read_more().await? == 0 {
                         return Ok(());
                     }
-                    self.buf.extend_from_slice(&tmp[..n]);
                 }
             }
         }
     }
 
     async fn fill(&mut self) -> Result<(), ConnError> {
-        let mut tmp = [0u8; READ_CHUNK];
-        let n = self.s.read(&mut tmp).await?;
-        if n == 0 {
+        if self.read_more().await? == 0 {
             return Err(ConnError::Truncated);
         }
-        self.buf.extend_from_slice(&tmp[..n]);
         Ok(())
+    }
+
+    /// Reads what is available into the buffer's spare room (no copy
+    /// through the stack, so an idle connection's task stays small).
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.s.read_buf(&mut self.buf).await
+    }
+
+    /// Gives the buffer back when nothing is pending (idle connections
+    /// then hold no buffer memory).
+    fn release(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = Vec::new();
+        }
     }
 }
 
@@ -283,7 +292,7 @@ fn version(v: u8) -> String {
 
 async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvider, log: &dyn AccessLog) -> Result<(), ConnError> {
     let _ = conn.set_nodelay(true);
-    let mut client = Side { s: conn, buf: Vec::with_capacity(4096) };
+    let mut client = Side { s: conn, buf: Vec::new() };
     let mut upstream: Option<Side> = None;
     loop {
         let mut req = match client.head(Request::parse).await {
@@ -348,7 +357,7 @@ async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvid
         log.log(record(false, false, 0, Duration::ZERO, &req));
         if upstream.is_none() {
             match connect_upstream(info.server, policy.src_identity).await {
-                Ok(s) => upstream = Some(Side { s, buf: Vec::with_capacity(4096) }),
+                Ok(s) => upstream = Some(Side { s, buf: Vec::new() }),
                 Err(e) => {
                     warn!(server = %info.server, error = %e, "proxy cannot reach the destination");
                     client.body(framing, None).await?;
@@ -359,7 +368,17 @@ async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvid
             }
         }
         let up = upstream.as_mut().expect("connected above");
-        up.s.write_all(&req.encode()).await?;
+        let mut head = req.encode();
+        let framing = match framing {
+            Framing::Length(n) => {
+                let take = (n.min(client.buf.len() as u64)) as usize;
+                head.extend_from_slice(&client.buf[..take]);
+                client.buf.drain(..take);
+                Framing::Length(n - take as u64)
+            }
+            f => f,
+        };
+        up.s.write_all(&head).await?;
         client.body(framing, Some(&mut up.s)).await?;
         // the response, after any interim (1xx) ones
         let resp = loop {
@@ -371,7 +390,25 @@ async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvid
             break resp;
         };
         log.log(record(true, false, resp.code, started.elapsed(), &req));
-        client.s.write_all(&encode_response(&resp)).await?;
+        // the head and the body bytes already read go out in one write
+        let mut out = encode_response(&resp);
+        if resp.code != 101 {
+            if let Framing::Length(n) = resp.framing(&req.method)? {
+                let take = (n.min(up.buf.len() as u64)) as usize;
+                out.extend_from_slice(&up.buf[..take]);
+                up.buf.drain(..take);
+                let rest = n - take as u64;
+                client.s.write_all(&out).await?;
+                up.body(Framing::Length(rest), Some(&mut client.s)).await?;
+                if close || resp.wants_close() {
+                    return Ok(());
+                }
+                client.release();
+                up.release();
+                continue;
+            }
+        }
+        client.s.write_all(&out).await?;
         if resp.code == 101 {
             // protocol switch: from here on, bytes both ways
             client.s.write_all(&up.buf).await?;
@@ -384,6 +421,8 @@ async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvid
         if close || resp.wants_close() || rframing == Framing::Close {
             return Ok(());
         }
+        client.release();
+        up.release();
     }
 }
 
