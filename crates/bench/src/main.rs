@@ -287,6 +287,10 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    // the tree as the measured binaries were built from it (scripts/bench.sh
+    // builds right before this runs)
+    let rev = sh("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default().trim().to_string();
+    let dirty = !sh("git", &["status", "--porcelain", "--untracked-files=no"]).unwrap_or_default().trim().is_empty();
     let logs = tempdir()?;
     let bin = bin_dir();
     if !Path::new("/usr/bin/iperf3").exists() {
@@ -305,8 +309,6 @@ fn main() -> anyhow::Result<()> {
     let svc_opts = services::Options { counts: a.service_counts.clone(), rounds: a.service_rounds, seconds: a.service_seconds };
     let svc_md = if part("services") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
 
-    let rev = sh("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_default().trim().to_string();
-    let dirty = !sh("git", &["status", "--porcelain"]).unwrap_or_default().trim().is_empty();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
@@ -338,10 +340,50 @@ fn main() -> anyhow::Result<()> {
         md.push('\n');
         md.push_str(&s);
     }
+    // one part of an existing report: replace its sections, keep the rest
+    if a.only.is_some() {
+        if let Ok(old) = std::fs::read_to_string(&a.out) {
+            let body = md.split_once("- Machine:").and_then(|(_, rest)| rest.split_once("\n\n")).map(|(_, b)| b.to_string()).unwrap_or_default();
+            let note = format!("_This section was measured on {date} at {rev}{} ({ncpu} vCPU, kernel {kernel}); the rest of the file comes from the run named at the top._\n\n", if dirty { " with uncommitted changes" } else { "" });
+            md = merge_sections(&old, &body, &note);
+        }
+    }
     std::fs::write(&a.out, md)?;
     eprintln!("bench: wrote {}", a.out.display());
     print!("{}", std::fs::read_to_string(&a.out)?);
     Ok(())
+}
+
+/// Replaces (or appends) the `## ` sections of `new` in `old`, each marked
+/// with `note`.
+fn merge_sections(old: &str, new: &str, note: &str) -> String {
+    let mut out = old.to_string();
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in new.lines() {
+        if line.starts_with("## ") {
+            sections.push((line.to_string(), String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    for (heading, body) in sections {
+        let body = body.trim_start_matches('\n');
+        let body = body.lines().filter(|l| !l.starts_with("_This section was measured")).collect::<Vec<_>>().join("\n");
+        let text = format!("{heading}\n\n{note}{}\n", body.trim_end());
+        match out.find(&format!("\n{heading}\n")) {
+            Some(start) => {
+                let from = start + 1;
+                let end = out[from + heading.len()..].find("\n## ").map(|i| from + heading.len() + i + 1).unwrap_or(out.len());
+                out.replace_range(from..end, &format!("{text}\n"));
+            }
+            None => {
+                out.push('\n');
+                out.push_str(&text);
+            }
+        }
+    }
+    out
 }
 
 /// Pod to pod, the agent with many endpoints, policy computation.
