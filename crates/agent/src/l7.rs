@@ -134,16 +134,70 @@ impl AccessLog for NoLog {
     fn log(&self, _: AccessRecord) {}
 }
 
-/// Binds the proxy's listeners (HTTP ingress and egress) and serves them.
-pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) -> anyhow::Result<()> {
+/// The running proxy: what to hand to the next agent when stopping.
+pub struct L7Handle {
+    drain: Arc<cilium_proxy::handoff::Drain>,
+    tcp: Vec<tokio::task::JoinHandle<(u16, tokio::net::TcpListener)>>,
+    udp: Vec<tokio::task::JoinHandle<(u16, tokio::net::UdpSocket)>>,
+}
+
+impl L7Handle {
+    /// Stops accepting, lets connections reach their next idle point, and
+    /// hands listeners and idle connections to a holder for the next agent.
+    pub async fn hand_over(self, socket: &std::path::Path) -> anyhow::Result<()> {
+        self.drain.begin();
+        let mut h = crate::handoff::Handover::default();
+        for j in self.tcp {
+            let (port, l) = j.await?;
+            h.tcp.push((port, l.into_std()?));
+        }
+        for j in self.udp {
+            let (port, u) = j.await?;
+            h.udp.push((port, u.into_std()?));
+        }
+        h.conns = self.drain.parked(std::time::Duration::from_secs(3)).await;
+        crate::handoff::hand_over(h, socket)
+    }
+}
+
+fn tcp_listener(inherited: &mut crate::handoff::Inherited, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    match inherited.tcp.remove(&port) {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            Ok(tokio::net::TcpListener::from_std(l)?)
+        }
+        None => Proxy::listen(port).with_context(|| format!("binding the L7 proxy to TCP port {port} (see --enable-l7-proxy)")),
+    }
+}
+
+/// Binds (or takes over from the previous agent) the proxy's listeners —
+/// HTTP ingress and egress, DNS over UDP and TCP — resumes the connections
+/// the previous agent parked, and serves them all.
+pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, mut inherited: crate::handoff::Inherited) -> anyhow::Result<L7Handle> {
+    let drain = Proxy::drain();
+    let mut tcp = Vec::new();
     for (port, ingress) in [(cilium_abi::PROXY_PORT_HTTP_INGRESS, true), (cilium_abi::PROXY_PORT_HTTP_EGRESS, false)] {
-        let l = Proxy::listen(port).with_context(|| format!("binding the L7 proxy to port {port} (see --enable-l7-proxy)"))?;
-        tokio::spawn(Proxy::serve(l, ingress, provider.clone(), log.clone()));
+        let l = tcp_listener(&mut inherited, port)?;
+        let (p, lg, d) = (provider.clone(), log.clone(), drain.clone());
+        tcp.push(tokio::spawn(async move { (port, Proxy::serve(l, ingress, p, lg, d).await) }));
     }
     let port = cilium_abi::PROXY_PORT_DNS;
-    let dns = cilium_proxy::dns_server::listen(port).with_context(|| format!("binding the DNS proxy to UDP port {port} (see --enable-l7-proxy)"))?;
-    tokio::spawn(cilium_proxy::dns_server::serve(dns, provider.clone(), log.clone()));
-    let dns_tcp = cilium_proxy::dns_server::listen_tcp(port).with_context(|| format!("binding the DNS proxy to TCP port {port} (see --enable-l7-proxy)"))?;
-    tokio::spawn(cilium_proxy::dns_server::serve_tcp(dns_tcp, provider, log));
-    Ok(())
+    let dns = match inherited.udp.remove(&port) {
+        Some(u) => {
+            u.set_nonblocking(true)?;
+            tokio::net::UdpSocket::from_std(u)?
+        }
+        None => cilium_proxy::dns_server::listen(port).with_context(|| format!("binding the DNS proxy to UDP port {port} (see --enable-l7-proxy)"))?,
+    };
+    let (p, lg, d) = (provider.clone(), log.clone(), drain.clone());
+    let udp = vec![tokio::spawn(async move { (port, cilium_proxy::dns_server::serve(dns, p, lg, d).await) })];
+    let dns_tcp = tcp_listener(&mut inherited, port)?;
+    let (p, lg, d) = (provider.clone(), log.clone(), drain.clone());
+    tcp.push(tokio::spawn(async move { (port, cilium_proxy::dns_server::serve_tcp(dns_tcp, p, lg, d).await) }));
+    for c in std::mem::take(&mut inherited.conns) {
+        if let Err(e) = Proxy::resume(c, provider.clone(), log.clone(), drain.clone()) {
+            tracing::warn!(error = %e, "resuming a handed-over connection");
+        }
+    }
+    Ok(L7Handle { drain, tcp, udp })
 }

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod handoff;
 pub mod hubble;
 pub mod l7;
 pub mod metrics;

@@ -1,6 +1,14 @@
 //! cilium-agent: parse and validate the configuration, set up logging, run.
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("proxy-handoff-holder") {
+        // the process that keeps the L7 proxy's sockets between two agents
+        if let Err(e) = cilium_agent::handoff::hold() {
+            eprintln!("cilium-agent proxy-handoff-holder: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let settings = match cilium_agent::config::load(std::env::args().collect()) {
         Ok(s) => s,
         Err(e) => {

@@ -136,13 +136,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         .await?;
     }
     let maker = Arc::new(FlowMaker::new(changes.clone()));
+    let mut l7 = None;
     if s.l7_proxy {
         let provider = Arc::new(crate::l7::Provider::new(daemon.clone(), changes.clone()));
         let log: Arc<dyn cilium_proxy::AccessLog> = match &hubble {
             Some(h) => Arc::new(crate::l7::HubbleLog { hubble: h.clone(), maker: maker.clone(), daemon: daemon.clone() }),
             None => Arc::new(crate::l7::NoLog),
         };
-        crate::l7::start(provider, log)?;
+        let inherited = crate::handoff::receive(&handoff_socket(&s.state_dir));
+        l7 = Some(crate::l7::start(provider, log, inherited)?);
     }
     tokio::spawn(monitor_events(events, tx, hubble.map(|h| (h, maker, daemon.clone()))));
     tokio::spawn(ct_gc(daemon.clone()));
@@ -158,6 +160,12 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let app = router(state);
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
     server.await.context("API server")?;
+    if let Some(h) = l7 {
+        // idle proxied connections and the listeners survive the restart
+        if let Err(e) = h.hand_over(&handoff_socket(&s.state_dir)).await {
+            warn!(error = %e, "handing the L7 proxy's sockets over");
+        }
+    }
     flush_services(&daemon, &store);
     let _ = std::fs::remove_file(&s.socket_path);
     info!("stopped; the datapath keeps enforcing");
@@ -204,6 +212,11 @@ fn boot_to_unix_ns() -> u64 {
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0);
     now.saturating_sub(boot)
+}
+
+/// Where a stopping agent offers its proxy sockets to the next one.
+fn handoff_socket(state_dir: &Path) -> PathBuf {
+    state_dir.join("proxy-handoff.sock")
 }
 
 /// Waits (briefly) until a just-spawned server's socket exists.

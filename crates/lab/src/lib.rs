@@ -934,8 +934,15 @@ pub fn down(name: &str) -> anyhow::Result<Vec<String>> {
             sys::stop(*pid, Duration::from_secs(5));
         }
     }
-    if !pids.is_empty() {
-        done.push(format!("stopped {} processes", pids.len()));
+    // a stopping agent hands its proxy sockets to a holder process it
+    // starts on the way out: take those too
+    let late: Vec<u32> = sys::processes_in(&namespaces).into_iter().filter(|p| *p != std::process::id() && !pids.contains(p)).collect();
+    for pid in &late {
+        sys::stop(*pid, Duration::from_secs(2));
+    }
+    let stopped = pids.len() + late.len();
+    if stopped > 0 {
+        done.push(format!("stopped {stopped} processes"));
     }
     for ns in &namespaces {
         sys::netns_delete(ns);

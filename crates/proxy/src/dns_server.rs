@@ -98,12 +98,15 @@ impl ReplySockets {
     }
 }
 
-/// Serves the DNS proxy socket forever.
-pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) {
+/// Serves the DNS proxy socket until `drain` begins; returns it then.
+pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<crate::handoff::Drain>) -> UdpSocket {
     let sock = Arc::new(sock);
     let replies = Arc::new(ReplySockets::default());
     let mut buf = vec![0u8; 65535];
     loop {
+        if drain.stopping() {
+            return Arc::try_unwrap(sock).unwrap_or_else(|_| unreachable!("only this loop holds the socket"));
+        }
         let got = async {
             loop {
                 sock.readable().await?;
@@ -113,7 +116,11 @@ pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<
                 }
             }
         }
-        .await;
+        ;
+        let got = tokio::select! {
+            g = got => g,
+            _ = drain.stopped() => continue,
+        };
         let (n, client, server) = match got {
             Ok(x) => x,
             Err(e) => {
@@ -221,11 +228,16 @@ pub fn listen_tcp(port: u16) -> std::io::Result<tokio::net::TcpListener> {
     crate::server::Proxy::listen(port)
 }
 
-/// Serves DNS over TCP: one upstream connection per client connection.
-pub async fn serve_tcp(listener: tokio::net::TcpListener, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) {
+/// Serves DNS over TCP (one upstream connection per client connection)
+/// until `drain` begins; returns the listener then.
+pub async fn serve_tcp(listener: tokio::net::TcpListener, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<crate::handoff::Drain>) -> tokio::net::TcpListener {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
-        let (mut conn, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = drain.stopped() => return listener,
+        };
+        let (mut conn, peer) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "DNS proxy accept");

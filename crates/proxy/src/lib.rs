@@ -17,6 +17,7 @@
 pub mod dns;
 pub mod dns_server;
 pub mod h2c;
+pub mod handoff;
 pub mod http;
 pub mod rules;
 pub mod server;

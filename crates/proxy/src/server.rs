@@ -9,6 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::http::{Chunked, Framing, HttpError, Request, Response, access_denied, error_response};
+use crate::handoff::{Drain, Parked};
 use crate::rules::{Check, Verdict};
 
 /// One proxied connection, as the datapath handed it over.
@@ -124,10 +125,40 @@ impl Proxy {
         TcpListener::from_std(s.into())
     }
 
-    /// Accepts and serves connections forever.
-    pub async fn serve(listener: TcpListener, ingress: bool, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>) {
+    /// A fresh stop signal for the listeners and connections of one agent.
+    pub fn drain() -> Arc<Drain> {
+        Arc::new(Drain::default())
+    }
+
+    /// Serves a connection a previous agent parked (between requests).
+    pub fn resume(p: Parked, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<Drain>) -> std::io::Result<()> {
+        p.client.set_nonblocking(true)?;
+        let client = TcpStream::from_std(p.client)?;
+        let upstream = match p.upstream {
+            Some(u) => {
+                u.set_nonblocking(true)?;
+                Some(TcpStream::from_std(u)?)
+            }
+            None => None,
+        };
+        let info = p.info;
+        tokio::spawn(async move {
+            if let Err(e) = serve_conn(client, upstream, info, &*provider, &*log, &drain).await {
+                debug!(client = %info.client, server = %info.server, error = %e, "resumed connection ended");
+            }
+        });
+        Ok(())
+    }
+
+    /// Accepts and serves connections until `drain` begins; returns the
+    /// listener then (for the next agent).
+    pub async fn serve(listener: TcpListener, ingress: bool, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<Drain>) -> TcpListener {
         loop {
-            let (conn, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = drain.stopped() => return listener,
+            };
+            let (conn, peer) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(error = %e, "proxy accept");
@@ -137,7 +168,7 @@ impl Proxy {
             };
             let (Ok(SocketAddr::V4(server)), SocketAddr::V4(client)) = (conn.local_addr(), peer) else { continue };
             let info = ConnInfo { client, server, ingress, udp: false };
-            let (provider, log) = (provider.clone(), log.clone());
+            let (provider, log, drain) = (provider.clone(), log.clone(), drain.clone());
             tokio::spawn(async move {
                 // HTTP/2 with prior knowledge (gRPC) starts with its preface
                 let mut head = vec![0u8; crate::h2c::PREFACE.len()];
@@ -152,7 +183,7 @@ impl Proxy {
                     }
                     return;
                 }
-                if let Err(e) = serve_conn(conn, info, &*provider, &*log).await {
+                if let Err(e) = serve_conn(conn, None, info, &*provider, &*log, &drain).await {
                     debug!(client = %info.client, server = %info.server, error = %e, "proxied connection ended");
                 }
             });
@@ -290,11 +321,28 @@ fn version(v: u8) -> String {
     format!("HTTP/1.{v}")
 }
 
-async fn serve_conn(conn: TcpStream, info: ConnInfo, provider: &dyn PolicyProvider, log: &dyn AccessLog) -> Result<(), ConnError> {
+async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo, provider: &dyn PolicyProvider, log: &dyn AccessLog, drain: &Drain) -> Result<(), ConnError> {
+    let _active = drain.enter();
     let _ = conn.set_nodelay(true);
     let mut client = Side { s: conn, buf: Vec::new() };
-    let mut upstream: Option<Side> = None;
+    let mut upstream: Option<Side> = upstream.map(|s| Side { s, buf: Vec::new() });
     loop {
+        // between requests: a stopping agent parks the connection here
+        if client.buf.is_empty() && upstream.as_ref().is_none_or(|u| u.buf.is_empty()) {
+            let idle = tokio::select! {
+                biased;
+                _ = drain.stopped() => true,
+                r = client.s.readable() => { r?; false }
+            };
+            if idle && client.buf.is_empty() {
+                let up = match upstream.take() {
+                    Some(u) => Some(u.s.into_std()?),
+                    None => None,
+                };
+                drain.park(Parked { info, client: client.s.into_std()?, upstream: up });
+                return Ok(());
+            }
+        }
         let mut req = match client.head(Request::parse).await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),

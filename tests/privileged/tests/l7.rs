@@ -342,3 +342,50 @@ spec:
     let flows = hubble_flows(&lab, &["--protocol", "http", "--http-path", "/observer.Observer/.*"]);
     assert!(flows.iter().any(|f| f["l7"]["http"]["url"].as_str().is_some_and(|u| u.ends_with("/observer.Observer/GetNodes")) && f["verdict"] == "DROPPED" && f["l7"]["http"]["protocol"] == "HTTP/2"), "{flows:#?}");
 }
+
+/// One request on an open connection; returns the status and the body.
+fn exchange(s: &mut std::net::TcpStream, path: &str) -> (u16, String) {
+    use std::io::{BufRead, BufReader};
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: server\r\n\r\n").as_bytes()).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).expect("a status line");
+    let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("status line {line:?}"));
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Upstream resets proxied connections when its proxy restarts (cilium
+/// #12308). Here an idle keep-alive connection through the proxy carries on
+/// across an agent restart, still under the L7 rules.
+#[test]
+fn idle_proxied_connections_survive_an_agent_restart() {
+    let lab = TestLab::up(&[PODS, SERVER_POLICY]);
+    let ip = lab.pod_ip("server");
+    let mut s = lab.connect_from("default/client", SocketAddr::from((ip, 80))).expect("connect");
+    let (code, body) = exchange(&mut s, "/public/before");
+    assert_eq!(code, 200, "{body}");
+    lab.lab(&["agent", "restart"]);
+    let (code, body) = exchange(&mut s, "/public/after");
+    assert_eq!(code, 200, "the same connection after the restart: {body}");
+    assert!(body.contains("/public/after"));
+    assert_eq!(exchange(&mut s, "/private").0, 403, "still under the rules");
+    // and a second restart, with the connection still open
+    lab.lab(&["agent", "restart"]);
+    assert_eq!(exchange(&mut s, "/public/again").0, 200);
+    // new connections work too
+    assert_eq!(curl(&lab, "default/client", &[&format!("http://{ip}/public/new")]).0, "200");
+}
