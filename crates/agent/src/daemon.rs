@@ -1077,13 +1077,76 @@ impl<D: Datapath> Daemon<D> {
             req.dport,
             self.cfg.policy,
         );
+        let mut allowed = t.verdict == cilium_policy::trace::Verdict::Allowed;
+        let mut rendered = t.render(&format!("[{sl}]"), &format!("[{dl}]"));
+        if let (Some(h), true) = (&req.http, allowed) {
+            let (ok, text) = self.trace_http(h, (&sl, s_ep), (&dl, d_ep), &dp, protocol, req.dport);
+            allowed = ok;
+            rendered.push_str(&text);
+        }
         Ok(cilium_api::PolicyTraceResponse {
             src_labels: sl.to_strings(),
             dst_labels: dl.to_strings(),
-            verdict: if t.verdict == cilium_policy::trace::Verdict::Allowed { "ALLOWED" } else { "DENIED" }.to_string(),
-            rendered: t.render(&format!("[{sl}]"), &format!("[{dl}]")),
+            verdict: if allowed { "ALLOWED" } else { "DENIED" }.to_string(),
+            rendered,
             trace: serde_json::to_value(&t).expect("trace serializes"),
         })
+    }
+
+    /// The L7 part of a trace: an HTTP request against the HTTP rules of
+    /// the source's egress and the destination's ingress, rule by rule.
+    fn trace_http(
+        &self,
+        h: &cilium_api::TraceHttp,
+        src: (&LabelSet, bool),
+        dst: (&LabelSet, bool),
+        dst_ports: &NamedPorts,
+        protocol: Protocol,
+        port: u16,
+    ) -> (bool, String) {
+        use cilium_policy::trace::{L7Policy, l7_policy};
+        let mut headers: Vec<(String, Vec<u8>)> = h.headers.iter().filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().as_bytes().to_vec())).collect();
+        if !h.host.is_empty() {
+            headers.push(("host".into(), h.host.clone().into_bytes()));
+        }
+        let request = cilium_proxy::http::Request { method: h.method.to_ascii_uppercase(), target: h.path.clone(), version: 1, headers };
+        let mut out = format!("\nHTTP {} {}:\n", request.method, request.target);
+        let mut allowed = true;
+        for (name, labels, peer, egress, is_ep) in [("Egress of the source", src.0, dst.0, true, src.1), ("Ingress of the destination", dst.0, src.0, false, dst.1)] {
+            if !is_ep {
+                continue;
+            }
+            match l7_policy(self.repo.rules(), labels, peer, egress, protocol, port, dst_ports, self.cfg.policy) {
+                L7Policy::Unrestricted => out.push_str(&format!("  {name}: no HTTP rules apply\n")),
+                L7Policy::Denied => {
+                    allowed = false;
+                    out.push_str(&format!("  {name}: not allowed at L3/L4\n"));
+                }
+                L7Policy::Dns(_) => out.push_str(&format!("  {name}: DNS rules apply to this port, not HTTP ones\n")),
+                L7Policy::Http(rules) => {
+                    let mut any = false;
+                    for r in &rules {
+                        let mut req = request.clone();
+                        let desc = format!(
+                            "{}{}{}{}",
+                            r.method.as_deref().map(|m| format!("method {m} ")).unwrap_or_default(),
+                            r.path.as_deref().map(|p| format!("path {p} ")).unwrap_or_default(),
+                            r.host.as_deref().map(|p| format!("host {p} ")).unwrap_or_default(),
+                            if r.headers.is_empty() { String::new() } else { format!("headers {:?} ", r.headers) },
+                        );
+                        let hit = cilium_proxy::HttpRules::compile(std::slice::from_ref(r)).map(|c| matches!(c.check(&mut req), cilium_proxy::rules::Verdict::Allowed(_))).unwrap_or(false);
+                        any |= hit;
+                        out.push_str(&format!("  {name}: rule {}{}\n", if desc.is_empty() { "(any request) ".into() } else { desc }, if hit { "MATCHES" } else { "does not match" }));
+                    }
+                    if !any {
+                        allowed = false;
+                        out.push_str(&format!("  => {name}: no HTTP rule matches: the proxy answers 403 Access denied\n"));
+                    }
+                }
+            }
+        }
+        out.push_str(&format!("\nFinal verdict with the HTTP request: {}\n", if allowed { "ALLOWED" } else { "DENIED" }));
+        (allowed, out)
     }
 
     // ------------------------------------------------------------ views ---

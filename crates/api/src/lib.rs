@@ -279,6 +279,22 @@ pub struct PolicyTraceRequest {
     pub protocol: String,
     /// Destination port (ICMP: type).
     pub dport: u16,
+    /// An HTTP request to check against L7 rules too (method, path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<TraceHttp>,
+}
+
+/// The HTTP request of a trace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceHttp {
+    pub method: String,
+    /// The request target (path and query).
+    pub path: String,
+    #[serde(default)]
+    pub host: String,
+    /// "Name: value" headers.
+    #[serde(default)]
+    pub headers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

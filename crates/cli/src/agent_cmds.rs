@@ -96,6 +96,18 @@ pub struct TraceArgs {
     /// Destination port and protocol: `80`, `80/TCP`, `53/UDP`, `8/ICMP`.
     #[arg(long, default_value = "0/TCP")]
     dport: String,
+    /// Also check an HTTP request against L7 rules: its method...
+    #[arg(long)]
+    http_method: Option<String>,
+    /// ...and path (with --http-method).
+    #[arg(long)]
+    http_path: Option<String>,
+    /// Host header of the HTTP request.
+    #[arg(long, default_value = "")]
+    http_host: String,
+    /// Headers of the HTTP request, "Name: value", repeatable.
+    #[arg(long = "http-header")]
+    http_headers: Vec<String>,
     #[arg(short, long, default_value = "text")]
     output: String,
 }
@@ -417,6 +429,10 @@ pub async fn policy(c: &Client, cmd: PolicyCmd) -> anyhow::Result<i32> {
                 dst: cilium_api::TraceParty { pod: t.dst_k8s_pod, identity: t.dst_identity, labels: t.dst },
                 protocol: proto,
                 dport,
+                http: match (t.http_method, t.http_path) {
+                    (None, None) => None,
+                    (m, p) => Some(cilium_api::TraceHttp { method: m.unwrap_or_else(|| "GET".into()), path: p.unwrap_or_else(|| "/".into()), host: t.http_host, headers: t.http_headers }),
+                },
             };
             let r: cilium_api::PolicyTraceResponse = c.call("POST", "/v1/policy/trace", Some(&req)).await?;
             if t.output == "json" {

@@ -202,6 +202,14 @@ fn l7_policy_survives_an_agent_restart_and_follows_policy_changes() {
     // and the trace explains it
     let t = lab.cilium_ok(&["policy", "trace", "--src-k8s-pod", "default:client", "--dst-k8s-pod", &format!("default:{}", lab.pod("server").split('/').nth(1).unwrap()), "--dport", "80/TCP"]);
     assert!(t.contains("HTTP rules") && t.contains("ALLOWED"), "{t}");
+    // with an HTTP request: each rule says whether it matches
+    let server = format!("default:{}", lab.pod("server").split('/').nth(1).unwrap());
+    let t = lab.cilium_ok(&["policy", "trace", "--src-k8s-pod", "default:client", "--dst-k8s-pod", &server, "--dport", "80/TCP", "--http-method", "GET", "--http-path", "/open/x"]);
+    assert!(t.contains("path /open/.* MATCHES") && t.contains("Final verdict with the HTTP request: ALLOWED"), "{t}");
+    let out = lab.cilium(&["policy", "trace", "--src-k8s-pod", "default:client", "--dst-k8s-pod", &server, "--dport", "80/TCP", "--http-method", "GET", "--http-path", "/public/x"]);
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a denied request is a DENIED trace");
+    assert!(t.contains("does not match") && t.contains("403 Access denied") && t.contains("Final verdict with the HTTP request: DENIED"), "{t}");
 }
 
 const SEED_004_BOOKSTORE: &str = include_str!("../../../examples/seed-004/bookstore.yaml");
