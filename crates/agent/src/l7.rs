@@ -30,11 +30,14 @@ pub struct Provider {
     daemon: Arc<Mutex<Daemon<Loaded>>>,
     changes: Arc<AtomicU64>,
     cached: Mutex<Cached>,
+    /// (name, address) -> when what was last taught expires (by the
+    /// answer's TTL), to skip the daemon for answers it already knows.
+    learned: Mutex<HashMap<(String, std::net::Ipv4Addr), u64>>,
 }
 
 impl Provider {
     pub fn new(daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<AtomicU64>) -> Provider {
-        Provider { daemon, changes, cached: Mutex::new(Cached { seen: 0, snapshot: Arc::new(ProxySnapshot::default()), policies: HashMap::new() }) }
+        Provider { daemon, changes, cached: Mutex::new(Cached { seen: 0, snapshot: Arc::new(ProxySnapshot::default()), policies: HashMap::new() }), learned: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -63,6 +66,22 @@ impl PolicyProvider for Provider {
 
     fn learn(&self, client: SocketAddrV4, learned: cilium_proxy::Learned) {
         let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        {
+            // already known, and not expiring soon: nothing to tell the daemon
+            let mut known = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+            let fresh = learned.iter().all(|(n, ips, ttl)| ips.iter().all(|ip| known.get(&(n.clone(), *ip)).is_some_and(|exp| *exp > now + u64::from(*ttl) / 2 + 1)));
+            if fresh {
+                return;
+            }
+            if known.len() > CACHE {
+                known.clear();
+            }
+            for (n, ips, ttl) in &learned {
+                for ip in ips {
+                    known.insert((n.clone(), *ip), now + u64::from(*ttl));
+                }
+            }
+        }
         let mut d = self.daemon.lock().unwrap_or_else(|p| p.into_inner());
         if let Err(e) = d.fqdn_learn(learned, now) {
             tracing::warn!(%client, error = %e, "applying what a DNS answer taught");

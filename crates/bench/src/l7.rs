@@ -1,4 +1,5 @@
-//! The L7 proxy's cost: HTTP request/response over one keep-alive
+//! The L7 proxy's cost: DNS queries through the DNS proxy against the same
+//! path without DNS rules (dnsperf and a latency loop); HTTP request/response over one keep-alive
 //! connection through an L7 allow rule (our proxy), against the same path
 //! with only L4 policy (no proxy), and against nginx as a plain reverse
 //! proxy on the node (a well-known anchor); client, server, agent and nginx
@@ -39,6 +40,163 @@ spec:
 "#;
 
 const NGINX_PORT: u16 = 8081;
+
+/// Two clients of one DNS server pod: one through DNS rules (the DNS proxy),
+/// one with the same L4 policy and no DNS rules.
+const DNS_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {containers: [{name: dns}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: l4, labels: {app: l4}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: l7, labels: {app: l7}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l4}
+spec:
+  endpointSelector: {matchLabels: {app: l4}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts: [{ports: [{port: "53", protocol: UDP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: l7}
+spec:
+  endpointSelector: {matchLabels: {app: l7}}
+  egress:
+  - toEndpoints: [{matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}}]
+    toPorts:
+    - ports: [{port: "53", protocol: UDP}]
+      rules:
+        dns: [{matchPattern: "*"}]
+"#;
+
+/// Sequential queries (one outstanding) for `secs`: (p50 µs, p99 µs).
+fn dns_latency(netns: &str, server: SocketAddr, secs: u64) -> anyhow::Result<(f64, f64)> {
+    crate::in_ns(netns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.connect(server)?;
+        let mut q = vec![0u8, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for l in ["bench", "example", "com"] {
+            q.push(l.len() as u8);
+            q.extend_from_slice(l.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let mut buf = [0u8; 512];
+        let mut lat = Vec::new();
+        let start = Instant::now();
+        let mut id: u16 = 0;
+        while start.elapsed() < Duration::from_secs(secs) {
+            id = id.wrapping_add(1);
+            q[0..2].copy_from_slice(&id.to_be_bytes());
+            let t = Instant::now();
+            s.send(&q)?;
+            loop {
+                let n = s.recv(&mut buf)?;
+                if n >= 2 && buf[0..2] == id.to_be_bytes() {
+                    break;
+                }
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok((percentile(lat.clone(), 0.5), percentile(lat, 0.99)))
+    })
+}
+
+/// dnsperf's queries per second from inside `netns`, pinned to CPU 0.
+fn dnsperf(netns: &str, server: std::net::Ipv4Addr, secs: u64, logs: &Path) -> anyhow::Result<f64> {
+    let data = logs.join("dnsperf.txt");
+    std::fs::write(&data, "bench.example.com A\n")?;
+    let out = cilium_lab::sys::command_in(netns, None, "taskset")?
+        .args(["-c", "0", "dnsperf", "-s", &server.to_string(), "-d", &data.display().to_string(), "-l", &secs.to_string(), "-q", "64"])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("Queries per second:").and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("dnsperf output: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The DNS rows: queries/s and latency through the DNS proxy and without it.
+fn dns(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Result<String> {
+    eprintln!("bench l7: DNS through the proxy and without it");
+    let name = format!("bdns{}", std::process::id() % 10000);
+    let _ = cilium_lab::down(&name);
+    let _guard = LabGuard(name.clone());
+    let manifest = logs.join("dns.yaml");
+    std::fs::write(&manifest, DNS_PODS)?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![])?;
+    lab.apply(cilium_lab::parse_files(&[manifest])?)?;
+    let dns_pod = &lab.state.pods["kube-system/coredns"];
+    let dns_ip = dns_pod.ip.context("dns ip")?;
+    let dns_ns = dns_pod.netns.clone();
+    let l4_ns = lab.state.pods["default/l4"].netns.clone();
+    let l7_ns = lab.state.pods["default/l7"].netns.clone();
+    let agent = lab.state.nodes[0].agent_pid.context("agent pid")?;
+    let dnsmasq = cilium_lab::sys::spawn_daemon(
+        &dns_ns,
+        None,
+        Path::new("/usr/sbin/dnsmasq"),
+        &["-k", "--port=53", "--no-resolv", "--no-hosts", "--bind-interfaces", &format!("--listen-address={dns_ip}"), "--address=/bench.example.com/203.0.113.10", "--user=root", "--pid-file=", "--dns-forward-max=1000"]
+            .map(String::from),
+        &logs.join("dnsmasq.log"),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    pin_pid(dnsmasq);
+    pin_pid(agent);
+    drop(lab);
+    let server = SocketAddr::from((dns_ip, 53));
+    let (mut q4, mut q7, mut l4p50, mut l4p99, mut l7p50, mut l7p99) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for round in 0..rounds {
+        eprintln!("bench l7: DNS round {}/{rounds}", round + 1);
+        let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+        for proxied in order {
+            let ns = if proxied { &l7_ns } else { &l4_ns };
+            let qps = dnsperf(ns, dns_ip, seconds, logs)?;
+            let (p50, p99) = dns_latency(ns, server, seconds)?;
+            if proxied {
+                q7.push(qps);
+                l7p50.push(p50);
+                l7p99.push(p99);
+            } else {
+                q4.push(qps);
+                l4p50.push(p50);
+                l4p99.push(p99);
+            }
+        }
+    }
+    cilium_lab::sys::stop(dnsmasq, Duration::from_secs(2));
+    let (q4, q7) = (median(q4), median(q7));
+    let (a50, a99, b50, b99) = (median(l4p50), median(l4p99), median(l7p50), median(l7p99));
+    let met = |ok: bool| if ok { "met" } else { "not met" };
+    let mut md = String::from("\n### DNS\n\n| Path | Queries/s (dnsperf) | p50 | p99 |\n|---|---|---|---|\n");
+    md.push_str(&format!("| Without DNS rules (no proxy) | {q4:.0} | {a50:.0} µs | {a99:.0} µs |\n"));
+    md.push_str(&format!("| Through the DNS proxy (`dns: [{{matchPattern: \"*\"}}]`) | {q7:.0} | {b50:.0} µs | {b99:.0} µs |\n"));
+    md.push_str("\n| Goal | Result | |\n|---|---|---|\n");
+    md.push_str(&format!("| ≥ 30,000 queries/s through the proxy | {q7:.0} | {} |\n", met(q7 >= 30_000.0)));
+    md.push_str(&format!("| ≤ +100 µs at p99 | +{:.0} µs | {} |\n", b99 - a99, met(b99 - a99 <= 100.0)));
+    md.push_str(&format!(
+        "\ndnsmasq (Debian) answers `bench.example.com A` from a pod; two client pods have the same L4 egress policy,\n\
+         one of them with a DNS rule (so its queries go through the proxy, which also teaches the agent the\n\
+         answer). dnsperf ({seconds} s, 64 outstanding) and a sequential query loop for latency (one outstanding);\n\
+         dnsperf, dnsmasq and the agent pinned to CPU 0; {rounds} rounds, medians.\n"
+    ));
+    Ok(md)
+}
 
 /// Sequential GETs on one keep-alive connection for `secs`: (requests/s,
 /// p50 µs, p99 µs).
@@ -150,6 +308,10 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
         ("L7 rule (our proxy)", SocketAddr::from((server_ip, 80))),
         ("nginx reverse proxy on the node", SocketAddr::from((node.ip, NGINX_PORT))),
     ];
+    // first, while the agent has not yet grown buffers it could reuse
+    eprintln!("bench l7: memory per idle proxied connection");
+    let per_conn = idle_memory(&client_ns, targets[1].1, agent, 1000)?;
+    std::thread::sleep(Duration::from_millis(500));
     let mut res: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![(vec![], vec![], vec![]); 3];
     for round in 0..rounds {
         eprintln!("bench l7: round {}/{rounds}", round + 1);
@@ -161,10 +323,9 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
             res[i].2.push(p99);
         }
     }
-    eprintln!("bench l7: memory per idle proxied connection");
-    let per_conn = idle_memory(&client_ns, targets[1].1, agent, 1000)?;
     cilium_lab::sys::stop(nginx, Duration::from_secs(2));
 
+    let dns_md = dns(rounds, seconds, logs, bin)?;
     let m = |i: usize| (median(res[i].0.clone()), median(res[i].1.clone()), median(res[i].2.clone()));
     let (l4, l7, ngx) = (m(0), m(1), m(2));
     let met = |ok: bool| if ok { "met" } else { "not met" };
@@ -185,12 +346,13 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
          workload, agent (and so the proxy) and nginx pinned to CPU 0. Port 80 carries an HTTP rule\n\
          (`GET /.*`), so each request is parsed and checked by the proxy; port 8080 has the same L3/L4\n\
          policy without L7 rules. nginx 1.22 (Debian) runs in the node's namespace with a keep-alive\n\
-         upstream to port 8080. Idle memory: 1000 connections each after one request (so each also holds\n\
-         its upstream connection), the agent's RSS growth divided by 1000.\n\
+         upstream to port 8080. Idle memory, measured first on a fresh agent: 1000 connections each after\n\
+         one request (so each also holds its upstream connection), the agent's RSS growth divided by 1000.\n\
          Rounds (requests/s, L4 / L7 / nginx): {} / {} / {}.\n",
         res[0].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
         res[1].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
         res[2].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
     ));
+    md.push_str(&dns_md);
     Ok(md)
 }

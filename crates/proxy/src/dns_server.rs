@@ -80,6 +80,32 @@ fn recv_orig(fd: i32, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddrV4, S
 #[derive(Default)]
 struct ReplySockets(Mutex<HashMap<SocketAddrV4, Arc<std::net::UdpSocket>>>);
 
+/// Idle upstream sockets, per (server, mark): one query at a time each, so
+/// no socket is created per query.
+#[derive(Default)]
+struct UpstreamPool(Mutex<HashMap<(SocketAddrV4, u32), Vec<UdpSocket>>>);
+
+impl UpstreamPool {
+    fn take(&self, server: SocketAddrV4, mark: u32) -> std::io::Result<UdpSocket> {
+        if let Some(s) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&(server, mark)).and_then(Vec::pop) {
+            return Ok(s);
+        }
+        let up = udp_socket()?;
+        up.set_mark(mark)?;
+        up.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
+        up.connect(&SocketAddr::V4(server).into())?;
+        UdpSocket::from_std(up.into())
+    }
+
+    fn give_back(&self, server: SocketAddrV4, mark: u32, s: UdpSocket) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let v = m.entry((server, mark)).or_default();
+        if v.len() < 64 {
+            v.push(s);
+        }
+    }
+}
+
 impl ReplySockets {
     fn get(&self, server: SocketAddrV4) -> std::io::Result<Arc<std::net::UdpSocket>> {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,6 +128,7 @@ impl ReplySockets {
 pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<crate::handoff::Drain>) -> UdpSocket {
     let sock = Arc::new(sock);
     let replies = Arc::new(ReplySockets::default());
+    let pool = Arc::new(UpstreamPool::default());
     let mut buf = vec![0u8; 65535];
     loop {
         if drain.stopping() {
@@ -129,29 +156,43 @@ pub async fn serve(sock: UdpSocket, provider: Arc<dyn PolicyProvider>, log: Arc<
             }
         };
         let query = buf[..n].to_vec();
-        let (provider, log, replies) = (provider.clone(), log.clone(), replies.clone());
+        let (provider, log, replies, pool) = (provider.clone(), log.clone(), replies.clone(), pool.clone());
         tokio::spawn(async move {
-            if let Err(e) = handle(query, client, server, &*provider, &*log, &replies).await {
+            if let Err(e) = handle(query, client, server, &*provider, &*log, &replies, &pool).await {
                 debug!(%client, %server, error = %e, "DNS query not answered");
             }
         });
     }
 }
 
-async fn handle(query: Vec<u8>, client: SocketAddrV4, server: SocketAddrV4, provider: &dyn PolicyProvider, log: &dyn AccessLog, replies: &ReplySockets) -> std::io::Result<()> {
+async fn handle(query: Vec<u8>, client: SocketAddrV4, server: SocketAddrV4, provider: &dyn PolicyProvider, log: &dyn AccessLog, replies: &ReplySockets, pool: &UpstreamPool) -> std::io::Result<()> {
     let info = ConnInfo { client, server, ingress: false, udp: true };
     let reply = replies.get(server)?;
     let answer = answer(&query, info, provider, log, |q, src_identity| async move {
         // ask the server, as the client (the mark carries its identity)
-        let up = udp_socket()?;
-        up.set_mark(proxy_mark(src_identity))?;
-        up.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)).into())?;
-        let up = UdpSocket::from_std(up.into())?;
-        up.send_to(&q, SocketAddr::V4(server)).await?;
-        let mut buf = vec![0u8; 65535];
-        let (n, _) = tokio::time::timeout(UPSTREAM_TIMEOUT, up.recv_from(&mut buf)).await.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not answer"))??;
-        buf.truncate(n);
-        Ok(buf)
+        let mark = proxy_mark(src_identity);
+        let up = pool.take(server, mark)?;
+        up.send(&q).await?;
+        let mut buf = vec![0u8; 4096];
+        let got = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
+            loop {
+                let n = up.recv(&mut buf).await?;
+                // a late answer to an earlier, timed-out query is not this one's
+                if n >= 2 && q.len() >= 2 && buf[..2] == q[..2] {
+                    return Ok::<usize, std::io::Error>(n);
+                }
+            }
+        })
+        .await;
+        match got {
+            Ok(Ok(n)) => {
+                buf.truncate(n);
+                pool.give_back(server, mark, up);
+                Ok(buf)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "DNS server did not answer")),
+        }
     })
     .await?;
     reply.send_to(&answer, client)?;
