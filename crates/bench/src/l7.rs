@@ -244,6 +244,10 @@ fn http_rr(netns: &str, addr: SocketAddr, secs: u64) -> anyhow::Result<(f64, f64
 /// keeps them idle: returns the agent's resident memory growth per
 /// connection in KB.
 fn idle_memory(netns: &str, addr: SocketAddr, agent: u32, n: usize) -> anyhow::Result<f64> {
+    // fill Hubble's flow ring first (each request is two L7 flows), so the
+    // growth measured is the connections', not the flow history's
+    http_rr(netns, addr, 1)?;
+    std::thread::sleep(Duration::from_millis(300));
     let before = rss_mb(agent)?;
     let held = crate::in_ns(netns, move || {
         let mut v = Vec::new();
@@ -346,8 +350,9 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
          workload, agent (and so the proxy) and nginx pinned to CPU 0. Port 80 carries an HTTP rule\n\
          (`GET /.*`), so each request is parsed and checked by the proxy; port 8080 has the same L3/L4\n\
          policy without L7 rules. nginx 1.22 (Debian) runs in the node's namespace with a keep-alive\n\
-         upstream to port 8080. Idle memory, measured first on a fresh agent: 1000 connections each after\n\
-         one request (so each also holds its upstream connection), the agent's RSS growth divided by 1000.\n\
+         upstream to port 8080. Idle memory, measured first on a fresh agent whose Hubble flow ring was\n\
+         filled beforehand (one second of requests), so it does not count flow history: 1000 connections\n\
+         each after one request (each also holds its upstream connection), the agent's RSS growth / 1000.\n\
          Rounds (requests/s, L4 / L7 / nginx): {} / {} / {}.\n",
         res[0].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
         res[1].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),

@@ -103,7 +103,7 @@ enum ConnError {
 
 /// How long to wait for the original destination to accept.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 4096;
 
 /// The proxy: one transparent listener per port.
 pub struct Proxy;
