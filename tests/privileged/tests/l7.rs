@@ -397,3 +397,42 @@ fn idle_proxied_connections_survive_an_agent_restart() {
     // new connections work too
     assert_eq!(curl(&lab, "default/client", &[&format!("http://{ip}/public/new")]).0, "200");
 }
+
+const SEED_003_WORKLOADS: &str = include_str!("../../../examples/seed-003/workloads.yaml");
+const SEED_003_POLICY: &str = include_str!("../../../examples/seed-003/network-policy.yaml");
+
+/// Seed 003's api-server policy as written: HTTP rules for the frontend,
+/// egress only to postgres and (through the DNS proxy) kube-dns.
+#[test]
+fn seed_003_api_server_policy() {
+    let lab = TestLab::up(&[SEED_003_WORKLOADS, SEED_003_POLICY]);
+    let pods = lab.pods();
+    let ip_of = |name: &str| pods.iter().find(|p| p["name"] == name).and_then(|p| p["ip"].as_str()).unwrap().to_string();
+    let (api, dns, db) = (ip_of("api-server"), ip_of("coredns"), ip_of("postgres"));
+    let u = |p: &str| format!("http://{api}:8080{p}");
+    assert_eq!(curl(&lab, "production/frontend", &[&u("/api/v1/products")]).0, "200");
+    assert_eq!(curl(&lab, "production/frontend", &["-X", "POST", "-d", "{}", &u("/api/v1/orders")]).0, "200");
+    assert_eq!(curl(&lab, "production/frontend", &["-X", "DELETE", &u("/api/v1/orders")]).0, "403");
+    assert_eq!(curl(&lab, "production/frontend", &[&u("/admin")]).0, "403");
+    // egress: postgres yes, the world no
+    assert!(lab.probe("production/api-server", &format!("{db}"), 5432, "tcp"));
+    assert!(!lab.probe("production/api-server", "203.0.113.10", 80, "tcp"));
+    // DNS through the proxy (matchPattern "*": every name)
+    let out = lab.lab_output(&[
+        "exec", "kube-system/coredns", "--", "dnsmasq", "--port=53", "--no-resolv", "--no-hosts", "--bind-interfaces",
+        &format!("--listen-address={dns}"), "--address=/db.production.example/10.0.1.99", "--pid-file=", "--user=root",
+    ]);
+    assert!(out.status.success(), "dnsmasq: {}", String::from_utf8_lossy(&out.stderr));
+    let mut answer = String::new();
+    for _ in 0..20 {
+        let o = lab.lab_output(&["exec", "production/api-server", "--", "dig", "+short", "+time=1", "+tries=1", &format!("@{dns}"), "db.production.example", "A"]);
+        answer = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if answer == "10.0.1.99" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(answer, "10.0.1.99");
+    let flows = hubble_flows(&lab, &["--protocol", "dns", "--from-pod", "production/api-server"]);
+    assert!(flows.iter().any(|f| f["l7"]["dns"]["query"] == "db.production.example."), "{flows:#?}");
+}
