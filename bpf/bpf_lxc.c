@@ -232,11 +232,38 @@ int cil_to_container(struct __sk_buff *skb)
 	return handle(skb, 0);
 }
 
+/*
+ * Traffic from outside the node to a local endpoint's own address: the
+ * endpoint's ingress policy is applied here, at the node device's tc
+ * ingress, where a connection that needs L7 rules can be handed to the proxy
+ * (the endpoint's own hook is a tc egress, where it cannot). Returns -1 when
+ * the packet is not for a local endpoint.
+ */
+static __always_inline int to_local_endpoint(struct __sk_buff *skb)
+{
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return -1;
+	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.daddr);
+	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
+	if (!ep)
+		return -1;
+	__u16 proxy = 0;
+	__u32 src_id = ipcache_identity(p.saddr);
+	int ret = enforce(skb, ep, &p, 0, src_id, now_seconds(), &proxy);
+	if (ret != TC_ACT_OK || !proxy)
+		return ret;
+	return to_proxy(skb, ep, &p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
+}
+
 SEC("classifier")
 int cil_from_netdev(struct __sk_buff *skb)
 {
 	if (skb->protocol != ETH_P_IP_BE)
 		return TC_ACT_OK;
+	int ret = to_local_endpoint(skb);
+	if (ret != -1)
+		return ret;
 	return nodeport_ingress(skb);
 }
 

@@ -436,3 +436,34 @@ fn seed_003_api_server_policy() {
     let flows = hubble_flows(&lab, &["--protocol", "dns", "--from-pod", "production/api-server"]);
     assert!(flows.iter().any(|f| f["l7"]["dns"]["query"] == "db.production.example."), "{flows:#?}");
 }
+
+/// L7 ingress rules for a client outside the node: the world reaches the
+/// server through the node's device, where its connection is handed to the
+/// proxy.
+#[test]
+fn http_rules_for_clients_outside_the_node() {
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-world}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEntities: [world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: "/public/.*"}]
+"#;
+    let lab = TestLab::up(&[PODS, policy]);
+    let ip = lab.pod_ip("server");
+    let mut s = lab.connect_from("world", SocketAddr::from((ip, 80))).expect("the world connects");
+    let (code, body) = exchange(&mut s, "/public/x");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("pod=default/server-"));
+    assert_eq!(exchange(&mut s, "/private").0, 403);
+    // the client pod is not the world: nothing allows it
+    assert_eq!(curl(&lab, "default/client", &["-m", "2", &format!("http://{ip}/public/x")]).0, "000");
+    let flows = hubble_flows(&lab, &["--protocol", "http", "--http-path", "/private"]);
+    assert!(flows.iter().any(|f| f["verdict"] == "DROPPED" && f["traffic_direction"] == "INGRESS"), "{flows:#?}");
+}
