@@ -145,30 +145,14 @@ fn observation_point_name(p: i32) -> &'static str {
     }
 }
 
-/// Upstream's descriptions of the drop reasons we emit.
+/// A drop reason as `cilium monitor` and Hubble describe it (the datapath's
+/// own table, in cilium-abi), or its name for codes we never emit.
 pub fn drop_description(d: crate::proto::flow::DropReason) -> String {
-    use crate::proto::flow::DropReason as D;
-    match d {
-        D::PolicyDenied => "Policy denied",
-        D::PolicyDeny => "Policy denied by denylist",
-        D::InvalidSourceIp => "Invalid source ip",
-        D::InvalidPacketDropped => "Invalid packet",
-        D::CtTruncatedOrInvalidHeader => "CT: Truncated or invalid header",
-        D::CtUnknownL4Protocol => "CT: Unknown L4 protocol",
-        D::UnsupportedL3Protocol => "Unsupported L3 protocol",
-        D::ErrorWritingToPacket => "Error writing to packet",
-        D::UnknownL4Protocol => "Unknown L4 protocol",
-        D::CtMapInsertionFailed => "CT: Map insertion failed",
-        D::IpFragmentationNotSupported => "Fragmented packet not supported",
-        D::ServiceBackendNotFound => "Service backend not found",
-        D::DeniedByLbSrcRangeCheck => "Denied by LB src range check",
-        D::NoConfigurationAvailableToPerformPolicyDecision => {
-            "No configuration available to perform policy decision"
-        }
-        D::SocketLookupFailed => "Socket lookup failed",
-        other => return other.as_str_name().to_string(),
-    }
-    .to_string()
+    u8::try_from(d as i32)
+        .ok()
+        .and_then(cilium_abi::DropReason::from_code)
+        .map(|r| r.description().to_string())
+        .unwrap_or_else(|| d.as_str_name().to_string())
 }
 
 /// The VERDICT column: policy verdicts say ALLOWED/DENIED like upstream.
