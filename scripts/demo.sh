@@ -80,6 +80,17 @@ step "Why: cilium policy trace explains both directions (the source's egress, th
 BACKEND_POD_NAME=$(cilium lab get pods -l app=backend -o name)
 run cilium policy trace --src-k8s-pod "${BACKEND_POD_NAME/\//:}" --dst-k8s-pod "${FRONTEND_POD_NAME/\//:}" --dport 80/TCP || true
 
+step "L7: the backend accepts only GET /api/... from the frontend (the agent's HTTP proxy)"
+cat $SEED/backend-l7-policy.yaml
+run cilium lab apply -f $SEED/backend-l7-policy.yaml
+echo "allowed:"
+run cilium lab exec "$FRONTEND_POD_NAME" -- curl -s -m 2 "http://$BACKEND_POD_IP:8080/api/items"
+echo "denied by the HTTP rule (the proxy answers 403):"
+run cilium lab exec "$FRONTEND_POD_NAME" -- curl -s -m 2 -w "%{http_code}\n" -X POST "http://$BACKEND_POD_IP:8080/api/items"
+sleep 0.5
+run hubble observe --protocol http --last 4
+run cilium lab delete -f $SEED/backend-l7-policy.yaml
+
 step "A Service for the backend (kube-proxy replacement, no iptables)"
 cat examples/services/backend-service.yaml
 run cilium lab apply -f examples/services/backend-service.yaml
