@@ -101,11 +101,6 @@ impl HubbleRuntime {
         self.hubble.ring.push_all(flows);
     }
 
-    /// Counts L7 records dropped because their queue was full.
-    pub fn lost_l7(&self, n: u64) {
-        self.metrics.lost("observer_events_queue", n);
-    }
-
     /// Records the datapath's running count of lost events.
     pub fn set_lost_datapath(&self, total: u64) {
         let before = self.hubble.lost_datapath.swap(total, Ordering::Relaxed);

@@ -89,103 +89,60 @@ impl PolicyProvider for Provider {
     }
 }
 
-/// A record on its way to Hubble.
-enum Record {
-    Http(AccessRecord),
-    Dns(cilium_proxy::DnsRecord),
-}
-
-/// Records waiting to become flows.
-const LOG_QUEUE: usize = 8192;
-
-/// Sends the proxy's requests and responses to Hubble as L7 flows, off the
-/// proxy's path: a queue, drained in batches into the flow ring.
+/// Sends the proxy's requests and responses to Hubble as L7 flows.
 pub struct HubbleLog {
-    tx: tokio::sync::mpsc::Sender<Record>,
-    hubble: Arc<HubbleRuntime>,
-}
-
-impl HubbleLog {
-    pub fn start(hubble: Arc<HubbleRuntime>, maker: Arc<FlowMaker>, daemon: Arc<Mutex<Daemon<Loaded>>>) -> HubbleLog {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Record>(LOG_QUEUE);
-        let h = hubble.clone();
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                maker.refresh(&daemon);
-                let mut batch = vec![first];
-                while batch.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(_) => break,
-                    }
-                }
-                let flows = batch
-                    .into_iter()
-                    .map(|r| {
-                        Arc::new(match r {
-                            Record::Http(r) => maker.http_flow(&http_record(r)),
-                            Record::Dns(r) => maker.dns_flow(&dns_record(r)),
-                        })
-                    })
-                    .collect();
-                h.ingest(flows);
-            }
-        });
-        HubbleLog { tx, hubble }
-    }
-
-    fn send(&self, r: Record) {
-        if self.tx.try_send(r).is_err() {
-            self.hubble.lost_l7(1);
-        }
-    }
-}
-
-fn http_record(r: AccessRecord) -> cilium_hubble::parser::HttpRecord {
-    cilium_hubble::parser::HttpRecord {
-        time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
-        client: r.conn.client,
-        server: r.conn.server,
-        client_identity: r.src_identity,
-        server_identity: r.dst_identity,
-        ingress: r.conn.ingress,
-        response: r.response,
-        denied: r.denied,
-        method: r.method,
-        url: r.url,
-        protocol: r.protocol,
-        code: u32::from(r.code),
-        latency_ns: r.latency.as_nanos() as u64,
-        headers: r.headers,
-    }
-}
-
-fn dns_record(r: cilium_proxy::DnsRecord) -> cilium_hubble::parser::DnsRecord {
-    cilium_hubble::parser::DnsRecord {
-        time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
-        client: r.conn.client,
-        server: r.conn.server,
-        client_identity: r.src_identity,
-        server_identity: r.dst_identity,
-        response: r.response,
-        denied: r.denied,
-        query: r.query,
-        qtypes: r.qtypes,
-        rcode: r.rcode,
-        ips: r.ips.iter().map(|i| i.to_string()).collect(),
-        ttl: r.ttl,
-        cnames: r.cnames,
-        latency_ns: r.latency.as_nanos() as u64,
-    }
+    pub hubble: Arc<HubbleRuntime>,
+    pub maker: Arc<FlowMaker>,
+    pub daemon: Arc<Mutex<Daemon<Loaded>>>,
 }
 
 impl AccessLog for HubbleLog {
     fn log(&self, r: AccessRecord) {
-        self.send(Record::Http(r));
+        self.maker.refresh(&self.daemon);
+        let rec = cilium_hubble::parser::HttpRecord {
+            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            client: r.conn.client,
+            server: r.conn.server,
+            client_identity: r.src_identity,
+            server_identity: r.dst_identity,
+            ingress: r.conn.ingress,
+            response: r.response,
+            denied: r.denied,
+            method: r.method,
+            url: r.url,
+            protocol: r.protocol,
+            code: u32::from(r.code),
+            latency_ns: r.latency.as_nanos() as u64,
+            headers: r.headers,
+        };
+        self.hubble.ingest(vec![Arc::new(self.maker.http_flow(&rec))]);
     }
 
     fn log_dns(&self, r: cilium_proxy::DnsRecord) {
-        self.send(Record::Dns(r));
+        self.dns(r);
+    }
+}
+
+impl HubbleLog {
+    fn dns(&self, r: cilium_proxy::DnsRecord) {
+        self.maker.refresh(&self.daemon);
+        let rec = cilium_hubble::parser::DnsRecord {
+            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+            client: r.conn.client,
+            server: r.conn.server,
+            client_identity: r.src_identity,
+            server_identity: r.dst_identity,
+            response: r.response,
+            denied: r.denied,
+            query: r.query,
+            qtypes: r.qtypes,
+            rcode: r.rcode,
+            ips: r.ips.iter().map(|i| i.to_string()).collect(),
+            ttl: r.ttl,
+            cnames: r.cnames,
+            latency_ns: r.latency.as_nanos() as u64,
+        };
+        self.hubble.ingest(vec![Arc::new(self.maker.dns_flow(&rec))]);
     }
 }
 

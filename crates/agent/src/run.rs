@@ -140,7 +140,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     if s.l7_proxy {
         let provider = Arc::new(crate::l7::Provider::new(daemon.clone(), changes.clone()));
         let log: Arc<dyn cilium_proxy::AccessLog> = match &hubble {
-            Some(h) => Arc::new(crate::l7::HubbleLog::start(h.clone(), maker.clone(), daemon.clone())),
+            Some(h) => Arc::new(crate::l7::HubbleLog { hubble: h.clone(), maker: maker.clone(), daemon: daemon.clone() }),
             None => Arc::new(crate::l7::NoLog),
         };
         let inherited = crate::handoff::receive(&handoff_socket(&s.state_dir));
