@@ -239,21 +239,18 @@ int cil_to_container(struct __sk_buff *skb)
  * (the endpoint's own hook is a tc egress, where it cannot). Returns -1 when
  * the packet is not for a local endpoint.
  */
-static __always_inline int to_local_endpoint(struct __sk_buff *skb)
+static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *p)
 {
-	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
-		return -1;
-	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.daddr);
+	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr);
 	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
 	if (!ep)
 		return -1;
 	__u16 proxy = 0;
-	__u32 src_id = ipcache_identity(p.saddr);
-	int ret = enforce(skb, ep, &p, 0, src_id, now_seconds(), &proxy);
+	__u32 src_id = ipcache_identity(p->saddr);
+	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy);
 	if (ret != TC_ACT_OK || !proxy)
 		return ret;
-	return to_proxy(skb, ep, &p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
+	return to_proxy(skb, ep, p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
 }
 
 SEC("classifier")
@@ -261,10 +258,14 @@ int cil_from_netdev(struct __sk_buff *skb)
 {
 	if (skb->protocol != ETH_P_IP_BE)
 		return TC_ACT_OK;
-	int ret = to_local_endpoint(skb);
+	/* parsed once for both uses */
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK; /* not ours to judge: the stack sees it as is */
+	int ret = to_local_endpoint(skb, &p);
 	if (ret != -1)
 		return ret;
-	return nodeport_ingress(skb);
+	return nodeport_ingress(skb, &p);
 }
 
 SEC("classifier")

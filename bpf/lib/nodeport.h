@@ -166,19 +166,16 @@ static __always_inline int lb_drop(struct __sk_buff *skb, int reason, const stru
 }
 
 /* tc ingress of a node device: translate packets to a service frontend. */
-static __always_inline int nodeport_ingress(struct __sk_buff *skb)
+static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p)
 {
-	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
-		return TC_ACT_OK; /* not ours to judge: the stack sees it as is */
-	if (p.protocol != IPPROTO_TCP && p.protocol != IPPROTO_UDP)
+	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
 		return TC_ACT_OK;
 
 	__u32 now = now_seconds();
-	int new_conn = p.protocol == IPPROTO_UDP ||
-		       (p.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	struct lb4_nat_key fkey = { .saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,
-				    .dport = p.dport, .proto = p.protocol, .dir = LB_NAT_FWD };
+	int new_conn = p->protocol == IPPROTO_UDP ||
+		       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	struct lb4_nat_key fkey = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
+				    .dport = p->dport, .proto = p->protocol, .dir = LB_NAT_FWD };
 	struct lb4_nat_entry *fwd = bpf_map_lookup_elem(&cilium_lb4_nat, &fkey);
 	__u32 baddr = 0;
 	__u16 bport = 0;
@@ -188,24 +185,24 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb)
 		/* a flow keeps its backend while it exists; a new connection
 		 * reusing the tuple never goes to a terminating one */
 		if (b && b->address == fwd->addr && b->port == fwd->port &&
-		    !(new_conn && p.protocol == IPPROTO_TCP && (b->flags & LB_BACKEND_F_TERMINATING))) {
+		    !(new_conn && p->protocol == IPPROTO_TCP && (b->flags & LB_BACKEND_F_TERMINATING))) {
 			fwd->last_seen = now;
 			baddr = fwd->addr;
 			bport = fwd->port;
 		}
 	}
 	if (!baddr) {
-		struct lb4_service *svc = lb4_lookup_service(p.daddr, p.dport, p.protocol);
+		struct lb4_service *svc = lb4_lookup_service(p->daddr, p->dport, p->protocol);
 		if (!svc)
 			return TC_ACT_OK;
-		if ((svc->flags & LB_F_SRC_RANGE) && !src_range_allowed(svc->rev_nat_index, p.saddr))
-			return lb_drop(skb, DROP_NOT_IN_SRC_RANGE, &p);
+		if ((svc->flags & LB_F_SRC_RANGE) && !src_range_allowed(svc->rev_nat_index, p->saddr))
+			return lb_drop(skb, DROP_NOT_IN_SRC_RANGE, p);
 		struct lb4_backend *backend;
-		__u32 id = lb4_select(svc, p.daddr, p.dport, p.protocol,
-				      LB_AFFINITY_CLIENT_IP | p.saddr, flow_hash(&p),
+		__u32 id = lb4_select(svc, p->daddr, p->dport, p->protocol,
+				      LB_AFFINITY_CLIENT_IP | p->saddr, flow_hash(p),
 				      lb_maglev_size(), now, &backend);
 		if (!id || !backend) {
-			emit_drop(skb, 0, DROP_NO_SERVICE, IDENTITY_WORLD, 0, EVENT_F_INGRESS, &p);
+			emit_drop(skb, 0, DROP_NO_SERVICE, IDENTITY_WORLD, 0, EVENT_F_INGRESS, p);
 			metrics_update(skb, DROP_NO_SERVICE, METRIC_INGRESS);
 			return reply_port_unreachable(skb);
 		}
@@ -213,17 +210,17 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb)
 		bport = backend->port;
 		struct lb4_nat_entry f = { .addr = baddr, .port = bport, .rev_nat_index = svc->rev_nat_index,
 					   .backend_id = id, .last_seen = now };
-		struct lb4_nat_key rkey = { .saddr = baddr, .daddr = p.saddr, .sport = bport,
-					    .dport = p.sport, .proto = p.protocol, .dir = LB_NAT_REV };
-		struct lb4_nat_entry r = { .addr = p.daddr, .port = p.dport,
+		struct lb4_nat_key rkey = { .saddr = baddr, .daddr = p->saddr, .sport = bport,
+					    .dport = p->sport, .proto = p->protocol, .dir = LB_NAT_REV };
+		struct lb4_nat_entry r = { .addr = p->daddr, .port = p->dport,
 					   .rev_nat_index = svc->rev_nat_index, .last_seen = now };
 		if (bpf_map_update_elem(&cilium_lb4_nat, &rkey, &r, BPF_ANY) < 0 ||
 		    bpf_map_update_elem(&cilium_lb4_nat, &fkey, &f, BPF_ANY) < 0)
-			return lb_drop(skb, DROP_CT_CREATE_FAILED, &p);
+			return lb_drop(skb, DROP_CT_CREATE_FAILED, p);
 	}
-	int ret = rewrite_l3l4(skb, p.protocol, 0, p.daddr, baddr, p.dport, bport);
+	int ret = rewrite_l3l4(skb, p->protocol, 0, p->daddr, baddr, p->dport, bport);
 	if (ret < 0)
-		return lb_drop(skb, -ret, &p);
+		return lb_drop(skb, -ret, p);
 	return TC_ACT_OK;
 }
 

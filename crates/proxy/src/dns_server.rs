@@ -263,12 +263,6 @@ where
     Ok(answer)
 }
 
-/// Binds the DNS proxy's transparent TCP listener on `port` (DNS over TCP:
-/// two-byte length, then the message).
-pub fn listen_tcp(port: u16) -> std::io::Result<tokio::net::TcpListener> {
-    crate::server::Proxy::listen(port)
-}
-
 /// Serves DNS over TCP (one upstream connection per client connection)
 /// until `drain` begins; returns the listener then.
 pub async fn serve_tcp(listener: tokio::net::TcpListener, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<crate::handoff::Drain>) -> tokio::net::TcpListener {

@@ -394,6 +394,11 @@ fn idle_proxied_connections_survive_an_agent_restart() {
     // and a second restart, with the connection still open
     lab.lab(&["agent", "restart"]);
     assert_eq!(exchange(&mut s, "/public/again").0, 200);
+    // a policy change applies to the next request of the open connection
+    lab.apply(&SERVER_POLICY.replace("/public/.*", "/open/.*"));
+    assert_eq!(exchange(&mut s, "/public/again").0, 403);
+    assert_eq!(exchange(&mut s, "/open/now").0, 200);
+    lab.apply(SERVER_POLICY);
     // new connections work too
     assert_eq!(curl(&lab, "default/client", &[&format!("http://{ip}/public/new")]).0, "200");
 }

@@ -2,30 +2,24 @@
 //! after something it names changed.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use cilium_datapath::Datapath;
-use cilium_hubble::names::{Attribution, Attributor, EndpointName, Names, PolicyName, PolicyQuery, ServiceName, Workload};
-use cilium_labels::LabelSet;
-use cilium_policy::trace::{Party, trace};
-use cilium_policy::{NamedPorts, PolicyOptions, Protocol, Rule};
+use cilium_hubble::names::{Attribution, Attributor, EndpointName, Names, PolicyQuery, ServiceName, Workload};
 
 use super::Daemon;
+use super::proxy::ProxySnapshot;
 
 /// Queries remembered per snapshot before the cache starts over.
 const ATTRIBUTION_CACHE: usize = 16_384;
 
 /// Policy attribution with the same trace `cilium policy trace` runs, over
-/// a copy of the rules taken with the snapshot; answers are cached, since
-/// one connection's verdicts repeat the same question.
+/// the snapshot the L7 proxy decides with; answers are cached, since one
+/// connection's verdicts repeat the same question.
 #[derive(Debug)]
 struct PolicyAttributor {
-    rules: Vec<Rule>,
-    identities: HashMap<u32, LabelSet>,
-    named_ports: HashMap<Ipv4Addr, NamedPorts>,
-    options: PolicyOptions,
+    snapshot: ProxySnapshot,
     cache: Mutex<HashMap<PolicyQuery, Attribution>>,
 }
 
@@ -35,24 +29,7 @@ impl Attributor for PolicyAttributor {
         if let Some(a) = cache.get(q) {
             return a.clone();
         }
-        let protocol = match q.protocol {
-            6 => Protocol::Tcp,
-            17 => Protocol::Udp,
-            132 => Protocol::Sctp,
-            1 => Protocol::Icmp,
-            _ => return Attribution::default(),
-        };
-        let empty = LabelSet::default();
-        let no_ports = NamedPorts::new();
-        let src_labels = self.identities.get(&q.src_identity).unwrap_or(&empty);
-        let dst_labels = self.identities.get(&q.dst_identity).unwrap_or(&empty);
-        let local_ports = self.named_ports.get(&q.local).unwrap_or(&no_ports);
-        let src = Party { labels: src_labels, is_endpoint: q.egress, named_ports: &no_ports };
-        let dst = Party { labels: dst_labels, is_endpoint: !q.egress, named_ports: if q.egress { &no_ports } else { local_ports } };
-        let t = trace(&self.rules, &src, &dst, protocol, q.port, self.options);
-        let d = if q.egress { t.egress } else { t.ingress };
-        let name = |r: cilium_policy::PolicyRef| PolicyName { kind: r.kind.as_str().to_string(), namespace: r.namespace.unwrap_or_default(), name: r.name };
-        let a = d.map(|d| Attribution { allowed_by: d.allowed_by.into_iter().map(name).collect(), denied_by: d.denied_by.into_iter().map(name).collect() }).unwrap_or_default();
+        let a = self.snapshot.attribute(q);
         if cache.len() >= ATTRIBUTION_CACHE {
             cache.clear();
         }
@@ -80,13 +57,9 @@ impl<D: Datapath> Daemon<D> {
             node_name: self.cfg.node_name.clone(),
             ..Default::default()
         };
-        let mut named_ports = HashMap::new();
         for e in self.endpoints.values() {
             let r = &e.rec;
             let meta = self.pods.get(&Self::pod_key(&r.namespace, &r.pod_name));
-            let mut ports = NamedPorts::new();
-            Self::named_ports(meta, &mut ports);
-            named_ports.insert(r.ipv4, ports);
             let workloads = meta
                 .and_then(|m| m.workload.as_deref())
                 .and_then(|w| w.split_once('/'))
@@ -110,12 +83,10 @@ impl<D: Datapath> Daemon<D> {
             );
             n.interfaces.insert(r.host_ifindex, r.host_ifname.clone());
         }
-        let mut identities = HashMap::new();
         for id in self.identities.iter() {
             n.identities.insert(id.id, id.labels.to_strings());
-            identities.insert(id.id, id.labels.clone());
         }
-        n.policies = Some(Arc::new(PolicyAttributor { rules: self.repo.rules().to_vec(), identities, named_ports, options: self.cfg.policy, cache: Mutex::new(HashMap::new()) }));
+        n.policies = Some(Arc::new(PolicyAttributor { snapshot: self.proxy_snapshot(), cache: Mutex::new(HashMap::new()) }));
         for (_, svc) in self.services.iter() {
             let Some((ns, name)) = svc.name.split_once('/') else {
                 continue;

@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 
 use cilium_datapath::Datapath;
 use cilium_labels::LabelSet;
-use cilium_policy::trace::{L7Policy, l7_policy};
+use cilium_hubble::names::{Attribution, PolicyName, PolicyQuery};
+use cilium_policy::trace::{L7Policy, Party, l7_policy, trace};
 use cilium_policy::{NamedPorts, PolicyOptions, Protocol, Rule};
 use cilium_proxy::{Check, ConnInfo, ConnPolicy, HttpRules};
 use ipnet::Ipv4Net;
@@ -76,6 +77,30 @@ impl ProxySnapshot {
             })
             .collect();
         ConnPolicy { src_identity, dst_identity, checks }
+    }
+}
+
+impl ProxySnapshot {
+    /// The policies that allowed or denied traffic (Hubble's policy
+    /// verdicts), with the same trace `cilium policy trace` runs.
+    pub fn attribute(&self, q: &PolicyQuery) -> Attribution {
+        let protocol = match q.protocol {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            1 => Protocol::Icmp,
+            _ => return Attribution::default(),
+        };
+        let empty = LabelSet::default();
+        let no_ports = NamedPorts::new();
+        let labels = |id: u32| self.identities.get(&id).unwrap_or(&empty);
+        let local_ports = self.endpoints.get(&q.local).map(|e| &e.named_ports).unwrap_or(&no_ports);
+        let src = Party { labels: labels(q.src_identity), is_endpoint: q.egress, named_ports: &no_ports };
+        let dst = Party { labels: labels(q.dst_identity), is_endpoint: !q.egress, named_ports: if q.egress { &no_ports } else { local_ports } };
+        let t = trace(&self.rules, &src, &dst, protocol, q.port, self.options);
+        let d = if q.egress { t.egress } else { t.ingress };
+        let name = |r: cilium_policy::PolicyRef| PolicyName { kind: r.kind.as_str().to_string(), namespace: r.namespace.unwrap_or_default(), name: r.name };
+        d.map(|d| Attribution { allowed_by: d.allowed_by.into_iter().map(name).collect(), denied_by: d.denied_by.into_iter().map(name).collect() }).unwrap_or_default()
     }
 }
 
