@@ -157,6 +157,8 @@ enum policy_entry_flags {
  * a policy entry's proxy_port names one of them. */
 #define PROXY_PORT_HTTP_INGRESS 15001
 #define PROXY_PORT_HTTP_EGRESS 15002
+#define PROXY_PORT_KAFKA_INGRESS 15011
+#define PROXY_PORT_KAFKA_EGRESS 15012
 #define PROXY_PORT_DNS 15053
 
 /* skb marks, as upstream's (mask 0xF00). TO_PROXY routes a packet to the

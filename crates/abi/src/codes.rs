@@ -294,6 +294,9 @@ pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
 /// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
 pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
 pub const PROXY_PORT_HTTP_EGRESS: u16 = 15002;
+/// The Kafka proxy.
+pub const PROXY_PORT_KAFKA_INGRESS: u16 = 15011;
+pub const PROXY_PORT_KAFKA_EGRESS: u16 = 15012;
 /// The DNS proxy (UDP and TCP).
 pub const PROXY_PORT_DNS: u16 = 15053;
 
@@ -343,6 +346,8 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("POLICY_PROXY_PORT_PENDING", POLICY_PROXY_PORT_PENDING as i64),
         ("PROXY_PORT_HTTP_INGRESS", PROXY_PORT_HTTP_INGRESS as i64),
         ("PROXY_PORT_HTTP_EGRESS", PROXY_PORT_HTTP_EGRESS as i64),
+        ("PROXY_PORT_KAFKA_INGRESS", PROXY_PORT_KAFKA_INGRESS as i64),
+        ("PROXY_PORT_KAFKA_EGRESS", PROXY_PORT_KAFKA_EGRESS as i64),
         ("PROXY_PORT_DNS", PROXY_PORT_DNS as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),

@@ -1123,6 +1123,7 @@ impl<D: Datapath> Daemon<D> {
                     out.push_str(&format!("  {name}: not allowed at L3/L4\n"));
                 }
                 L7Policy::Dns(_) => out.push_str(&format!("  {name}: DNS rules apply to this port, not HTTP ones\n")),
+                L7Policy::Kafka(_) => out.push_str(&format!("  {name}: Kafka rules apply to this port, not HTTP ones\n")),
                 L7Policy::Http(rules) => {
                     let mut any = false;
                     for r in &rules {

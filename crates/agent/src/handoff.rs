@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use cilium_proxy::ConnInfo;
+use cilium_proxy::{ConnInfo, L7Proto};
 use cilium_proxy::handoff::Parked;
 use nix::sys::socket::{AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr};
 use serde::{Deserialize, Serialize};
@@ -30,7 +30,14 @@ const HOLD_FOR: Duration = Duration::from_secs(120);
 enum Item {
     TcpListener { port: u16 },
     UdpSocket { port: u16 },
-    Conn { client: SocketAddrV4, server: SocketAddrV4, ingress: bool, has_upstream: bool },
+    Conn {
+        client: SocketAddrV4,
+        server: SocketAddrV4,
+        ingress: bool,
+        has_upstream: bool,
+        #[serde(default)]
+        kafka: bool,
+    },
     Done,
 }
 
@@ -78,7 +85,7 @@ pub fn hand_over(h: Handover, socket: &Path) -> anyhow::Result<()> {
     for p in &h.conns {
         let mut fds = vec![p.client.as_raw_fd()];
         fds.extend(p.upstream.as_ref().map(|u| u.as_raw_fd()));
-        items.push((Item::Conn { client: p.info.client, server: p.info.server, ingress: p.info.ingress, has_upstream: p.upstream.is_some() }, fds));
+        items.push((Item::Conn { client: p.info.client, server: p.info.server, ingress: p.info.ingress, has_upstream: p.upstream.is_some(), kafka: p.proto == L7Proto::Kafka }, fds));
     }
     for (_, fds) in &items {
         for fd in fds {
@@ -180,12 +187,13 @@ fn try_receive(socket: &Path) -> anyhow::Result<Inherited> {
                 let fd = owned.pop().context("socket without a descriptor")?;
                 out.udp.insert(port, std::net::UdpSocket::from(fd));
             }
-            Item::Conn { client, server, ingress, has_upstream } => {
+            Item::Conn { client, server, ingress, has_upstream, kafka } => {
                 anyhow::ensure!(owned.len() == 1 + usize::from(has_upstream), "connection with {} descriptors", owned.len());
                 let mut it = owned.into_iter();
                 let c = std::net::TcpStream::from(it.next().expect("checked"));
                 let u = it.next().map(std::net::TcpStream::from);
-                out.conns.push(Parked { info: ConnInfo { client, server, ingress, udp: false }, client: c, upstream: u });
+                let proto = if kafka { L7Proto::Kafka } else { L7Proto::Http };
+                out.conns.push(Parked { info: ConnInfo { client, server, ingress, udp: false }, proto, client: c, upstream: u });
             }
         }
     }

@@ -170,4 +170,8 @@ impl FlowMaker {
     pub fn dns_flow(&self, r: &cilium_hubble::parser::DnsRecord) -> Flow {
         self.parser.dns_flow(r, &self.names())
     }
+
+    pub fn kafka_flow(&self, r: &cilium_hubble::parser::KafkaRecord) -> Flow {
+        self.parser.kafka_flow(r, &self.names())
+    }
 }

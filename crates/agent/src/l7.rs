@@ -10,7 +10,8 @@ use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
 use cilium_datapath::Loaded;
-use cilium_proxy::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, PolicyProvider, Proxy};
+use cilium_hubble::parser::{DnsRecord, HttpRecord, KafkaRecord, L7Meta};
+use cilium_proxy::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, L7Proto, PolicyProvider, Proxy};
 
 use crate::daemon::Daemon;
 use crate::daemon::proxy::ProxySnapshot;
@@ -96,53 +97,61 @@ pub struct HubbleLog {
     pub daemon: Arc<Mutex<Daemon<Loaded>>>,
 }
 
+/// Who and when, for Hubble.
+#[allow(clippy::too_many_arguments)]
+fn meta(time: std::time::SystemTime, c: &ConnInfo, src: u32, dst: u32, ingress: bool, response: bool, denied: bool, latency: std::time::Duration) -> L7Meta {
+    L7Meta {
+        time_ns: time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
+        client: c.client,
+        server: c.server,
+        client_identity: src,
+        server_identity: dst,
+        ingress,
+        response,
+        denied,
+        latency_ns: latency.as_nanos() as u64,
+    }
+}
+
 impl AccessLog for HubbleLog {
     fn log(&self, r: AccessRecord) {
         self.maker.refresh(&self.daemon);
-        let rec = cilium_hubble::parser::HttpRecord {
-            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
-            client: r.conn.client,
-            server: r.conn.server,
-            client_identity: r.src_identity,
-            server_identity: r.dst_identity,
-            ingress: r.conn.ingress,
-            response: r.response,
-            denied: r.denied,
+        let rec = HttpRecord {
+            meta: meta(r.time, &r.conn, r.src_identity, r.dst_identity, r.conn.ingress, r.response, r.denied, r.latency),
             method: r.method,
             url: r.url,
             protocol: r.protocol,
             code: u32::from(r.code),
-            latency_ns: r.latency.as_nanos() as u64,
             headers: r.headers,
         };
         self.hubble.ingest(vec![Arc::new(self.maker.http_flow(&rec))]);
     }
 
     fn log_dns(&self, r: cilium_proxy::DnsRecord) {
-        self.dns(r);
-    }
-}
-
-impl HubbleLog {
-    fn dns(&self, r: cilium_proxy::DnsRecord) {
         self.maker.refresh(&self.daemon);
-        let rec = cilium_hubble::parser::DnsRecord {
-            time_ns: r.time.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0),
-            client: r.conn.client,
-            server: r.conn.server,
-            client_identity: r.src_identity,
-            server_identity: r.dst_identity,
-            response: r.response,
-            denied: r.denied,
+        let rec = DnsRecord {
+            meta: meta(r.time, &r.conn, r.src_identity, r.dst_identity, false, r.response, r.denied, r.latency),
             query: r.query,
             qtypes: r.qtypes,
             rcode: r.rcode,
             ips: r.ips.iter().map(|i| i.to_string()).collect(),
             ttl: r.ttl,
             cnames: r.cnames,
-            latency_ns: r.latency.as_nanos() as u64,
         };
         self.hubble.ingest(vec![Arc::new(self.maker.dns_flow(&rec))]);
+    }
+
+    fn log_kafka(&self, r: cilium_proxy::KafkaRecord) {
+        self.maker.refresh(&self.daemon);
+        let rec = KafkaRecord {
+            meta: meta(r.time, &r.conn, r.src_identity, r.dst_identity, r.conn.ingress, false, r.denied, std::time::Duration::ZERO),
+            api_key: cilium_policy::kafka::api_key_name(r.api_key),
+            api_version: i32::from(r.api_version),
+            correlation_id: r.correlation_id,
+            topic: r.topic,
+            error_code: i32::from(r.error_code),
+        };
+        self.hubble.ingest(vec![Arc::new(self.maker.kafka_flow(&rec))]);
     }
 }
 
@@ -190,15 +199,20 @@ fn tcp_listener(inherited: &mut crate::handoff::Inherited, port: u16) -> anyhow:
 }
 
 /// Binds (or takes over from the previous agent) the proxy's listeners —
-/// HTTP ingress and egress, DNS over UDP and TCP — resumes the connections
+/// HTTP and Kafka ingress and egress, DNS over UDP and TCP — resumes the connections
 /// the previous agent parked, and serves them all.
 pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, mut inherited: crate::handoff::Inherited) -> anyhow::Result<L7Handle> {
     let drain = Proxy::drain();
     let mut tcp = Vec::new();
-    for (port, ingress) in [(cilium_abi::PROXY_PORT_HTTP_INGRESS, true), (cilium_abi::PROXY_PORT_HTTP_EGRESS, false)] {
+    for (port, proto, ingress) in [
+        (cilium_abi::PROXY_PORT_HTTP_INGRESS, L7Proto::Http, true),
+        (cilium_abi::PROXY_PORT_HTTP_EGRESS, L7Proto::Http, false),
+        (cilium_abi::PROXY_PORT_KAFKA_INGRESS, L7Proto::Kafka, true),
+        (cilium_abi::PROXY_PORT_KAFKA_EGRESS, L7Proto::Kafka, false),
+    ] {
         let l = tcp_listener(&mut inherited, port)?;
         let (p, lg, d) = (provider.clone(), log.clone(), drain.clone());
-        tcp.push(tokio::spawn(async move { (port, Proxy::serve(l, ingress, p, lg, d).await) }));
+        tcp.push(tokio::spawn(async move { (port, Proxy::serve(l, proto, ingress, p, lg, d).await) }));
     }
     let port = cilium_abi::PROXY_PORT_DNS;
     let dns = match inherited.udp.remove(&port) {

@@ -21,24 +21,33 @@ pub const MSG_POLICY_VERDICT: i32 = 5;
 /// L7 records (upstream's MessageTypeAccessLog).
 pub const MSG_ACCESS_LOG: i32 = 129;
 
-/// An HTTP request or response the L7 proxy handled.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpRecord {
+/// Who and when an L7 record is about (the client and the original
+/// destination), and its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L7Meta {
     pub time_ns: u64,
-    /// The client and the original destination.
     pub client: std::net::SocketAddrV4,
     pub server: std::net::SocketAddrV4,
     pub client_identity: u32,
     pub server_identity: u32,
     /// Redirected by the server's ingress policy (else the client's egress).
     pub ingress: bool,
+    /// A response (from the server to the client) rather than a request.
     pub response: bool,
+    /// Denied by policy.
     pub denied: bool,
+    /// Responses: from the request's arrival.
+    pub latency_ns: u64,
+}
+
+/// An HTTP request or response the L7 proxy handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRecord {
+    pub meta: L7Meta,
     pub method: String,
     pub url: String,
     pub protocol: String,
     pub code: u32,
-    pub latency_ns: u64,
     pub headers: Vec<(String, String)>,
 }
 
@@ -204,72 +213,86 @@ pub fn icmp4_name(t: u32, code: u32) -> String {
 /// A DNS query or response the DNS proxy handled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DnsRecord {
-    pub time_ns: u64,
-    pub client: std::net::SocketAddrV4,
-    pub server: std::net::SocketAddrV4,
-    pub client_identity: u32,
-    pub server_identity: u32,
-    pub response: bool,
-    pub denied: bool,
+    pub meta: L7Meta,
     pub query: String,
     pub qtypes: Vec<String>,
     pub rcode: u32,
     pub ips: Vec<String>,
     pub ttl: u32,
     pub cnames: Vec<String>,
-    pub latency_ns: u64,
+}
+
+/// A Kafka request the L7 proxy handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord {
+    pub meta: L7Meta,
+    pub api_key: String,
+    pub api_version: i32,
+    pub correlation_id: i32,
+    pub topic: String,
+    pub error_code: i32,
 }
 
 impl Parser {
-    /// The L7 flow of a DNS query or response (egress of the client).
-    pub fn dns_flow(&self, r: &DnsRecord, names: &Names) -> Flow {
-        let (src, dst, sid, did) = if r.response { (r.server, r.client, r.server_identity, r.client_identity) } else { (r.client, r.server, r.client_identity, r.server_identity) };
-        let dns = pb::Dns {
-            query: format!("{}.", r.query),
-            ips: if r.response { r.ips.clone() } else { vec![] },
-            ttl: r.ttl,
-            cnames: r.cnames.iter().map(|c| format!("{c}.")).collect(),
-            observation_source: "proxy".into(),
-            rcode: r.rcode,
-            qtypes: r.qtypes.clone(),
-            rrtypes: if r.response && !r.ips.is_empty() { vec!["A".into()] } else { vec![] },
-        };
-        let l7_type = if r.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
+    /// An L7 flow; a response flows from the server to the client and is a
+    /// reply.
+    fn l7_flow(&self, c: &L7Meta, udp: bool, record: pb::layer7::Record, names: &Names) -> Flow {
+        let (src, dst, sid, did) = if c.response { (c.server, c.client, c.server_identity, c.client_identity) } else { (c.client, c.server, c.client_identity, c.server_identity) };
+        let l7_type = if c.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
+        let (sport, dport) = (u32::from(src.port()), u32::from(dst.port()));
+        let l4 = if udp { layer4::Protocol::Udp(pb::Udp { source_port: sport, destination_port: dport }) } else { layer4::Protocol::Tcp(pb::Tcp { source_port: sport, destination_port: dport, flags: None }) };
         let mut f = Flow {
-            time: Some(timestamp(r.time_ns)),
+            time: Some(timestamp(c.time_ns)),
             uuid: self.uuid(),
             emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
-            verdict: if r.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            verdict: if c.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
             ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
-            l4: Some(Layer4 { protocol: Some(layer4::Protocol::Udp(pb::Udp { source_port: src.port().into(), destination_port: dst.port().into() })) }),
+            l4: Some(Layer4 { protocol: Some(l4) }),
             source: Some(endpoint(names, *src.ip(), sid)),
             destination: Some(endpoint(names, *dst.ip(), did)),
             r#type: FlowType::L7 as i32,
             node_name: names.node_name.clone(),
-            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: r.latency_ns, record: Some(pb::layer7::Record::Dns(dns)) }),
+            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: c.latency_ns, record: Some(record) }),
             event_type: Some(CiliumEventType { r#type: MSG_ACCESS_LOG, sub_type: 0 }),
-            traffic_direction: TrafficDirection::Egress as i32,
-            is_reply: Some(pbjson_types::BoolValue { value: r.response }),
+            traffic_direction: if c.ingress { TrafficDirection::Ingress } else { TrafficDirection::Egress } as i32,
+            is_reply: Some(pbjson_types::BoolValue { value: c.response }),
             ..Default::default()
         };
-        if r.response {
-            f.source_names = vec![format!("{}.", r.query)];
-        } else {
-            f.destination_names = vec![format!("{}.", r.query)];
+        if let Some(svc) = names.services.get(&(*c.server.ip(), c.server.port())) {
+            let s = Some(pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() });
+            if c.response { f.source_service = s } else { f.destination_service = s }
         }
         #[allow(deprecated)]
         {
-            f.reply = r.response;
+            f.reply = c.response;
             f.summary = crate::printer::l7_summary(&f);
         }
         f
     }
 
-    /// The L7 flow of an HTTP request or response. A response flows from
-    /// the server to the client and is a reply.
+    /// The L7 flow of a DNS query or response (egress of the client).
+    pub fn dns_flow(&self, r: &DnsRecord, names: &Names) -> Flow {
+        let dns = pb::Dns {
+            query: format!("{}.", r.query),
+            ips: if r.meta.response { r.ips.clone() } else { vec![] },
+            ttl: r.ttl,
+            cnames: r.cnames.iter().map(|c| format!("{c}.")).collect(),
+            observation_source: "proxy".into(),
+            rcode: r.rcode,
+            qtypes: r.qtypes.clone(),
+            rrtypes: if r.meta.response && !r.ips.is_empty() { vec!["A".into()] } else { vec![] },
+        };
+        let mut f = self.l7_flow(&r.meta, true, pb::layer7::Record::Dns(dns), names);
+        if r.meta.response {
+            f.source_names = vec![format!("{}.", r.query)];
+        } else {
+            f.destination_names = vec![format!("{}.", r.query)];
+        }
+        f
+    }
+
+    /// The L7 flow of an HTTP request or response.
     pub fn http_flow(&self, r: &HttpRecord, names: &Names) -> Flow {
-        let (src, dst, sid, did) = if r.response { (r.server, r.client, r.server_identity, r.client_identity) } else { (r.client, r.server, r.client_identity, r.server_identity) };
-        let l7_type = if r.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
         let http = pb::Http {
             code: r.code,
             method: r.method.clone(),
@@ -277,33 +300,14 @@ impl Parser {
             protocol: r.protocol.clone(),
             headers: r.headers.iter().map(|(k, v)| pb::HttpHeader { key: k.clone(), value: v.clone() }).collect(),
         };
-        let mut f = Flow {
-            time: Some(timestamp(r.time_ns)),
-            uuid: self.uuid(),
-            emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
-            verdict: if r.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
-            ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
-            l4: Some(Layer4 { protocol: Some(layer4::Protocol::Tcp(pb::Tcp { source_port: src.port().into(), destination_port: dst.port().into(), flags: None })) }),
-            source: Some(endpoint(names, *src.ip(), sid)),
-            destination: Some(endpoint(names, *dst.ip(), did)),
-            r#type: FlowType::L7 as i32,
-            node_name: names.node_name.clone(),
-            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: r.latency_ns, record: Some(pb::layer7::Record::Http(http)) }),
-            event_type: Some(CiliumEventType { r#type: MSG_ACCESS_LOG, sub_type: 0 }),
-            traffic_direction: if r.ingress { TrafficDirection::Ingress } else { TrafficDirection::Egress } as i32,
-            is_reply: Some(pbjson_types::BoolValue { value: r.response }),
-            ..Default::default()
-        };
-        if let Some(svc) = names.services.get(&(*r.server.ip(), r.server.port())) {
-            let s = Some(pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() });
-            if r.response { f.source_service = s } else { f.destination_service = s }
-        }
-        #[allow(deprecated)]
-        {
-            f.reply = r.response;
-            f.summary = crate::printer::l7_summary(&f);
-        }
-        f
+        self.l7_flow(&r.meta, false, pb::layer7::Record::Http(http), names)
+    }
+
+    /// The L7 flow of a Kafka request (forwarded, or denied with the error
+    /// code the proxy answered).
+    pub fn kafka_flow(&self, r: &KafkaRecord, names: &Names) -> Flow {
+        let kafka = pb::Kafka { error_code: r.error_code, api_version: r.api_version, api_key: r.api_key.clone(), correlation_id: r.correlation_id, topic: r.topic.clone() };
+        self.l7_flow(&r.meta, false, pb::layer7::Record::Kafka(kafka), names)
     }
 
     /// Names the policies behind a policy verdict or a policy drop.

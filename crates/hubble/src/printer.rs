@@ -195,6 +195,13 @@ pub fn l7_summary(f: &Flow) -> String {
                 format!("DNS Query {} {q}", d.query)
             }
         }
+        Some(crate::proto::flow::layer7::Record::Kafka(k)) => {
+            if l.r#type == crate::proto::flow::L7FlowType::Response as i32 {
+                format!("Kafka response {} correlation id {} topic '{}' return code {}", k.api_key, k.correlation_id, k.topic, k.error_code)
+            } else {
+                format!("Kafka request {} correlation id {} topic '{}'", k.api_key, k.correlation_id, k.topic)
+            }
+        }
         _ => String::new(),
     }
 }

@@ -56,6 +56,9 @@ pub fn l7_proxy_port(l7: Option<&crate::api::L7Rules>, egress: bool, options: Po
         Some(r) if options.l7_proxy && r.http.is_some() => {
             if egress { cilium_abi::PROXY_PORT_HTTP_EGRESS } else { cilium_abi::PROXY_PORT_HTTP_INGRESS }
         }
+        Some(r) if options.l7_proxy && r.kafka.is_some() => {
+            if egress { cilium_abi::PROXY_PORT_KAFKA_EGRESS } else { cilium_abi::PROXY_PORT_KAFKA_INGRESS }
+        }
         Some(r) if options.l7_proxy && r.dns.is_some() && egress => cilium_abi::PROXY_PORT_DNS,
         _ => cilium_abi::POLICY_PROXY_PORT_PENDING,
     }

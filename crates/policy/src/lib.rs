@@ -14,6 +14,7 @@ pub mod api;
 pub mod compute;
 pub mod conformance;
 pub mod fqdn;
+pub mod kafka;
 pub mod mapstate;
 pub mod parse;
 pub mod rule;

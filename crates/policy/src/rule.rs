@@ -620,14 +620,7 @@ fn validate_l7(ctx: &Ctx, field: &str, rules: &api::L7Rules) -> Result<(), Polic
     }
     if let Some(kafka) = &rules.kafka {
         for (i, k) in kafka.iter().enumerate() {
-            if let Some(role) = &k.role {
-                if !matches!(role.as_str(), "produce" | "consume") {
-                    return Err(ctx.err(&format!("{field}.kafka[{i}].role"), role.clone(), "want produce or consume"));
-                }
-                if k.api_key.is_some() {
-                    return Err(ctx.err(&format!("{field}.kafka[{i}]"), "", "role and apiKey are mutually exclusive"));
-                }
-            }
+            crate::kafka::validate(k).map_err(|(name, value, why)| ctx.err(&format!("{field}.kafka[{i}].{name}"), value, why))?;
         }
     }
     if let Some(dns) = &rules.dns {

@@ -834,3 +834,19 @@ spec:
     assert!(!allowed(&p, w.id("default/db"), true, TCP, 8080));
     assert!(allowed(&p, 1 << 24, true, TCP, 443), "endpoints of a selectorless service matched by labels");
 }
+
+#[test]
+fn each_l7_kind_has_its_proxy_port() {
+    use crate::api::{FqdnSelector, HttpRule, KafkaRule, L7Rules};
+    let on = PolicyOptions { l7_proxy: true, ..Default::default() };
+    let http = L7Rules { http: Some(vec![HttpRule::default()]), ..Default::default() };
+    let kafka = L7Rules { kafka: Some(vec![KafkaRule::default()]), ..Default::default() };
+    let dns = L7Rules { dns: Some(vec![FqdnSelector { match_name: Some("x".into()), match_pattern: None }]), ..Default::default() };
+    let l7proto = L7Rules { l7proto: Some("r2d2".into()), ..Default::default() };
+    let port = |r: &L7Rules, egress: bool, o: PolicyOptions| crate::compute::l7_proxy_port(Some(r), egress, o);
+    assert_eq!((port(&http, false, on), port(&http, true, on)), (cilium_abi::PROXY_PORT_HTTP_INGRESS, cilium_abi::PROXY_PORT_HTTP_EGRESS));
+    assert_eq!((port(&kafka, false, on), port(&kafka, true, on)), (cilium_abi::PROXY_PORT_KAFKA_INGRESS, cilium_abi::PROXY_PORT_KAFKA_EGRESS));
+    assert_eq!(port(&dns, true, on), cilium_abi::PROXY_PORT_DNS);
+    assert_eq!(port(&l7proto, false, on), cilium_abi::POLICY_PROXY_PORT_PENDING, "no proxy for l7proto: dropped");
+    assert_eq!(port(&kafka, false, PolicyOptions::default()), cilium_abi::POLICY_PROXY_PORT_PENDING, "proxy off: dropped");
+}

@@ -258,6 +258,8 @@ pub enum L7Policy {
     Http(Vec<crate::api::HttpRule>),
     /// DNS queries must name something one of these matches.
     Dns(Vec<crate::api::FqdnSelector>),
+    /// Kafka requests must pass these.
+    Kafka(Vec<crate::api::KafkaRule>),
     /// Not allowed at all (L3/L4 says no, e.g. after a policy change).
     Denied,
 }
@@ -290,6 +292,8 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
     };
     let mut http = Vec::new();
     let mut dns = Vec::new();
+    let mut kafka = Vec::new();
+    let mut is_kafka = false;
     let mut allowed = false;
     for r in &selecting {
         let (allows, denies) = if egress { (&r.egress, &r.egress_deny) } else { (&r.ingress, &r.ingress_deny) };
@@ -306,6 +310,11 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
                     allowed = true;
                     dns.extend(l.dns.iter().flatten().cloned());
                 }
+                Some(l) if l.kafka.is_some() => {
+                    allowed = true;
+                    is_kafka = true;
+                    kafka.extend(l.kafka.iter().flatten().cloned());
+                }
                 Some(_) => {}
                 None => return L7Policy::Unrestricted,
             }
@@ -315,7 +324,13 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
         return L7Policy::Unrestricted;
     }
     if allowed {
-        return if !dns.is_empty() || (http.is_empty() && protocol == Protocol::Udp) { L7Policy::Dns(dns) } else { L7Policy::Http(http) };
+        return if !dns.is_empty() || (http.is_empty() && protocol == Protocol::Udp) {
+            L7Policy::Dns(dns)
+        } else if is_kafka {
+            L7Policy::Kafka(kafka)
+        } else {
+            L7Policy::Http(http)
+        };
     }
     if !default_deny && !always {
         return L7Policy::Unrestricted;

@@ -220,6 +220,7 @@ where
         Check::Denied => false,
         Check::Dns(m) => m.iter().any(|m| m.matches(&q.qname)),
         Check::Unrestricted | Check::Rules(_) => true,
+        Check::Kafka(_) => false,
     });
     let record = |response: bool, denied: bool, m: &Message| DnsRecord {
         time: SystemTime::now(),

@@ -16,7 +16,6 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::http::Request;
-use crate::rules::{Check, Verdict};
 use crate::server::{AccessLog, AccessRecord, ConnInfo, PolicyProvider};
 
 /// The client preface every h2c prior-knowledge connection starts with.
@@ -116,14 +115,7 @@ async fn stream(
     let started = Instant::now();
     let policy = provider.policy(&info);
     let mut view = as_request(&req);
-    let mut allowed = !policy.checks.iter().any(|c| matches!(c, Check::Denied));
-    for c in &policy.checks {
-        if let Check::Rules(r) = c {
-            if r.check(&mut view) == Verdict::Denied {
-                allowed = false;
-            }
-        }
-    }
+    let allowed = crate::rules::http_allows(&policy.checks, &mut view);
     let url = format!("http://{}{}", view.host(), view.target);
     let record = |response: bool, denied: bool, code: u16| AccessRecord {
         time: SystemTime::now(),

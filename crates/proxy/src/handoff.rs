@@ -13,10 +13,21 @@ use tokio::sync::Notify;
 
 use crate::server::ConnInfo;
 
+/// The protocol a proxied TCP connection speaks (the listener it came
+/// through decides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum L7Proto {
+    /// HTTP/1.1, or HTTP/2 with prior knowledge.
+    #[default]
+    Http,
+    Kafka,
+}
+
 /// A connection parked for the next agent.
 #[derive(Debug)]
 pub struct Parked {
     pub info: ConnInfo,
+    pub proto: L7Proto,
     pub client: std::net::TcpStream,
     pub upstream: Option<std::net::TcpStream>,
 }

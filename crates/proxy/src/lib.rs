@@ -10,17 +10,26 @@
 //! handled one after the other on the same connection. Each request and
 //! response is reported to an [`AccessLog`] (Hubble's L7 flows).
 //!
+//! Kafka connections (their own listeners) are checked request by request
+//! the same way and denied requests get Kafka's authorization errors
+//! ([`kafka`], [`kafka_server`]); DNS has its own proxy ([`dns_server`]).
+//!
 //! Architecture invariant: the proxy decides nothing about L3/L4 (the
-//! datapath did) and knows no policy syntax beyond compiled HTTP rules; a
-//! request it cannot parse or check is refused, never forwarded.
+//! datapath did) and knows no policy syntax beyond compiled HTTP, DNS and
+//! Kafka rules; a request it cannot parse or check is refused, never
+//! forwarded.
 
 pub mod dns;
 pub mod dns_server;
 pub mod h2c;
 pub mod handoff;
 pub mod http;
+pub mod kafka;
+pub mod kafka_server;
 pub mod rules;
 pub mod server;
 
 pub use rules::{Check, HttpRules};
+pub use handoff::L7Proto;
+pub use kafka_server::KafkaRecord;
 pub use server::{AccessLog, AccessRecord, ConnInfo, ConnPolicy, DnsRecord, Learned, PolicyProvider, Proxy};

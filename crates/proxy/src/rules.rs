@@ -51,8 +51,25 @@ pub enum Check {
     Rules(HttpRules),
     /// DNS queries must name something these match.
     Dns(Vec<cilium_policy::fqdn::NameMatcher>),
+    /// Kafka requests must pass these.
+    Kafka(Vec<cilium_policy::kafka::Matcher>),
     /// Nothing passes (the connection is closed).
     Denied,
+}
+
+/// Whether an HTTP request passes every check of its connection (header
+/// actions of matching rules applied); another protocol's rules on the
+/// same connection pass nothing.
+pub fn http_allows(checks: &[Check], req: &mut Request) -> bool {
+    let mut allowed = true;
+    for c in checks {
+        allowed &= match c {
+            Check::Unrestricted => true,
+            Check::Rules(r) => r.check(req) != Verdict::Denied,
+            Check::Dns(_) | Check::Kafka(_) | Check::Denied => false,
+        };
+    }
+    allowed
 }
 
 /// A request's verdict.

@@ -9,8 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::http::{Chunked, Framing, HttpError, Request, Response, access_denied, error_response};
-use crate::handoff::{Drain, Parked};
-use crate::rules::{Check, Verdict};
+use crate::handoff::{Drain, L7Proto, Parked};
+use crate::rules::Check;
 
 /// One proxied connection, as the datapath handed it over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -88,6 +88,7 @@ pub struct AccessRecord {
 pub trait AccessLog: Send + Sync + 'static {
     fn log(&self, r: AccessRecord);
     fn log_dns(&self, _r: DnsRecord) {}
+    fn log_kafka(&self, _r: crate::kafka_server::KafkaRecord) {}
 }
 
 /// Why a connection ended early.
@@ -143,16 +144,20 @@ impl Proxy {
         };
         let info = p.info;
         tokio::spawn(async move {
-            if let Err(e) = serve_conn(client, upstream, info, &*provider, &*log, &drain).await {
+            let r = match p.proto {
+                L7Proto::Http => serve_conn(client, upstream, info, &*provider, &*log, &drain).await.map_err(|e| e.to_string()),
+                L7Proto::Kafka => crate::kafka_server::serve(client, upstream, info, provider, log, drain).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = r {
                 debug!(client = %info.client, server = %info.server, error = %e, "resumed connection ended");
             }
         });
         Ok(())
     }
 
-    /// Accepts and serves connections until `drain` begins; returns the
-    /// listener then (for the next agent).
-    pub async fn serve(listener: TcpListener, ingress: bool, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<Drain>) -> TcpListener {
+    /// Accepts and serves connections speaking `proto` until `drain`
+    /// begins; returns the listener then (for the next agent).
+    pub async fn serve(listener: TcpListener, proto: L7Proto, ingress: bool, provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, drain: Arc<Drain>) -> TcpListener {
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -169,6 +174,14 @@ impl Proxy {
             let (Ok(SocketAddr::V4(server)), SocketAddr::V4(client)) = (conn.local_addr(), peer) else { continue };
             let info = ConnInfo { client, server, ingress, udp: false };
             let (provider, log, drain) = (provider.clone(), log.clone(), drain.clone());
+            if proto == L7Proto::Kafka {
+                tokio::spawn(async move {
+                    if let Err(e) = crate::kafka_server::serve(conn, None, info, provider, log, drain).await {
+                        debug!(client = %info.client, server = %info.server, error = %e, "Kafka connection ended");
+                    }
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 // HTTP/2 with prior knowledge (gRPC) starts with its preface
                 let mut head = vec![0u8; crate::h2c::PREFACE.len()];
@@ -341,7 +354,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
                     Some(u) => Some(u.s.into_std()?),
                     None => None,
                 };
-                drain.park(Parked { info, client: client.s.into_std()?, upstream: up });
+                drain.park(Parked { info, proto: L7Proto::Http, client: client.s.into_std()?, upstream: up });
                 return Ok(());
             }
         }
@@ -384,14 +397,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
             latency,
             headers: if response { Vec::new() } else { req.headers.iter().map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned())).collect() },
         };
-        let mut allowed = true;
-        for c in &policy.checks {
-            if let Check::Rules(r) = c {
-                if r.check(&mut req) == Verdict::Denied {
-                    allowed = false;
-                }
-            }
-        }
+        let allowed = crate::rules::http_allows(&policy.checks, &mut req);
         let close = req.wants_close();
         if !allowed {
             log.log(record(false, true, 0, Duration::ZERO, &req));
@@ -488,20 +494,27 @@ fn encode_response(r: &Response) -> Vec<u8> {
     out
 }
 
+/// A provider that allows everything and a log that drops everything.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
-    struct Open;
+    pub struct Open;
     impl PolicyProvider for Open {
         fn policy(&self, _: &ConnInfo) -> Arc<ConnPolicy> {
             Arc::new(ConnPolicy { src_identity: 0, dst_identity: 0, checks: vec![] })
         }
     }
-    struct Quiet;
+    pub struct Quiet;
     impl AccessLog for Quiet {
         fn log(&self, _: AccessRecord) {}
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Open, Quiet};
+    use super::*;
 
     /// What one idle HTTP/1 connection costs in task state (its buffers are
     /// released between requests): the benchmark's per-connection memory

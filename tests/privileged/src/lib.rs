@@ -4,6 +4,7 @@
 //! fail.
 
 pub mod containerd;
+pub mod kafka_broker;
 pub mod packet;
 
 /// Fails the test unless it runs as root.

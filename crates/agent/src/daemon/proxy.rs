@@ -74,6 +74,7 @@ impl ProxySnapshot {
                 // rules were validated at import; a failure here denies
                 L7Policy::Http(rules) => Some(HttpRules::compile(&rules).map(Check::Rules).unwrap_or(Check::Denied)),
                 L7Policy::Dns(sels) => Some(Check::Dns(sels.iter().map(cilium_policy::fqdn::NameMatcher::new).collect())),
+                L7Policy::Kafka(rules) => Some(Check::Kafka(rules.iter().map(cilium_policy::kafka::Matcher::new).collect())),
             })
             .collect();
         ConnPolicy { src_identity, dst_identity, checks }
