@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
 
+pub mod cluster;
 pub mod fqdn;
 pub mod hubble;
 pub mod proxy;
@@ -117,6 +118,10 @@ pub struct Daemon<D: Datapath> {
     warnings: BTreeMap<String, String>,
     /// Identities of the CIDRs policies name (node-local range).
     cidr_identities: BTreeMap<Ipv4Net, u32>,
+    /// Pods of other nodes with an address: their labels and identity.
+    remote_endpoints: BTreeMap<Ipv4Addr, (LabelSet, u32)>,
+    /// The other nodes of the cluster, by name.
+    nodes: BTreeMap<String, cilium_api::NodeMeta>,
     /// The ipcache as last written (prefix -> identity).
     ipcache_written: BTreeMap<Ipv4Net, u32>,
     /// Every service, from Kubernetes and from the API.
@@ -181,6 +186,8 @@ impl<D: Datapath> Daemon<D> {
             started: Instant::now(),
             warnings: BTreeMap::new(),
             cidr_identities: BTreeMap::new(),
+            remote_endpoints: BTreeMap::new(),
+            nodes: BTreeMap::new(),
             ipcache_written: BTreeMap::new(),
             services: cilium_lb::ServiceTable::new(),
             k8s_services: BTreeMap::new(),
@@ -252,6 +259,7 @@ impl<D: Datapath> Daemon<D> {
             namespaces: self.namespaces.clone(),
             next_endpoint_id: self.next_endpoint_id,
             fqdn: self.fqdn.clone(),
+            nodes: self.nodes.clone(),
         }
     }
 
@@ -338,6 +346,8 @@ impl<D: Datapath> Daemon<D> {
             }
         }
         self.sync_cidr_identities()?;
+        self.nodes = state.nodes;
+        self.restore_remote_endpoints(&state.identities)?;
         self.reconcile_datapath()?;
         self.save()
     }
@@ -449,13 +459,20 @@ impl<D: Datapath> Daemon<D> {
     }
 
     /// What the ipcache must hold. A prefix named by several sources takes
-    /// the identity of the strongest: the host's own addresses, then
-    /// endpoints, then CIDRs policies name (so a CIDR rule can never relabel
-    /// the node or a pod).
+    /// the identity of the strongest: the host's own addresses, then local
+    /// endpoints, then other nodes' pods, then other nodes, then CIDRs
+    /// policies name (so a CIDR rule can never relabel a node or a pod).
     fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, u32> {
         let mut m = BTreeMap::new();
         for (net, id) in &self.cidr_identities {
             m.insert(*net, *id);
+        }
+        let remote_node = ReservedIdentity::RemoteNode.code();
+        for n in self.nodes.values() {
+            m.insert(Ipv4Net::new(n.ip, 32).expect("/32"), remote_node);
+        }
+        for (ip, (_, id)) in &self.remote_endpoints {
+            m.insert(Ipv4Net::new(*ip, 32).expect("/32"), *id);
         }
         for e in self.endpoints.values() {
             m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
@@ -699,11 +716,13 @@ impl<D: Datapath> Daemon<D> {
         let (ns, name) = (meta.namespace.clone(), meta.name.clone());
         self.pods.insert(key, meta);
         self.relabel(|r| r.namespace == ns && r.pod_name == name)?;
+        self.cluster_changed()?;
         self.save()
     }
 
     pub fn pod_delete(&mut self, namespace: &str, name: &str) -> Result<bool, DaemonError> {
         let existed = self.pods.remove(&Self::pod_key(namespace, name)).is_some();
+        self.cluster_changed()?;
         self.save()?;
         Ok(existed)
     }
@@ -712,6 +731,7 @@ impl<D: Datapath> Daemon<D> {
         let name = meta.name.clone();
         self.namespaces.insert(name.clone(), meta);
         self.relabel(|r| r.namespace == name)?;
+        self.cluster_changed()?;
         self.save()
     }
 

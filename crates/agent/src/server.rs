@@ -102,6 +102,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/pod", put(pod_upsert))
         .route("/v1/k8s/pod/{ns}/{name}", delete(pod_delete))
         .route("/v1/k8s/namespace", put(namespace_upsert))
+        .route("/v1/cluster/nodes", get(node_list).put(nodes_set))
         .route("/v1/k8s/service", put(k8s_service_upsert))
         .route("/v1/k8s/services", put(k8s_services_sync))
         .route("/v1/k8s/service/{ns}/{name}", delete(k8s_service_delete))
@@ -260,6 +261,14 @@ async fn service_delete(State(s): State<Shared>, UrlPath(id): UrlPath<u16>) -> R
 
 async fn bpf_lb(State(s): State<Shared>, maglev: bool) -> Result<Json<LbMapView>, ApiError> {
     with(&s, move |d| d.lb_map_view(maglev)).await.map(Json)
+}
+
+async fn node_list(State(s): State<Shared>) -> Result<Json<Vec<cilium_api::NodeView>>, ApiError> {
+    with(&s, |d| Ok(d.nodes())).await.map(Json)
+}
+
+async fn nodes_set(State(s): State<Shared>, Json(n): Json<Vec<cilium_api::NodeMeta>>) -> Result<Json<bool>, ApiError> {
+    with(&s, move |d| d.nodes_set(n).map(|_| true)).await.map(Json)
 }
 
 async fn namespace_upsert(State(s): State<Shared>, Json(n): Json<NamespaceMeta>) -> Result<Json<bool>, ApiError> {

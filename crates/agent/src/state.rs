@@ -48,6 +48,9 @@ pub struct State {
     /// seconds). Kept so `toFQDNs` rules allow the same after a restart.
     #[serde(default)]
     pub fqdn: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, u64>>,
+    /// The other nodes of the cluster, by name.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, cilium_api::NodeMeta>,
 }
 
 /// Services, kept in a file of their own and written behind the change

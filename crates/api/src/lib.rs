@@ -207,6 +207,33 @@ pub struct PodMeta {
     /// The workload owning the pod, `Kind/name` (e.g. `Deployment/web`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// The pod's address, once it has one (status.podIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The node it runs on (spec.nodeName).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+/// A node of the cluster, as its agent announces it (upstream's
+/// CiliumNode): its name, its address and its pod CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub pod_cidr: String,
+}
+
+/// A node as `cilium node list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub ip: std::net::Ipv4Addr,
+    pub pod_cidr: String,
+    /// This agent's own node.
+    pub local: bool,
+    /// Pods of this node this agent knows addresses of.
+    pub pods: usize,
 }
 
 fn default_sa() -> String {

@@ -139,7 +139,7 @@ fn dns(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Result<S
     let _guard = LabGuard(name.clone());
     let manifest = logs.join("dns.yaml");
     std::fs::write(&manifest, DNS_PODS)?;
-    let mut lab = cilium_lab::Lab::up(&name, bin, vec![])?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], 1)?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let dns_pod = &lab.state.pods["kube-system/coredns"];
     let dns_ip = dns_pod.ip.context("dns ip")?;
@@ -275,7 +275,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
     let manifest = logs.join("l7.yaml");
     std::fs::write(&manifest, PODS)?;
     let extra: Vec<String> = std::env::var("BENCH_L7_AGENT_ARGS").map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
-    let mut lab = cilium_lab::Lab::up(&name, bin, extra)?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, extra, 1)?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let client_ns = lab.state.pods["default/client"].netns.clone();
     let server_ip = lab.state.pods["default/server"].ip.context("server ip")?;

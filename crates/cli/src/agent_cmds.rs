@@ -42,6 +42,15 @@ pub enum IdentityCmd {
 }
 
 #[derive(Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes of the cluster this agent knows.
+    List {
+        #[arg(short, long, default_value = "text")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum PolicyCmd {
     /// Import policy files (YAML or JSON; `-` for stdin). All or nothing.
     Import { files: Vec<PathBuf> },
@@ -352,6 +361,20 @@ pub async fn identity(c: &Client, cmd: IdentityCmd) -> anyhow::Result<i32> {
         for l in labels {
             rows.push(vec![String::new(), l]);
         }
+    }
+    table(rows);
+    Ok(0)
+}
+
+pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<i32> {
+    let NodeCmd::List { output } = cmd;
+    let nodes: Vec<cilium_api::NodeView> = c.get("/v1/cluster/nodes").await?;
+    if output == "json" {
+        return json(&nodes);
+    }
+    let mut rows = vec![vec!["Name".to_string(), "IPv4 Address".into(), "Endpoint CIDR".into(), "Pods".into(), "Source".into()]];
+    for n in nodes {
+        rows.push(vec![n.name, n.ip.to_string(), n.pod_cidr, n.pods.to_string(), if n.local { "local".into() } else { "custom-resource".into() }]);
     }
     table(rows);
     Ok(0)

@@ -38,6 +38,11 @@ pub enum LabCmd {
         /// Extra agent flag, e.g. --agent-arg=--policy-audit-mode (repeatable).
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Nodes, each a network namespace with its own agent and pod CIDR
+        /// (node<i>: 172.30.0.1<i>, pods 10.0.<i>.0/24), routed to each other
+        /// through the world namespace.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
     },
     /// Create or update objects, as kubectl apply.
     Apply {
@@ -171,12 +176,14 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        LabCmd::Up { lab, files, agent_args } => {
+        LabCmd::Up { lab, files, agent_args, nodes } => {
             require_root()?;
             let objects = cilium_lab::parse_files(&files)?;
             let name = lab.get();
-            let mut l = Lab::up(&name, &bin_dir()?, agent_args)?;
-            println!("lab {name} is up: node {} ({}), agent socket {}", l.state.nodes[0].name, l.state.nodes[0].ip, l.state.nodes[0].socket.display());
+            let mut l = Lab::up(&name, &bin_dir()?, agent_args, nodes)?;
+            for n in &l.state.nodes {
+                println!("lab {name} is up: node {} ({}), agent socket {}", n.name, n.ip, n.socket.display());
+            }
             for line in l.apply(objects)? {
                 println!("{line}");
             }

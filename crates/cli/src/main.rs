@@ -29,6 +29,9 @@ enum Cmd {
     /// Security identities.
     #[command(subcommand)]
     Identity(agent_cmds::IdentityCmd),
+    /// The nodes of the cluster.
+    #[command(subcommand)]
+    Node(agent_cmds::NodeCmd),
     /// Import, inspect, delete and validate policies.
     #[command(subcommand)]
     Policy(agent_cmds::PolicyCmd),
@@ -80,6 +83,7 @@ fn main() {
                     Cmd::Status(a) => agent_cmds::status(&client, a).await,
                     Cmd::Endpoint(c) => agent_cmds::endpoint(&client, c).await,
                     Cmd::Identity(c) => agent_cmds::identity(&client, c).await,
+                    Cmd::Node(c) => agent_cmds::node(&client, c).await,
                     Cmd::Policy(c) => agent_cmds::policy(&client, c).await,
                     Cmd::Service(c) => agent_cmds::service(&client, c).await,
                     Cmd::Bpf(c) => agent_cmds::bpf(&client, c).await,

@@ -187,9 +187,13 @@ pub fn parse_files(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
 }
 
 impl Lab {
-    /// Creates a lab: namespaces, underlay, world, the node and its agent.
-    pub fn up(name: &str, bin_dir: &Path, agent_args: Vec<String>) -> anyhow::Result<Lab> {
+    /// Creates a lab: namespaces, underlay, world, `nodes` nodes (1 to 9)
+    /// and their agents.
+    pub fn up(name: &str, bin_dir: &Path, agent_args: Vec<String>, nodes: usize) -> anyhow::Result<Lab> {
         validate_name(name)?;
+        if !(1..=9).contains(&nodes) {
+            bail!("--nodes {nodes}: a lab has 1 to 9 nodes");
+        }
         let dir = lab_dir(name);
         let lock = lock(&dir)?;
         if dir.join("lab.json").exists() {
@@ -200,24 +204,29 @@ impl Lab {
                 bail!("{} not found next to this binary (build the workspace first)", bin_dir.join(bin).display());
             }
         }
-        let node_name = "node1";
         let lab_bpf = Path::new(LAB_BPF_ROOT).join(name);
         let lab_cg = Path::new(LAB_CGROUP_ROOT).join(name);
-        let node = NodeState {
-            name: node_name.to_string(),
-            netns: format!("cl-{name}-{node_name}"),
-            ip: Ipv4Addr::new(172, 30, 0, 11),
-            pod_cidr: "10.0.1.0/24".to_string(),
-            socket: dir.join(node_name).join("cilium.sock"),
-            state_dir: dir.join(node_name).join("state"),
-            bpf_root: lab_bpf.join(node_name),
-            cgroup_root: lab_cg.join(node_name),
-            log: dir.join(node_name).join("agent.log"),
-            agent_pid: None,
-        };
+        // node i: 172.30.0.1i on the underlay, pods in 10.0.i.0/24
+        let nodes = (1..=nodes as u8)
+            .map(|i| {
+                let node_name = format!("node{i}");
+                NodeState {
+                    netns: format!("cl-{name}-{node_name}"),
+                    ip: Ipv4Addr::new(172, 30, 0, 10 + i),
+                    pod_cidr: format!("10.0.{i}.0/24"),
+                    socket: dir.join(&node_name).join("cilium.sock"),
+                    state_dir: dir.join(&node_name).join("state"),
+                    bpf_root: lab_bpf.join(&node_name),
+                    cgroup_root: lab_cg.join(&node_name),
+                    log: dir.join(&node_name).join("agent.log"),
+                    agent_pid: None,
+                    name: node_name,
+                }
+            })
+            .collect();
         let state = LabState {
             name: name.to_string(),
-            nodes: vec![node],
+            nodes,
             world_netns: format!("cl-{name}-world"),
             world_pid: None,
             agent_args,
@@ -255,10 +264,14 @@ impl Lab {
             sys::ip(&["-n", &n.netns, "link", "set", "lo", "up"])?;
             let peer = format!("to-{}", n.name);
             sys::ip(&["-n", &n.netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &world])?;
-            sys::ip(&["-n", &n.netns, "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"])?;
+            // point to point through the world, which routes between nodes
+            // (the underlay): every node reaches the others via the world
+            sys::ip(&["-n", &n.netns, "addr", "add", &format!("{}/32", n.ip), "dev", "eth0"])?;
             sys::ip(&["-n", &n.netns, "link", "set", "eth0", "up"])?;
-            sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP}/24"), "dev", &peer])?;
+            sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP}/32"), "dev", &peer])?;
             sys::ip(&["-n", &world, "link", "set", &peer, "up"])?;
+            sys::ip(&["-n", &world, "route", "add", &format!("{}/32", n.ip), "dev", &peer])?;
+            sys::ip(&["-n", &n.netns, "route", "add", &WORLD_IP.to_string(), "dev", "eth0"])?;
             sys::ip(&["-n", &n.netns, "route", "add", "default", "via", &WORLD_IP.to_string()])?;
             sys::ip(&["-n", &n.netns, "route", "add", "blackhole", SERVICE_CIDR])?;
             sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
@@ -269,9 +282,20 @@ impl Lab {
             std::fs::create_dir_all(&n.cgroup_root).with_context(|| format!("creating cgroup {}", n.cgroup_root.display()))?;
             self.start_agent(i)?;
         }
+        self.announce_nodes()?;
         self.start_world()?;
         self.start_relay()?;
         self.save()
+    }
+
+    /// Tells every agent about the nodes of the lab (as CiliumNode objects
+    /// would).
+    fn announce_nodes(&self) -> anyhow::Result<()> {
+        let nodes: Vec<cilium_api::NodeMeta> = self.state.nodes.iter().map(|n| cilium_api::NodeMeta { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone() }).collect();
+        for c in self.clients() {
+            let _: bool = block_on(c.call("PUT", "/v1/cluster/nodes", Some(&nodes)))?;
+        }
+        Ok(())
     }
 
     /// Starts hubble-relay on 127.0.0.1:4245 (upstream's port, what `hubble`
@@ -463,6 +487,7 @@ impl Lab {
                 }
             }
         }
+        self.place(&mut wanted_pods)?;
         for (p, _) in &wanted_pods {
             if !self.state.namespaces.contains_key(&p.namespace) {
                 self.state.namespaces.insert(p.namespace.clone(), BTreeMap::new());
@@ -512,6 +537,10 @@ impl Lab {
                 None => {}
             }
             self.create_pod(&mut p)?;
+            // its address, for the agents of the other nodes (status.podIP)
+            for c in self.clients() {
+                let _: bool = block_on(c.call("PUT", "/v1/k8s/pod", Some(&pod_meta(&p))))?;
+            }
             out.push(format!("pod/{} created ({})", p.name, p.ip.map(|i| i.to_string()).unwrap_or_default()));
             self.state.pods.insert(key, p);
             self.save()?;
@@ -664,8 +693,34 @@ impl Lab {
         Ok(out)
     }
 
+    /// The scheduler, simply: a pod keeps the node it runs on; a new one
+    /// without spec.nodeName goes to the node with the fewest pods.
+    fn place(&self, pods: &mut [(PodState, PodSpec)]) -> anyhow::Result<()> {
+        let mut count: BTreeMap<String, usize> = self.state.nodes.iter().map(|n| (n.name.clone(), 0)).collect();
+        for p in self.state.pods.values() {
+            *count.entry(p.node.clone()).or_default() += 1;
+        }
+        for (p, _) in pods.iter_mut() {
+            if p.node.is_empty() {
+                let key = format!("{}/{}", p.namespace, p.name);
+                p.node = match self.state.pods.get(&key) {
+                    Some(existing) => existing.node.clone(),
+                    None => {
+                        let n = count.iter().min_by_key(|(_, c)| **c).map(|(n, _)| n.clone()).expect("a lab has nodes");
+                        *count.entry(n.clone()).or_default() += 1;
+                        n
+                    }
+                };
+            } else if !count.contains_key(&p.node) {
+                bail!("pod {}/{}: spec.nodeName {:?} is not a node of lab {}", p.namespace, p.name, p.node, self.state.name);
+            }
+        }
+        Ok(())
+    }
+
     fn pod_state(&self, ns: &str, name: &str, labels: &BTreeMap<String, String>, spec: &PodSpec, owner: Option<String>) -> PodState {
-        let node = spec.node_name.clone().unwrap_or_else(|| self.state.nodes[0].name.clone());
+        // spec.nodeName, else placed by `place`
+        let node = spec.node_name.clone().unwrap_or_default();
         PodState {
             namespace: ns.to_string(),
             name: name.to_string(),
@@ -885,6 +940,8 @@ fn pod_meta(p: &PodState) -> PodMeta {
             let kind = o.split('/').next().unwrap_or("");
             format!("{kind}/{}", o.rsplit('/').next().unwrap_or(""))
         }),
+        ip: p.ip,
+        node: Some(p.node.clone()),
     }
 }
 

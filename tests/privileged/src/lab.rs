@@ -49,13 +49,22 @@ impl TestLab {
     }
 
     pub fn up_with(manifests: &[&str], agent_args: &[&str]) -> TestLab {
+        Self::create(manifests, agent_args, 1)
+    }
+
+    /// A lab of `nodes` nodes.
+    pub fn up_nodes(manifests: &[&str], nodes: usize) -> TestLab {
+        Self::create(manifests, &[], nodes)
+    }
+
+    fn create(manifests: &[&str], agent_args: &[&str], nodes: usize) -> TestLab {
         crate::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
         let dir = tempfile::tempdir().expect("tempdir");
         let lab = TestLab { name, dir };
         let mut cmd = cilium();
-        cmd.args(["lab", "up", "--name", &lab.name]);
+        cmd.args(["lab", "up", "--name", &lab.name, "--nodes", &nodes.to_string()]);
         for (i, m) in manifests.iter().enumerate() {
             cmd.arg("-f").arg(lab.write(&format!("m{i}.yaml"), m));
         }

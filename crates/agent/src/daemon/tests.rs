@@ -32,7 +32,7 @@ fn daemon(store: Option<StateStore>) -> Daemon<FakeDatapath> {
 fn pod(d: &mut Daemon<FakeDatapath>, name: &str, app: &str) {
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), app.to_string());
-    d.pod_upsert(PodMeta { namespace: "default".into(), name: name.into(), labels, service_account: "default".into(), ports: vec![], workload: None }).unwrap();
+    d.pod_upsert(PodMeta { namespace: "default".into(), name: name.into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
 }
 
 fn create(d: &mut Daemon<FakeDatapath>, name: &str, n: u32) -> u16 {
@@ -281,7 +281,7 @@ fn relabelling_one_pod_touches_only_its_entries() {
         let mut labels = BTreeMap::new();
         labels.insert("app".to_string(), format!("app{i}"));
         labels.insert("tier".to_string(), "web".to_string());
-        d.pod_upsert(PodMeta { namespace: "default".into(), name: format!("p{i}"), labels, service_account: "default".into(), ports: vec![], workload: None }).unwrap();
+        d.pod_upsert(PodMeta { namespace: "default".into(), name: format!("p{i}"), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
     }
     d.policy_import(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {}\n  ingress: [{fromEndpoints: [{matchLabels: {tier: web}}]}]\n",
@@ -294,7 +294,7 @@ fn relabelling_one_pod_touches_only_its_entries() {
     // one pod leaves the web tier
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), "app3".to_string());
-    d.pod_upsert(PodMeta { namespace: "default".into(), name: "p3".into(), labels, service_account: "default".into(), ports: vec![], workload: None }).unwrap();
+    d.pod_upsert(PodMeta { namespace: "default".into(), name: "p3".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
     let writes = d.datapath().policy_log.len();
     // each of the 8 endpoints (p3 included: the policy selects every pod)
     // drops the entry of p3's old identity: 8 writes, not a rewrite of all

@@ -1,0 +1,115 @@
+//! The rest of the cluster as this agent sees it: the other nodes (what
+//! upstream learns from CiliumNode objects) and the other nodes' pods with
+//! their addresses (CiliumEndpoints). A pod of another node gets the
+//! identity of its labels and an ipcache entry, so policy applies to it by
+//! identity wherever it runs; another node's address is `remote-node`.
+//!
+//! Identities are allocated by each agent for the labels it sees, so the
+//! same labels get the same meaning on every node but not necessarily the
+//! same number: with native routing the receiving node looks the source up
+//! in its own ipcache, so numbers never cross the wire. (Agreeing numbers
+//! cluster-wide, for tunnel mode's identity in the VNI, is the kvstore's
+//! job.)
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use cilium_api::{NodeMeta, NodeView};
+use cilium_datapath::Datapath;
+use cilium_labels::LabelSet;
+use ipnet::Ipv4Net;
+
+use super::{Daemon, DaemonError, invalid};
+
+impl<D: Datapath> Daemon<D> {
+    /// Pods of other nodes that have an address, with their labels. A
+    /// local endpoint's address is never another node's pod.
+    fn wanted_remote_endpoints(&self) -> BTreeMap<Ipv4Addr, LabelSet> {
+        let local: BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.rec.ipv4).collect();
+        self.pods
+            .values()
+            .filter_map(|p| {
+                let (ip, node) = (p.ip?, p.node.as_ref()?);
+                (*node != self.cfg.node_name && !local.contains(&ip) && !self.cfg.pod_cidr.contains(&ip)).then(|| (ip, self.labels_for(&p.namespace, &p.name)))
+            })
+            .collect()
+    }
+
+    /// Gives every pod of another node its identity, releasing those of
+    /// pods gone or relabelled. Returns whether anything changed.
+    fn sync_remote_endpoints(&mut self) -> Result<bool, DaemonError> {
+        let wanted = self.wanted_remote_endpoints();
+        let stale: Vec<Ipv4Addr> = self.remote_endpoints.iter().filter(|(ip, (labels, _))| wanted.get(ip) != Some(labels)).map(|(ip, _)| *ip).collect();
+        let mut changed = !stale.is_empty();
+        for ip in stale {
+            let (_, id) = self.remote_endpoints.remove(&ip).expect("listed");
+            let _ = self.identities.release(id);
+        }
+        for (ip, labels) in wanted {
+            if self.remote_endpoints.contains_key(&ip) {
+                continue;
+            }
+            let (id, _) = self.identities.allocate(&labels)?;
+            self.remote_endpoints.insert(ip, (labels, id));
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// On restore: other nodes' pods get back the numbers they had (as
+    /// local endpoints and CIDRs do), so a restart renumbers nothing.
+    pub(super) fn restore_remote_endpoints(&mut self, saved: &BTreeMap<u32, LabelSet>) -> Result<(), DaemonError> {
+        for (ip, labels) in self.wanted_remote_endpoints() {
+            let id = match self.identities.lookup(&labels) {
+                Some(_) => self.identities.allocate(&labels)?.0,
+                None => match saved.iter().find(|(_, l)| **l == labels).map(|(id, _)| *id) {
+                    Some(id) if self.identities.restore(id, &labels).is_ok() => id,
+                    _ => self.identities.allocate(&labels)?.0,
+                },
+            };
+            self.remote_endpoints.insert(ip, (labels, id));
+        }
+        Ok(())
+    }
+
+    /// After pods or namespaces changed: other nodes' pods follow, and
+    /// policy with them when their identities changed.
+    pub(super) fn cluster_changed(&mut self) -> Result<(), DaemonError> {
+        if self.sync_remote_endpoints()? {
+            self.regenerate_all();
+            self.sync_ipcache()?;
+            self.dp.bump_policy_revision()?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the set of other nodes (this node's own entry, if listed,
+    /// is ignored). Every entry is checked before anything changes.
+    pub fn nodes_set(&mut self, nodes: Vec<NodeMeta>) -> Result<(), DaemonError> {
+        let mut out = BTreeMap::new();
+        for (i, n) in nodes.into_iter().enumerate() {
+            if n.name.is_empty() {
+                return Err(invalid(&format!("nodes[{i}].name"), "", "a node needs a name"));
+            }
+            n.pod_cidr.parse::<Ipv4Net>().map_err(|e| invalid(&format!("nodes[{i}].pod_cidr"), &n.pod_cidr, e.to_string()))?;
+            if n.name == self.cfg.node_name {
+                continue;
+            }
+            if out.insert(n.name.clone(), n.clone()).is_some() {
+                return Err(invalid(&format!("nodes[{i}].name"), &n.name, "listed twice"));
+            }
+        }
+        self.nodes = out;
+        self.sync_ipcache()?;
+        self.save()
+    }
+
+    /// Every node this agent knows, itself first.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let pods_on = |name: &str| self.pods.values().filter(|p| p.ip.is_some() && p.node.as_deref() == Some(name)).count();
+        let own_ip = self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let mut out = vec![NodeView { name: self.cfg.node_name.clone(), ip: own_ip, pod_cidr: self.cfg.pod_cidr.to_string(), local: true, pods: self.endpoints.len() }];
+        out.extend(self.nodes.values().map(|n| NodeView { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), local: false, pods: pods_on(&n.name) }));
+        out
+    }
+}

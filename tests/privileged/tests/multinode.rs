@@ -1,0 +1,118 @@
+//! Several nodes: each a network namespace with its own agent and pod CIDR,
+//! routed to each other through the world namespace (native routing). Pods
+//! reach pods of other nodes, policy applies to them by identity on both
+//! sides, a Service balances over backends on every node, and other nodes'
+//! addresses are `remote-node`.
+
+use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use serde_json::Value;
+
+const PODS: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other, labels: {app: other}}
+spec: {nodeName: node1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, labels: {app: server}}
+spec: {nodeName: node2, containers: [{name: s, ports: [{containerPort: 80}]}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: w, ports: [{containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+"#;
+
+/// The server (on node2) accepts the client (on node1) only.
+const SERVER_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: server}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
+
+/// The client may talk to the server only.
+const CLIENT_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: server}}]
+  ingress:
+  - fromEntities: [remote-node]
+"#;
+
+fn node_list(lab: &TestLab, node: &str) -> Vec<Value> {
+    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
+    let out = std::process::Command::new(bin_dir().join("cilium")).args(["node", "list", "-o", "json"]).env("CILIUM_SOCK", sock).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn pods_on_two_nodes_talk_under_policy_by_identity() {
+    let lab = TestLab::up_nodes(&[PODS], 2);
+    let pods = lab.pods();
+    let node_of = |app: &str| pods.iter().filter(|p| p["labels"]["app"] == app).map(|p| p["node"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(node_of("server"), vec!["node2"]);
+    let mut web = node_of("web");
+    web.sort();
+    assert_eq!(web, vec!["node1", "node2"], "the Deployment spreads over the nodes");
+    let nodes = node_list(&lab, "node1");
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert!(nodes.iter().any(|n| n["name"] == "node2" && n["ip"] == "172.30.0.12" && n["pod_cidr"] == "10.0.2.0/24" && n["local"] == false && n["pods"] == 2), "{nodes:?}");
+
+    // no policy: across nodes both ways
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"), "client (node1) -> server (node2)");
+    // a Service with a backend on each node, from either node's pods
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        answered.extend(lab.probe_pod("default/client", "10.96.0.10", 80, "tcp"));
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(answered.len(), 2, "both backends answer through the ClusterIP: {answered:?}");
+
+    // the server's node enforces by the client's identity
+    lab.apply(SERVER_POLICY);
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"), "the client is allowed");
+    assert!(!lab.probe("default/other", "default/server", 80, "tcp"), "another pod of the same node is not");
+    // the client's node enforces egress by the server's identity
+    lab.apply(CLIENT_POLICY);
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"));
+    let web_ip = pods.iter().find(|p| p["labels"]["app"] == "web" && p["node"] == "node2").unwrap()["ip"].as_str().unwrap().to_string();
+    assert!(!lab.probe("default/client", &web_ip, 8080, "tcp"), "a pod of node2 the client's egress does not name");
+    assert!(lab.probe("default/other", &web_ip, 8080, "tcp"), "other pods are not restricted");
+    // node2's address is remote-node on node1, and the client accepts it
+    let ipcache = lab.cilium(&["bpf", "ipcache", "list", "-o", "json"]);
+    let entries: Value = serde_json::from_slice(&ipcache.stdout).expect("ipcache json");
+    assert!(entries.as_array().unwrap().iter().any(|e| e["prefix"] == "172.30.0.12/32" && e["identity"] == 6), "{entries:#}");
+    assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2 (remote-node) reaches the client");
+    assert!(!lab.probe("default/server", "default/client", 80, "tcp"), "a pod of node2 is not remote-node");
+}
