@@ -135,6 +135,15 @@ pub struct Config {
     #[arg(long, env = "CILIUM_HUBBLE_METRICS", value_delimiter = ',')]
     pub hubble_metrics: Vec<String>,
 
+    /// Probe the other nodes (ICMP and HTTP to their agents' health port)
+    /// and answer their probes (upstream's --enable-health-checking).
+    #[arg(long, env = "CILIUM_ENABLE_HEALTH_CHECKING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_health_checking: bool,
+
+    /// Seconds between two rounds of node probes.
+    #[arg(long, env = "CILIUM_HEALTH_PROBE_INTERVAL", default_value_t = 10)]
+    pub health_probe_interval: u64,
+
     /// Address of the agent's Prometheus endpoint, e.g. ":9962" (empty: off).
     #[arg(long, env = "CILIUM_PROMETHEUS_SERVE_ADDR", default_value = "")]
     pub prometheus_serve_addr: String,
@@ -211,6 +220,8 @@ pub struct Settings {
     pub fqdn_min_ttl: u32,
     pub fqdn_max_ips: usize,
     pub prometheus_addr: Option<std::net::SocketAddr>,
+    /// Seconds between node probes; None: health checking off.
+    pub health_interval: Option<u64>,
 }
 
 /// Hubble's validated settings.
@@ -311,6 +322,9 @@ impl Config {
         if pod_cidr.trunc() != pod_cidr {
             return Err(bad("ipv4-range", &cidr_text, format!("host bits set: did you mean {}?", pod_cidr.trunc())));
         }
+        if self.health_probe_interval == 0 || self.health_probe_interval > 3600 {
+            return Err(bad("health-probe-interval", self.health_probe_interval, "want 1 to 3600 seconds"));
+        }
         let enforcement: EnforcementMode = self.enable_policy.parse().map_err(|e: String| bad("enable-policy", &self.enable_policy, e))?;
         let allow_localhost = match self.allow_localhost.as_str() {
             "always" | "auto" => true,
@@ -406,6 +420,7 @@ impl Config {
             fqdn_max_ips: self.tofqdns_endpoint_max_ip_per_hostname as usize,
             hubble,
             prometheus_addr,
+            health_interval: self.enable_health_checking.then_some(self.health_probe_interval),
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,

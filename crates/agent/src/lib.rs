@@ -12,6 +12,7 @@
 pub mod config;
 pub mod daemon;
 pub mod handoff;
+pub mod health;
 pub mod hubble;
 pub mod l7;
 pub mod metrics;

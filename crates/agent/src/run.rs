@@ -94,6 +94,15 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = Arc::new(AgentMetrics::new());
+    let health = match s.health_interval {
+        Some(secs) => {
+            crate::health::serve(crate::health::HEALTH_PORT).await?;
+            let h = Arc::new(crate::health::Health::default());
+            tokio::spawn(crate::health::probe_loop(daemon.clone(), h.clone(), Duration::from_secs(secs)));
+            Some(h)
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         daemon: daemon.clone(),
         monitor: tx.clone(),
@@ -104,6 +113,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         socket: s.socket_path.display().to_string(),
         hubble: hubble.clone(),
         metrics: metrics.clone(),
+        health,
     });
 
     if let Some(h) = &hubble {

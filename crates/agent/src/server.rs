@@ -33,6 +33,8 @@ pub struct AppState {
     pub socket: String,
     pub hubble: Option<Arc<crate::hubble::HubbleRuntime>>,
     pub metrics: Arc<crate::metrics::AgentMetrics>,
+    /// None when health checking is off.
+    pub health: Option<Arc<crate::health::Health>>,
 }
 
 type Shared = Arc<AppState>;
@@ -103,6 +105,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/pod/{ns}/{name}", delete(pod_delete))
         .route("/v1/k8s/namespace", put(namespace_upsert))
         .route("/v1/cluster/nodes", get(node_list).put(nodes_set))
+        .route("/v1/cluster/health", get(cluster_health))
         .route("/v1/k8s/service", put(k8s_service_upsert))
         .route("/v1/k8s/services", put(k8s_services_sync))
         .route("/v1/k8s/service/{ns}/{name}", delete(k8s_service_delete))
@@ -133,6 +136,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
     let lost_stream = s.monitor_lost.load(Ordering::Relaxed);
     let (bpf_root, state_dir, socket) = (s.bpf_root.clone(), s.state_dir.clone(), s.socket.clone());
     let hubble = s.hubble.as_ref().map(|h| h.status());
+    let cluster_health = s.health.as_ref().map(|h| h.summary());
     with(&s, move |d| {
         let cfg = d.config().clone();
         let lost = d.datapath().lost_events().unwrap_or(0) + lost_stream;
@@ -165,6 +169,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
             socket,
             warnings: d.warnings(),
             hubble,
+            cluster_health,
         })
     })
     .await
@@ -261,6 +266,10 @@ async fn service_delete(State(s): State<Shared>, UrlPath(id): UrlPath<u16>) -> R
 
 async fn bpf_lb(State(s): State<Shared>, maglev: bool) -> Result<Json<LbMapView>, ApiError> {
     with(&s, move |d| d.lb_map_view(maglev)).await.map(Json)
+}
+
+async fn cluster_health(State(s): State<Shared>) -> Json<Vec<cilium_api::NodeHealth>> {
+    Json(s.health.as_ref().map(|h| h.nodes()).unwrap_or_default())
 }
 
 async fn node_list(State(s): State<Shared>) -> Result<Json<Vec<cilium_api::NodeView>>, ApiError> {

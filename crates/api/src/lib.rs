@@ -90,6 +90,52 @@ pub struct Status {
     /// None when Hubble is disabled.
     #[serde(default)]
     pub hubble: Option<HubbleStatus>,
+    /// None when health checking is off.
+    #[serde(default)]
+    pub cluster_health: Option<ClusterHealth>,
+}
+
+/// `Cluster health: reachable/total`: nodes (this one included) whose
+/// host and agent answered the last probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    pub reachable: usize,
+    pub total: usize,
+    /// Unix seconds of the last round (0: none yet).
+    pub probed_at: u64,
+}
+
+/// One probe's outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    pub ok: bool,
+    /// Round-trip time in microseconds (when ok).
+    pub rtt_us: u64,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+/// A node's connectivity as this agent last probed it (`cilium-health
+/// status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    /// This agent's own node.
+    pub local: bool,
+    /// ICMP echo to the node's address (its stack).
+    pub icmp: ProbeResult,
+    /// HTTP to the node's agent health port.
+    pub http: ProbeResult,
+    /// Unix seconds.
+    pub probed_at: u64,
+}
+
+impl NodeHealth {
+    pub fn reachable(&self) -> bool {
+        self.icmp.ok && self.http.ok
+    }
 }
 
 /// One address the DNS proxy learned for a name (`cilium fqdn cache list`).

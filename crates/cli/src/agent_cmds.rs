@@ -19,6 +19,10 @@ pub struct StatusArgs {
     /// Exit non-zero unless the agent is healthy.
     #[arg(long)]
     brief: bool,
+    /// Each node's health: ICMP to its stack and HTTP to its agent, with
+    /// round-trip times (as cilium-health status).
+    #[arg(long)]
+    all_health: bool,
 }
 
 #[derive(Subcommand)]
@@ -302,7 +306,22 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
         None => println!("Hubble:                  Disabled"),
     }
     println!("IPAM:                    IPv4: {}/{} allocated from {}, router {}", s.ipam_used, s.ipam_used + s.ipam_available, s.pod_cidr, s.router_ip);
-    println!("Routing:                 Network: Native (single node)   Host: Legacy");
+    println!("Routing:                 Network: Native   Host: Legacy");
+    match &s.cluster_health {
+        Some(h) if h.probed_at == 0 => println!("Cluster health:          probing"),
+        Some(h) => println!("Cluster health:          {}/{} reachable   ({})", h.reachable, h.total, unix_time(h.probed_at)),
+        None => println!("Cluster health:          Probe disabled"),
+    }
+    if a.all_health {
+        let nodes: Vec<cilium_api::NodeHealth> = c.get("/v1/cluster/health").await?;
+        let probe = |p: &cilium_api::ProbeResult| if p.ok { format!("OK, RTT={}µs", p.rtt_us) } else { format!("Failed: {}", p.error) };
+        for n in nodes {
+            println!("  {}{}:", n.name, if n.local { " (localhost)" } else { "" });
+            println!("    Host connectivity to {}:", n.ip);
+            println!("      ICMP to stack:   {}", probe(&n.icmp));
+            println!("      HTTP to agent:   {}", probe(&n.http));
+        }
+    }
     println!("Endpoints:               {}/{} ready", s.endpoints_ready, s.endpoints);
     println!("Identities:              {}", s.identities);
     println!("Policy:                  revision {}, {} policies, enforcement {}", s.policy_revision, s.policies, s.enforcement);
@@ -316,6 +335,11 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
         println!("Warning:                 {w}");
     }
     Ok(0)
+}
+
+/// Unix seconds as RFC 3339 (UTC).
+fn unix_time(secs: u64) -> String {
+    chrono::DateTime::from_timestamp(secs as i64, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| secs.to_string())
 }
 
 pub async fn endpoint(c: &Client, cmd: EndpointCmd) -> anyhow::Result<i32> {

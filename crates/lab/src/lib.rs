@@ -367,6 +367,7 @@ impl Lab {
             "--hubble-metrics-server=:9965".to_string(),
             "--hubble-metrics=flow,drop,tcp,icmp,port-distribution,policy,dns,http".to_string(),
             "--prometheus-serve-addr=:9962".to_string(),
+            "--health-probe-interval=2".to_string(),
         ];
         args.extend(self.state.agent_args.iter().cloned());
         let pid = sys::spawn_daemon(&n.netns, None, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;

@@ -4,6 +4,8 @@
 //! sides, a Service balances over backends on every node, and other nodes'
 //! addresses are `remote-node`.
 
+use std::time::{Duration, Instant};
+
 use cilium_privileged_tests::lab::{TestLab, bin_dir};
 use serde_json::Value;
 
@@ -115,4 +117,45 @@ fn pods_on_two_nodes_talk_under_policy_by_identity() {
     assert!(entries.as_array().unwrap().iter().any(|e| e["prefix"] == "172.30.0.12/32" && e["identity"] == 6), "{entries:#}");
     assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2 (remote-node) reaches the client");
     assert!(!lab.probe("default/server", "default/client", 80, "tcp"), "a pod of node2 is not remote-node");
+}
+
+fn status_of(lab: &TestLab, node: &str, args: &[&str]) -> String {
+    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
+    let out = std::process::Command::new(bin_dir().join("cilium")).arg("status").args(args).env("CILIUM_SOCK", sock).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until `cilium status` on `node` says `want`.
+fn wait_for_status(lab: &TestLab, node: &str, want: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status_of(lab, node, &["--all-health"]);
+        if s.contains(want) || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Every agent probes every node (ICMP to its stack, HTTP to its agent);
+/// a stopped agent shows as unreachable over HTTP while its node still
+/// answers ICMP, and comes back.
+#[test]
+fn cluster_health_on_three_nodes() {
+    let lab = TestLab::up_nodes(&[], 3);
+    for node in ["node1", "node2", "node3"] {
+        let s = wait_for_status(&lab, node, "Cluster health:          3/3 reachable");
+        assert!(s.contains("Cluster health:          3/3 reachable"), "{node}: {s}");
+    }
+    let s = status_of(&lab, "node1", &["--all-health"]);
+    assert!(s.contains("node1 (localhost):") && s.contains("Host connectivity to 172.30.0.13:"), "{s}");
+    assert!(s.matches("ICMP to stack:   OK, RTT=").count() == 3 && s.matches("HTTP to agent:   OK, RTT=").count() == 3, "{s}");
+    lab.lab(&["agent", "stop", "--node", "node3"]);
+    let s = wait_for_status(&lab, "node1", "Cluster health:          2/3 reachable");
+    assert!(s.contains("Cluster health:          2/3 reachable"), "{s}");
+    assert!(s.matches("ICMP to stack:   OK").count() == 3 && s.contains("HTTP to agent:   Failed"), "node3's stack answers, its agent does not: {s}");
+    lab.lab(&["agent", "start", "--node", "node3"]);
+    let s = wait_for_status(&lab, "node1", "Cluster health:          3/3 reachable");
+    assert!(s.contains("Cluster health:          3/3 reachable"), "{s}");
 }
