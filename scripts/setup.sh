@@ -14,6 +14,7 @@ packages=(
   iptables nftables                     # the kube-proxy rulesets the service benchmark compares with
   dnsmasq-base bind9-dnsutils           # DNS through a ClusterIP (tests)
   prometheus                            # scrapes the agent's and Hubble's metrics (tests)
+  etcd-server                           # the kvstore (tests, `cilium lab up --kvstore`)
   nginx dnsperf                         # the L7 benchmark: reverse-proxy anchor, DNS load
   containerd crun busybox-static        # CNI interop test (ctr run --cni)
 )

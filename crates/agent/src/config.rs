@@ -135,6 +135,15 @@ pub struct Config {
     #[arg(long, env = "CILIUM_HUBBLE_METRICS", value_delimiter = ',')]
     pub hubble_metrics: Vec<String>,
 
+    /// Cluster state store: "" (none: identities are this node's) or etcd.
+    #[arg(long, env = "CILIUM_KVSTORE", default_value = "")]
+    pub kvstore: String,
+
+    /// kvstore options, key=value (comma-separated): etcd.address
+    /// (http://host:port), etcd.operationTimeout (seconds).
+    #[arg(long, env = "CILIUM_KVSTORE_OPT", value_delimiter = ',')]
+    pub kvstore_opt: Vec<String>,
+
     /// Probe the other nodes (ICMP and HTTP to their agents' health port)
     /// and answer their probes (upstream's --enable-health-checking).
     #[arg(long, env = "CILIUM_ENABLE_HEALTH_CHECKING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -222,6 +231,8 @@ pub struct Settings {
     pub prometheus_addr: Option<std::net::SocketAddr>,
     /// Seconds between node probes; None: health checking off.
     pub health_interval: Option<u64>,
+    /// etcd's address and the operation timeout, when the kvstore is etcd.
+    pub kvstore: Option<(String, std::time::Duration)>,
 }
 
 /// Hubble's validated settings.
@@ -322,6 +333,26 @@ impl Config {
         if pod_cidr.trunc() != pod_cidr {
             return Err(bad("ipv4-range", &cidr_text, format!("host bits set: did you mean {}?", pod_cidr.trunc())));
         }
+        let kvstore = match self.kvstore.as_str() {
+            "" => None,
+            "etcd" => {
+                let mut address = None;
+                let mut timeout = std::time::Duration::from_secs(5);
+                for opt in &self.kvstore_opt {
+                    match opt.split_once('=') {
+                        Some(("etcd.address", v)) if v.starts_with("http://") => address = Some(v.to_string()),
+                        Some(("etcd.address", v)) => return Err(bad("kvstore-opt", opt, format!("etcd.address {v:?}: want http://host:port"))),
+                        Some(("etcd.operationTimeout", v)) => {
+                            let secs: u64 = v.trim_end_matches('s').parse().map_err(|_| bad("kvstore-opt", opt, "etcd.operationTimeout: want seconds"))?;
+                            timeout = std::time::Duration::from_secs(secs.max(1));
+                        }
+                        _ => return Err(bad("kvstore-opt", opt, "unknown option: want etcd.address=http://host:port or etcd.operationTimeout=N")),
+                    }
+                }
+                Some((address.ok_or_else(|| bad("kvstore-opt", self.kvstore_opt.join(","), "--kvstore=etcd needs etcd.address=http://host:port"))?, timeout))
+            }
+            other => return Err(bad("kvstore", other, "want etcd (or empty for none)")),
+        };
         if self.health_probe_interval == 0 || self.health_probe_interval > 3600 {
             return Err(bad("health-probe-interval", self.health_probe_interval, "want 1 to 3600 seconds"));
         }
@@ -421,6 +452,7 @@ impl Config {
             hubble,
             prometheus_addr,
             health_interval: self.enable_health_checking.then_some(self.health_probe_interval),
+            kvstore,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,

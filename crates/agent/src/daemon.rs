@@ -231,6 +231,12 @@ impl<D: Datapath> Daemon<D> {
         &self.repo
     }
 
+    /// Numbers cluster-scope identities through `c` (the kvstore) from now
+    /// on; call before restoring state.
+    pub fn set_cluster_identities(&mut self, c: std::sync::Arc<dyn cilium_identity::ClusterNumbers>) {
+        self.identities.set_cluster(c);
+    }
+
     pub fn identities(&self) -> &Allocator {
         &self.identities
     }

@@ -57,7 +57,9 @@ pub async fn probe_loop(daemon: Arc<Mutex<Daemon<Loaded>>>, health: Arc<Health>,
     let mut next = Instant::now();
     let mut known = Vec::new();
     loop {
-        let nodes: Vec<(String, Ipv4Addr, bool)> = daemon.lock().unwrap_or_else(|p| p.into_inner()).nodes().into_iter().map(|n| (n.name, n.ip, n.local)).collect();
+        // the daemon may be busy (a kvstore call): wait off the workers
+        let d = daemon.clone();
+        let Ok(nodes) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).nodes().into_iter().map(|n| (n.name, n.ip, n.local)).collect::<Vec<_>>()).await else { continue };
         if Instant::now() >= next || nodes != known {
             let rounds = nodes.iter().map(|(name, ip, local)| probe_node(name.clone(), *ip, *local));
             let results = futures_join_all(rounds).await;

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod handoff;
 pub mod health;
 pub mod hubble;
+pub mod kvstore;
 pub mod l7;
 pub mod metrics;
 pub mod node;

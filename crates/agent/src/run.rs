@@ -64,6 +64,11 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         fqdn_max_ips: s.fqdn_max_ips,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
+    if let Some((address, timeout)) = &s.kvstore {
+        let ids = crate::kvstore::KvIdentities::new(address, *timeout).context("--kvstore-opt etcd.address")?;
+        info!(%address, "kvstore: cluster-wide identities from etcd");
+        daemon.set_cluster_identities(Arc::new(ids));
+    }
     if let Some(svc) = saved_services {
         info!(services = svc.services.len(), "restoring services");
         daemon.set_services(svc);
@@ -114,6 +119,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         hubble: hubble.clone(),
         metrics: metrics.clone(),
         health,
+        kvstore: s.kvstore.as_ref().map(|(a, _)| a.clone()),
     });
 
     if let Some(h) = &hubble {

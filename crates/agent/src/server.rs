@@ -35,6 +35,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::AgentMetrics>,
     /// None when health checking is off.
     pub health: Option<Arc<crate::health::Health>>,
+    /// etcd's address when the kvstore is on.
+    pub kvstore: Option<String>,
 }
 
 type Shared = Arc<AppState>;
@@ -137,6 +139,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
     let (bpf_root, state_dir, socket) = (s.bpf_root.clone(), s.state_dir.clone(), s.socket.clone());
     let hubble = s.hubble.as_ref().map(|h| h.status());
     let cluster_health = s.health.as_ref().map(|h| h.summary());
+    let kvstore = s.kvstore.clone();
     with(&s, move |d| {
         let cfg = d.config().clone();
         let lost = d.datapath().lost_events().unwrap_or(0) + lost_stream;
@@ -170,6 +173,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
             warnings: d.warnings(),
             hubble,
             cluster_health,
+            kvstore,
         })
     })
     .await

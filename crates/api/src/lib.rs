@@ -93,6 +93,9 @@ pub struct Status {
     /// None when health checking is off.
     #[serde(default)]
     pub cluster_health: Option<ClusterHealth>,
+    /// etcd's address when the kvstore is on.
+    #[serde(default)]
+    pub kvstore: Option<String>,
 }
 
 /// `Cluster health: reachable/total`: nodes (this one included) whose

@@ -213,7 +213,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
         let name = format!("bh{tag}{}", std::process::id() % 10000);
         let _ = cilium_lab::down(&name);
         guards.push(LabGuard(name.clone()));
-        let mut lab = cilium_lab::Lab::up(&name, bin, args, 1)?;
+        let mut lab = cilium_lab::Lab::up(&name, bin, args, Default::default())?;
         lab.apply(cilium_lab::parse_files(std::slice::from_ref(&manifest))?)?;
         let client_ns = lab.state.pods["default/client"].netns.clone();
         let server_ns = lab.state.pods["default/server"].netns.clone();

@@ -139,7 +139,7 @@ fn dns(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Result<S
     let _guard = LabGuard(name.clone());
     let manifest = logs.join("dns.yaml");
     std::fs::write(&manifest, DNS_PODS)?;
-    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], 1)?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], Default::default())?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let dns_pod = &lab.state.pods["kube-system/coredns"];
     let dns_ip = dns_pod.ip.context("dns ip")?;
@@ -246,7 +246,7 @@ fn http_rr(netns: &str, addr: SocketAddr, secs: u64) -> anyhow::Result<(f64, f64
 fn idle_memory(netns: &str, addr: SocketAddr, agent: u32, n: usize) -> anyhow::Result<f64> {
     // fill Hubble's flow ring first (each request is two L7 flows), so the
     // growth measured is the connections', not the flow history's
-    http_rr(netns, addr, 1)?;
+    http_rr(netns, addr, Default::default())?;
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_mb(agent)?;
     let held = crate::in_ns(netns, move || {
@@ -275,7 +275,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
     let manifest = logs.join("l7.yaml");
     std::fs::write(&manifest, PODS)?;
     let extra: Vec<String> = std::env::var("BENCH_L7_AGENT_ARGS").map(|v| v.split_whitespace().map(String::from).collect()).unwrap_or_default();
-    let mut lab = cilium_lab::Lab::up(&name, bin, extra, 1)?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, extra, Default::default())?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let client_ns = lab.state.pods["default/client"].netns.clone();
     let server_ip = lab.state.pods["default/server"].ip.context("server ip")?;

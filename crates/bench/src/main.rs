@@ -396,7 +396,7 @@ fn pods(a: &Args, logs: &Path, bin: &Path) -> anyhow::Result<String> {
     let _guard = LabGuard(name.clone());
     let manifest = logs.join("bench.yaml");
     std::fs::write(&manifest, BENCH_PODS)?;
-    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], 1)?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], Default::default())?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let client_ns = lab.state.pods["default/client"].netns.clone();
     let server_ns = lab.state.pods["default/server"].netns.clone();
@@ -435,7 +435,7 @@ fn pods(a: &Args, logs: &Path, bin: &Path) -> anyhow::Result<String> {
         &dep,
         format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: many}}\nspec:\n  replicas: {}\n  selector: {{matchLabels: {{app: many}}}}\n  template:\n    metadata: {{labels: {{app: many}}}}\n    spec: {{containers: [{{name: c, ports: [{{containerPort: 80}}]}}]}}\n", a.pods),
     )?;
-    let mut mlab = cilium_lab::Lab::up(&mname, bin, vec![], 1)?;
+    let mut mlab = cilium_lab::Lab::up(&mname, bin, vec![], Default::default())?;
     mlab.apply(cilium_lab::parse_files(&[dep])?)?;
     let agent = mlab.state.nodes[0].agent_pid.context("agent pid")?;
     std::thread::sleep(Duration::from_secs(1));

@@ -216,7 +216,7 @@ pub fn run(o: &Options, logs: &Path) -> anyhow::Result<Report> {
         &manifest,
         "apiVersion: v1\nkind: Pod\nmetadata: {name: client}\nspec: {containers: [{name: c}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: server}\nspec: {containers: [{name: s}]}\n",
     )?;
-    let mut lab = cilium_lab::Lab::up(&name, &crate::bin_dir(), vec![], 1)?;
+    let mut lab = cilium_lab::Lab::up(&name, &crate::bin_dir(), vec![], Default::default())?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let client_ns = lab.state.pods["default/client"].netns.clone();
     let client_cgroup = lab.cgroup_of("default/client").context("client cgroup")?;

@@ -285,7 +285,10 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
         println!("{}", if s.healthy { "OK" } else { "Warning" });
         return Ok(if s.healthy { 0 } else { 1 });
     }
-    println!("KVStore:                 Disabled");
+    match &s.kvstore {
+        Some(a) => println!("KVStore:                 Ok   etcd: {a} (cluster-wide identities)"),
+        None => println!("KVStore:                 Disabled"),
+    }
     println!("Kubernetes:              Disabled (pods and namespaces are fed through the agent API)");
     println!("Cilium:                  {}   {} (cilium-rs), node {}, up {}s", if s.healthy { "Ok" } else { "Warning" }, s.version, s.node_name, s.uptime_secs);
     println!("NodeMonitor:             Listening for events: {} subscribers, {} events lost", s.monitor_subscribers, s.monitor_lost_events);

@@ -43,6 +43,10 @@ pub enum LabCmd {
         /// through the world namespace.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Run etcd (in the world namespace) and have the agents share
+        /// identities through it (--kvstore=etcd).
+        #[arg(long)]
+        kvstore: bool,
     },
     /// Create or update objects, as kubectl apply.
     Apply {
@@ -115,6 +119,13 @@ pub enum LabCmd {
         #[arg(long)]
         node: Option<String>,
     },
+    /// Stop or start the lab's etcd (a lab made with --kvstore).
+    Etcd {
+        #[command(flatten)]
+        lab: LabName,
+        /// stop or start
+        action: String,
+    },
     /// Print `export CILIUM_SOCK=...` for a node's agent and
     /// `export HUBBLE_SERVER=...` for the lab's hubble-relay.
     Env {
@@ -176,11 +187,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        LabCmd::Up { lab, files, agent_args, nodes } => {
+        LabCmd::Up { lab, files, agent_args, nodes, kvstore } => {
             require_root()?;
             let objects = cilium_lab::parse_files(&files)?;
             let name = lab.get();
-            let mut l = Lab::up(&name, &bin_dir()?, agent_args, nodes)?;
+            let mut l = Lab::up(&name, &bin_dir()?, agent_args, cilium_lab::LabOptions { nodes, kvstore })?;
             for n in &l.state.nodes {
                 println!("lab {name} is up: node {} ({}), agent socket {}", n.name, n.ip, n.socket.display());
             }
@@ -294,6 +305,20 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
                 other => bail!("agent {other:?}: want stop, kill, start or restart"),
             }
             println!("agent of {}: {action} done", l.state.nodes[i].name);
+            Ok(0)
+        }
+        LabCmd::Etcd { lab, action } => {
+            require_root()?;
+            let mut l = Lab::open(&lab.get(), &bin_dir()?)?;
+            if !l.state.kvstore {
+                bail!("lab {} has no kvstore (make it with --kvstore)", l.state.name);
+            }
+            match action.as_str() {
+                "stop" => l.stop_etcd()?,
+                "start" => l.start_etcd()?,
+                other => bail!("etcd {other:?}: want stop or start"),
+            }
+            println!("etcd: {action} done");
             Ok(0)
         }
         LabCmd::Env { lab, node } => {

@@ -34,6 +34,21 @@ pub enum IdentityError {
     NotAllocated { id: u32 },
     #[error("identity {id} already belongs to labels [{existing}], cannot restore it for [{wanted}]")]
     Conflict { id: u32, existing: String, wanted: String },
+    #[error("cluster-wide identity for [{labels}]: {reason}")]
+    Cluster { labels: String, reason: String },
+}
+
+/// Where cluster-scope identities get their numbers when every node must
+/// agree on them (the kvstore). Without one, numbers are this node's.
+pub trait ClusterNumbers: Send + Sync + std::fmt::Debug {
+    /// The cluster-wide number of `labels` (allocating it if needed).
+    fn number(&self, labels: &LabelSet) -> Result<NumericIdentity, String>;
+}
+
+/// A label set as the kvstore keys it: `source:key=value;` for each label,
+/// sorted.
+pub fn labels_key(labels: &LabelSet) -> String {
+    labels.to_strings().iter().map(|l| format!("{l};")).collect()
 }
 
 /// The scope an identity is allocated in.
@@ -98,6 +113,7 @@ pub struct Allocator {
     by_id: BTreeMap<NumericIdentity, Identity>,
     by_labels: HashMap<LabelSet, NumericIdentity>,
     next: HashMap<&'static str, u32>,
+    cluster: Option<std::sync::Arc<dyn ClusterNumbers>>,
 }
 
 impl Default for Allocator {
@@ -109,7 +125,7 @@ impl Default for Allocator {
 impl Allocator {
     /// A fresh allocator holding the reserved identities.
     pub fn new() -> Allocator {
-        let mut a = Allocator { by_id: BTreeMap::new(), by_labels: HashMap::new(), next: HashMap::new() };
+        let mut a = Allocator { by_id: BTreeMap::new(), by_labels: HashMap::new(), next: HashMap::new(), cluster: None };
         for r in ReservedIdentity::ALL.iter().copied().filter(|r| *r != ReservedIdentity::Unknown) {
             let labels = reserved_labels(r);
             a.by_labels.insert(labels.clone(), r.code());
@@ -131,6 +147,15 @@ impl Allocator {
             return Ok((id, false));
         }
         let scope = Scope::of(labels);
+        if let (Scope::Cluster, Some(c)) = (scope, &self.cluster) {
+            let id = c.number(labels).map_err(|reason| IdentityError::Cluster { labels: labels.to_string(), reason })?;
+            if let Some(existing) = self.by_id.get(&id) {
+                return Err(IdentityError::Conflict { id, existing: existing.labels.to_string(), wanted: labels.to_string() });
+            }
+            self.by_labels.insert(labels.clone(), id);
+            self.by_id.insert(id, Identity { id, labels: labels.clone(), references: 1 });
+            return Ok((id, true));
+        }
         let (min, max, name) = scope.range();
         let start = *self.next.get(name).unwrap_or(&min);
         let span = max - min + 1;
@@ -151,6 +176,11 @@ impl Allocator {
 
     /// Re-creates an identity with a known number (after a restart), taking a
     /// reference. Fails if the number belongs to other labels.
+    /// Takes cluster-scope numbers from `c` from now on.
+    pub fn set_cluster(&mut self, c: std::sync::Arc<dyn ClusterNumbers>) {
+        self.cluster = Some(c);
+    }
+
     pub fn restore(&mut self, id: NumericIdentity, labels: &LabelSet) -> Result<(), IdentityError> {
         if let Some(existing) = self.by_id.get_mut(&id) {
             if existing.labels != *labels {
@@ -265,5 +295,46 @@ mod tests {
         a.release(x).unwrap();
         let (y, _) = a.allocate(&ls(&["k8s:a=2"])).unwrap();
         assert_ne!(x, y, "a freed identity is not handed out again right away");
+    }
+}
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    /// A stand-in for the kvstore: numbers by label key, counting calls.
+    #[derive(Debug, Default)]
+    struct Fixed(std::sync::Mutex<Vec<String>>);
+    impl ClusterNumbers for Fixed {
+        fn number(&self, labels: &LabelSet) -> Result<NumericIdentity, String> {
+            let key = labels_key(labels);
+            self.0.lock().unwrap().push(key.clone());
+            if key.contains("down") {
+                return Err("etcd unreachable".into());
+            }
+            Ok(if key.contains("app=a") { 300 } else { 301 })
+        }
+    }
+
+    fn set(l: &str) -> LabelSet {
+        [Label::new("k8s", l.split('=').next().unwrap(), l.split('=').nth(1).unwrap())].into_iter().collect()
+    }
+
+    #[test]
+    fn cluster_scope_numbers_come_from_the_cluster_once() {
+        let c = std::sync::Arc::new(Fixed::default());
+        let mut a = Allocator::new();
+        a.set_cluster(c.clone());
+        assert_eq!(a.allocate(&set("app=a")).unwrap(), (300, true));
+        assert_eq!(a.allocate(&set("app=a")).unwrap(), (300, false), "held locally: no second ask");
+        assert_eq!(a.allocate(&set("app=b")).unwrap(), (301, true));
+        assert_eq!(c.0.lock().unwrap().as_slice(), ["k8s:app=a;", "k8s:app=b;"]);
+        // node-local identities never ask
+        let cidr: LabelSet = [Label::new(cilium_labels::SOURCE_CIDR, "10.0.0.0/8", "")].into_iter().collect();
+        assert!(a.allocate(&cidr).unwrap().0 >= MIN_LOCAL_IDENTITY);
+        assert_eq!(c.0.lock().unwrap().len(), 2);
+        // an unreachable kvstore is an error naming the labels
+        let e = a.allocate(&set("app=down")).unwrap_err();
+        assert!(matches!(e, IdentityError::Cluster { .. }) && e.to_string().contains("etcd unreachable"), "{e}");
     }
 }

@@ -16,7 +16,7 @@ pub mod sys;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -104,6 +104,33 @@ pub struct LabState {
     pub relay_pid: Option<u32>,
     #[serde(default)]
     pub relay_address: Option<String>,
+    /// Agents share identities through etcd (in the world namespace).
+    #[serde(default)]
+    pub kvstore: bool,
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
+}
+
+/// How `Lab::up` builds the lab.
+#[derive(Debug, Clone, Copy)]
+pub struct LabOptions {
+    /// 1 to 9.
+    pub nodes: usize,
+    /// Run etcd and give the agents `--kvstore=etcd`.
+    pub kvstore: bool,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions { nodes: 1, kvstore: false }
+    }
+}
+
+/// etcd's client address, in the world namespace (every node routes there).
+pub const ETCD_ADDRESS: &str = "http://172.30.0.1:2379";
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(program)).find(|f| f.exists()))
 }
 
 /// An open lab (holding its lock).
@@ -187,12 +214,16 @@ pub fn parse_files(files: &[PathBuf]) -> anyhow::Result<Vec<Object>> {
 }
 
 impl Lab {
-    /// Creates a lab: namespaces, underlay, world, `nodes` nodes (1 to 9)
-    /// and their agents.
-    pub fn up(name: &str, bin_dir: &Path, agent_args: Vec<String>, nodes: usize) -> anyhow::Result<Lab> {
+    /// Creates a lab: namespaces, underlay, world, the nodes and their
+    /// agents, and etcd when the kvstore is on.
+    pub fn up(name: &str, bin_dir: &Path, agent_args: Vec<String>, opts: LabOptions) -> anyhow::Result<Lab> {
         validate_name(name)?;
+        let nodes = opts.nodes;
         if !(1..=9).contains(&nodes) {
             bail!("--nodes {nodes}: a lab has 1 to 9 nodes");
+        }
+        if opts.kvstore && which("etcd").is_none() {
+            bail!("--kvstore needs etcd (apt-get install etcd-server)");
         }
         let dir = lab_dir(name);
         let lock = lock(&dir)?;
@@ -236,6 +267,8 @@ impl Lab {
             policies: BTreeSet::new(),
             relay_pid: None,
             relay_address: None,
+            kvstore: opts.kvstore,
+            etcd_pid: None,
         };
         let mut lab = Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock };
         // Record what we are about to make before making it, so `down`
@@ -257,6 +290,11 @@ impl Lab {
         sys::ip(&["-n", &world, "route", "add", "blackhole", SERVICE_CIDR])?;
         sys::netns_sysctl(&world, "net.ipv4.ip_forward", "1")?;
         sys::netns_sysctl(&world, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        if self.state.kvstore {
+            // the world's underlay address exists once the first node is wired
+            sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP}/32"), "dev", "lo"])?;
+            self.start_etcd()?;
+        }
         for i in 0..self.state.nodes.len() {
             let n = self.state.nodes[i].clone();
             sys::netns_add(&n.netns)?;
@@ -285,6 +323,43 @@ impl Lab {
         self.announce_nodes()?;
         self.start_world()?;
         self.start_relay()?;
+        self.save()
+    }
+
+    /// Starts (or restarts) etcd in the world namespace, its data in the
+    /// lab's directory, and waits until it answers.
+    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
+        let data = self.dir.join("etcd");
+        let args = vec![
+            "--name=lab".to_string(),
+            format!("--data-dir={}", data.display()),
+            format!("--listen-client-urls={ETCD_ADDRESS}"),
+            format!("--advertise-client-urls={ETCD_ADDRESS}"),
+            "--listen-peer-urls=http://127.0.0.1:2380".to_string(),
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380".to_string(),
+            "--initial-cluster=lab=http://127.0.0.1:2380".to_string(),
+            "--log-level=warn".to_string(),
+        ];
+        let etcd = which("etcd").ok_or_else(|| anyhow!("etcd not found (apt-get install etcd-server)"))?;
+        let pid = sys::spawn_daemon(&self.state.world_netns, None, &etcd, &args, &self.dir.join("etcd.log"))?;
+        self.state.etcd_pid = Some(pid);
+        self.save()?;
+        let world = sys::netns_path(&self.state.world_netns);
+        let open = move || {
+            cilium_datapath::sys::in_netns(&world, || {
+                Ok(std::net::TcpStream::connect_timeout(&SocketAddr::from((WORLD_IP, 2379)), Duration::from_millis(200)).is_ok())
+            })
+            .unwrap_or(false)
+        };
+        wait_for(|| sys::alive(pid) && open(), Duration::from_secs(20))
+        .map_err(|_| anyhow!("etcd did not start; its log ends:\n{}", std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()))
+    }
+
+    /// Stops etcd (its data stays).
+    pub fn stop_etcd(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.state.etcd_pid.take() {
+            sys::stop(pid, Duration::from_secs(5));
+        }
         self.save()
     }
 
@@ -369,6 +444,9 @@ impl Lab {
             "--prometheus-serve-addr=:9962".to_string(),
             "--health-probe-interval=2".to_string(),
         ];
+        if self.state.kvstore {
+            args.extend(["--kvstore=etcd".to_string(), format!("--kvstore-opt=etcd.address={ETCD_ADDRESS}")]);
+        }
         args.extend(self.state.agent_args.iter().cloned());
         let pid = sys::spawn_daemon(&n.netns, None, &self.bin_dir.join("cilium-agent"), &args, &n.log)?;
         let client = Client::new(&n.socket);

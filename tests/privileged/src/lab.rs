@@ -49,15 +49,20 @@ impl TestLab {
     }
 
     pub fn up_with(manifests: &[&str], agent_args: &[&str]) -> TestLab {
-        Self::create(manifests, agent_args, 1)
+        Self::create(manifests, agent_args, 1, false)
     }
 
     /// A lab of `nodes` nodes.
     pub fn up_nodes(manifests: &[&str], nodes: usize) -> TestLab {
-        Self::create(manifests, &[], nodes)
+        Self::create(manifests, &[], nodes, false)
     }
 
-    fn create(manifests: &[&str], agent_args: &[&str], nodes: usize) -> TestLab {
+    /// A lab of `nodes` nodes, with etcd as the kvstore when `kvstore`.
+    pub fn up_cluster(manifests: &[&str], nodes: usize, kvstore: bool) -> TestLab {
+        Self::create(manifests, &[], nodes, kvstore)
+    }
+
+    fn create(manifests: &[&str], agent_args: &[&str], nodes: usize, kvstore: bool) -> TestLab {
         crate::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
@@ -65,6 +70,9 @@ impl TestLab {
         let lab = TestLab { name, dir };
         let mut cmd = cilium();
         cmd.args(["lab", "up", "--name", &lab.name, "--nodes", &nodes.to_string()]);
+        if kvstore {
+            cmd.arg("--kvstore");
+        }
         for (i, m) in manifests.iter().enumerate() {
             cmd.arg("-f").arg(lab.write(&format!("m{i}.yaml"), m));
         }

@@ -1,0 +1,177 @@
+//! The kvstore: cluster state shared through etcd, as upstream's kvstore
+//! mode. [`Etcd`] is a small client of etcd's v3 gRPC API (our own subset of
+//! its protos, compiled without protoc); [`Etcd::allocate_identity`] gives
+//! a set of labels the same number on every node, without races.
+//!
+//! Key layout (under `cilium/state/identities/v1/`):
+//! `labels/<labels>` → the number, and `id/<number>` → the labels. Both
+//! are created in one transaction that succeeds only if neither exists, so
+//! two agents allocating at once can never give one number two meanings or
+//! one set of labels two numbers: the loser reads the winner's number.
+//!
+//! Architecture invariant: nothing here decides policy or touches the
+//! kernel; an unreachable etcd is an error for the caller (who keeps
+//! enforcing what it has), never a wrong answer.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::request_op::Request;
+use pb::response_op::Response;
+
+/// Where cluster-wide identities live.
+pub const IDENTITIES_PREFIX: &str = "cilium/state/identities/v1/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("etcd endpoint {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    #[error("etcd: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("no free identity left in {min}..={max}")]
+    Exhausted { min: u32, max: u32 },
+    #[error("identity allocation for [{labels}] kept losing races")]
+    Contended { labels: String },
+    #[error("malformed value under {key}: {value:?}")]
+    Malformed { key: String, value: String },
+}
+
+/// A client of one etcd endpoint. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Etcd {
+    kv: pb::kv_client::KvClient<Channel>,
+    timeout: Duration,
+}
+
+/// The first key after every key starting with `prefix` (etcd's range end
+/// for a prefix).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Etcd {
+    /// A client of `endpoint` (`http://host:port`). Connects lazily: an
+    /// agent starts, and keeps enforcing, while etcd is away; each call
+    /// fails after `timeout`.
+    pub fn connect(endpoint: &str, timeout: Duration) -> Result<Etcd, KvError> {
+        let bad = |reason: String| KvError::Endpoint { endpoint: endpoint.to_string(), reason };
+        if !endpoint.starts_with("http://") {
+            return Err(bad("want http://host:port".into()));
+        }
+        let channel = Channel::from_shared(endpoint.to_string()).map_err(|e| bad(e.to_string()))?.connect_timeout(timeout).timeout(timeout).connect_lazy();
+        Ok(Etcd { kv: pb::kv_client::KvClient::new(channel), timeout })
+    }
+
+    async fn within<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, KvError> {
+        match tokio::time::timeout(self.timeout, f).await {
+            Ok(r) => Ok(r?.into_inner()),
+            Err(_) => Err(KvError::Timeout(self.timeout)),
+        }
+    }
+
+    /// The value of `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let r = self.within(self.kv.clone().range(pb::RangeRequest { key: key.into(), ..Default::default() })).await?;
+        Ok(r.kvs.into_iter().next().map(|kv| kv.value))
+    }
+
+    /// Every key under `prefix` with its value.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, KvError> {
+        let r = self.within(self.kv.clone().range(pb::RangeRequest { key: prefix.into(), range_end: prefix_end(prefix.as_bytes()), ..Default::default() })).await?;
+        Ok(r.kvs.into_iter().map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), kv.value)).collect())
+    }
+
+    pub async fn put(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        self.within(self.kv.clone().put(pb::PutRequest { key: key.into(), value: value.to_vec(), ..Default::default() })).await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), KvError> {
+        self.within(self.kv.clone().delete_range(pb::DeleteRangeRequest { key: key.into(), ..Default::default() })).await?;
+        Ok(())
+    }
+
+    /// The number of `labels` (their canonical string) cluster-wide:
+    /// the one already allocated, else the lowest free one in
+    /// `min..=max`, claimed atomically.
+    pub async fn allocate_identity(&self, labels: &str, min: u32, max: u32) -> Result<u32, KvError> {
+        let labels_key = format!("{IDENTITIES_PREFIX}labels/{labels}");
+        let parse = |key: &str, v: &[u8]| {
+            let s = String::from_utf8_lossy(v);
+            s.parse::<u32>().map_err(|_| KvError::Malformed { key: key.to_string(), value: s.into_owned() })
+        };
+        for _ in 0..32 {
+            if let Some(v) = self.get(&labels_key).await? {
+                return parse(&labels_key, &v);
+            }
+            let id_prefix = format!("{IDENTITIES_PREFIX}id/");
+            let used: BTreeSet<u32> = self.list(&id_prefix).await?.iter().filter_map(|(k, _)| k.strip_prefix(&id_prefix)?.parse().ok()).collect();
+            let id = (min..=max).find(|n| !used.contains(n)).ok_or(KvError::Exhausted { min, max })?;
+            let id_key = format!("{id_prefix}{id}");
+            let absent = |key: &str| pb::Compare {
+                result: CompareResult::Equal as i32,
+                target: CompareTarget::Create as i32,
+                key: key.into(),
+                target_union: Some(TargetUnion::CreateRevision(0)),
+                range_end: Vec::new(),
+            };
+            let put = |key: &str, value: &str| pb::RequestOp { request: Some(Request::RequestPut(pb::PutRequest { key: key.into(), value: value.into(), ..Default::default() })) };
+            let txn = pb::TxnRequest {
+                compare: vec![absent(&labels_key), absent(&id_key)],
+                success: vec![put(&labels_key, &id.to_string()), put(&id_key, labels)],
+                failure: vec![pb::RequestOp { request: Some(Request::RequestRange(pb::RangeRequest { key: labels_key.clone().into(), ..Default::default() })) }],
+            };
+            let r = self.within(self.kv.clone().txn(txn)).await?;
+            if r.succeeded {
+                return Ok(id);
+            }
+            // lost a race: for these labels (take the winner's number), or
+            // for that number (try the next free one)
+            if let Some(Response::ResponseRange(range)) = r.responses.into_iter().next().and_then(|op| op.response) {
+                if let Some(kv) = range.kvs.first() {
+                    return parse(&labels_key, &kv.value);
+                }
+            }
+        }
+        Err(KvError::Contended { labels: labels.to_string() })
+    }
+
+    /// The labels (canonical string) of a cluster-wide identity.
+    pub async fn identity_labels(&self, id: u32) -> Result<Option<String>, KvError> {
+        Ok(self.get(&format!("{IDENTITIES_PREFIX}id/{id}")).await?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"a/"), b"a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert!(matches!(Etcd::connect("127.0.0.1:2379", Duration::from_secs(1)), Err(KvError::Endpoint { .. })));
+    }
+}

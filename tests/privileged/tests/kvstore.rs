@@ -1,0 +1,144 @@
+//! The kvstore: a real etcd (Debian's etcd-server, started by the test),
+//! cluster-wide identity allocation through it, and agents on several
+//! nodes agreeing on identity numbers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cilium_kvstore::Etcd;
+use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use serde_json::Value;
+
+/// etcd on a free loopback port, in a temporary directory; stopped on drop.
+struct EtcdServer {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdServer {
+    fn start() -> EtcdServer {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{client}");
+        let child = Command::new("etcd")
+            .args([
+                &format!("--data-dir={}", dir.path().display()),
+                &format!("--listen-client-urls={url}"),
+                &format!("--advertise-client-urls={url}"),
+                &format!("--listen-peer-urls=http://127.0.0.1:{peer}"),
+                &format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"),
+                &format!("--initial-cluster=default=http://127.0.0.1:{peer}"),
+                "--log-level=warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        EtcdServer { child, url, _dir: dir }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three clients allocate the same eight label sets at once, in different
+/// orders: each label set gets one number, each number one label set.
+#[test]
+fn concurrent_allocation_agrees() {
+    let etcd = EtcdServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let results = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for client in 0..3usize {
+            let e = Etcd::connect(&etcd.url, Duration::from_secs(5)).unwrap();
+            for i in 0..8usize {
+                let e = e.clone();
+                let labels = format!("k8s:app=a{};", (i + client * 3) % 8);
+                tasks.push(tokio::spawn(async move { (labels.clone(), e.allocate_identity(&labels, 256, 65535).await.unwrap()) }));
+            }
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let mut by_labels: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for (l, id) in &results {
+        by_labels.entry(l.clone()).or_default().insert(*id);
+    }
+    assert_eq!(by_labels.len(), 8);
+    assert!(by_labels.values().all(|ids| ids.len() == 1), "one number per label set: {by_labels:?}");
+    let numbers: BTreeSet<u32> = by_labels.values().flatten().copied().collect();
+    assert_eq!(numbers.len(), 8, "one label set per number: {by_labels:?}");
+    assert!(numbers.iter().all(|n| (256..=263).contains(n)), "the lowest free numbers: {numbers:?}");
+    // and the reverse mapping is stored
+    let _in = rt.enter();
+    let e = Etcd::connect(&etcd.url, Duration::from_secs(5)).unwrap();
+    let (labels, id) = by_labels.iter().next().map(|(l, ids)| (l.clone(), *ids.iter().next().unwrap())).unwrap();
+    assert_eq!(rt.block_on(e.identity_labels(id)).unwrap(), Some(labels));
+}
+
+const PODS: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: w, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {nodeName: node2, containers: [{name: c}]}
+"#;
+
+fn identities(lab: &TestLab, node: &str) -> BTreeMap<String, u32> {
+    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
+    let out = Command::new(bin_dir().join("cilium")).args(["identity", "list", "-o", "json"]).env("CILIUM_SOCK", sock).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter()
+        .filter_map(|i| {
+            let app = i["labels"].as_array()?.iter().filter_map(|l| l.as_str()).find_map(|l| l.strip_prefix("k8s:app="))?.to_string();
+            Some((app, i["id"].as_u64()? as u32))
+        })
+        .collect()
+}
+
+/// Three nodes with etcd: every agent gives the same labels the same
+/// number (local pods and the other nodes' pods alike); with etcd stopped
+/// the agents keep enforcing; once it is back, new labels get numbers that
+/// agree again.
+#[test]
+fn agents_agree_on_identities_through_etcd() {
+    let lab = TestLab::up_cluster(&[PODS], 3, true);
+    let ids: Vec<BTreeMap<String, u32>> = ["node1", "node2", "node3"].iter().map(|n| identities(&lab, n)).collect();
+    assert!(ids[0].contains_key("web") && ids[0].contains_key("client"), "{ids:?}");
+    assert!(ids.iter().all(|m| m.get("web") == ids[0].get("web") && m.get("client") == ids[0].get("client")), "same numbers on every node: {ids:?}");
+    let status = String::from_utf8_lossy(&lab.cilium(&["status"]).stdout).into_owned();
+    assert!(status.contains("KVStore:                 Ok   etcd: http://172.30.0.1:2379"), "{status}");
+    let web_on_node3 = lab.pods().into_iter().find(|p| p["labels"]["app"] == "web" && p["node"] == "node3").unwrap()["name"].as_str().unwrap().to_string();
+    assert!(lab.probe("default/client", &format!("default/{web_on_node3}"), 80, "tcp"));
+    lab.lab(&["etcd", "stop"]);
+    assert!(lab.probe("default/client", &format!("default/{web_on_node3}"), 80, "tcp"), "enforcing goes on without etcd");
+    lab.lab(&["etcd", "start"]);
+    lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: late, labels: {app: late}}\nspec: {nodeName: node3, containers: [{name: l}]}\n");
+    let ids: Vec<BTreeMap<String, u32>> = ["node1", "node2", "node3"].iter().map(|n| identities(&lab, n)).collect();
+    assert!(ids[0].contains_key("late") && ids.iter().all(|m| m.get("late") == ids[0].get("late")), "{ids:?}");
+}
