@@ -122,6 +122,8 @@ pub struct Daemon<D: Datapath> {
     remote_endpoints: BTreeMap<Ipv4Addr, (LabelSet, u32)>,
     /// The other nodes of the cluster, by name.
     nodes: BTreeMap<String, cilium_api::NodeMeta>,
+    /// In kvstore mode, what the kvstore says of the rest of the cluster.
+    kv: Option<cluster::KvView>,
     /// The ipcache as last written (prefix -> identity).
     ipcache_written: BTreeMap<Ipv4Net, u32>,
     /// Every service, from Kubernetes and from the API.
@@ -188,6 +190,7 @@ impl<D: Datapath> Daemon<D> {
             cidr_identities: BTreeMap::new(),
             remote_endpoints: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            kv: None,
             ipcache_written: BTreeMap::new(),
             services: cilium_lb::ServiceTable::new(),
             k8s_services: BTreeMap::new(),
@@ -231,12 +234,6 @@ impl<D: Datapath> Daemon<D> {
         &self.repo
     }
 
-    /// Numbers cluster-scope identities through `c` (the kvstore) from now
-    /// on; call before restoring state.
-    pub fn set_cluster_identities(&mut self, c: std::sync::Arc<dyn cilium_identity::ClusterNumbers>) {
-        self.identities.set_cluster(c);
-    }
-
     pub fn identities(&self) -> &Allocator {
         &self.identities
     }
@@ -266,6 +263,7 @@ impl<D: Datapath> Daemon<D> {
             next_endpoint_id: self.next_endpoint_id,
             fqdn: self.fqdn.clone(),
             nodes: self.nodes.clone(),
+            kvstore: self.kv.clone(),
         }
     }
 
@@ -353,6 +351,10 @@ impl<D: Datapath> Daemon<D> {
         }
         self.sync_cidr_identities()?;
         self.nodes = state.nodes;
+        if let (Some(kv), Some(saved)) = (self.kv.as_mut(), state.kvstore) {
+            // the last view, until the kvstore answers again
+            *kv = saved;
+        }
         self.restore_remote_endpoints(&state.identities)?;
         self.reconcile_datapath()?;
         self.save()
@@ -474,7 +476,7 @@ impl<D: Datapath> Daemon<D> {
             m.insert(*net, *id);
         }
         let remote_node = ReservedIdentity::RemoteNode.code();
-        for n in self.nodes.values() {
+        for n in self.other_nodes() {
             m.insert(Ipv4Net::new(n.ip, 32).expect("/32"), remote_node);
         }
         for (ip, (_, id)) in &self.remote_endpoints {

@@ -1,12 +1,28 @@
 //! The agent's side of the kvstore: cluster-scope identities numbered by
-//! etcd, so the same labels have the same number on every node.
+//! etcd, so the same labels have the same number on every node; this
+//! node and its endpoints published under a lease (they vanish when the
+//! agent stops renewing it), and the other nodes' read back every second
+//! into the daemon's view of the cluster.
+//!
+//! Keys: `cilium/state/nodes/v1/default/<node>` (name, address, pod CIDR)
+//! and `cilium/state/ip/v1/default/<ip>` (identity, labels, node), JSON.
 //!
 //! The etcd client runs on a runtime of its own: the daemon asks for a
 //! number while holding its lock, and tasks of the agent's runtime may be
 //! waiting for that lock, so the client must not need the agent's workers
 //! to make progress.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use cilium_datapath::Loaded;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::daemon::Daemon;
+use crate::daemon::cluster::KvView;
 
 use cilium_identity::{ClusterNumbers, MAX_CLUSTER_IDENTITY, MIN_CLUSTER_IDENTITY, NumericIdentity, labels_key};
 use cilium_kvstore::Etcd;
@@ -50,5 +66,99 @@ impl ClusterNumbers for KvIdentities {
         std::thread::scope(|s| s.spawn(move || handle.block_on(etcd.allocate_identity(&key, MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY))).join())
             .map_err(|_| "the kvstore client panicked".to_string())?
             .map_err(|e| e.to_string())
+    }
+}
+
+const NODES_PREFIX: &str = "cilium/state/nodes/v1/default/";
+const IP_PREFIX: &str = "cilium/state/ip/v1/default/";
+/// A dead agent's entries are gone this long after its last renewal.
+const LEASE_TTL: i64 = 10;
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// An endpoint as published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct IpEntry {
+    ip: Ipv4Addr,
+    identity: u32,
+    labels: String,
+    node: String,
+}
+
+impl KvIdentities {
+    /// Publishes this node and its endpoints and reads the others', until
+    /// the agent ends. Errors are logged and retried; the daemon keeps its
+    /// last view meanwhile.
+    pub fn start_sync(self: &Arc<Self>, daemon: Arc<Mutex<Daemon<Loaded>>>) {
+        let Some(rt) = self.rt.as_ref() else { return };
+        let me = self.clone();
+        rt.spawn(async move { me.sync_loop(daemon).await });
+    }
+
+    async fn sync_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>) {
+        let mut lease: Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)> = None;
+        let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        loop {
+            if let Err(e) = self.round(&daemon, &mut lease, &mut published).await {
+                warn!(error = %e, "kvstore sync");
+            }
+            tokio::time::sleep(SYNC_EVERY).await;
+        }
+    }
+
+    async fn round(&self, daemon: &Arc<Mutex<Daemon<Loaded>>>, lease: &mut Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)>, published: &mut BTreeMap<String, Vec<u8>>) -> anyhow::Result<()> {
+        if lease.as_ref().is_some_and(|(_, k)| k.is_finished()) {
+            if let Some((_, k)) = lease.take() {
+                let reason = k.await.map(|e| e.to_string()).unwrap_or_default();
+                warn!(%reason, "kvstore lease lost: publishing again");
+            }
+            published.clear();
+        }
+        let id = match lease {
+            Some((id, _)) => *id,
+            None => {
+                let id = self.etcd.lease_grant(LEASE_TTL).await?;
+                let etcd = self.etcd.clone();
+                *lease = Some((id, tokio::spawn(async move { etcd.keep_alive(id, Duration::from_secs(LEASE_TTL as u64 / 3)).await })));
+                id
+            }
+        };
+        let d = daemon.clone();
+        let (me, eps) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_published()).await?;
+        let mut wanted: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        wanted.insert(format!("{NODES_PREFIX}{}", me.name), serde_json::to_vec(&me)?);
+        for (ip, identity, labels) in eps {
+            let e = IpEntry { ip, identity, labels: labels_key(&labels), node: me.name.clone() };
+            wanted.insert(format!("{IP_PREFIX}{ip}"), serde_json::to_vec(&e)?);
+        }
+        for (k, v) in &wanted {
+            if published.get(k) != Some(v) {
+                self.etcd.put_leased(k, v, id).await?;
+                published.insert(k.clone(), v.clone());
+            }
+        }
+        let gone: Vec<String> = published.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+        for k in gone {
+            self.etcd.delete(&k).await?;
+            published.remove(&k);
+        }
+        let mut view = KvView::default();
+        for (_, v) in self.etcd.list(NODES_PREFIX).await? {
+            if let Ok(n) = serde_json::from_slice::<cilium_api::NodeMeta>(&v) {
+                if n.name != me.name {
+                    view.nodes.insert(n.name.clone(), n);
+                }
+            }
+        }
+        for (_, v) in self.etcd.list(IP_PREFIX).await? {
+            if let Ok(e) = serde_json::from_slice::<IpEntry>(&v) {
+                if e.node != me.name {
+                    let labels = LabelSet::parse_all(e.labels.split(';').filter(|l| !l.is_empty()));
+                    view.endpoints.insert(e.ip, (labels, e.node));
+                }
+            }
+        }
+        let d = daemon.clone();
+        tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_sync(view)).await??;
+        Ok(())
     }
 }

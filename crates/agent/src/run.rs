@@ -23,7 +23,7 @@ use crate::state::StateStore;
 
 /// Everything that touches the system at start-up, in order, on a blocking
 /// thread: bpffs, directories, saved state, host devices, the datapath.
-fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
+fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option<Arc<crate::kvstore::KvIdentities>>)> {
     let bpffs = Path::new("/sys/fs/bpf");
     if s.bpf_root.starts_with(bpffs) {
         sys::ensure_bpffs(bpffs).context("mounting bpffs")?;
@@ -64,10 +64,12 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
         fqdn_max_ips: s.fqdn_max_ips,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
+    let mut kvstore = None;
     if let Some((address, timeout)) = &s.kvstore {
-        let ids = crate::kvstore::KvIdentities::new(address, *timeout).context("--kvstore-opt etcd.address")?;
-        info!(%address, "kvstore: cluster-wide identities from etcd");
-        daemon.set_cluster_identities(Arc::new(ids));
+        let ids = Arc::new(crate::kvstore::KvIdentities::new(address, *timeout).context("--kvstore-opt etcd.address")?);
+        info!(%address, "kvstore: cluster-wide identities and cluster state in etcd");
+        daemon.set_kvstore(ids.clone());
+        kvstore = Some(ids);
     }
     if let Some(svc) = saved_services {
         info!(services = svc.services.len(), "restoring services");
@@ -83,16 +85,19 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map)> {
             daemon.reconcile_datapath()?;
         }
     }
-    Ok((daemon, events))
+    Ok((daemon, events, kvstore))
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(s: Settings) -> anyhow::Result<()> {
     info!(node = %s.node_name, pod_cidr = %s.pod_cidr, bpf_root = %s.bpf_root.display(), state_dir = %s.state_dir.display(), "starting cilium-agent");
     let settings = s.clone();
-    let (daemon, events) = tokio::task::spawn_blocking(move || setup(&settings)).await??;
+    let (daemon, events, kvstore) = tokio::task::spawn_blocking(move || setup(&settings)).await??;
     let changes = daemon.change_counter();
     let daemon = Arc::new(Mutex::new(daemon));
+    if let Some(kv) = &kvstore {
+        kv.start_sync(daemon.clone());
+    }
     let (tx, _) = broadcast::channel(8192);
     let hubble = match s.hubble.clone() {
         Some(h) => Some(Arc::new(HubbleRuntime::new(&s.node_name, h).context("starting Hubble")?)),

@@ -51,6 +51,10 @@ pub struct State {
     /// The other nodes of the cluster, by name.
     #[serde(default)]
     pub nodes: BTreeMap<String, cilium_api::NodeMeta>,
+    /// The last view of the kvstore (kvstore mode), kept for a restart
+    /// while it is unreachable.
+    #[serde(default)]
+    pub kvstore: Option<crate::daemon::cluster::KvView>,
 }
 
 /// Services, kept in a file of their own and written behind the change

@@ -50,6 +50,7 @@ pub enum KvError {
 #[derive(Debug, Clone)]
 pub struct Etcd {
     kv: pb::kv_client::KvClient<Channel>,
+    lease: pb::lease_client::LeaseClient<Channel>,
     timeout: Duration,
 }
 
@@ -76,7 +77,7 @@ impl Etcd {
             return Err(bad("want http://host:port".into()));
         }
         let channel = Channel::from_shared(endpoint.to_string()).map_err(|e| bad(e.to_string()))?.connect_timeout(timeout).timeout(timeout).connect_lazy();
-        Ok(Etcd { kv: pb::kv_client::KvClient::new(channel), timeout })
+        Ok(Etcd { kv: pb::kv_client::KvClient::new(channel.clone()), lease: pb::lease_client::LeaseClient::new(channel), timeout })
     }
 
     async fn within<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, KvError> {
@@ -101,6 +102,41 @@ impl Etcd {
     pub async fn put(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
         self.within(self.kv.clone().put(pb::PutRequest { key: key.into(), value: value.to_vec(), ..Default::default() })).await?;
         Ok(())
+    }
+
+    /// Writes `key` bound to `lease`: it goes when the lease expires.
+    pub async fn put_leased(&self, key: &str, value: &[u8], lease: i64) -> Result<(), KvError> {
+        self.within(self.kv.clone().put(pb::PutRequest { key: key.into(), value: value.to_vec(), lease, ..Default::default() })).await?;
+        Ok(())
+    }
+
+    /// A lease of `ttl` seconds.
+    pub async fn lease_grant(&self, ttl: i64) -> Result<i64, KvError> {
+        let r = self.within(self.lease.clone().lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })).await?;
+        Ok(r.id)
+    }
+
+    /// Keeps `lease` alive, refreshing it every `every`, until etcd says it
+    /// is gone or cannot be reached; returns why it stopped.
+    pub async fn keep_alive(&self, lease: i64, every: Duration) -> KvError {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let mut responses = match self.within(self.lease.clone().lease_keep_alive(stream)).await {
+            Ok(r) => r,
+            Err(e) => return e,
+        };
+        loop {
+            if tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
+                return KvError::Timeout(self.timeout);
+            }
+            match tokio::time::timeout(self.timeout, responses.message()).await {
+                Ok(Ok(Some(r))) if r.ttl > 0 => {}
+                Ok(Ok(_)) => return KvError::Rpc(tonic::Status::not_found(format!("lease {lease:x} expired"))),
+                Ok(Err(e)) => return KvError::Rpc(e),
+                Err(_) => return KvError::Timeout(self.timeout),
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), KvError> {

@@ -320,7 +320,10 @@ impl Lab {
             std::fs::create_dir_all(&n.cgroup_root).with_context(|| format!("creating cgroup {}", n.cgroup_root.display()))?;
             self.start_agent(i)?;
         }
-        self.announce_nodes()?;
+        if !self.state.kvstore {
+            // with the kvstore, agents announce themselves there
+            self.announce_nodes()?;
+        }
         self.start_world()?;
         self.start_relay()?;
         self.save()

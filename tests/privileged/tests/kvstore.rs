@@ -121,24 +121,74 @@ fn identities(lab: &TestLab, node: &str) -> BTreeMap<String, u32> {
         .collect()
 }
 
-/// Three nodes with etcd: every agent gives the same labels the same
-/// number (local pods and the other nodes' pods alike); with etcd stopped
-/// the agents keep enforcing; once it is back, new labels get numbers that
-/// agree again.
+/// Until `f` holds (10 s at most); returns its last value.
+fn eventually<T>(mut f: impl FnMut() -> (bool, T)) -> T {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, v) = f();
+        if ok || Instant::now() > deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn all_identities(lab: &TestLab) -> Vec<BTreeMap<String, u32>> {
+    ["node1", "node2", "node3"].iter().map(|n| identities(lab, n)).collect()
+}
+
+fn agree(ids: &[BTreeMap<String, u32>], app: &str) -> bool {
+    ids[0].contains_key(app) && ids.iter().all(|m| m.get(app) == ids[0].get(app))
+}
+
+fn node_names(lab: &TestLab) -> Vec<String> {
+    let out = lab.cilium(&["node", "list", "-o", "json"]);
+    let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v.iter().map(|n| n["name"].as_str().unwrap().to_string()).collect()
+}
+
+/// Three nodes with etcd: agents publish themselves and their endpoints
+/// under leases and read the others', and give the same labels the same
+/// number; with etcd stopped they keep enforcing; once it is back, new
+/// labels get numbers that agree; a dead node's entries expire.
 #[test]
-fn agents_agree_on_identities_through_etcd() {
+fn agents_share_cluster_state_through_etcd() {
     let lab = TestLab::up_cluster(&[PODS], 3, true);
-    let ids: Vec<BTreeMap<String, u32>> = ["node1", "node2", "node3"].iter().map(|n| identities(&lab, n)).collect();
-    assert!(ids[0].contains_key("web") && ids[0].contains_key("client"), "{ids:?}");
-    assert!(ids.iter().all(|m| m.get("web") == ids[0].get("web") && m.get("client") == ids[0].get("client")), "same numbers on every node: {ids:?}");
+    let ids = eventually(|| {
+        let ids = all_identities(&lab);
+        (agree(&ids, "web") && agree(&ids, "client"), ids)
+    });
+    assert!(agree(&ids, "web") && agree(&ids, "client"), "same numbers on every node: {ids:?}");
+    let nodes = eventually(|| {
+        let n = node_names(&lab);
+        (n.len() == 3, n)
+    });
+    assert_eq!(nodes, vec!["node1", "node2", "node3"], "nodes from the kvstore");
     let status = String::from_utf8_lossy(&lab.cilium(&["status"]).stdout).into_owned();
     assert!(status.contains("KVStore:                 Ok   etcd: http://172.30.0.1:2379"), "{status}");
-    let web_on_node3 = lab.pods().into_iter().find(|p| p["labels"]["app"] == "web" && p["node"] == "node3").unwrap()["name"].as_str().unwrap().to_string();
-    assert!(lab.probe("default/client", &format!("default/{web_on_node3}"), 80, "tcp"));
+    let pods = lab.pods();
+    let on = |node: &str| pods.iter().find(|p| p["labels"]["app"] == "web" && p["node"] == node).unwrap();
+    let web3 = format!("default/{}", on("node3")["name"].as_str().unwrap());
+    let web1 = format!("default/{}", on("node1")["name"].as_str().unwrap());
+    assert!(lab.probe("default/client", &web3, 80, "tcp"));
     lab.lab(&["etcd", "stop"]);
-    assert!(lab.probe("default/client", &format!("default/{web_on_node3}"), 80, "tcp"), "enforcing goes on without etcd");
+    assert!(lab.probe("default/client", &web3, 80, "tcp"), "enforcing goes on without etcd");
     lab.lab(&["etcd", "start"]);
     lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: late, labels: {app: late}}\nspec: {nodeName: node3, containers: [{name: l}]}\n");
-    let ids: Vec<BTreeMap<String, u32>> = ["node1", "node2", "node3"].iter().map(|n| identities(&lab, n)).collect();
-    assert!(ids[0].contains_key("late") && ids.iter().all(|m| m.get("late") == ids[0].get("late")), "{ids:?}");
+    let ids = eventually(|| {
+        let ids = all_identities(&lab);
+        (agree(&ids, "late"), ids)
+    });
+    assert!(agree(&ids, "late"), "{ids:?}");
+    // node3 dies: its lease expires, the others drop its node and pods
+    let web3_ip = on("node3")["ip"].as_str().unwrap().to_string();
+    lab.lab(&["agent", "kill", "--node", "node3"]);
+    let nodes = eventually(|| {
+        let n = node_names(&lab);
+        (n.len() == 2, n)
+    });
+    assert_eq!(nodes, vec!["node1", "node2"], "node3's entries expired");
+    let ipcache = String::from_utf8_lossy(&lab.cilium(&["bpf", "ipcache", "list", "-o", "json"]).stdout).into_owned();
+    assert!(!ipcache.contains(&format!("\"{web3_ip}/32\"")), "node3's pod left the ipcache: {ipcache}");
+    assert!(lab.probe("default/client", &web1, 80, "tcp"), "the others keep working");
 }

@@ -19,13 +19,33 @@ use cilium_datapath::Datapath;
 use cilium_labels::LabelSet;
 use ipnet::Ipv4Net;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Daemon, DaemonError, invalid};
+
+/// What the kvstore says of the other nodes and their endpoints (in
+/// kvstore mode the only source: entries of a node whose lease expired
+/// are gone from it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KvView {
+    pub nodes: BTreeMap<String, NodeMeta>,
+    /// Endpoint address -> (labels, node).
+    pub endpoints: BTreeMap<Ipv4Addr, (LabelSet, String)>,
+}
 
 impl<D: Datapath> Daemon<D> {
     /// Pods of other nodes that have an address, with their labels. A
     /// local endpoint's address is never another node's pod.
     fn wanted_remote_endpoints(&self) -> BTreeMap<Ipv4Addr, LabelSet> {
         let local: BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.rec.ipv4).collect();
+        if let Some(kv) = &self.kv {
+            return kv
+                .endpoints
+                .iter()
+                .filter(|(ip, (_, node))| *node != self.cfg.node_name && !local.contains(ip) && !self.cfg.pod_cidr.contains(*ip))
+                .map(|(ip, (labels, _))| (*ip, labels.clone()))
+                .collect();
+        }
         self.pods
             .values()
             .filter_map(|p| {
@@ -104,12 +124,51 @@ impl<D: Datapath> Daemon<D> {
         self.save()
     }
 
+    /// The other nodes: from the kvstore when it is on, else as announced.
+    pub(super) fn other_nodes(&self) -> impl Iterator<Item = &NodeMeta> {
+        match &self.kv {
+            Some(kv) => kv.nodes.values(),
+            None => self.nodes.values(),
+        }
+    }
+
     /// Every node this agent knows, itself first.
     pub fn nodes(&self) -> Vec<NodeView> {
-        let pods_on = |name: &str| self.pods.values().filter(|p| p.ip.is_some() && p.node.as_deref() == Some(name)).count();
+        let pods_on = |name: &str| match &self.kv {
+            Some(kv) => kv.endpoints.values().filter(|(_, n)| n == name).count(),
+            None => self.pods.values().filter(|p| p.ip.is_some() && p.node.as_deref() == Some(name)).count(),
+        };
         let own_ip = self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
         let mut out = vec![NodeView { name: self.cfg.node_name.clone(), ip: own_ip, pod_cidr: self.cfg.pod_cidr.to_string(), local: true, pods: self.endpoints.len() }];
-        out.extend(self.nodes.values().map(|n| NodeView { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), local: false, pods: pods_on(&n.name) }));
+        out.extend(self.other_nodes().map(|n| NodeView { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), local: false, pods: pods_on(&n.name) }));
         out
+    }
+}
+
+impl<D: Datapath> Daemon<D> {
+    /// Switches to kvstore mode: other nodes and their endpoints come from
+    /// the kvstore (see `kvstore_sync`).
+    pub fn set_kvstore(&mut self, numbers: std::sync::Arc<dyn cilium_identity::ClusterNumbers>) {
+        self.identities.set_cluster(numbers);
+        self.kv.get_or_insert_with(KvView::default);
+    }
+
+    /// What this agent publishes: its node, and its endpoints with their
+    /// identities and labels.
+    pub fn kvstore_published(&self) -> (NodeMeta, Vec<(Ipv4Addr, u32, LabelSet)>) {
+        let me = NodeMeta { name: self.cfg.node_name.clone(), ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED), pod_cidr: self.cfg.pod_cidr.to_string() };
+        (me, self.endpoints.values().map(|e| (e.rec.ipv4, e.rec.identity, e.rec.labels.clone())).collect())
+    }
+
+    /// Takes what the kvstore holds now (the caller read all of it; on a
+    /// read error it keeps the last view and does not call this).
+    pub fn kvstore_sync(&mut self, view: KvView) -> Result<(), DaemonError> {
+        if self.kv.as_ref() == Some(&view) {
+            return Ok(());
+        }
+        self.kv = Some(view);
+        self.cluster_changed()?;
+        self.sync_ipcache()?;
+        self.save()
     }
 }
