@@ -42,6 +42,7 @@ enum drop_reason {
 	DROP_FRAG_NOSUPPORT = 157,
 	DROP_NO_SERVICE = 158,
 	DROP_NO_CONFIG = 165,
+	DROP_NO_FIB = 169,
 	DROP_NOT_IN_SRC_RANGE = 177,
 	DROP_PROXY_LOOKUP_FAILED = 178,
 	DROP_POLICY_DENY = 181,
@@ -289,8 +290,10 @@ struct lb_affinity_value {
  * direction of a translated flow. Forward: client -> frontend gives the
  * backend; reverse: backend -> client gives the frontend to restore. */
 enum lb_nat_dir {
-	LB_NAT_FWD = 0,
-	LB_NAT_REV = 1,
+	LB_NAT_FWD = 0,          /* client -> frontend: the backend */
+	LB_NAT_REV = 1,          /* local backend -> client: the frontend */
+	LB_NAT_SNAT_FWD = 2,     /* client -> frontend, remote backend: the source to use */
+	LB_NAT_SNAT_REV = 3,     /* remote backend -> the source used: the client */
 };
 
 struct lb4_nat_key {
@@ -304,10 +307,12 @@ struct lb4_nat_key {
 };
 
 struct lb4_nat_entry {
-	__u32 addr;              /* forward: the backend; reverse: the frontend */
-	__u16 port;              /* network byte order */
+	__u32 addr;              /* fwd: the backend; rev: the frontend; snat fwd: the
+				  * source address used; snat rev: the client */
+	__u16 port;              /* network byte order, likewise */
 	__u16 rev_nat_index;     /* the service's ID */
-	__u32 backend_id;        /* forward only */
+	__u32 backend_id;        /* fwd: the backend; snat rev: the frontend port
+				  * (network byte order) */
 	__u32 last_seen;         /* CLOCK_BOOTTIME seconds */
 };
 

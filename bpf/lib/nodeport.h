@@ -3,9 +3,14 @@
  * Per-packet service load balancing on the node's devices, for clients the
  * socket-level load balancer cannot see (anything from outside the node):
  * NodePort, LoadBalancer and external IPs. The first packet of a flow picks
- * a backend and records both directions in cilium_lb4_nat; the destination is
- * rewritten on the way in (tc ingress), the source on the way back out (tc
- * egress). Backends are local endpoints, so the client's address is kept.
+ * a backend and records both directions in cilium_lb4_nat. A local backend
+ * keeps the client's address: the destination is rewritten on the way in
+ * (tc ingress), the source on the way back out (tc egress). A backend on
+ * another node gets the flow from the frontend address (SNAT, as upstream's
+ * default mode), so its replies come back through this node, whose tc
+ * ingress restores the client; both directions then leave by the route the
+ * FIB names, straight from tc (the stack would drop a packet arriving with
+ * one of the node's own addresses as its source).
  */
 #ifndef CILIUM_NODEPORT_H
 #define CILIUM_NODEPORT_H
@@ -165,6 +170,82 @@ static __always_inline int lb_drop(struct __sk_buff *skb, int reason, const stru
 	return TC_ACT_SHOT;
 }
 
+/* Sends a translated packet out of the device, to the next hop, the FIB
+ * names for it. */
+static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 saddr, __u32 daddr, const struct pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	fib.family = 2; /* AF_INET */
+	fib.l4_protocol = p->protocol;
+	fib.ipv4_src = saddr;
+	fib.ipv4_dst = daddr;
+	fib.ifindex = skb->ifindex;
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
+		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)
+			return lb_drop(skb, DROP_WRITE_ERROR, p);
+		return bpf_redirect(fib.ifindex, 0);
+	}
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	return lb_drop(skb, DROP_NO_FIB, p);
+}
+
+/* A remote backend's reply to a flow this node translated: back to the
+ * client, from the frontend. Returns -1 when the packet is no such reply. */
+static __always_inline int snat_reply(struct __sk_buff *skb, const struct pkt *p, __u32 now)
+{
+	struct lb4_nat_key k = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
+				 .dport = p->dport, .proto = p->protocol, .dir = LB_NAT_SNAT_REV };
+	struct lb4_nat_entry *e = bpf_map_lookup_elem(&cilium_lb4_nat, &k);
+	if (!e)
+		return -1;
+	e->last_seen = now;
+	__u32 caddr = e->addr;
+	__u16 cport = e->port;
+	__u16 fport = (__u16)e->backend_id;
+	__u32 faddr = p->daddr;
+	if (rewrite_l3l4(skb, p->protocol, 1, p->saddr, faddr, p->sport, fport) < 0 ||
+	    rewrite_l3l4(skb, p->protocol, 0, p->daddr, caddr, p->dport, cport) < 0)
+		return lb_drop(skb, DROP_WRITE_ERROR, p);
+	return fib_redirect(skb, faddr, caddr, p);
+}
+
+/* The source port a flow to a remote backend leaves with: the client's own
+ * unless another client already holds it towards that backend. */
+static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bport, __u16 rev_nat_index, __u32 now, __u16 *nport)
+{
+	struct lb4_nat_key fk = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
+				  .dport = p->dport, .proto = p->protocol, .dir = LB_NAT_SNAT_FWD };
+	struct lb4_nat_entry *f = bpf_map_lookup_elem(&cilium_lb4_nat, &fk);
+	if (f) {
+		f->last_seen = now;
+		*nport = f->port;
+		return 0;
+	}
+	__u16 port = p->sport;
+	__u32 h = flow_hash(p);
+	struct lb4_nat_key rk = { .saddr = baddr, .daddr = p->daddr, .sport = bport,
+				  .proto = p->protocol, .dir = LB_NAT_SNAT_REV };
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		rk.dport = port;
+		if (!bpf_map_lookup_elem(&cilium_lb4_nat, &rk))
+			break;
+		port = bpf_htons(32768 + (h + i * 7919) % 28000);
+	}
+	rk.dport = port;
+	struct lb4_nat_entry r = { .addr = p->saddr, .port = p->sport, .rev_nat_index = rev_nat_index,
+				   .backend_id = p->dport, .last_seen = now };
+	struct lb4_nat_entry fe = { .addr = p->daddr, .port = port, .rev_nat_index = rev_nat_index, .last_seen = now };
+	if (bpf_map_update_elem(&cilium_lb4_nat, &rk, &r, BPF_NOEXIST) < 0 ||
+	    bpf_map_update_elem(&cilium_lb4_nat, &fk, &fe, BPF_ANY) < 0)
+		return -DROP_CT_CREATE_FAILED;
+	*nport = port;
+	return 0;
+}
+
 /* tc ingress of a node device: translate packets to a service frontend. */
 static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p)
 {
@@ -172,6 +253,9 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 		return TC_ACT_OK;
 
 	__u32 now = now_seconds();
+	int ret = snat_reply(skb, p, now);
+	if (ret != -1)
+		return ret;
 	int new_conn = p->protocol == IPPROTO_UDP ||
 		       (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
 	struct lb4_nat_key fkey = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
@@ -179,6 +263,7 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 	struct lb4_nat_entry *fwd = bpf_map_lookup_elem(&cilium_lb4_nat, &fkey);
 	__u32 baddr = 0;
 	__u16 bport = 0;
+	__u16 rev_nat_index = 0;
 
 	if (fwd) {
 		struct lb4_backend *b = bpf_map_lookup_elem(&cilium_lb4_backends, &fwd->backend_id);
@@ -189,6 +274,7 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 			fwd->last_seen = now;
 			baddr = fwd->addr;
 			bport = fwd->port;
+			rev_nat_index = fwd->rev_nat_index;
 		}
 	}
 	if (!baddr) {
@@ -208,6 +294,7 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 		}
 		baddr = backend->address;
 		bport = backend->port;
+		rev_nat_index = svc->rev_nat_index;
 		struct lb4_nat_entry f = { .addr = baddr, .port = bport, .rev_nat_index = svc->rev_nat_index,
 					   .backend_id = id, .last_seen = now };
 		struct lb4_nat_key rkey = { .saddr = baddr, .daddr = p->saddr, .sport = bport,
@@ -218,10 +305,23 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 		    bpf_map_update_elem(&cilium_lb4_nat, &fkey, &f, BPF_ANY) < 0)
 			return lb_drop(skb, DROP_CT_CREATE_FAILED, p);
 	}
-	int ret = rewrite_l3l4(skb, p->protocol, 0, p->daddr, baddr, p->dport, bport);
+	/* a backend on another node: from the frontend address (SNAT) */
+	int remote = !bpf_map_lookup_elem(&cilium_lxc_ip, &baddr);
+	__u16 nport = 0;
+	if (remote) {
+		ret = snat_port(p, baddr, bport, rev_nat_index, now, &nport);
+		if (ret < 0)
+			return lb_drop(skb, -ret, p);
+	}
+	ret = rewrite_l3l4(skb, p->protocol, 0, p->daddr, baddr, p->dport, bport);
 	if (ret < 0)
 		return lb_drop(skb, -ret, p);
-	return TC_ACT_OK;
+	if (!remote)
+		return TC_ACT_OK;
+	ret = rewrite_l3l4(skb, p->protocol, 1, p->saddr, p->daddr, p->sport, nport);
+	if (ret < 0)
+		return lb_drop(skb, -ret, p);
+	return fib_redirect(skb, p->daddr, baddr, p);
 }
 
 /* tc egress of a node device: restore the frontend as the source of replies. */

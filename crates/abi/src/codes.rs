@@ -91,6 +91,7 @@ abi_enum!(
         FragmentationNotSupported = 157 => "DROP_FRAG_NOSUPPORT",
         NoService = 158 => "DROP_NO_SERVICE",
         NoConfiguration = 165 => "DROP_NO_CONFIG",
+        FibLookupFailed = 169 => "DROP_NO_FIB",
         NotInSourceRange = 177 => "DROP_NOT_IN_SRC_RANGE",
         ProxyLookupFailed = 178 => "DROP_PROXY_LOOKUP_FAILED",
         PolicyDeny = 181 => "DROP_POLICY_DENY",
@@ -114,6 +115,7 @@ impl DropReason {
             DropReason::NoService => "SERVICE_BACKEND_NOT_FOUND",
             DropReason::NotInSourceRange => "NOT_IN_SOURCE_RANGE",
             DropReason::NoConfiguration => "NO_CONFIGURATION_AVAILABLE_TO_PERFORM_POLICY_DECISION",
+            DropReason::FibLookupFailed => "FIB_LOOKUP_FAILED",
             DropReason::ProxyLookupFailed => "PROXY_LOOKUP_FAILED",
             DropReason::PolicyDeny => "POLICY_DENY",
         }
@@ -135,6 +137,7 @@ impl DropReason {
             DropReason::NoService => "Service backend not found",
             DropReason::NotInSourceRange => "Not in source range",
             DropReason::NoConfiguration => "No configuration available to perform policy decision",
+            DropReason::FibLookupFailed => "FIB lookup failed",
             DropReason::ProxyLookupFailed => "Proxy lookup failed (L7 rules cannot be enforced)",
             DropReason::PolicyDeny => "Policy denied by denylist",
         }
@@ -263,6 +266,8 @@ abi_enum!(
     LbNatDir: u8 = "lb_nat_dir" {
         Forward = 0 => "LB_NAT_FWD",
         Reverse = 1 => "LB_NAT_REV",
+        SnatForward = 2 => "LB_NAT_SNAT_FWD",
+        SnatReverse = 3 => "LB_NAT_SNAT_REV",
     }
 );
 

@@ -42,6 +42,14 @@ spec:
   clusterIP: 10.96.0.10
   selector: {app: web}
   ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server}
+spec:
+  type: NodePort
+  selector: {app: server}
+  ports: [{port: 80, nodePort: 30080}]
 "#;
 
 /// The server (on node2) accepts the client (on node1) only.
@@ -100,6 +108,13 @@ fn pods_on_two_nodes_talk_under_policy_by_identity() {
         }
     }
     assert_eq!(answered.len(), 2, "both backends answer through the ClusterIP: {answered:?}");
+    // a NodePort reached on a node without a backend: the flow goes to
+    // node2 from node1's address (SNAT) and the replies come back through it
+    for node_ip in ["172.30.0.11", "172.30.0.12"] {
+        for _ in 0..3 {
+            assert_eq!(lab.probe_pod("world", node_ip, 30080, "tcp").as_deref(), Some("default/server"), "NodePort on {node_ip}");
+        }
+    }
 
     // the server's node enforces by the client's identity
     lab.apply(SERVER_POLICY);

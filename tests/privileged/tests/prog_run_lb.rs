@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::{MapData, RingBuf};
-use cilium_abi::{DropReason, Event, EventType, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbBackendFlag, LbFlag};
+use cilium_abi::{DropReason, EndpointInfo, Event, EventType, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbBackendFlag, LbFlag};
 use cilium_datapath::{Datapath, LbOp, LoadOptions, Loaded, Program, ip_to_be};
 use cilium_privileged_tests::packet::{self, TCP_ACK, TCP_SYN, checksums_ok, tuple, with_l4_checksum};
 use cilium_privileged_tests::require_root;
@@ -35,10 +35,13 @@ impl Harness {
         Harness { dp, ring }
     }
 
-    /// A service on NODE:NODE_PORT/proto (ID 1) with these backends (IDs 1..).
+    /// A service on NODE:NODE_PORT/proto (ID 1) with these backends (IDs
+    /// 1..), local endpoints of the node (a backend on another node is
+    /// reached through SNAT and the FIB: the lab tests that path).
     fn service(&mut self, proto: u8, backends: &[Ipv4Addr], flags: u8) {
         for (i, b) in backends.iter().enumerate() {
             let id = i as u32 + 1;
+            self.dp.endpoint_upsert(&EndpointInfo { ifindex: 1000 + id, ipv4: ip_to_be(*b), ep_id: id as u16, ..Default::default() }).unwrap();
             self.dp.lb_apply(&[LbOp::BackendSet(id, Lb4Backend { address: ip_to_be(*b), port: 8080u16.to_be(), proto, flags: 0 })]).unwrap();
             let v = Lb4Service { backend_id: id, rev_nat_index: 1, ..Default::default() };
             self.dp.lb_apply(&[LbOp::ServiceSet(key(proto, i as u16 + 1), v)]).unwrap();
