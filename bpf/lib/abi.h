@@ -311,8 +311,8 @@ struct lb4_nat_entry {
 				  * source address used; snat rev: the client */
 	__u16 port;              /* network byte order, likewise */
 	__u16 rev_nat_index;     /* the service's ID */
-	__u32 backend_id;        /* fwd: the backend; snat rev: the frontend port
-				  * (network byte order) */
+	__u32 backend_id;        /* fwd: the backend; snat fwd: the backend's address;
+				  * snat rev: the frontend port (network byte order) */
 	__u32 last_seen;         /* CLOCK_BOOTTIME seconds */
 };
 

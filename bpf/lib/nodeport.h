@@ -19,6 +19,7 @@
 #include "maps.h"
 #include "events.h"
 #include "lb.h"
+#include "ipcache.h"
 
 #ifndef offsetof
 #define offsetof(t, m) __builtin_offsetof(t, m)
@@ -219,12 +220,21 @@ static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bpo
 	struct lb4_nat_key fk = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
 				  .dport = p->dport, .proto = p->protocol, .dir = LB_NAT_SNAT_FWD };
 	struct lb4_nat_entry *f = bpf_map_lookup_elem(&cilium_lb4_nat, &fk);
-	if (f) {
+	__u16 port = p->sport;
+	if (f && f->backend_id == baddr) {
+		/* the flow's port, towards the same backend: refresh its reverse
+		 * entry too (the LRU may have taken it) */
+		port = f->port;
 		f->last_seen = now;
-		*nport = f->port;
+		struct lb4_nat_key rk = { .saddr = baddr, .daddr = p->daddr, .sport = bport, .dport = port,
+					  .proto = p->protocol, .dir = LB_NAT_SNAT_REV };
+		struct lb4_nat_entry r = { .addr = p->saddr, .port = p->sport, .rev_nat_index = rev_nat_index,
+					   .backend_id = p->dport, .last_seen = now };
+		if (bpf_map_update_elem(&cilium_lb4_nat, &rk, &r, BPF_ANY) < 0)
+			return -DROP_CT_CREATE_FAILED;
+		*nport = port;
 		return 0;
 	}
-	__u16 port = p->sport;
 	__u32 h = flow_hash(p);
 	struct lb4_nat_key rk = { .saddr = baddr, .daddr = p->daddr, .sport = bport,
 				  .proto = p->protocol, .dir = LB_NAT_SNAT_REV };
@@ -238,7 +248,8 @@ static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bpo
 	rk.dport = port;
 	struct lb4_nat_entry r = { .addr = p->saddr, .port = p->sport, .rev_nat_index = rev_nat_index,
 				   .backend_id = p->dport, .last_seen = now };
-	struct lb4_nat_entry fe = { .addr = p->daddr, .port = port, .rev_nat_index = rev_nat_index, .last_seen = now };
+	struct lb4_nat_entry fe = { .addr = p->daddr, .port = port, .rev_nat_index = rev_nat_index,
+				    .backend_id = baddr, .last_seen = now };
 	if (bpf_map_update_elem(&cilium_lb4_nat, &rk, &r, BPF_NOEXIST) < 0 ||
 	    bpf_map_update_elem(&cilium_lb4_nat, &fk, &fe, BPF_ANY) < 0)
 		return -DROP_CT_CREATE_FAILED;
@@ -305,8 +316,9 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 		    bpf_map_update_elem(&cilium_lb4_nat, &fkey, &f, BPF_ANY) < 0)
 			return lb_drop(skb, DROP_CT_CREATE_FAILED, p);
 	}
-	/* a backend on another node: from the frontend address (SNAT) */
-	int remote = !bpf_map_lookup_elem(&cilium_lxc_ip, &baddr);
+	/* a backend on another node: from the frontend address (SNAT); the
+	 * node's own addresses (host-network backends) are local */
+	int remote = !bpf_map_lookup_elem(&cilium_lxc_ip, &baddr) && ipcache_identity(baddr) != IDENTITY_HOST;
 	__u16 nport = 0;
 	if (remote) {
 		ret = snat_port(p, baddr, bport, rev_nat_index, now, &nport);

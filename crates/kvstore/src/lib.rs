@@ -120,13 +120,19 @@ impl Etcd {
     /// is gone or cannot be reached; returns why it stopped.
     pub async fn keep_alive(&self, lease: i64, every: Duration) -> KvError {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
+        // etcd answers the stream's headers with its first response: the
+        // first request must be queued before waiting for them
+        if tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
+            return KvError::Timeout(self.timeout);
+        }
         let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut responses = match self.within(self.lease.clone().lease_keep_alive(stream)).await {
             Ok(r) => r,
             Err(e) => return e,
         };
+        let mut first = true;
         loop {
-            if tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
+            if !std::mem::take(&mut first) && tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
                 return KvError::Timeout(self.timeout);
             }
             match tokio::time::timeout(self.timeout, responses.message()).await {

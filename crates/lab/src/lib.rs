@@ -570,6 +570,12 @@ impl Lab {
             }
         }
         self.place(&mut wanted_pods)?;
+        // a pod that exists keeps its address (what the agents were told)
+        for (p, _) in wanted_pods.iter_mut() {
+            if let Some(existing) = self.state.pods.get(&format!("{}/{}", p.namespace, p.name)) {
+                p.ip = existing.ip;
+            }
+        }
         for (p, _) in &wanted_pods {
             if !self.state.namespaces.contains_key(&p.namespace) {
                 self.state.namespaces.insert(p.namespace.clone(), BTreeMap::new());

@@ -26,6 +26,12 @@ use kafka_protocol::protocol::{Encodable, StrBytes};
 /// default).
 pub const MAX_FRAME: usize = 100 << 20;
 
+/// Topics plus partitions a request may name for its topics to be read; a
+/// request naming more is passed on by header only (a topic rule then
+/// never matches it), so a hostile frame cannot make the proxy build
+/// structures many times its size.
+pub const MAX_ENTRIES: usize = 16_384;
+
 /// TOPIC_AUTHORIZATION_FAILED.
 pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
 /// GROUP_AUTHORIZATION_FAILED.
@@ -236,15 +242,24 @@ fn flexible_from(key: i16) -> Option<i16> {
 /// partition its index and what `rest` skips (`min` bytes at least).
 fn topic_list(c: &mut Cursor, flex: bool, min: usize, mut rest: impl FnMut(&mut Cursor) -> R<()>) -> R<Vec<Topic>> {
     let mut topics = Vec::new();
+    let mut entries = 0usize;
     for _ in 0..c.array(flex, 2)? {
         let name = c.name(flex)?;
         let mut partitions = Vec::new();
         for _ in 0..c.array(flex, min)? {
+            entries += 1;
+            if entries > MAX_ENTRIES {
+                return Err(());
+            }
             partitions.push(c.i32()?);
             rest(c)?;
             c.tags(flex)?;
         }
         c.tags(flex)?;
+        entries += 1;
+        if entries > MAX_ENTRIES {
+            return Err(());
+        }
         topics.push(Topic { name, partitions });
     }
     Ok(topics)
@@ -431,6 +446,9 @@ fn body(c: &mut Cursor, req: &mut Request, flex: bool) -> R<()> {
             }
         }
         _ => return Ok(()),
+    }
+    if topics.len() + topics.iter().map(|t| t.partitions.len()).sum::<usize>() > MAX_ENTRIES {
+        return Err(());
     }
     req.topics = Some(topics);
     Ok(())
@@ -657,6 +675,10 @@ mod tests {
         let r = parse(&f).unwrap();
         assert_eq!(r.topics, None);
         assert_eq!(frame_size((MAX_FRAME as i32 + 1).to_be_bytes()), Err(KafkaError::Size(MAX_FRAME as i64 + 1)));
+        // more names than MAX_ENTRIES: read by header only
+        let many: Vec<metadata_request::MetadataRequestTopic> = (0..MAX_ENTRIES + 1).map(|i| metadata_request::MetadataRequestTopic::default().with_name(Some(topic_name(&format!("t{i}"))))).collect();
+        let r = parse(&frame(3, 4, &MetadataRequest::default().with_topics(Some(many)))).unwrap();
+        assert_eq!((r.api_key, r.topics), (3, None));
         assert_eq!(frame_size((-1i32).to_be_bytes()), Err(KafkaError::Size(-1)));
     }
 

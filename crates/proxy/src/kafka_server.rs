@@ -24,6 +24,9 @@ use crate::kafka::{self, MAX_FRAME};
 use crate::rules::Check;
 use crate::server::{AccessLog, ConnInfo, PolicyProvider, connect_upstream};
 
+/// Replies a connection may owe before its requests stop being read.
+const REPLIES_OWED: usize = 64;
+
 /// A Kafka request as Hubble shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaRecord {
@@ -65,13 +68,15 @@ pub async fn serve(client: TcpStream, upstream: Option<TcpStream>, info: ConnInf
     let _active = drain.enter();
     let _ = client.set_nodelay(true);
     let (mut cr, cw) = client.into_split();
-    let (tx, rx) = mpsc::unbounded_channel();
+    // bounded: a client that pipelines and never reads its replies stops
+    // being read once this many are owed
+    let (tx, rx) = mpsc::channel(REPLIES_OWED);
     let owed = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = oneshot::channel();
     let mut uw = None;
     if let Some(u) = upstream {
         let (r, w) = u.into_split();
-        let _ = tx.send(Reply::Connected(r));
+        let _ = tx.send(Reply::Connected(r)).await;
         uw = Some(w);
     }
     let replies = replies(cw, rx, owed.clone(), stop_rx);
@@ -100,7 +105,7 @@ pub async fn serve(client: TcpStream, upstream: Option<TcpStream>, info: ConnInf
 async fn requests(
     cr: &mut OwnedReadHalf,
     uw: &mut Option<OwnedWriteHalf>,
-    tx: mpsc::UnboundedSender<Reply>,
+    tx: mpsc::Sender<Reply>,
     stop: oneshot::Sender<()>,
     owed: &AtomicUsize,
     info: ConnInfo,
@@ -178,7 +183,7 @@ async fn requests(
             // no error response of this type to give: close
             let Some(reply) = kafka::denied_response(&req) else { return Ok(End::Closed) };
             owed.fetch_add(1, Ordering::SeqCst);
-            if tx.send(Reply::Local(reply)).is_err() {
+            if tx.send(Reply::Local(reply)).await.is_err() {
                 return Ok(End::Closed);
             }
             continue;
@@ -189,12 +194,12 @@ async fn requests(
                 return Ok(End::Closed);
             };
             let (r, w) = s.into_split();
-            let _ = tx.send(Reply::Connected(r));
+            let _ = tx.send(Reply::Connected(r)).await;
             *uw = Some(w);
         }
         if !req.no_response {
             owed.fetch_add(1, Ordering::SeqCst);
-            if tx.send(Reply::Upstream).is_err() {
+            if tx.send(Reply::Upstream).await.is_err() {
                 return Ok(End::Closed);
             }
         }
@@ -204,7 +209,7 @@ async fn requests(
 
 /// Writes replies in request order; returns the halves it holds when told
 /// to stop (the connection parks), nothing when the request side closed.
-async fn replies(mut cw: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Reply>, owed: Arc<AtomicUsize>, mut stop: oneshot::Receiver<()>) -> std::io::Result<Option<(OwnedWriteHalf, Option<OwnedReadHalf>)>> {
+async fn replies(mut cw: OwnedWriteHalf, mut rx: mpsc::Receiver<Reply>, owed: Arc<AtomicUsize>, mut stop: oneshot::Receiver<()>) -> std::io::Result<Option<(OwnedWriteHalf, Option<OwnedReadHalf>)>> {
     let mut ur: Option<OwnedReadHalf> = None;
     let mut stop_gone = false;
     loop {

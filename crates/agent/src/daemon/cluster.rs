@@ -166,9 +166,16 @@ impl<D: Datapath> Daemon<D> {
         if self.kv.as_ref() == Some(&view) {
             return Ok(());
         }
-        self.kv = Some(view);
-        self.cluster_changed()?;
+        let old = self.kv.replace(view);
+        // a failure (an identity etcd could not give) keeps the old view,
+        // so the next round tries again; what was allocated still applies
+        let applied = self.cluster_changed();
+        if applied.is_err() {
+            self.kv = old;
+            self.regenerate_all();
+        }
         self.sync_ipcache()?;
+        applied?;
         self.save()
     }
 }
