@@ -18,6 +18,7 @@
 #include "lib/policy.h"
 #include "lib/conntrack.h"
 #include "lib/nodeport.h"
+#include "lib/masq.h"
 #include "lib/proxy.h"
 
 #define ETH_P_ARP_BE bpf_htons(0x0806)
@@ -262,7 +263,10 @@ int cil_from_netdev(struct __sk_buff *skb)
 	struct pkt p;
 	if (parse_ipv4(skb, &p) < 0)
 		return TC_ACT_OK; /* not ours to judge: the stack sees it as is */
-	int ret = to_local_endpoint(skb, &p);
+	int ret = masq_ingress(skb, &p);
+	if (ret != TC_ACT_OK)
+		return ret;
+	ret = to_local_endpoint(skb, &p);
 	if (ret != -1)
 		return ret;
 	return nodeport_ingress(skb, &p);
@@ -273,7 +277,15 @@ int cil_to_netdev(struct __sk_buff *skb)
 {
 	if (skb->protocol != ETH_P_IP_BE)
 		return TC_ACT_OK;
-	return nodeport_egress(skb);
+	struct pkt p;
+	if (parse_ipv4(skb, &p) < 0)
+		return TC_ACT_OK;
+	/* what pods opened to the world leaves from the node; otherwise a
+	 * local backend's reply to a NodePort client gets its frontend back */
+	int ret = masq_egress(skb, &p);
+	if (ret != -1)
+		return ret;
+	return nodeport_egress(skb, &p);
 }
 
 /*

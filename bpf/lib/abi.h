@@ -219,6 +219,8 @@ struct ct_entry {
 struct runtime_config {
 	__u32 policy_rev;        /* bumped by the agent on every policy or ipcache change */
 	__u32 maglev_size;       /* slots of every Maglev table (a prime) */
+	__u32 masq_addr;         /* node IPv4 pods' traffic to the world leaves from
+				  * (network byte order); 0: no masquerading */
 };
 
 /* ---- service load balancing ----
@@ -294,6 +296,8 @@ enum lb_nat_dir {
 	LB_NAT_REV = 1,          /* local backend -> client: the frontend */
 	LB_NAT_SNAT_FWD = 2,     /* client -> frontend, remote backend: the source to use */
 	LB_NAT_SNAT_REV = 3,     /* remote backend -> the source used: the client */
+	LB_NAT_MASQ_FWD = 4,     /* pod -> world: the node address and port used */
+	LB_NAT_MASQ_REV = 5,     /* world -> node address and port used: the pod */
 };
 
 struct lb4_nat_key {

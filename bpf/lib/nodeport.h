@@ -337,11 +337,9 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 }
 
 /* tc egress of a node device: restore the frontend as the source of replies. */
-static __always_inline int nodeport_egress(struct __sk_buff *skb)
+static __always_inline int nodeport_egress(struct __sk_buff *skb, const struct pkt *pp)
 {
-	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
-		return TC_ACT_OK;
+	const struct pkt p = *pp;
 	if (p.protocol != IPPROTO_TCP && p.protocol != IPPROTO_UDP)
 		return TC_ACT_OK;
 	struct lb4_nat_key rkey = { .saddr = p.saddr, .daddr = p.daddr, .sport = p.sport,

@@ -268,6 +268,8 @@ abi_enum!(
         Reverse = 1 => "LB_NAT_REV",
         SnatForward = 2 => "LB_NAT_SNAT_FWD",
         SnatReverse = 3 => "LB_NAT_SNAT_REV",
+        MasqForward = 4 => "LB_NAT_MASQ_FWD",
+        MasqReverse = 5 => "LB_NAT_MASQ_REV",
     }
 );
 

@@ -147,6 +147,7 @@ abi_struct!(
     RuntimeConfig = "runtime_config" {
         policy_rev: u32,
         maglev_size: u32,
+        masq_addr: u32,
     }
 );
 

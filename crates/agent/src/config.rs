@@ -135,6 +135,12 @@ pub struct Config {
     #[arg(long, env = "CILIUM_HUBBLE_METRICS", value_delimiter = ',')]
     pub hubble_metrics: Vec<String>,
 
+    /// Masquerade pods' TCP and UDP to the world (outside the cluster) to the
+    /// node's address, in BPF (upstream's enable-ipv4-masquerade with
+    /// enable-bpf-masquerade; off by default here, see the README).
+    #[arg(long, env = "CILIUM_ENABLE_IPV4_MASQUERADE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub enable_ipv4_masquerade: bool,
+
     /// Cluster state store: "" (none: identities are this node's) or etcd.
     #[arg(long, env = "CILIUM_KVSTORE", default_value = "")]
     pub kvstore: String,
@@ -233,6 +239,7 @@ pub struct Settings {
     pub health_interval: Option<u64>,
     /// etcd's address and the operation timeout, when the kvstore is etcd.
     pub kvstore: Option<(String, std::time::Duration)>,
+    pub masquerade: bool,
 }
 
 /// Hubble's validated settings.
@@ -453,6 +460,7 @@ impl Config {
             prometheus_addr,
             health_interval: self.enable_health_checking.then_some(self.health_probe_interval),
             kvstore,
+            masquerade: self.enable_ipv4_masquerade,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,

@@ -270,6 +270,16 @@ impl Loaded {
         Ok(loaded)
     }
 
+    /// The node address pods' traffic to the world leaves from (BPF
+    /// masquerading); None turns masquerading off.
+    pub fn set_masquerade(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
+        let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
+        let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
+        let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
+        rt.masq_addr = addr.map(crate::ip_to_be).unwrap_or(0);
+        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
+    }
+
     fn set_maglev_size(&mut self) -> Result<()> {
         let size = self.opts.maglev_size;
         let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;

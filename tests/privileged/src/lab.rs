@@ -62,7 +62,7 @@ impl TestLab {
         Self::create(manifests, &[], nodes, kvstore)
     }
 
-    fn create(manifests: &[&str], agent_args: &[&str], nodes: usize, kvstore: bool) -> TestLab {
+    pub fn create(manifests: &[&str], agent_args: &[&str], nodes: usize, kvstore: bool) -> TestLab {
         crate::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);

@@ -174,3 +174,48 @@ fn cluster_health_on_three_nodes() {
     let s = wait_for_status(&lab, "node1", "Cluster health:          3/3 reachable");
     assert!(s.contains("Cluster health:          3/3 reachable"), "{s}");
 }
+
+/// A TCP server in a namespace that answers an empty 200 and records who
+/// connected.
+fn recording_server(lab: &TestLab, target: &str, addr: std::net::SocketAddr) -> std::sync::Arc<std::sync::Mutex<Vec<std::net::IpAddr>>> {
+    use std::io::{Read, Write};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (ns, s) = (lab.netns(target), seen.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        cilium_datapath::sys::enter_netns(&ns).unwrap();
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        tx.send(()).unwrap();
+        for mut c in l.incoming().flatten() {
+            s.lock().unwrap().push(c.peer_addr().unwrap().ip());
+            let mut buf = [0u8; 1024];
+            let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    rx.recv().unwrap();
+    seen
+}
+
+/// BPF masquerading: what a pod opens to the world leaves from its node's
+/// address; replies of connections from the world, traffic between pods
+/// and NodePort replies keep their addresses.
+#[test]
+fn pods_reach_the_world_from_their_node_address() {
+    let lab = TestLab::create(&[PODS], &["--enable-ipv4-masquerade"], 2, false);
+    let pods = lab.pods();
+    let ip = |app: &str| pods.iter().find(|p| p["labels"]["app"] == app).unwrap()["ip"].as_str().unwrap().parse::<std::net::Ipv4Addr>().unwrap();
+    let world = recording_server(&lab, "world", "172.30.0.1:7777".parse().unwrap());
+    assert!(lab.probe("default/client", "172.30.0.1", 7777, "tcp"));
+    assert_eq!(world.lock().unwrap().as_slice(), ["172.30.0.11".parse::<std::net::IpAddr>().unwrap()], "the world sees node1, not the pod");
+    // a pod on the other node sees the client's own address
+    let server_ip = ip("server");
+    let server = recording_server(&lab, "default/server", (server_ip, 7778).into());
+    assert!(lab.probe("default/client", &server_ip.to_string(), 7778, "tcp"));
+    assert_eq!(server.lock().unwrap().as_slice(), [std::net::IpAddr::V4(ip("client"))], "pod to pod is never masqueraded");
+    // the world's own connections to a pod get replies from the pod
+    assert!(lab.probe("world", "default/client", 80, "tcp"), "replies to the world keep the pod's address");
+    // a NodePort with a local backend still answers from its frontend
+    assert_eq!(lab.probe_pod("world", "172.30.0.12", 30080, "tcp").as_deref(), Some("default/server"));
+}
