@@ -112,6 +112,13 @@ impl TestLab {
         cilium().args(args).env("CILIUM_SOCK", self.socket()).output().expect("run cilium")
     }
 
+    /// `cilium ARGS` against the agent of `node`; its stdout, the command
+    /// having succeeded.
+    pub fn cilium_on(&self, node: &str, args: &[&str]) -> String {
+        let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", self.name);
+        check(cilium().args(args).env("CILIUM_SOCK", sock).output().expect("run cilium"), "cilium")
+    }
+
     pub fn cilium_ok(&self, args: &[&str]) -> String {
         check(self.cilium(args), &format!("cilium {}", args.join(" ")))
     }

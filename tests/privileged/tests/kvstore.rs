@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cilium_kvstore::Etcd;
-use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use cilium_privileged_tests::lab::TestLab;
 use serde_json::Value;
 
 /// etcd on a free loopback port, in a temporary directory; stopped on drop.
@@ -109,10 +109,7 @@ spec: {nodeName: node2, containers: [{name: c}]}
 "#;
 
 fn identities(lab: &TestLab, node: &str) -> BTreeMap<String, u32> {
-    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
-    let out = Command::new(bin_dir().join("cilium")).args(["identity", "list", "-o", "json"]).env("CILIUM_SOCK", sock).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let v: Vec<Value> = serde_json::from_str(&lab.cilium_on(node, &["identity", "list", "-o", "json"])).unwrap();
     v.iter()
         .filter_map(|i| {
             let app = i["labels"].as_array()?.iter().filter_map(|l| l.as_str()).find_map(|l| l.strip_prefix("k8s:app="))?.to_string();

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use cilium_privileged_tests::lab::TestLab;
 use serde_json::Value;
 
 const PODS: &str = r#"
@@ -78,10 +78,7 @@ spec:
 "#;
 
 fn node_list(lab: &TestLab, node: &str) -> Vec<Value> {
-    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
-    let out = std::process::Command::new(bin_dir().join("cilium")).args(["node", "list", "-o", "json"]).env("CILIUM_SOCK", sock).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&lab.cilium_on(node, &["node", "list", "-o", "json"])).unwrap()
 }
 
 #[test]
@@ -135,10 +132,9 @@ fn pods_on_two_nodes_talk_under_policy_by_identity() {
 }
 
 fn status_of(lab: &TestLab, node: &str, args: &[&str]) -> String {
-    let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", lab.name);
-    let out = std::process::Command::new(bin_dir().join("cilium")).arg("status").args(args).env("CILIUM_SOCK", sock).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut a = vec!["status"];
+    a.extend_from_slice(args);
+    lab.cilium_on(node, &a)
 }
 
 /// Waits until `cilium status` on `node` says `want`.
