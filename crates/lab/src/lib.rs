@@ -405,6 +405,10 @@ impl Lab {
             });
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        // in the lab's cgroup, so teardown finds it even without lab.json
+        let cg = Path::new(LAB_CGROUP_ROOT).join(&self.state.name).join("relay");
+        std::fs::create_dir_all(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
+        std::fs::write(cg.join("cgroup.procs"), child.id().to_string()).with_context(|| format!("moving hubble-relay into {}", cg.display()))?;
         self.state.relay_pid = Some(child.id());
         self.state.relay_address = Some(addr.clone());
         self.save()?;

@@ -437,7 +437,10 @@ fn down_cleans_up_after_a_crash() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
     }
     std::fs::remove_file(format!("/var/run/cilium-lab/{}/lab.json", lab.name)).unwrap();
+    // the lab's hubble-relay outlives the crash and must be found without its record
+    let relay = state["relay_pid"].as_i64().unwrap() as i32;
     lab.lab(&["down"]);
+    pids.push(relay);
     let prefix = format!("cl-{}-", lab.name);
     let left: Vec<String> = std::fs::read_dir("/var/run/netns")
         .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&prefix)).collect())
