@@ -154,6 +154,9 @@ enum policy_entry_flags {
  * traffic is dropped (178) rather than allowed unfiltered. */
 #define POLICY_PROXY_PORT_PENDING 65535
 
+/* Node-local identities (CIDR, FQDN) start here. */
+#define IDENTITY_MIN_LOCAL 16777216
+
 /* The agent's transparent L7 proxy listens on these ports (host byte order);
  * a policy entry's proxy_port names one of them. */
 #define PROXY_PORT_HTTP_INGRESS 15001

@@ -28,7 +28,7 @@ static __always_inline __u32 masq_addr(void)
 static __always_inline int masq_destination(__u32 daddr)
 {
 	__u32 id = ipcache_identity(daddr);
-	return id == IDENTITY_WORLD || id >= (1u << 24);
+	return id == IDENTITY_WORLD || id >= IDENTITY_MIN_LOCAL;
 }
 
 /* tc egress of a node device. Returns -1 when the packet is not to be

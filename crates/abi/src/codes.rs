@@ -298,6 +298,10 @@ pub const POLICY_PREFIX_FULL: u32 = 96;
 /// datapath drops matching traffic (178) instead of allowing it unfiltered.
 pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
 
+/// Node-local identities (CIDR, FQDN) start here (the identity crate's
+/// MIN_LOCAL_IDENTITY).
+pub const IDENTITY_MIN_LOCAL: u32 = 1 << 24;
+
 /// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
 pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
 pub const PROXY_PORT_HTTP_EGRESS: u16 = 15002;
@@ -356,6 +360,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("PROXY_PORT_KAFKA_INGRESS", PROXY_PORT_KAFKA_INGRESS as i64),
         ("PROXY_PORT_KAFKA_EGRESS", PROXY_PORT_KAFKA_EGRESS as i64),
         ("PROXY_PORT_DNS", PROXY_PORT_DNS as i64),
+        ("IDENTITY_MIN_LOCAL", IDENTITY_MIN_LOCAL as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
         ("MARK_MAGIC_PROXY", MARK_MAGIC_PROXY as i64),

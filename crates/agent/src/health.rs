@@ -6,6 +6,7 @@
 //! health: N/N reachable") and `cilium-health status`.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -51,36 +52,28 @@ pub async fn serve(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Probes the nodes every `interval`, and at once when the set of nodes
-/// changes.
-pub async fn probe_loop(daemon: Arc<Mutex<Daemon<Loaded>>>, health: Arc<Health>, interval: Duration) {
+/// Probes the nodes every `interval`, and at once when the daemon changed
+/// (`changes`, its change counter) and with it the set of nodes.
+pub async fn probe_loop(daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<AtomicU64>, health: Arc<Health>, interval: Duration) {
     let mut next = Instant::now();
     let mut known = Vec::new();
+    let mut seen = u64::MAX;
     loop {
-        // the daemon may be busy (a kvstore call): wait off the workers
-        let d = daemon.clone();
-        let Ok(nodes) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).nodes().into_iter().map(|n| (n.name, n.ip, n.local)).collect::<Vec<_>>()).await else { continue };
-        if Instant::now() >= next || nodes != known {
-            let rounds = nodes.iter().map(|(name, ip, local)| probe_node(name.clone(), *ip, *local));
-            let results = futures_join_all(rounds).await;
-            *health.last.lock().unwrap_or_else(|p| p.into_inner()) = results;
-            known = nodes;
-            next = Instant::now() + interval;
+        let now = changes.load(Ordering::Relaxed);
+        if now != seen || Instant::now() >= next {
+            seen = now;
+            // the daemon may be busy (a kvstore call): wait off the workers
+            let d = daemon.clone();
+            let Ok(nodes) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).nodes().into_iter().map(|n| (n.name, n.ip, n.local)).collect::<Vec<_>>()).await else { continue };
+            if Instant::now() >= next || nodes != known {
+                let results = futures::future::join_all(nodes.iter().map(|(name, ip, local)| probe_node(name.clone(), *ip, *local))).await;
+                *health.last.lock().unwrap_or_else(|p| p.into_inner()) = results;
+                known = nodes;
+                next = Instant::now() + interval;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Runs the futures concurrently (a handful of nodes: tasks are cheap).
-async fn futures_join_all<F: std::future::Future<Output = NodeHealth> + Send + 'static>(fs: impl Iterator<Item = F>) -> Vec<NodeHealth> {
-    let handles: Vec<_> = fs.map(tokio::spawn).collect();
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        if let Ok(r) = h.await {
-            out.push(r);
-        }
-    }
-    out
 }
 
 async fn probe_node(name: String, ip: Ipv4Addr, local: bool) -> NodeHealth {

@@ -109,7 +109,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         Some(secs) => {
             crate::health::serve(crate::health::HEALTH_PORT).await?;
             let h = Arc::new(crate::health::Health::default());
-            tokio::spawn(crate::health::probe_loop(daemon.clone(), h.clone(), Duration::from_secs(secs)));
+            tokio::spawn(crate::health::probe_loop(daemon.clone(), changes.clone(), h.clone(), Duration::from_secs(secs)));
             Some(h)
         }
         None => None,

@@ -18,7 +18,7 @@ pub const MIN_CLUSTER_IDENTITY: u32 = 256;
 /// Last cluster-scoped identity (upstream: 16 bits of identity per cluster).
 pub const MAX_CLUSTER_IDENTITY: u32 = 65535;
 /// First node-local identity (CIDR, FQDN).
-pub const MIN_LOCAL_IDENTITY: u32 = 1 << 24;
+pub const MIN_LOCAL_IDENTITY: u32 = cilium_abi::IDENTITY_MIN_LOCAL;
 /// Last node-local identity.
 pub const MAX_LOCAL_IDENTITY: u32 = (1 << 24) + 0xff_ffff;
 
