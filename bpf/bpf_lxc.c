@@ -3,9 +3,12 @@
  * Programs attached to the host side of every endpoint's veth (lxc...):
  *   cil_from_container - tc ingress: packets the pod sends (egress policy)
  *   cil_to_container   - tc egress:  packets delivered to the pod (ingress policy)
- * and to the node's own devices (the per-packet service load balancer):
+ * to the node's own devices (the per-packet service load balancer):
  *   cil_from_netdev    - tc ingress: service frontends -> backends
  *   cil_to_netdev      - tc egress:  replies get their frontend back
+ * and, in tunnel mode, to the node's VXLAN device (cilium_vxlan):
+ *   cil_from_overlay   - tc ingress: the source identity from the VNI
+ *   cil_to_overlay     - tc egress:  outer destination and VNI set
  *
  * One loaded copy serves every endpoint: the endpoint is found by the
  * device's ifindex in cilium_lxc, so creating an endpoint needs no compile and
@@ -235,23 +238,26 @@ int cil_to_container(struct __sk_buff *skb)
 
 /*
  * Traffic from outside the node to a local endpoint's own address: the
- * endpoint's ingress policy is applied here, at the node device's tc
- * ingress, where a connection that needs L7 rules can be handed to the proxy
- * (the endpoint's own hook is a tc egress, where it cannot). Returns -1 when
- * the packet is not for a local endpoint.
+ * endpoint's ingress policy is applied here, at the tc ingress of the device
+ * it arrived on, where a connection that needs L7 rules can be handed to the
+ * proxy (the endpoint's own hook is a tc egress, where it cannot), and an
+ * allowed packet goes straight into the pod. `src_id` is the source's
+ * identity: from the ipcache, or from the tunnel header. Returns -1 when the
+ * packet is not for a local endpoint.
  */
-static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *p, __u32 src_id)
 {
 	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr);
 	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
 	if (!ep)
 		return -1;
 	__u16 proxy = 0;
-	__u32 src_id = ipcache_identity(p->saddr);
 	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy);
-	if (ret != TC_ACT_OK || !proxy)
+	if (ret != TC_ACT_OK)
 		return ret;
-	return to_proxy(skb, ep, p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
+	if (proxy)
+		return to_proxy(skb, ep, p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
+	return redirect_to_endpoint(skb, ep, ep->ep_id);
 }
 
 SEC("classifier")
@@ -266,7 +272,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	int ret = masq_ingress(skb, &p);
 	if (ret != TC_ACT_OK)
 		return ret;
-	ret = to_local_endpoint(skb, &p);
+	ret = to_local_endpoint(skb, &p, ipcache_identity(p.saddr));
 	if (ret != -1)
 		return ret;
 	return nodeport_ingress(skb, &p);
@@ -286,6 +292,83 @@ int cil_to_netdev(struct __sk_buff *skb)
 	if (ret != -1)
 		return ret;
 	return nodeport_egress(skb, &p);
+}
+
+/*
+ * Tunnel mode. Packets the node routes to another node's pod CIDR (pods'
+ * traffic, the node's own, the proxy's upstream connections, NodePort flows
+ * to remote backends) leave through cilium_vxlan, a VXLAN device in
+ * collect-metadata mode: its tc egress names the outer destination (the
+ * node the ipcache says the address lives on) and puts the source's
+ * security identity in the VNI, so the receiving node enforces ingress
+ * policy with it instead of looking the source up.
+ */
+
+/* The identity a packet entering the tunnel carries: the proxy's client, a
+ * local endpoint, or what the ipcache says of the source (the node itself
+ * is host). Node-local identities (CIDRs) mean nothing elsewhere: world. */
+static __always_inline __u32 overlay_source_identity(const struct __sk_buff *skb, __u32 saddr)
+{
+	if (from_proxy(skb)) {
+		__u32 id = proxy_identity(skb);
+		if (id)
+			return id;
+	}
+	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &saddr);
+	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
+	if (ep)
+		return ep->sec_identity;
+	__u32 id = ipcache_identity(saddr);
+	return id >= IDENTITY_MIN_LOCAL ? IDENTITY_WORLD : id;
+}
+
+SEC("classifier")
+int cil_to_overlay(struct __sk_buff *skb)
+{
+	if (skb->protocol != ETH_P_IP_BE)
+		return drop(skb, 0, DROP_UNKNOWN_L3, 0, 0, 0, METRIC_EGRESS, 0);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return drop(skb, 0, DROP_INVALID, 0, 0, 0, METRIC_EGRESS, 0);
+	__u32 saddr = ip->saddr;
+	struct ipcache_key key = { .prefixlen = 32, .addr = ip->daddr };
+	struct ipcache_value *dst = bpf_map_lookup_elem(&cilium_ipcache, &key);
+	__u32 src_id = overlay_source_identity(skb, saddr);
+	if (!dst || !dst->tunnel_endpoint)
+		return drop(skb, 0, DROP_NO_TUNNEL_ENDPOINT, src_id, dst ? dst->sec_identity : IDENTITY_WORLD,
+			    0, METRIC_EGRESS, 0);
+	struct bpf_tunnel_key tk = {};
+	tk.remote_ipv4 = bpf_ntohl(dst->tunnel_endpoint);
+	tk.tunnel_id = src_id;
+	tk.tunnel_ttl = 64;
+	if (bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX) < 0)
+		return drop(skb, 0, DROP_WRITE_ERROR, src_id, dst->sec_identity, 0, METRIC_EGRESS, 0);
+	return TC_ACT_OK;
+}
+
+SEC("classifier")
+int cil_from_overlay(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tk = {};
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0)
+		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	/* another node's own traffic is remote-node here */
+	__u32 src_id = tk.tunnel_id == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : tk.tunnel_id;
+	/* the inner frame is addressed to the sending node's tunnel device */
+	bpf_skb_change_type(skb, PACKET_HOST);
+	if (skb->protocol != ETH_P_IP_BE)
+		return drop(skb, 0, DROP_UNKNOWN_L3, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	struct pkt p;
+	int ret = parse_ipv4(skb, &p);
+	if (ret < 0)
+		return drop(skb, 0, -ret, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	ret = to_local_endpoint(skb, &p, src_id);
+	if (ret != -1)
+		return ret;
+	/* the node itself, or a remote backend's reply to a NodePort flow */
+	return nodeport_ingress(skb, &p);
 }
 
 /*

@@ -15,6 +15,10 @@
 
 #include "abi.h"
 
+#ifndef PACKET_HOST
+#define PACKET_HOST 0 /* linux/if_packet.h */
+#endif
+
 #ifndef __always_inline
 #define __always_inline inline __attribute__((always_inline))
 #endif

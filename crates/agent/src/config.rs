@@ -60,7 +60,8 @@ pub struct Config {
     #[arg(long, env = "CILIUM_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
 
-    /// MTU of endpoint interfaces.
+    /// MTU of the node's network: endpoint interfaces get it in native
+    /// routing, 50 bytes less in tunnel mode (the VXLAN headers).
     #[arg(long, env = "CILIUM_MTU", default_value_t = 1500)]
     pub mtu: u32,
 
@@ -140,6 +141,22 @@ pub struct Config {
     /// enable-bpf-masquerade; off by default here, see the README).
     #[arg(long, env = "CILIUM_ENABLE_IPV4_MASQUERADE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub enable_ipv4_masquerade: bool,
+
+    /// How pods reach other nodes' pods: tunnel (VXLAN between nodes, the
+    /// source identity in the VNI; needs --kvstore for cluster-wide
+    /// identities once there are other nodes) or native (the network
+    /// routes pod CIDRs).
+    #[arg(long, env = "CILIUM_ROUTING_MODE", default_value = "tunnel")]
+    pub routing_mode: String,
+
+    /// Encapsulation of tunnel mode (vxlan; geneve is not built into this
+    /// kernel).
+    #[arg(long, env = "CILIUM_TUNNEL_PROTOCOL", default_value = "vxlan")]
+    pub tunnel_protocol: String,
+
+    /// UDP port of the tunnel.
+    #[arg(long, env = "CILIUM_TUNNEL_PORT", default_value_t = 8472)]
+    pub tunnel_port: u16,
 
     /// Cluster state store: "" (none: identities are this node's) or etcd.
     #[arg(long, env = "CILIUM_KVSTORE", default_value = "")]
@@ -240,6 +257,8 @@ pub struct Settings {
     /// etcd's address and the operation timeout, when the kvstore is etcd.
     pub kvstore: Option<(String, std::time::Duration)>,
     pub masquerade: bool,
+    pub routing_mode: cilium_api::RoutingMode,
+    pub tunnel_port: u16,
 }
 
 /// Hubble's validated settings.
@@ -449,6 +468,18 @@ impl Config {
         } else {
             None
         };
+        let routing_mode = cilium_api::RoutingMode::parse(&self.routing_mode).ok_or_else(|| bad("routing-mode", &self.routing_mode, "want tunnel or native"))?;
+        match self.tunnel_protocol.as_str() {
+            "vxlan" => {}
+            "geneve" => return Err(bad("tunnel-protocol", "geneve", "GENEVE is not built into this kernel; use vxlan")),
+            other => return Err(bad("tunnel-protocol", other, "want vxlan")),
+        }
+        if self.tunnel_port == 0 {
+            return Err(bad("tunnel-port", 0, "must be a UDP port (1-65535)"));
+        }
+        if routing_mode == cilium_api::RoutingMode::Tunnel && self.mtu < 576 + cilium_api::RoutingMode::VXLAN_OVERHEAD {
+            return Err(bad("mtu", self.mtu, "leaves pods less than 576 bytes under the tunnel's 50 bytes of headers"));
+        }
         if self.tofqdns_endpoint_max_ip_per_hostname == 0 {
             return Err(bad("tofqdns-endpoint-max-ip-per-hostname", 0, "must be at least 1"));
         }
@@ -461,6 +492,8 @@ impl Config {
             health_interval: self.enable_health_checking.then_some(self.health_probe_interval),
             kvstore,
             masquerade: self.enable_ipv4_masquerade,
+            routing_mode,
+            tunnel_port: self.tunnel_port,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,
@@ -521,6 +554,21 @@ mod tests {
         assert_eq!((e.key.as_str(), e.value.as_str()), ("bpf-lb-algorithm", "round-robin"));
         let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-lb-algorithm", "maglev", "--bpf-lb-maglev-table-size", "251"])).unwrap();
         assert_eq!((s.lb_algorithm, s.maglev_table_size), (cilium_lb::Algorithm::Maglev, 251));
+    }
+
+    #[test]
+    fn routing_modes() {
+        let s = load(args(&["--ipv4-range", "10.0.1.0/24"])).unwrap();
+        assert_eq!((s.routing_mode, s.tunnel_port), (cilium_api::RoutingMode::Tunnel, 8472), "upstream's default");
+        let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--routing-mode", "native"])).unwrap();
+        assert_eq!(s.routing_mode, cilium_api::RoutingMode::Native);
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--routing-mode", "direct"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("routing-mode", "direct"));
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--tunnel-protocol", "geneve"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("tunnel-protocol", "geneve"));
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("mtu", "600"));
+        load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600", "--routing-mode", "native"])).unwrap();
     }
 
     #[test]

@@ -60,7 +60,9 @@ fn invalid(field: &str, value: impl ToString, message: impl Into<String>) -> Dae
 pub struct DaemonConfig {
     pub node_name: String,
     pub pod_cidr: Ipv4Net,
+    /// The node network's MTU (pods get less in tunnel mode: `pod_mtu`).
     pub mtu: u32,
+    pub routing_mode: cilium_api::RoutingMode,
     pub policy: PolicyOptions,
     pub audit_mode: bool,
     /// Default backend selection of services.
@@ -71,6 +73,16 @@ pub struct DaemonConfig {
     pub fqdn_min_ttl: u32,
     /// Addresses kept per DNS name.
     pub fqdn_max_ips: usize,
+}
+
+impl DaemonConfig {
+    /// Pods' MTU: the network's, less the tunnel's headers in tunnel mode.
+    pub fn pod_mtu(&self) -> u32 {
+        match self.routing_mode {
+            cilium_api::RoutingMode::Native => self.mtu,
+            cilium_api::RoutingMode::Tunnel => self.mtu - cilium_api::RoutingMode::VXLAN_OVERHEAD,
+        }
+    }
 }
 
 /// Policy as written to the datapath for one endpoint.
@@ -124,8 +136,10 @@ pub struct Daemon<D: Datapath> {
     nodes: BTreeMap<String, cilium_api::NodeMeta>,
     /// In kvstore mode, what the kvstore says of the rest of the cluster.
     kv: Option<cluster::KvView>,
-    /// The ipcache as last written (prefix -> identity).
-    ipcache_written: BTreeMap<Ipv4Net, u32>,
+    /// The ipcache as last written.
+    ipcache_written: BTreeMap<Ipv4Net, IpcacheValue>,
+    /// Tunnel mode: the other nodes' pod CIDRs routed into the tunnel.
+    tunnel_routes: BTreeSet<Ipv4Net>,
     /// Every service, from Kubernetes and from the API.
     services: cilium_lb::ServiceTable,
     /// Kubernetes Services as received (`namespace/name`).
@@ -192,6 +206,7 @@ impl<D: Datapath> Daemon<D> {
             nodes: BTreeMap::new(),
             kv: None,
             ipcache_written: BTreeMap::new(),
+            tunnel_routes: BTreeSet::new(),
             services: cilium_lb::ServiceTable::new(),
             k8s_services: BTreeMap::new(),
             lb_written: BTreeMap::new(),
@@ -434,13 +449,14 @@ impl<D: Datapath> Daemon<D> {
                 error!(endpoint = id, error = %e, "restoring policy");
             }
         }
-        self.ipcache_written = self.dp.ipcache_dump()?.into_iter().map(|(p, v)| (p, v.sec_identity)).collect();
+        self.ipcache_written = self.dp.ipcache_dump()?.into_iter().collect();
+        self.tunnel_routes = self.dp.routes_via(crate::node::TUNNEL_DEV)?.into_iter().collect();
         self.sync_ipcache()?;
         for id in ids {
             let rec = self.endpoints[&id].rec.clone();
             self.dp.attach(&rec.host_ifname)?;
             self.dp.link_up(&rec.host_ifname)?;
-            self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
+            self.dp.route(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &rec.host_ifname, self.ipam.router())?;
         }
         self.reconcile_services()?;
         // every established connection re-checks against what is now in force
@@ -449,16 +465,19 @@ impl<D: Datapath> Daemon<D> {
     }
 
     /// Writes the difference between the desired ipcache and what was last
-    /// written. The one place ipcache entries change.
+    /// written, and the tunnel routes that go with it. The one place
+    /// ipcache entries change. A route into the tunnel exists only while
+    /// the ipcache names the node behind it.
     fn sync_ipcache(&mut self) -> Result<(), DaemonError> {
         let desired = self.desired_ipcache();
         let stale: Vec<Ipv4Net> = self.ipcache_written.keys().filter(|p| !desired.contains_key(p)).copied().collect();
-        for (prefix, id) in &desired {
-            if self.ipcache_written.get(prefix) != Some(id) {
-                self.dp.ipcache_upsert(*prefix, &IpcacheValue { sec_identity: *id, ..Default::default() })?;
-                self.ipcache_written.insert(*prefix, *id);
+        for (prefix, v) in &desired {
+            if self.ipcache_written.get(prefix) != Some(v) {
+                self.dp.ipcache_upsert(*prefix, v)?;
+                self.ipcache_written.insert(*prefix, *v);
             }
         }
+        self.sync_tunnel_routes()?;
         for prefix in stale {
             self.dp.ipcache_delete(prefix)?;
             self.ipcache_written.remove(&prefix);
@@ -469,23 +488,28 @@ impl<D: Datapath> Daemon<D> {
     /// What the ipcache must hold. A prefix named by several sources takes
     /// the identity of the strongest: the host's own addresses, then local
     /// endpoints, then other nodes' pods, then other nodes, then CIDRs
-    /// policies name (so a CIDR rule can never relabel a node or a pod).
-    fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, u32> {
+    /// policies name (so a CIDR rule can never relabel a node or a pod),
+    /// then, in tunnel mode, other nodes' pod CIDRs (world: an address
+    /// there that is no known pod). In tunnel mode every address in another
+    /// node's pod CIDR carries that node as its tunnel endpoint.
+    fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, IpcacheValue> {
+        let tunnels = self.tunnel_cidrs();
+        let tunnel_of = |ip: Ipv4Addr| tunnels.iter().find(|(c, _)| c.contains(&ip)).map(|(_, n)| ip_to_be(*n)).unwrap_or(0);
+        let at = |ip: Ipv4Addr, sec_identity: u32| (Ipv4Net::new(ip, 32).expect("/32"), IpcacheValue { sec_identity, tunnel_endpoint: tunnel_of(ip), ..Default::default() });
         let mut m = BTreeMap::new();
+        for (cidr, node) in &tunnels {
+            m.insert(*cidr, IpcacheValue { sec_identity: ReservedIdentity::World.code(), tunnel_endpoint: ip_to_be(*node), ..Default::default() });
+        }
         for (net, id) in &self.cidr_identities {
-            m.insert(*net, *id);
+            m.entry(*net).or_insert_with(|| IpcacheValue { tunnel_endpoint: tunnel_of(net.network()), ..Default::default() }).sec_identity = *id;
         }
         let remote_node = ReservedIdentity::RemoteNode.code();
-        for n in self.other_nodes() {
-            m.insert(Ipv4Net::new(n.ip, 32).expect("/32"), remote_node);
-        }
-        for (ip, (_, id)) in &self.remote_endpoints {
-            m.insert(Ipv4Net::new(*ip, 32).expect("/32"), *id);
-        }
+        m.extend(self.other_nodes().map(|n| at(n.ip, remote_node)));
+        m.extend(self.remote_endpoints.iter().map(|(ip, (_, id))| at(*ip, *id)));
         for e in self.endpoints.values() {
-            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), e.rec.identity);
+            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), IpcacheValue { sec_identity: e.rec.identity, ..Default::default() });
         }
-        let host = ReservedIdentity::Host.code();
+        let host = IpcacheValue { sec_identity: ReservedIdentity::Host.code(), ..Default::default() };
         m.insert(Ipv4Net::new(self.ipam.router(), 32).expect("/32"), host);
         for ip in &self.node_ips {
             m.insert(Ipv4Net::new(*ip, 32).expect("/32"), host);
@@ -603,7 +627,7 @@ impl<D: Datapath> Daemon<D> {
         // policy is in place before the first packet can flow
         self.dp.attach(&rec.host_ifname)?;
         self.dp.link_up(&rec.host_ifname)?;
-        self.dp.route_endpoint(rec.ipv4, &rec.host_ifname, self.ipam.router())?;
+        self.dp.route(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &rec.host_ifname, self.ipam.router())?;
         self.dp.bump_policy_revision()?;
         Ok(())
     }
@@ -628,7 +652,7 @@ impl<D: Datapath> Daemon<D> {
         }
         // a later endpoint with this address must not inherit its connections
         note(&mut first, id, self.dp.ct_flush_ip(rec.ipv4).map(|_| ()));
-        note(&mut first, id, self.dp.unroute_endpoint(rec.ipv4));
+        note(&mut first, id, self.dp.unroute(Ipv4Net::new(rec.ipv4, 32).expect("/32")));
         self.ipam.release(rec.ipv4);
         self.warnings.remove(&format!("endpoint {id}"));
         if self.identities.release(rec.identity).unwrap_or(false) {

@@ -8,6 +8,15 @@ use cilium_datapath::{DatapathError, netlink, sys};
 
 pub const HOST_DEV: &str = "cilium_host";
 pub const NET_DEV: &str = "cilium_net";
+/// Tunnel mode's VXLAN device (collect-metadata: one for all other nodes).
+pub const TUNNEL_DEV: &str = "cilium_vxlan";
+
+/// The tunnel device to make, in tunnel mode: UDP port and MTU.
+#[derive(Debug, Clone, Copy)]
+pub struct Tunnel {
+    pub port: u16,
+    pub mtu: u32,
+}
 
 /// The node's addresses and the devices that carry them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +28,10 @@ pub struct NodeNet {
     pub devices: Vec<String>,
 }
 
-/// Creates and configures the host devices; returns the node's addresses
-/// and devices.
-pub fn setup(router: Ipv4Addr) -> Result<NodeNet, DatapathError> {
+/// Creates and configures the host devices (and the tunnel device in
+/// tunnel mode; a leftover one is removed in native routing); returns the
+/// node's addresses and devices.
+pub fn setup(router: Ipv4Addr, tunnel: Option<Tunnel>) -> Result<NodeNet, DatapathError> {
     sys::sysctl("net.ipv4.ip_forward", "1")?;
     sys::sysctl("net.ipv4.conf.all.rp_filter", "0")?;
     sys::sysctl("net.ipv4.conf.default.rp_filter", "0")?;
@@ -46,6 +56,14 @@ pub fn setup(router: Ipv4Addr) -> Result<NodeNet, DatapathError> {
             .filter(|n| !n.starts_with("cilium_") && !n.starts_with("lxc") && n != "lo")
             .collect();
         devices.sort();
+        match tunnel {
+            Some(t) => {
+                netlink::ensure_vxlan(&h, TUNNEL_DEV, t.port, t.mtu).await?;
+            }
+            None => {
+                netlink::delete_link(&h, TUNNEL_DEV).await?;
+            }
+        }
         // the L7 proxy's policy route (packets the datapath assigned to a proxy socket)
         netlink::proxy_routing(&h).await?;
         Ok(NodeNet { ips: addrs.into_iter().map(|(_, ip, _)| ip).collect(), devices })

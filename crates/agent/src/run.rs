@@ -35,7 +35,8 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
     let saved = store.load().context("reading saved state")?;
     let saved_services = store.load_services().context("reading saved services")?;
     let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
-    let node = crate::node::setup(router).context("setting up host devices")?;
+    let tunnel = (s.routing_mode == cilium_api::RoutingMode::Tunnel).then_some(crate::node::Tunnel { port: s.tunnel_port, mtu: s.mtu - cilium_api::RoutingMode::VXLAN_OVERHEAD });
+    let node = crate::node::setup(router, tunnel).context("setting up host devices")?;
     let devices = if s.devices.is_empty() { node.devices.clone() } else { s.devices.clone() };
     let mut dp = Loaded::load(LoadOptions {
         pin_dir: Some(s.bpf_root.clone()),
@@ -53,7 +54,11 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
     for dev in &devices {
         dp.attach_netdev(dev).with_context(|| format!("attaching the service load balancer to device {dev} (see --devices)"))?;
     }
+    if tunnel.is_some() {
+        dp.attach_overlay(crate::node::TUNNEL_DEV).context("attaching the tunnel programs")?;
+    }
     let cfg = DaemonConfig {
+        routing_mode: s.routing_mode,
         node_name: s.node_name.clone(),
         pod_cidr: s.pod_cidr,
         mtu: s.mtu,

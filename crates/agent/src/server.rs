@@ -174,6 +174,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
             hubble,
             cluster_health,
             kvstore,
+            routing_mode: cfg.routing_mode,
         })
     })
     .await
@@ -183,7 +184,7 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
 async fn ipam_allocate(State(s): State<Shared>, Json(req): Json<IpamRequest>) -> Result<Json<IpamResponse>, ApiError> {
     with(&s, move |d| {
         let ip = d.ipam_allocate(&req.owner)?;
-        Ok(IpamResponse { ip, gateway: d.router_ip(), cidr: d.config().pod_cidr.to_string(), mtu: d.config().mtu })
+        Ok(IpamResponse { ip, gateway: d.router_ip(), cidr: d.config().pod_cidr.to_string(), mtu: d.config().pod_mtu() })
     })
     .await
     .map(Json)

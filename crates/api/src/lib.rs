@@ -96,6 +96,41 @@ pub struct Status {
     /// etcd's address when the kvstore is on.
     #[serde(default)]
     pub kvstore: Option<String>,
+    #[serde(default)]
+    pub routing_mode: RoutingMode,
+}
+
+/// How pods reach other nodes' pods (upstream's `routingMode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingMode {
+    /// Through the underlay, which routes pod CIDRs; the receiving node
+    /// finds the source's identity in its ipcache.
+    #[default]
+    Native,
+    /// VXLAN between nodes with the source identity in the VNI.
+    Tunnel,
+}
+
+impl RoutingMode {
+    /// Bytes the outer headers take (IPv4, UDP, VXLAN, inner Ethernet):
+    /// pods' MTU is the device's minus this in tunnel mode.
+    pub const VXLAN_OVERHEAD: u32 = 50;
+
+    pub fn parse(s: &str) -> Option<RoutingMode> {
+        match s {
+            "native" => Some(RoutingMode::Native),
+            "tunnel" => Some(RoutingMode::Tunnel),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Native => "native",
+            RoutingMode::Tunnel => "tunnel",
+        }
+    }
 }
 
 /// `Cluster health: reachable/total`: nodes (this one included) whose

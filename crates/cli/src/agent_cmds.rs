@@ -309,7 +309,10 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
         None => println!("Hubble:                  Disabled"),
     }
     println!("IPAM:                    IPv4: {}/{} allocated from {}, router {}", s.ipam_used, s.ipam_used + s.ipam_available, s.pod_cidr, s.router_ip);
-    println!("Routing:                 Network: Native   Host: Legacy");
+    match s.routing_mode {
+        cilium_api::RoutingMode::Native => println!("Routing:                 Network: Native   Host: Legacy"),
+        cilium_api::RoutingMode::Tunnel => println!("Routing:                 Network: Tunnel [vxlan]   Host: Legacy"),
+    }
     match &s.cluster_health {
         Some(h) if h.probed_at == 0 => println!("Cluster health:          probing"),
         Some(h) => println!("Cluster health:          {}/{} reachable   ({})", h.reachable, h.total, unix_time(h.probed_at)),

@@ -47,6 +47,12 @@ pub enum LabCmd {
         /// identities through it (--kvstore=etcd).
         #[arg(long)]
         kvstore: bool,
+        /// native: the world routes each node's pod CIDR to the node.
+        /// tunnel: VXLAN between the nodes with the source identity in the
+        /// VNI; pod CIDRs are not routed outside the nodes (implies
+        /// --kvstore for cluster-wide identity numbers).
+        #[arg(long, default_value = "native", value_parser = ["native", "tunnel"])]
+        routing_mode: String,
     },
     /// Create or update objects, as kubectl apply.
     Apply {
@@ -187,11 +193,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        LabCmd::Up { lab, files, agent_args, nodes, kvstore } => {
+        LabCmd::Up { lab, files, agent_args, nodes, kvstore, routing_mode } => {
+            let routing_mode = cilium_lab::RoutingMode::parse(&routing_mode).context("--routing-mode")?;
             require_root()?;
             let objects = cilium_lab::parse_files(&files)?;
             let name = lab.get();
-            let mut l = Lab::up(&name, &bin_dir()?, agent_args, cilium_lab::LabOptions { nodes, kvstore })?;
+            let mut l = Lab::up(&name, &bin_dir()?, agent_args, cilium_lab::LabOptions { nodes, kvstore, routing_mode })?;
             for n in &l.state.nodes {
                 println!("lab {name} is up: node {} ({}), agent socket {}", n.name, n.ip, n.socket.display());
             }

@@ -27,7 +27,7 @@ pub struct FakeDatapath {
     /// Interfaces that exist: name -> ifindex.
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<String>,
-    pub routes: BTreeMap<Ipv4Addr, String>,
+    pub routes: BTreeMap<Ipv4Net, String>,
     /// Addresses whose conntrack entries were flushed.
     pub ct_flushed: Vec<Ipv4Addr>,
     /// The service maps.
@@ -130,13 +130,16 @@ impl Datapath for FakeDatapath {
         self.up.insert(ifname.to_string());
         Ok(())
     }
-    fn route_endpoint(&mut self, ip: Ipv4Addr, ifname: &str, _src: Ipv4Addr) -> Result<()> {
-        self.routes.insert(ip, ifname.to_string());
+    fn route(&mut self, prefix: Ipv4Net, ifname: &str, _src: Ipv4Addr) -> Result<()> {
+        self.routes.insert(prefix, ifname.to_string());
         Ok(())
     }
-    fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
-        self.routes.remove(&ip);
+    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()> {
+        self.routes.remove(&prefix);
         Ok(())
+    }
+    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>> {
+        Ok(self.routes.iter().filter(|(_, d)| *d == ifname).map(|(p, _)| *p).collect())
     }
     fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()> {
         for op in ops {
@@ -171,6 +174,10 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
     fn attach_netdev(&mut self, ifname: &str) -> Result<()> {
+        self.netdevs.insert(ifname.to_string());
+        Ok(())
+    }
+    fn attach_overlay(&mut self, ifname: &str) -> Result<()> {
         self.netdevs.insert(ifname.to_string());
         Ok(())
     }

@@ -104,11 +104,14 @@ pub trait Datapath: Send {
     fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>>;
     /// Sets an interface up.
     fn link_up(&mut self, ifname: &str) -> Result<()>;
-    /// Routes `ip/32` to an endpoint's host interface, preferring `src` as the
-    /// node's source address towards it.
-    fn route_endpoint(&mut self, ip: Ipv4Addr, ifname: &str, src: Ipv4Addr) -> Result<()>;
-    /// Removes the route to an endpoint (absent is fine).
-    fn unroute_endpoint(&mut self, ip: Ipv4Addr) -> Result<()>;
+    /// Routes a prefix out of an interface without a gateway (an endpoint's
+    /// /32 to its host interface, another node's pod CIDR into the tunnel),
+    /// preferring `src` as the node's source address towards it.
+    fn route(&mut self, prefix: Ipv4Net, ifname: &str, src: Ipv4Addr) -> Result<()>;
+    /// Removes the route to a prefix (absent is fine).
+    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()>;
+    /// The prefixes routed out of an interface (none when it is missing).
+    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>>;
 
     /// Applies service-map writes in order (runs of one kind may go to the
     /// kernel as one batch). On error, a prefix of them has been applied.
@@ -118,6 +121,8 @@ pub trait Datapath: Send {
     /// Attaches the per-packet service load balancer to a node device
     /// (idempotent, atomic replacement like [`Datapath::attach`]).
     fn attach_netdev(&mut self, ifname: &str) -> Result<()>;
+    /// Attaches the tunnel programs to the node's VXLAN device.
+    fn attach_overlay(&mut self, ifname: &str) -> Result<()>;
     /// Attaches the socket-level load balancer to a cgroup (idempotent;
     /// replaces the programs atomically when attached already).
     fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()>;

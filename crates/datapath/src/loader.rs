@@ -24,10 +24,13 @@ pub enum Program {
     ToContainer,
     FromNetdev,
     ToNetdev,
+    FromOverlay,
+    ToOverlay,
 }
 
 impl Program {
-    const ALL: [Program; 4] = [Program::FromContainer, Program::ToContainer, Program::FromNetdev, Program::ToNetdev];
+    const ALL: [Program; 6] =
+        [Program::FromContainer, Program::ToContainer, Program::FromNetdev, Program::ToNetdev, Program::FromOverlay, Program::ToOverlay];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,13 +38,15 @@ impl Program {
             Program::ToContainer => "cil_to_container",
             Program::FromNetdev => "cil_from_netdev",
             Program::ToNetdev => "cil_to_netdev",
+            Program::FromOverlay => "cil_from_overlay",
+            Program::ToOverlay => "cil_to_overlay",
         }
     }
 
     fn attach_type(self) -> TcAttachType {
         match self {
-            Program::FromContainer | Program::FromNetdev => TcAttachType::Ingress,
-            Program::ToContainer | Program::ToNetdev => TcAttachType::Egress,
+            Program::FromContainer | Program::FromNetdev | Program::FromOverlay => TcAttachType::Ingress,
+            Program::ToContainer | Program::ToNetdev | Program::ToOverlay => TcAttachType::Egress,
         }
     }
 }
@@ -626,6 +631,12 @@ impl Datapath for Loaded {
         Ok(())
     }
 
+    fn attach_overlay(&mut self, ifname: &str) -> Result<()> {
+        self.attach_pair(ifname, [Program::FromOverlay, Program::ToOverlay])?;
+        info!(ifname, "tunnel programs attached");
+        Ok(())
+    }
+
     fn link(&self, ifname: &str) -> Result<Option<(u32, [u8; 6])>> {
         let name = ifname.to_string();
         Ok(crate::netlink::run(|h| async move { crate::netlink::link(&h, &name).await })?.map(|l| (l.index, l.mac)))
@@ -641,18 +652,28 @@ impl Datapath for Loaded {
         })
     }
 
-    fn route_endpoint(&mut self, ip: std::net::Ipv4Addr, ifname: &str, src: std::net::Ipv4Addr) -> Result<()> {
+    fn route(&mut self, prefix: Ipv4Net, ifname: &str, src: std::net::Ipv4Addr) -> Result<()> {
         let name = ifname.to_string();
         crate::netlink::run(|h| async move {
             let l = crate::netlink::link(&h, &name)
                 .await?
                 .ok_or_else(|| DatapathError::Interface { ifname: name.clone(), detail: "no such interface".into() })?;
-            crate::netlink::route_replace_dev(&h, Ipv4Net::new(ip, 32).expect("/32"), l.index, Some(src)).await
+            crate::netlink::route_replace_dev(&h, prefix, l.index, Some(src)).await
         })
     }
 
-    fn unroute_endpoint(&mut self, ip: std::net::Ipv4Addr) -> Result<()> {
-        crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, Ipv4Net::new(ip, 32).expect("/32")).await })
+    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()> {
+        crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, prefix).await })
+    }
+
+    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>> {
+        let name = ifname.to_string();
+        crate::netlink::run(|h| async move {
+            match crate::netlink::link(&h, &name).await? {
+                Some(l) => crate::netlink::routes_via(&h, l.index).await,
+                None => Ok(Vec::new()),
+            }
+        })
     }
 
     fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()> {

@@ -11,9 +11,9 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags};
-use rtnetlink::packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::{DatapathError, Result};
 
@@ -145,6 +145,35 @@ pub async fn create_veth(h: &Handle, a: &str, b: &str) -> Result<()> {
     }
 }
 
+/// Creates (when missing) a VXLAN device in collect-metadata mode: the
+/// outer destination and the VNI of each packet come from the tc program
+/// that sends it (bpf_skb_set_tunnel_key), received packets keep theirs as
+/// metadata. No ARP (the inner destination MAC is never looked at: the
+/// receiving program delivers by address), no learning.
+pub async fn ensure_vxlan(h: &Handle, name: &str, port: u16, mtu: u32) -> Result<u32> {
+    if link(h, name).await?.is_none() {
+        let msg = LinkMessageBuilder::<LinkVxlan>::new(name)
+            .append_info_data(InfoVxlan::CollectMetadata(true))
+            .port(port)
+            .learning(false)
+            .mtu(mtu)
+            .arp(false)
+            .build();
+        match h.link().add(msg).execute().await {
+            Ok(()) => {}
+            Err(e) if is_eexist(&e) => {}
+            Err(e) => return Err(nl("creating the VXLAN device")(e)),
+        }
+    }
+    let l = link(h, name).await?.ok_or_else(|| DatapathError::Interface { ifname: name.into(), detail: "missing after creation".into() })?;
+    h.link()
+        .set(LinkUnspec::new_with_index(l.index).mtu(mtu).up().build())
+        .execute()
+        .await
+        .map_err(nl("configuring the VXLAN device"))?;
+    Ok(l.index)
+}
+
 /// Sets a link up.
 pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
     h.link()
@@ -207,6 +236,25 @@ pub async fn route_delete(h: &Handle, dst: Ipv4Net) -> Result<()> {
         Err(e) if is_enoent(&e) => Ok(()),
         Err(e) => Err(nl("deleting route")(e)),
     }
+}
+
+/// The main table's IPv4 routes out of a link.
+pub async fn routes_via(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>> {
+    let mut s = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut out = Vec::new();
+    while let Some(msg) = s.try_next().await.map_err(nl("listing routes"))? {
+        if msg.header.table != 254 || !msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index)) {
+            continue;
+        }
+        let dst = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        });
+        if let Ok(net) = Ipv4Net::new(dst.unwrap_or(Ipv4Addr::UNSPECIFIED), msg.header.destination_prefix_length) {
+            out.push(net);
+        }
+    }
+    Ok(out)
 }
 
 /// Routing table of the proxy route (upstream's 2005).

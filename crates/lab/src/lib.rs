@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use cilium_api::{Client, NamespaceMeta, PodMeta, PolicyChange, PolicyDelete, PolicyImport};
+pub use cilium_api::RoutingMode;
 use cilium_k8s::{Object, PodSpec};
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +110,8 @@ pub struct LabState {
     pub kvstore: bool,
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    #[serde(default)]
+    pub routing_mode: RoutingMode,
 }
 
 /// How `Lab::up` builds the lab.
@@ -116,13 +119,18 @@ pub struct LabState {
 pub struct LabOptions {
     /// 1 to 9.
     pub nodes: usize,
-    /// Run etcd and give the agents `--kvstore=etcd`.
+    /// Run etcd and give the agents `--kvstore=etcd` (tunnel mode implies
+    /// it: the VNI carries cluster-wide identity numbers).
     pub kvstore: bool,
+    /// Native: the world routes every node's pod CIDR to it. Tunnel: the
+    /// world knows only node addresses; pods reach other nodes' pods
+    /// through VXLAN between the nodes.
+    pub routing_mode: RoutingMode,
 }
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { nodes: 1, kvstore: false }
+        LabOptions { nodes: 1, kvstore: false, routing_mode: RoutingMode::Native }
     }
 }
 
@@ -222,8 +230,9 @@ impl Lab {
         if !(1..=9).contains(&nodes) {
             bail!("--nodes {nodes}: a lab has 1 to 9 nodes");
         }
-        if opts.kvstore && which("etcd").is_none() {
-            bail!("--kvstore needs etcd (apt-get install etcd-server)");
+        let kvstore = opts.kvstore || opts.routing_mode == RoutingMode::Tunnel;
+        if kvstore && which("etcd").is_none() {
+            bail!("--kvstore (and --routing-mode tunnel, which shares identities through etcd) needs etcd (apt-get install etcd-server)");
         }
         let dir = lab_dir(name);
         let lock = lock(&dir)?;
@@ -267,8 +276,9 @@ impl Lab {
             policies: BTreeSet::new(),
             relay_pid: None,
             relay_address: None,
-            kvstore: opts.kvstore,
+            kvstore,
             etcd_pid: None,
+            routing_mode: opts.routing_mode,
         };
         let mut lab = Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock };
         // Record what we are about to make before making it, so `down`
@@ -312,7 +322,9 @@ impl Lab {
             sys::ip(&["-n", &n.netns, "route", "add", &WORLD_IP.to_string(), "dev", "eth0"])?;
             sys::ip(&["-n", &n.netns, "route", "add", "default", "via", &WORLD_IP.to_string()])?;
             sys::ip(&["-n", &n.netns, "route", "add", "blackhole", SERVICE_CIDR])?;
-            sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
+            if self.state.routing_mode == RoutingMode::Native {
+                sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
+            }
             if i == 0 {
                 sys::ip(&["-n", &world, "route", "add", LB_POOL, "via", &n.ip.to_string()])?;
             }
@@ -450,6 +462,7 @@ impl Lab {
             "--hubble-metrics=flow,drop,tcp,icmp,port-distribution,policy,dns,http".to_string(),
             "--prometheus-serve-addr=:9962".to_string(),
             "--health-probe-interval=2".to_string(),
+            format!("--routing-mode={}", self.state.routing_mode.as_str()),
         ];
         if self.state.kvstore {
             args.extend(["--kvstore=etcd".to_string(), format!("--kvstore-opt=etcd.address={ETCD_ADDRESS}")]);
@@ -642,7 +655,37 @@ impl Lab {
         }
         self.save()?;
         self.sync_services()?;
+        if self.state.kvstore {
+            self.wait_for_cluster_view(Duration::from_secs(20))?;
+        }
         Ok(out)
+    }
+
+    /// kvstore mode: waits until every agent has read every node and every
+    /// pod of the lab from etcd (they poll it), so what `apply` returns
+    /// from is in force cluster-wide, as with the lab's direct feed.
+    fn wait_for_cluster_view(&self, timeout: Duration) -> anyhow::Result<()> {
+        let mut want: BTreeMap<String, usize> = self.state.nodes.iter().map(|n| (n.name.clone(), 0)).collect();
+        for p in self.state.pods.values().filter(|p| p.ip.is_some()) {
+            *want.entry(p.node.clone()).or_default() += 1;
+        }
+        let clients = self.clients();
+        let mut lagging = String::new();
+        let ok = wait_for(
+            || {
+                for (c, n) in clients.iter().zip(&self.state.nodes) {
+                    let seen: Vec<cilium_api::NodeView> = block_on(c.get("/v1/cluster/nodes")).unwrap_or_default();
+                    let seen: BTreeMap<String, usize> = seen.into_iter().map(|v| (v.name, v.pods)).collect();
+                    if seen != want {
+                        lagging = format!("{} sees nodes and pods {seen:?}, the lab has {want:?}", n.name);
+                        return false;
+                    }
+                }
+                true
+            },
+            timeout,
+        );
+        ok.map_err(|_| anyhow!("the agents did not learn the cluster from etcd within {timeout:?}: {lagging}"))
     }
 
     /// What the API server does to a new or updated Service: keeps or

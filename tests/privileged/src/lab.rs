@@ -49,30 +49,24 @@ impl TestLab {
     }
 
     pub fn up_with(manifests: &[&str], agent_args: &[&str]) -> TestLab {
-        Self::create(manifests, agent_args, 1, false)
+        Self::create(manifests, agent_args, &[])
     }
 
     /// A lab of `nodes` nodes.
     pub fn up_nodes(manifests: &[&str], nodes: usize) -> TestLab {
-        Self::create(manifests, &[], nodes, false)
+        Self::create(manifests, &[], &["--nodes", &nodes.to_string()])
     }
 
-    /// A lab of `nodes` nodes, with etcd as the kvstore when `kvstore`.
-    pub fn up_cluster(manifests: &[&str], nodes: usize, kvstore: bool) -> TestLab {
-        Self::create(manifests, &[], nodes, kvstore)
-    }
-
-    pub fn create(manifests: &[&str], agent_args: &[&str], nodes: usize, kvstore: bool) -> TestLab {
+    /// `cilium lab up` with the manifests, agent flags and flags of its own
+    /// (`--nodes`, `--kvstore`, `--routing-mode`).
+    pub fn create(manifests: &[&str], agent_args: &[&str], lab_args: &[&str]) -> TestLab {
         crate::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}x{n}", std::process::id() % 100_000);
         let dir = tempfile::tempdir().expect("tempdir");
         let lab = TestLab { name, dir };
         let mut cmd = cilium();
-        cmd.args(["lab", "up", "--name", &lab.name, "--nodes", &nodes.to_string()]);
-        if kvstore {
-            cmd.arg("--kvstore");
-        }
+        cmd.args(["lab", "up", "--name", &lab.name]).args(lab_args);
         for (i, m) in manifests.iter().enumerate() {
             cmd.arg("-f").arg(lab.write(&format!("m{i}.yaml"), m));
         }
@@ -201,6 +195,17 @@ impl TestLab {
         })
         .join()
         .expect("connect thread")
+    }
+
+    /// A UDP socket bound inside a namespace (usable from any thread).
+    pub fn udp_in(&self, target: &str, bind: SocketAddr) -> std::net::UdpSocket {
+        let ns = self.netns(target);
+        std::thread::spawn(move || {
+            cilium_datapath::sys::enter_netns(&ns).expect("enter netns");
+            std::net::UdpSocket::bind(bind).expect("bind udp")
+        })
+        .join()
+        .expect("udp thread")
     }
 }
 

@@ -150,7 +150,7 @@ fn node_names(lab: &TestLab) -> Vec<String> {
 /// labels get numbers that agree; a dead node's entries expire.
 #[test]
 fn agents_share_cluster_state_through_etcd() {
-    let lab = TestLab::up_cluster(&[PODS], 3, true);
+    let lab = TestLab::create(&[PODS], &[], &["--nodes", "3", "--kvstore"]);
     let ids = eventually(|| {
         let ids = all_identities(&lab);
         (agree(&ids, "web") && agree(&ids, "client"), ids)
@@ -168,8 +168,12 @@ fn agents_share_cluster_state_through_etcd() {
     let web3 = format!("default/{}", on("node3")["name"].as_str().unwrap());
     let web1 = format!("default/{}", on("node1")["name"].as_str().unwrap());
     assert!(lab.probe("default/client", &web3, 80, "tcp"));
+    let web3_addr: std::net::SocketAddr = (on("node3")["ip"].as_str().unwrap().parse::<std::net::Ipv4Addr>().unwrap(), 80).into();
+    let mut held = lab.connect_from("default/client", web3_addr).expect("connect to web on node3");
+    cilium_privileged_tests::lab::http_roundtrip(&mut held).expect("a request before etcd stops");
     lab.lab(&["etcd", "stop"]);
     assert!(lab.probe("default/client", &web3, 80, "tcp"), "enforcing goes on without etcd");
+    cilium_privileged_tests::lab::http_roundtrip(&mut held).expect("the connection lives on without etcd");
     lab.lab(&["etcd", "start"]);
     lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: late, labels: {app: late}}\nspec: {nodeName: node3, containers: [{name: l}]}\n");
     let ids = eventually(|| {
@@ -177,6 +181,7 @@ fn agents_share_cluster_state_through_etcd() {
         (agree(&ids, "late"), ids)
     });
     assert!(agree(&ids, "late"), "{ids:?}");
+    cilium_privileged_tests::lab::http_roundtrip(&mut held).expect("and after etcd is back");
     // node3 dies: its lease expires, the others drop its node and pods
     let web3_ip = on("node3")["ip"].as_str().unwrap().to_string();
     lab.lab(&["agent", "kill", "--node", "node3"]);

@@ -199,7 +199,7 @@ fn recording_server(lab: &TestLab, target: &str, addr: std::net::SocketAddr) -> 
 /// and NodePort replies keep their addresses.
 #[test]
 fn pods_reach_the_world_from_their_node_address() {
-    let lab = TestLab::create(&[PODS], &["--enable-ipv4-masquerade"], 2, false);
+    let lab = TestLab::create(&[PODS], &["--enable-ipv4-masquerade"], &["--nodes", "2"]);
     let pods = lab.pods();
     let ip = |app: &str| pods.iter().find(|p| p["labels"]["app"] == app).unwrap()["ip"].as_str().unwrap().parse::<std::net::Ipv4Addr>().unwrap();
     let world = recording_server(&lab, "world", "172.30.0.1:7777".parse().unwrap());
@@ -214,4 +214,93 @@ fn pods_reach_the_world_from_their_node_address() {
     assert!(lab.probe("world", "default/client", 80, "tcp"), "replies to the world keep the pod's address");
     // a NodePort with a local backend still answers from its frontend
     assert_eq!(lab.probe_pod("world", "172.30.0.12", 30080, "tcp").as_deref(), Some("default/server"));
+}
+
+/// The node's bpffs directory of the lab (its pinned maps).
+fn bpf_root(lab: &TestLab, node: &str) -> String {
+    let state: Value = serde_json::from_slice(&std::fs::read(format!("/var/run/cilium-lab/{}/lab.json", lab.name)).unwrap()).unwrap();
+    state["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["bpf_root"].as_str().unwrap().to_string()
+}
+
+/// `ip -s link show DEV` in a namespace, as JSON.
+fn link_in(lab: &TestLab, target: &str, dev: &str) -> Value {
+    let out = lab.lab(&["exec", target, "--", "ip", "-j", "-s", "link", "show", "dev", dev]);
+    serde_json::from_str::<Value>(&out).expect("ip -j")[0].clone()
+}
+
+/// Tunnel mode on three nodes: the world routes no pod CIDR, so pods of
+/// different nodes reach each other only through VXLAN between the nodes;
+/// the receiving node enforces with the identity the VNI carries (tested by
+/// removing the client from its ipcache: it stays allowed, another pod
+/// stays denied); a node's own traffic arrives as remote-node; Services
+/// with backends on other nodes and NodePorts work; pods get the tunnel's
+/// MTU and a datagram filling it crosses unfragmented.
+#[test]
+fn tunnel_mode_carries_the_identity_between_three_nodes() {
+    let lab = TestLab::create(&[PODS], &[], &["--nodes", "3", "--routing-mode", "tunnel"]);
+    assert!(lab.cilium_on("node1", &["status"]).contains("Routing:                 Network: Tunnel [vxlan]"));
+    let server_ip = lab.pod_ip("server");
+    let probe = lab.probe_json("world", "default/server", 80, "tcp");
+    assert_eq!(probe["reachable"], false, "pod CIDRs are not routed outside the nodes: {probe}");
+
+    let tx = || link_in(&lab, "node1", "cilium_vxlan")["stats64"]["tx"]["packets"].as_u64().unwrap();
+    let before = tx();
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"), "client (node1) -> server (node2)");
+    assert!(tx() > before, "through node1's tunnel device");
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..24 {
+        answered.extend(lab.probe_pod("default/client", "10.96.0.10", 80, "tcp"));
+        if answered.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(answered.len(), 2, "both backends (on other nodes or this one) answer through the ClusterIP: {answered:?}");
+    for node_ip in ["172.30.0.11", "172.30.0.13"] {
+        assert_eq!(lab.probe_pod("world", node_ip, 30080, "tcp").as_deref(), Some("default/server"), "NodePort on {node_ip}, backend on node2");
+    }
+
+    // identity from the VNI, not from node2's ipcache (once node2 has
+    // learnt the client's identity from etcd, to judge it by)
+    let client = format!("\"{}/32\"", lab.pod_ip("client"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab.cilium_on("node2", &["bpf", "ipcache", "list", "-o", "json"]).contains(&client) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.apply(SERVER_POLICY);
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"));
+    assert!(!lab.probe("default/other", "default/server", 80, "tcp"));
+    let client_ip = lab.pod_ip("client").octets();
+    let key: Vec<String> = [32u8, 0, 0, 0].iter().chain(client_ip.iter()).map(|b| format!("{b:02x}")).collect();
+    let map = format!("{}/cilium_ipcache", bpf_root(&lab, "node2"));
+    let out = std::process::Command::new("bpftool").args(["map", "delete", "pinned", &map, "key", "hex"]).args(&key).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "lookup", "pinned", &map, "key", "hex"]).args(&key).output().expect("bpftool");
+    let found: Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    assert_eq!(found["formatted"]["value"]["sec_identity"], 2, "node2's ipcache now says world for the client: {found}");
+    assert!(lab.probe("default/client", "default/server", 80, "tcp"), "still allowed: node2 enforced the VNI's identity");
+    assert!(!lab.probe("default/other", "default/server", 80, "tcp"), "and still denies another pod of node1");
+
+    // a node's own traffic is remote-node on the receiving node
+    lab.apply(CLIENT_POLICY);
+    assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2's host -> client: remote-node");
+    assert!(!lab.probe("default/server", "default/client", 80, "tcp"), "node2's pod is not remote-node");
+
+    // MTU: the pods' is the tunnel's, and a full-sized datagram crosses
+    assert_eq!(link_in(&lab, "default/client", "eth0")["mtu"], 1450);
+    assert_eq!(link_in(&lab, "node1", "eth0")["mtu"], 1500);
+    let web2 = lab.pods().into_iter().find(|p| p["labels"]["app"] == "web" && p["node"] != "node1").unwrap();
+    let web2_ip: std::net::Ipv4Addr = web2["ip"].as_str().unwrap().parse().unwrap();
+    let rx = lab.udp_in(&format!("default/{}", web2["name"].as_str().unwrap()), (web2_ip, 9999).into());
+    rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let tx = lab.udp_in("default/other", "0.0.0.0:0".parse().unwrap());
+    let dont_fragment: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: a valid socket and an int option of the right size
+    let rc = unsafe { libc::setsockopt(std::os::fd::AsRawFd::as_raw_fd(&tx), libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, (&raw const dont_fragment).cast(), 4) };
+    assert_eq!(rc, 0);
+    let payload = vec![7u8; 1450 - 28];
+    tx.send_to(&payload, (web2_ip, 9999)).expect("a datagram of the pod's MTU is sent whole");
+    let mut buf = [0u8; 2048];
+    let (n, _) = rx.recv_from(&mut buf).expect("the full-sized datagram arrives on the other node");
+    assert_eq!(n, payload.len());
+    assert!(lab.probe("default/client", &server_ip.to_string(), 80, "tcp"));
 }

@@ -7,14 +7,18 @@
 //! Identities are allocated by each agent for the labels it sees, so the
 //! same labels get the same meaning on every node but not necessarily the
 //! same number: with native routing the receiving node looks the source up
-//! in its own ipcache, so numbers never cross the wire. (Agreeing numbers
-//! cluster-wide, for tunnel mode's identity in the VNI, is the kvstore's
-//! job.)
+//! in its own ipcache, so numbers never cross the wire. Tunnel mode puts
+//! the number in the VNI, so it needs the kvstore's cluster-wide numbers
+//! as soon as there are other nodes.
+//!
+//! Tunnel mode: every other node's pod CIDR is routed into the VXLAN
+//! device, and the ipcache names the node behind each address there (its
+//! tunnel endpoint), which the device's tc egress program reads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use cilium_api::{NodeMeta, NodeView};
+use cilium_api::{NodeMeta, NodeView, RoutingMode};
 use cilium_datapath::Datapath;
 use cilium_labels::LabelSet;
 use ipnet::Ipv4Net;
@@ -119,9 +123,44 @@ impl<D: Datapath> Daemon<D> {
                 return Err(invalid(&format!("nodes[{i}].name"), &n.name, "listed twice"));
             }
         }
+        if self.cfg.routing_mode == RoutingMode::Tunnel && self.kv.is_none() && !out.is_empty() {
+            return Err(invalid(
+                "routing-mode",
+                "tunnel",
+                "other nodes need cluster-wide identity numbers (the VNI carries them): run the agents with --kvstore=etcd, or use --routing-mode=native",
+            ));
+        }
         self.nodes = out;
         self.sync_ipcache()?;
         self.save()
+    }
+
+    /// Tunnel mode: each other node's pod CIDR with the node's address
+    /// (none in native routing, or for a node whose CIDR does not parse).
+    pub(super) fn tunnel_cidrs(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        if self.cfg.routing_mode != RoutingMode::Tunnel {
+            return Vec::new();
+        }
+        self.other_nodes().filter_map(|n| Some((n.pod_cidr.parse::<Ipv4Net>().ok()?, n.ip))).filter(|(c, _)| !c.contains(&self.cfg.pod_cidr.network())).collect()
+    }
+
+    /// Routes exactly the other nodes' pod CIDRs into the tunnel, from the
+    /// node's address (a node's own traffic to another node's pod).
+    pub(super) fn sync_tunnel_routes(&mut self) -> Result<(), DaemonError> {
+        let want: BTreeSet<Ipv4Net> = self.tunnel_cidrs().into_iter().map(|(c, _)| c).collect();
+        if want == self.tunnel_routes {
+            return Ok(());
+        }
+        let src = self.node_ips.first().copied().unwrap_or_else(|| self.ipam.router());
+        for c in want.difference(&self.tunnel_routes).copied().collect::<Vec<_>>() {
+            self.dp.route(c, crate::node::TUNNEL_DEV, src)?;
+            self.tunnel_routes.insert(c);
+        }
+        for c in self.tunnel_routes.difference(&want).copied().collect::<Vec<_>>() {
+            self.dp.unroute(c)?;
+            self.tunnel_routes.remove(&c);
+        }
+        Ok(())
     }
 
     /// The other nodes: from the kvstore when it is on, else as announced.

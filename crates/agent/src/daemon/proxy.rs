@@ -118,7 +118,7 @@ impl<D: Datapath> Daemon<D> {
             rules: self.repo.rules().to_vec(),
             identities: self.identities.iter().map(|i| (i.id, i.labels.clone())).collect(),
             endpoints,
-            ipcache: self.ipcache_written.clone(),
+            ipcache: self.ipcache_written.iter().map(|(p, v)| (*p, v.sec_identity)).collect(),
             options: self.cfg.policy,
         }
     }

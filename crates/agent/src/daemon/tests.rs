@@ -10,6 +10,7 @@ fn config() -> DaemonConfig {
         node_name: "n1".into(),
         pod_cidr: "10.0.1.0/24".parse().unwrap(),
         mtu: 1500,
+        routing_mode: cilium_api::RoutingMode::Native,
         policy: PolicyOptions::default(),
         audit_mode: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
@@ -73,7 +74,7 @@ fn endpoint_creation_wires_the_datapath() {
     let dp = d.datapath();
     assert!(dp.attached.contains("lxc1"));
     assert!(dp.up.contains("lxc1"));
-    assert_eq!(dp.routes.get(&v.ipv4).map(String::as_str), Some("lxc1"));
+    assert_eq!(dp.routes.get(&ipnet::Ipv4Net::from(v.ipv4)).map(String::as_str), Some("lxc1"));
     let info = dp.endpoints[&101];
     assert_eq!(info.sec_identity, v.identity);
     assert_eq!(info.flags & (EndpointFlag::IngressEnforce as u16 | EndpointFlag::EgressEnforce as u16), 0);
@@ -173,7 +174,7 @@ fn delete_is_idempotent_and_releases() {
     let dp = d.datapath();
     assert!(dp.endpoints.is_empty());
     assert!(dp.ct_flushed.contains(&v.ipv4), "its connections are forgotten");
-    assert!(!dp.routes.contains_key(&v.ipv4));
+    assert!(!dp.routes.contains_key(&ipnet::Ipv4Net::from(v.ipv4)));
     assert!(!dp.ipcache.contains_key(&Ipv4Net::new(v.ipv4, 32).unwrap()));
 }
 
@@ -628,4 +629,66 @@ fn to_services_follows_the_service() {
     assert!(!allows(&d, web_id) && allows(&d, api_id), "follows the service's selector");
     d.k8s_service_delete("default", "svc").unwrap();
     assert!(!allows(&d, api_id), "service gone: nothing allowed");
+}
+
+/// A stand-in for etcd's numbers: one per distinct label set, in order.
+#[derive(Debug, Default)]
+struct Numbers(std::sync::Mutex<Vec<String>>);
+impl cilium_identity::ClusterNumbers for Numbers {
+    fn number(&self, labels: &cilium_labels::LabelSet) -> Result<u32, String> {
+        let key = cilium_identity::labels_key(labels);
+        let mut seen = self.0.lock().unwrap();
+        let i = seen.iter().position(|k| *k == key).unwrap_or_else(|| {
+            seen.push(key);
+            seen.len() - 1
+        });
+        Ok(1000 + i as u32)
+    }
+}
+
+fn tunnel_daemon() -> Daemon<FakeDatapath> {
+    let mut dp = FakeDatapath::default();
+    dp.links.insert("lxc1".into(), 101);
+    let cfg = DaemonConfig { routing_mode: cilium_api::RoutingMode::Tunnel, ..config() };
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.reconcile_datapath().unwrap();
+    d
+}
+
+fn node(name: &str, ip: [u8; 4], cidr: &str) -> cilium_api::NodeMeta {
+    cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into() }
+}
+
+#[test]
+fn tunnel_mode_routes_other_nodes_pod_cidrs_into_the_tunnel() {
+    let mut d = tunnel_daemon();
+    assert_eq!(d.config().pod_mtu(), 1450, "the VXLAN headers come off the pods' MTU");
+    // without cluster-wide numbers the VNI would carry this node's own
+    let e = d.nodes_set(vec![node("n2", [172, 30, 0, 12], "10.0.2.0/24")]).unwrap_err();
+    assert!(e.to_string().contains("routing-mode") && e.to_string().contains("--kvstore"), "{e}");
+    assert!(d.datapath().routes.is_empty(), "nothing applied");
+
+    d.set_kvstore(std::sync::Arc::new(Numbers::default()));
+    let labels: cilium_labels::LabelSet = [cilium_labels::Label::new("k8s", "app", "db")].into_iter().collect();
+    let view = |nodes: Vec<cilium_api::NodeMeta>| cluster::KvView {
+        nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
+        endpoints: [(Ipv4Addr::new(10, 0, 2, 7), (labels.clone(), "n2".to_string()))].into_iter().collect(),
+    };
+    d.kvstore_sync(view(vec![node("n2", [172, 30, 0, 12], "10.0.2.0/24"), node("n3", [172, 30, 0, 13], "10.0.3.0/24")])).unwrap();
+    let dp = d.datapath();
+    let routed: Vec<String> = dp.routes.iter().filter(|(_, dev)| *dev == crate::node::TUNNEL_DEV).map(|(p, _)| p.to_string()).collect();
+    assert_eq!(routed, ["10.0.2.0/24", "10.0.3.0/24"]);
+    let at = |p: &str| dp.ipcache[&p.parse::<Ipv4Net>().unwrap()];
+    let pod = at("10.0.2.7/32");
+    assert_eq!((pod.sec_identity, cilium_datapath::be_to_ip(pod.tunnel_endpoint)), (1000, Ipv4Addr::new(172, 30, 0, 12)), "a remote pod: its cluster-wide number, behind its node");
+    let unknown = at("10.0.3.0/24");
+    assert_eq!((unknown.sec_identity, cilium_datapath::be_to_ip(unknown.tunnel_endpoint)), (2, Ipv4Addr::new(172, 30, 0, 13)), "an unknown address of n3's CIDR: world, through the tunnel");
+    assert_eq!(at("172.30.0.12/32").tunnel_endpoint, 0, "node addresses are reached over the underlay");
+
+    // n3 leaves: its route goes, then its entries
+    d.kvstore_sync(view(vec![node("n2", [172, 30, 0, 12], "10.0.2.0/24")])).unwrap();
+    let dp = d.datapath();
+    assert!(!dp.routes.contains_key(&"10.0.3.0/24".parse::<Ipv4Net>().unwrap()));
+    assert!(!dp.ipcache.contains_key(&"10.0.3.0/24".parse::<Ipv4Net>().unwrap()));
+    assert!(dp.routes.contains_key(&"10.0.2.0/24".parse::<Ipv4Net>().unwrap()));
 }
