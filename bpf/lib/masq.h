@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Masquerading (upstream's BPF masquerade): TCP and UDP from a local pod to
+ * Masquerading (upstream's BPF masquerade): TCP, UDP and ICMP echo (the
+ * identifier standing for the port) from a local pod to
  * an address outside the cluster (the world, or a CIDR/FQDN identity) leave
  * the node from the node's address, at the node device's tc egress; replies
  * get the pod back at its tc ingress. Only connections the pod opened (its
@@ -31,14 +32,23 @@ static __always_inline int masq_destination(__u32 daddr)
 	return id == IDENTITY_WORLD || id >= IDENTITY_MIN_LOCAL;
 }
 
+/* What is masqueraded: TCP, UDP, and ICMP echo requests out, echo replies
+ * back in. */
+static __always_inline int masq_protocol(const struct pkt *p, int egress)
+{
+	if (p->protocol == IPPROTO_TCP || p->protocol == IPPROTO_UDP)
+		return 1;
+	return p->protocol == IPPROTO_ICMP && (egress ? p->icmp_type == ICMP_ECHO_T : p->is_echo_reply);
+}
+
 /* tc egress of a node device. Returns -1 when the packet is not to be
  * masqueraded (a pod's reply to a connection from outside, e.g. through a
  * NodePort, has a conntrack entry its ingress made: it is never). */
 static __always_inline int masq_egress(struct __sk_buff *skb, const struct pkt *p)
 {
 	__u32 addr = masq_addr();
-	if (!addr || (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP) ||
-	    !bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || !masq_destination(p->daddr))
+	if (!addr || !masq_protocol(p, 1) || !bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) ||
+	    !masq_destination(p->daddr))
 		return -1;
 	struct ct_key ck;
 	ct_key_of(&ck, p, 1);
@@ -86,7 +96,7 @@ static __always_inline int masq_egress(struct __sk_buff *skb, const struct pkt *
  * its pod (p is updated to the restored destination). */
 static __always_inline int masq_ingress(struct __sk_buff *skb, struct pkt *p)
 {
-	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP)
+	if (!masq_protocol(p, 0))
 		return TC_ACT_OK;
 	struct lb4_nat_key rk = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
 				  .dport = p->dport, .proto = p->protocol, .dir = LB_NAT_MASQ_REV };

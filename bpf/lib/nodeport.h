@@ -72,12 +72,26 @@ static __always_inline __u32 l4_offset(struct __sk_buff *skb)
 
 /*
  * Rewrites the source (is_src) or destination address and port of a TCP or
- * UDP packet, with its checksums. A UDP checksum of 0 (none) stays 0.
+ * UDP packet, with its checksums. A UDP checksum of 0 (none) stays 0. For
+ * an ICMP echo request or reply the "port" is the echo identifier (the
+ * same field either way) and the ICMP checksum has no pseudo-header.
  */
 static __always_inline int rewrite_l3l4(struct __sk_buff *skb, __u8 proto, int is_src, __u32 old_addr,
 					__u32 new_addr, __u16 old_port, __u16 new_port)
 {
 	__u32 l4off = l4_offset(skb);
+	if (proto == IPPROTO_ICMP) {
+		__u32 off = ETH_HLEN + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+		if (old_addr != new_addr &&
+		    (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_addr, new_addr, 4) < 0 ||
+		     bpf_skb_store_bytes(skb, off, &new_addr, 4, 0) < 0))
+			return -DROP_WRITE_ERROR;
+		if (old_port != new_port &&
+		    (bpf_l4_csum_replace(skb, l4off + 2, old_port, new_port, 2) < 0 ||
+		     bpf_skb_store_bytes(skb, l4off + 4, &new_port, 2, 0) < 0))
+			return -DROP_WRITE_ERROR;
+		return 0;
+	}
 	__u32 csum_off = l4off + (proto == IPPROTO_TCP ? 16 : 6);
 	__u64 mangled = proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 	__u32 addr_off = ETH_HLEN + (is_src ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));

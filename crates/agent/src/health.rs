@@ -25,11 +25,27 @@ const TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Default)]
 pub struct Health {
     last: Mutex<Vec<NodeHealth>>,
+    /// A round was asked for (`cilium-health status --probe`).
+    requested: std::sync::atomic::AtomicBool,
+    /// Rounds completed.
+    rounds: AtomicU64,
 }
 
 impl Health {
     pub fn nodes(&self) -> Vec<NodeHealth> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the prober for a round now and waits for it (at most
+    /// `timeout`); returns its results.
+    pub async fn probe_now(&self, timeout: Duration) -> Vec<NodeHealth> {
+        let before = self.rounds.load(Ordering::Acquire);
+        self.requested.store(true, Ordering::Release);
+        let until = Instant::now() + timeout;
+        while self.rounds.load(Ordering::Acquire) == before && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.nodes()
     }
 
     pub fn summary(&self) -> ClusterHealth {
@@ -60,14 +76,16 @@ pub async fn probe_loop(daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<AtomicU
     let mut seen = u64::MAX;
     loop {
         let now = changes.load(Ordering::Relaxed);
-        if now != seen || Instant::now() >= next {
+        let asked = health.requested.swap(false, Ordering::AcqRel);
+        if now != seen || asked || Instant::now() >= next {
             seen = now;
             // the daemon may be busy (a kvstore call): wait off the workers
             let d = daemon.clone();
             let Ok(nodes) = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).nodes().into_iter().map(|n| (n.name, n.ip, n.local)).collect::<Vec<_>>()).await else { continue };
-            if Instant::now() >= next || nodes != known {
+            if asked || Instant::now() >= next || nodes != known {
                 let results = futures::future::join_all(nodes.iter().map(|(name, ip, local)| probe_node(name.clone(), *ip, *local))).await;
                 *health.last.lock().unwrap_or_else(|p| p.into_inner()) = results;
+                health.rounds.fetch_add(1, Ordering::AcqRel);
                 known = nodes;
                 next = Instant::now() + interval;
             }

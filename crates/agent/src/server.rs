@@ -108,6 +108,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/k8s/namespace", put(namespace_upsert))
         .route("/v1/cluster/nodes", get(node_list).put(nodes_set))
         .route("/v1/cluster/health", get(cluster_health))
+        .route("/v1/cluster/health/probe", post(cluster_health_probe))
         .route("/v1/k8s/service", put(k8s_service_upsert))
         .route("/v1/k8s/services", put(k8s_services_sync))
         .route("/v1/k8s/service/{ns}/{name}", delete(k8s_service_delete))
@@ -275,6 +276,14 @@ async fn bpf_lb(State(s): State<Shared>, maglev: bool) -> Result<Json<LbMapView>
 
 async fn cluster_health(State(s): State<Shared>) -> Json<Vec<cilium_api::NodeHealth>> {
     Json(s.health.as_ref().map(|h| h.nodes()).unwrap_or_default())
+}
+
+/// Probes every node now and returns the results (`cilium-health status --probe`).
+async fn cluster_health_probe(State(s): State<Shared>) -> Result<Json<Vec<cilium_api::NodeHealth>>, ApiError> {
+    match &s.health {
+        Some(h) => Ok(Json(h.probe_now(std::time::Duration::from_secs(5)).await)),
+        None => Err(ApiError::from(DaemonError::NotFound { what: "health checking (the agent runs with --enable-health-checking=false)".into() })),
+    }
 }
 
 async fn node_list(State(s): State<Shared>) -> Result<Json<Vec<cilium_api::NodeView>>, ApiError> {

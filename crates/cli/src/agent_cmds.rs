@@ -276,6 +276,17 @@ fn table(rows: Vec<Vec<String>>) {
     }
 }
 
+/// Each node's probe results, as `cilium-health status` prints them.
+pub fn print_node_health(nodes: &[cilium_api::NodeHealth]) {
+    let probe = |p: &cilium_api::ProbeResult| if p.ok { format!("OK, RTT={}µs", p.rtt_us) } else { format!("Failed: {}", p.error) };
+    for n in nodes {
+        println!("  {}{}:", n.name, if n.local { " (localhost)" } else { "" });
+        println!("    Host connectivity to {}:", n.ip);
+        println!("      ICMP to stack:   {}", probe(&n.icmp));
+        println!("      HTTP to agent:   {}", probe(&n.http));
+    }
+}
+
 pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
     let s: Status = c.get("/v1/status").await?;
     if a.output == "json" {
@@ -320,13 +331,7 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
     }
     if a.all_health {
         let nodes: Vec<cilium_api::NodeHealth> = c.get("/v1/cluster/health").await?;
-        let probe = |p: &cilium_api::ProbeResult| if p.ok { format!("OK, RTT={}µs", p.rtt_us) } else { format!("Failed: {}", p.error) };
-        for n in nodes {
-            println!("  {}{}:", n.name, if n.local { " (localhost)" } else { "" });
-            println!("    Host connectivity to {}:", n.ip);
-            println!("      ICMP to stack:   {}", probe(&n.icmp));
-            println!("      HTTP to agent:   {}", probe(&n.http));
-        }
+        print_node_health(&nodes);
     }
     println!("Endpoints:               {}/{} ready", s.endpoints_ready, s.endpoints);
     println!("Identities:              {}", s.identities);
@@ -344,7 +349,7 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
 }
 
 /// Unix seconds as RFC 3339 (UTC).
-fn unix_time(secs: u64) -> String {
+pub fn unix_time(secs: u64) -> String {
     chrono::DateTime::from_timestamp(secs as i64, 0).map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_else(|| secs.to_string())
 }
 

@@ -1,11 +1,7 @@
 //! `cilium`: the operator's command line. Agent commands talk to the agent's
 //! socket; `cilium lab` builds and drives the lab.
 
-mod agent_cmds;
-mod lab_cmds;
-
-use std::path::PathBuf;
-
+use cilium_cli::{agent_cmds, lab_cmds, resolve_socket};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -49,25 +45,6 @@ enum Cmd {
     /// The lab: a cluster of network namespaces on this machine.
     #[command(subcommand)]
     Lab(lab_cmds::LabCmd),
-}
-
-/// Where the agent's socket is.
-pub fn resolve_socket(host: Option<&str>) -> PathBuf {
-    if let Some(h) = host {
-        return PathBuf::from(h.strip_prefix("unix://").unwrap_or(h));
-    }
-    if let Ok(s) = std::env::var("CILIUM_SOCK") {
-        return PathBuf::from(s.strip_prefix("unix://").unwrap_or(&s));
-    }
-    let default = PathBuf::from(cilium_api::DEFAULT_SOCKET);
-    if default.exists() {
-        return default;
-    }
-    let lab = std::path::Path::new(cilium_lab::LAB_ROOT).join(lab_cmds::default_lab_name()).join("node1").join("cilium.sock");
-    if lab.exists() {
-        return lab;
-    }
-    default
 }
 
 fn main() {

@@ -464,6 +464,11 @@ impl Lab {
             "--health-probe-interval=2".to_string(),
             format!("--routing-mode={}", self.state.routing_mode.as_str()),
         ];
+        if self.state.routing_mode == RoutingMode::Tunnel {
+            // the world has no route back to pod CIDRs (a flag of the
+            // lab's own --agent-arg, given later, still wins)
+            args.push("--enable-ipv4-masquerade".to_string());
+        }
         if self.state.kvstore {
             args.extend(["--kvstore=etcd".to_string(), format!("--kvstore-opt=etcd.address={ETCD_ADDRESS}")]);
         }

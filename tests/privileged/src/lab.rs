@@ -113,6 +113,12 @@ impl TestLab {
         check(cilium().args(args).env("CILIUM_SOCK", sock).output().expect("run cilium"), "cilium")
     }
 
+    /// `cilium-health ARGS` against the agent of `node`.
+    pub fn cilium_health_on(&self, node: &str, args: &[&str]) -> Output {
+        let sock = format!("/var/run/cilium-lab/{}/{node}/cilium.sock", self.name);
+        Command::new(bin_dir().join("cilium-health")).args(args).env("CILIUM_SOCK", sock).output().expect("run cilium-health")
+    }
+
     pub fn cilium_ok(&self, args: &[&str]) -> String {
         check(self.cilium(args), &format!("cilium {}", args.join(" ")))
     }

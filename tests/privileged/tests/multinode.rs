@@ -162,7 +162,16 @@ fn cluster_health_on_three_nodes() {
     let s = status_of(&lab, "node1", &["--all-health"]);
     assert!(s.contains("node1 (localhost):") && s.contains("Host connectivity to 172.30.0.13:"), "{s}");
     assert!(s.matches("ICMP to stack:   OK, RTT=").count() == 3 && s.matches("HTTP to agent:   OK, RTT=").count() == 3, "{s}");
+    let out = lab.cilium_health_on("node2", &["status", "--probe"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.starts_with("Probe time:") && text.matches("HTTP to agent:   OK, RTT=").count() == 3, "cilium-health status --probe: {text}");
     lab.lab(&["agent", "stop", "--node", "node3"]);
+    // an immediate round sees it at once, and cilium-health says so by its exit code
+    let out = lab.cilium_health_on("node2", &["status", "--probe", "-o", "json"]);
+    let nodes: Value = serde_json::from_slice(&out.stdout).expect("cilium-health json");
+    assert!(!out.status.success(), "a node is unreachable: {nodes}");
+    let node3 = nodes.as_array().unwrap().iter().find(|n| n["name"] == "node3").unwrap();
+    assert_eq!((node3["icmp"]["ok"].as_bool(), node3["http"]["ok"].as_bool()), (Some(true), Some(false)), "{node3}");
     let s = wait_for_status(&lab, "node1", "Cluster health:          2/3 reachable");
     assert!(s.contains("Cluster health:          2/3 reachable"), "{s}");
     assert!(s.matches("ICMP to stack:   OK").count() == 3 && s.contains("HTTP to agent:   Failed"), "node3's stack answers, its agent does not: {s}");
@@ -233,8 +242,9 @@ fn link_in(lab: &TestLab, target: &str, dev: &str) -> Value {
 /// the receiving node enforces with the identity the VNI carries (tested by
 /// removing the client from its ipcache: it stays allowed, another pod
 /// stays denied); a node's own traffic arrives as remote-node; Services
-/// with backends on other nodes and NodePorts work; pods get the tunnel's
-/// MTU and a datagram filling it crosses unfragmented.
+/// with backends on other nodes and NodePorts work; pods reach the world
+/// masqueraded (TCP, UDP, ICMP echo); pods get the tunnel's MTU and a
+/// datagram filling it crosses unfragmented.
 #[test]
 fn tunnel_mode_carries_the_identity_between_three_nodes() {
     let lab = TestLab::create(&[PODS], &[], &["--nodes", "3", "--routing-mode", "tunnel"]);
@@ -257,6 +267,11 @@ fn tunnel_mode_carries_the_identity_between_three_nodes() {
     assert_eq!(answered.len(), 2, "both backends (on other nodes or this one) answer through the ClusterIP: {answered:?}");
     for node_ip in ["172.30.0.11", "172.30.0.13"] {
         assert_eq!(lab.probe_pod("world", node_ip, 30080, "tcp").as_deref(), Some("default/server"), "NodePort on {node_ip}, backend on node2");
+    }
+    // the world has no route to pods: they reach it masqueraded, ICMP too
+    for (proto, port) in [("tcp", 80), ("udp", 53), ("icmp", 0)] {
+        let v = lab.probe_json("default/server", "172.30.0.1", port, proto);
+        assert_eq!(v["reachable"], true, "server -> world over {proto}: {v}");
     }
 
     // identity from the VNI, not from node2's ipcache (once node2 has
