@@ -1,8 +1,12 @@
 //! The agent's side of the kvstore: cluster-scope identities numbered by
 //! etcd, so the same labels have the same number on every node; this
 //! node and its endpoints published under a lease (they vanish when the
-//! agent stops renewing it), and the other nodes' read back every second
-//! into the daemon's view of the cluster.
+//! agent stops renewing it), and the other nodes' read back into the
+//! daemon's view of the cluster. A round (publish what changed, read
+//! everything back) runs when etcd's watches report a change under the
+//! node or endpoint prefixes, when this node's own state changed (the
+//! daemon's change counter), and every few seconds regardless (watches
+//! re-established after etcd was away may have missed changes).
 //!
 //! Keys: `cilium/state/nodes/v1/default/<node>` (name, address, pod CIDR)
 //! and `cilium/state/ip/v1/default/<ip>` (identity, labels, node), JSON.
@@ -73,7 +77,10 @@ const NODES_PREFIX: &str = "cilium/state/nodes/v1/default/";
 const IP_PREFIX: &str = "cilium/state/ip/v1/default/";
 /// A dead agent's entries are gone this long after its last renewal.
 const LEASE_TTL: i64 = 10;
-const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// A round at least this often, watched changes or not.
+const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// How often this node's change counter is looked at.
+const LOCAL_POLL: Duration = Duration::from_millis(20);
 
 /// An endpoint as published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,20 +95,39 @@ impl KvIdentities {
     /// Publishes this node and its endpoints and reads the others', until
     /// the agent ends. Errors are logged and retried; the daemon keeps its
     /// last view meanwhile.
-    pub fn start_sync(self: &Arc<Self>, daemon: Arc<Mutex<Daemon<Loaded>>>) {
+    pub fn start_sync(self: &Arc<Self>, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>) {
         let Some(rt) = self.rt.as_ref() else { return };
+        let notify = Arc::new(tokio::sync::Notify::new());
+        for prefix in [NODES_PREFIX, IP_PREFIX] {
+            rt.spawn(watch_loop(self.etcd.clone(), prefix, notify.clone()));
+        }
         let me = self.clone();
-        rt.spawn(async move { me.sync_loop(daemon).await });
+        rt.spawn(async move { me.sync_loop(daemon, changes, notify).await });
     }
 
-    async fn sync_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>) {
+    async fn sync_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>, notify: Arc<tokio::sync::Notify>) {
         let mut lease: Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)> = None;
         let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut seen = u64::MAX;
+        let mut next = tokio::time::Instant::now();
         loop {
-            if let Err(e) = self.round(&daemon, &mut lease, &mut published).await {
-                warn!(error = %e, "kvstore sync");
+            let now = changes.load(std::sync::atomic::Ordering::Relaxed);
+            if now != seen || tokio::time::Instant::now() >= next {
+                seen = now;
+                next = tokio::time::Instant::now() + RESYNC_EVERY;
+                if let Err(e) = self.round(&daemon, &mut lease, &mut published).await {
+                    warn!(error = %e, "kvstore sync");
+                    // etcd away: try again in a second, not at every poll
+                    next = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+                // (what the round applied may move the counter: one more
+                // round then finds nothing to do)
+                continue;
             }
-            tokio::time::sleep(SYNC_EVERY).await;
+            tokio::select! {
+                _ = notify.notified() => next = tokio::time::Instant::now(),
+                _ = tokio::time::sleep(LOCAL_POLL) => {}
+            }
         }
     }
 
@@ -160,5 +186,23 @@ impl KvIdentities {
         let d = daemon.clone();
         tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_sync(view)).await??;
         Ok(())
+    }
+}
+
+/// Wakes the sync loop at every change under `prefix`, re-creating the
+/// watch (after a second) whenever it ends; a new watch wakes it too, for
+/// what happened while there was none.
+async fn watch_loop(etcd: cilium_kvstore::Etcd, prefix: &'static str, notify: Arc<tokio::sync::Notify>) {
+    loop {
+        match etcd.watch(prefix).await {
+            Ok(mut w) => {
+                notify.notify_one();
+                while w.changed().await.is_ok() {
+                    notify.notify_one();
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, prefix, "kvstore watch"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

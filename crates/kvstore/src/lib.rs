@@ -51,7 +51,31 @@ pub enum KvError {
 pub struct Etcd {
     kv: pb::kv_client::KvClient<Channel>,
     lease: pb::lease_client::LeaseClient<Channel>,
+    watch: pb::watch_client::WatchClient<Channel>,
     timeout: Duration,
+}
+
+/// A watch on a prefix: each call to [`Watcher::changed`] waits for the
+/// next batch of changes under it.
+pub struct Watcher {
+    responses: tonic::Streaming<pb::WatchResponse>,
+    // the request stream stays open while the watch lives
+    _requests: tokio::sync::mpsc::Sender<pb::WatchRequest>,
+}
+
+impl Watcher {
+    /// Waits for the next change under the prefix; returns how many keys
+    /// it touched. An error (etcd gone, the watch cancelled) ends the watch.
+    pub async fn changed(&mut self) -> Result<usize, KvError> {
+        loop {
+            match self.responses.message().await? {
+                Some(r) if r.canceled => return Err(KvError::Rpc(tonic::Status::cancelled(format!("watch cancelled: {}", r.cancel_reason)))),
+                Some(r) if !r.events.is_empty() => return Ok(r.events.len()),
+                Some(_) => continue,
+                None => return Err(KvError::Rpc(tonic::Status::unavailable("watch stream ended"))),
+            }
+        }
+    }
 }
 
 /// The first key after every key starting with `prefix` (etcd's range end
@@ -77,7 +101,12 @@ impl Etcd {
             return Err(bad("want http://host:port".into()));
         }
         let channel = Channel::from_shared(endpoint.to_string()).map_err(|e| bad(e.to_string()))?.connect_timeout(timeout).timeout(timeout).connect_lazy();
-        Ok(Etcd { kv: pb::kv_client::KvClient::new(channel.clone()), lease: pb::lease_client::LeaseClient::new(channel), timeout })
+        Ok(Etcd {
+            kv: pb::kv_client::KvClient::new(channel.clone()),
+            lease: pb::lease_client::LeaseClient::new(channel.clone()),
+            watch: pb::watch_client::WatchClient::new(channel),
+            timeout,
+        })
     }
 
     async fn within<T>(&self, f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Result<T, KvError> {
@@ -142,6 +171,25 @@ impl Etcd {
                 Err(_) => return KvError::Timeout(self.timeout),
             }
             tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Watches every key under `prefix`; returns once etcd created the
+    /// watch, so no change after this call is missed.
+    pub async fn watch(&self, prefix: &str) -> Result<Watcher, KvError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let create = pb::WatchCreateRequest { key: prefix.into(), range_end: prefix_end(prefix.as_bytes()), ..Default::default() };
+        // as with keep-alive: the request goes before etcd answers the headers
+        if tx.send(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }).await.is_err() {
+            return Err(KvError::Timeout(self.timeout));
+        }
+        let mut responses = self.within(self.watch.clone().watch(tokio_stream::wrappers::ReceiverStream::new(rx))).await?;
+        match tokio::time::timeout(self.timeout, responses.message()).await {
+            Ok(Ok(Some(r))) if r.created && !r.canceled => Ok(Watcher { responses, _requests: tx }),
+            Ok(Ok(Some(r))) => Err(KvError::Rpc(tonic::Status::cancelled(format!("watch on {prefix} refused: {}", r.cancel_reason)))),
+            Ok(Ok(None)) => Err(KvError::Rpc(tonic::Status::unavailable("watch stream ended"))),
+            Ok(Err(e)) => Err(KvError::Rpc(e)),
+            Err(_) => Err(KvError::Timeout(self.timeout)),
         }
     }
 

@@ -91,6 +91,24 @@ fn concurrent_allocation_agrees() {
     assert_eq!(rt.block_on(e.identity_labels(id)).unwrap(), Some(labels));
 }
 
+/// A watch sees puts and deletes under its prefix, and nothing else.
+#[test]
+fn watch_sees_changes_under_its_prefix() {
+    let etcd = EtcdServer::start();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        let e = Etcd::connect(&etcd.url, Duration::from_secs(5)).unwrap();
+        let mut w = e.watch("cilium/state/ip/").await.unwrap();
+        e.put("cilium/state/nodes/v1/default/n1", b"x").await.unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(300), w.changed()).await;
+        assert!(quiet.is_err(), "a key outside the prefix is not seen: {quiet:?}");
+        e.put("cilium/state/ip/v1/default/10.0.1.2", b"a").await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(2), w.changed()).await.unwrap().unwrap(), 1);
+        e.delete("cilium/state/ip/v1/default/10.0.1.2").await.unwrap();
+        assert_eq!(tokio::time::timeout(Duration::from_secs(2), w.changed()).await.unwrap().unwrap(), 1, "deletes too");
+    });
+}
+
 const PODS: &str = r#"
 apiVersion: apps/v1
 kind: Deployment
