@@ -8,6 +8,7 @@
 
 mod hubble;
 mod l7;
+mod multinode;
 mod services;
 
 use std::io::{Read, Write};
@@ -43,7 +44,13 @@ struct Args {
     /// Seconds per service measurement.
     #[arg(long, default_value_t = 2)]
     service_seconds: u64,
-    /// Run one part only: pods, services, hubble or l7.
+    /// Pods running in the 3-node lab before identity propagation is timed.
+    #[arg(long, default_value_t = 300)]
+    cluster_pods: u32,
+    /// New pods whose propagation to the other nodes is timed.
+    #[arg(long, default_value_t = 50)]
+    propagation_pods: u32,
+    /// Run one part only: pods, services, hubble, l7 or multinode.
     #[arg(long)]
     only: Option<String>,
 }
@@ -298,14 +305,16 @@ fn main() -> anyhow::Result<()> {
     }
     cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
     if let Some(o) = &a.only {
-        if !["pods", "services", "hubble", "l7"].contains(&o.as_str()) {
-            bail!("--only {o:?}: want pods, services, hubble or l7");
+        if !["pods", "services", "hubble", "l7", "multinode"].contains(&o.as_str()) {
+            bail!("--only {o:?}: want pods, services, hubble, l7 or multinode");
         }
     }
     let part = |p: &str| a.only.as_deref().is_none_or(|o| o == p);
     let pods_md = if part("pods") { Some(pods(&a, &logs, &bin)?) } else { None };
     let hubble_md = if part("hubble") { Some(hubble::run(a.rounds, a.seconds, &logs, &bin)?) } else { None };
     let l7_md = if part("l7") { Some(l7::run(a.rounds, a.seconds, &logs, &bin)?) } else { None };
+    let mn_opts = multinode::Options { rounds: a.rounds, seconds: a.seconds, pods: a.cluster_pods, additions: a.propagation_pods };
+    let multinode_md = if part("multinode") { Some(multinode::run(&mn_opts, &logs, &bin)?) } else { None };
     let svc_opts = services::Options { counts: a.service_counts.clone(), rounds: a.service_rounds, seconds: a.service_seconds };
     let svc_md = if part("services") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
 
@@ -335,6 +344,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(l) = l7_md {
         md.push('\n');
         md.push_str(&l);
+    }
+    if let Some(m) = multinode_md {
+        md.push('\n');
+        md.push_str(&m);
     }
     if let Some(s) = svc_md {
         md.push('\n');

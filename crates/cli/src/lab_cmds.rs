@@ -205,6 +205,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             for line in l.apply(objects)? {
                 println!("{line}");
             }
+            l.wait_for_cluster_view(Duration::from_secs(20))?;
             Ok(0)
         }
         LabCmd::Apply { lab, files } => {
@@ -214,6 +215,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             for line in l.apply(objects)? {
                 println!("{line}");
             }
+            l.wait_for_cluster_view(Duration::from_secs(20))?;
             Ok(0)
         }
         LabCmd::Delete { lab, files } => {

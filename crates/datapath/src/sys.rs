@@ -175,10 +175,36 @@ pub fn map_update_batched<K: Copy, V: Copy>(fd: std::os::fd::BorrowedFd<'_>, key
     Ok(())
 }
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+
+/// Looks one key up in a map (BPF_MAP_LOOKUP_ELEM; for an LPM trie, the
+/// longest prefix matching the key). None when nothing matches.
+pub fn map_lookup<K: Copy, V: Copy + Default>(fd: std::os::fd::BorrowedFd<'_>, key: &K) -> std::io::Result<Option<V>> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let mut value = V::default();
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, pad: 0, key: key as *const K as u64, value: &mut value as *mut V as u64, flags: 0 };
+    // SAFETY: attr is a valid bpf_attr prefix; key and value outlive the call
+    // and have the map's key and value sizes (the caller's types).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, size_of::<ElemAttr>() as u32) };
+    if rc == 0 {
+        return Ok(Some(value));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) }
+}
+
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
-/// Opens a pinned BPF object (a link) by path.
+/// Opens a pinned BPF object (a link, a map) by path.
 pub fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     use std::os::unix::ffi::OsStrExt;

@@ -660,16 +660,17 @@ impl Lab {
         }
         self.save()?;
         self.sync_services()?;
-        if self.state.kvstore {
-            self.wait_for_cluster_view(Duration::from_secs(20))?;
-        }
         Ok(out)
     }
 
     /// kvstore mode: waits until every agent has read every node and every
-    /// pod of the lab from etcd (they poll it), so what `apply` returns
-    /// from is in force cluster-wide, as with the lab's direct feed.
-    fn wait_for_cluster_view(&self, timeout: Duration) -> anyhow::Result<()> {
+    /// pod of the lab from etcd, so what was applied is in force
+    /// cluster-wide, as with the lab's direct feed (`cilium lab up|apply`
+    /// wait for this; without the kvstore it returns at once).
+    pub fn wait_for_cluster_view(&self, timeout: Duration) -> anyhow::Result<()> {
+        if !self.state.kvstore {
+            return Ok(());
+        }
         let mut want: BTreeMap<String, usize> = self.state.nodes.iter().map(|n| (n.name.clone(), 0)).collect();
         for p in self.state.pods.values().filter(|p| p.ip.is_some()) {
             *want.entry(p.node.clone()).or_default() += 1;
