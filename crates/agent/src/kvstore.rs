@@ -108,6 +108,7 @@ impl KvIdentities {
     async fn sync_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>, notify: Arc<tokio::sync::Notify>) {
         let mut lease: Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)> = None;
         let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut reclaimed = false;
         let mut seen = u64::MAX;
         let mut next = tokio::time::Instant::now();
         loop {
@@ -115,7 +116,7 @@ impl KvIdentities {
             if now != seen || tokio::time::Instant::now() >= next {
                 seen = now;
                 next = tokio::time::Instant::now() + RESYNC_EVERY;
-                if let Err(e) = self.round(&daemon, &mut lease, &mut published).await {
+                if let Err(e) = self.round(&daemon, &mut reclaimed, &mut lease, &mut published).await {
                     warn!(error = %e, "kvstore sync");
                     // etcd away: try again in a second, not at every poll
                     next = tokio::time::Instant::now() + Duration::from_secs(1);
@@ -131,13 +132,25 @@ impl KvIdentities {
         }
     }
 
-    async fn round(&self, daemon: &Arc<Mutex<Daemon<Loaded>>>, lease: &mut Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)>, published: &mut BTreeMap<String, Vec<u8>>) -> anyhow::Result<()> {
+    async fn round(
+        &self,
+        daemon: &Arc<Mutex<Daemon<Loaded>>>,
+        reclaimed: &mut bool,
+        lease: &mut Option<(i64, tokio::task::JoinHandle<cilium_kvstore::KvError>)>,
+        published: &mut BTreeMap<String, Vec<u8>>,
+    ) -> anyhow::Result<()> {
         if lease.as_ref().is_some_and(|(_, k)| k.is_finished()) {
             if let Some((_, k)) = lease.take() {
                 let reason = k.await.map(|e| e.to_string()).unwrap_or_default();
                 warn!(%reason, "kvstore lease lost: publishing again");
             }
             published.clear();
+        }
+        if !*reclaimed {
+            // restored numbers first: nothing is published under another meaning
+            let d = daemon.clone();
+            tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_reclaim()).await??;
+            *reclaimed = true;
         }
         let id = match lease {
             Some((id, _)) => *id,

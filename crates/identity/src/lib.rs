@@ -198,6 +198,35 @@ impl Allocator {
         Ok(())
     }
 
+    /// With cluster numbers: asks the cluster for the number of every
+    /// cluster-scope identity held (restored from saved state, say) and
+    /// moves each it numbers differently to the cluster's number, with its
+    /// references. Returns old -> new for those moved; nothing changes on
+    /// an error (the cluster unreachable, or a new number held by labels
+    /// that are not moving).
+    pub fn reclaim(&mut self) -> Result<BTreeMap<NumericIdentity, NumericIdentity>, IdentityError> {
+        let Some(c) = self.cluster.clone() else { return Ok(BTreeMap::new()) };
+        let mut moves = BTreeMap::new();
+        for i in self.by_id.values().filter(|i| i.id >= MIN_CLUSTER_IDENTITY && i.id <= MAX_CLUSTER_IDENTITY && Scope::of(&i.labels) == Scope::Cluster) {
+            let n = c.number(&i.labels).map_err(|reason| IdentityError::Cluster { labels: i.labels.to_string(), reason })?;
+            if n != i.id {
+                moves.insert(i.id, n);
+            }
+        }
+        for (old, new) in &moves {
+            if let Some(holder) = self.by_id.get(new).filter(|h| !moves.contains_key(&h.id)) {
+                return Err(IdentityError::Conflict { id: *new, existing: holder.labels.to_string(), wanted: self.by_id[old].labels.to_string() });
+            }
+        }
+        let moved: Vec<Identity> = moves.keys().filter_map(|old| self.by_id.remove(old)).collect();
+        for mut i in moved {
+            i.id = moves[&i.id];
+            self.by_labels.insert(i.labels.clone(), i.id);
+            self.by_id.insert(i.id, i);
+        }
+        Ok(moves)
+    }
+
     /// Drops a reference. Returns true when the identity was freed.
     pub fn release(&mut self, id: NumericIdentity) -> Result<bool, IdentityError> {
         if id < MIN_CLUSTER_IDENTITY {
@@ -318,6 +347,27 @@ mod cluster_tests {
 
     fn set(l: &str) -> LabelSet {
         [Label::new("k8s", l.split('=').next().unwrap(), l.split('=').nth(1).unwrap())].into_iter().collect()
+    }
+
+    #[test]
+    fn reclaim_moves_restored_numbers_to_the_clusters() {
+        let c = std::sync::Arc::new(Fixed::default());
+        let mut a = Allocator::new();
+        // saved state said a=301 and b=300, the cluster says the opposite
+        a.restore(301, &set("app=a")).unwrap();
+        a.restore(300, &set("app=b")).unwrap();
+        a.restore(300, &set("app=b")).unwrap();
+        a.set_cluster(c.clone());
+        let moves = a.reclaim().unwrap();
+        assert_eq!(moves, BTreeMap::from([(300, 301), (301, 300)]), "a swap moves both");
+        assert_eq!(a.lookup(&set("app=a")), Some(300));
+        assert_eq!(a.lookup(&set("app=b")), Some(301));
+        assert!(!a.release(301).unwrap(), "b kept its two references");
+        assert!(a.reclaim().unwrap().is_empty(), "nothing left to move");
+        // unreachable: nothing changes
+        a.restore(302, &set("app=down")).unwrap();
+        assert!(a.reclaim().is_err());
+        assert_eq!(a.lookup(&set("app=down")), Some(302));
     }
 
     #[test]

@@ -24,6 +24,7 @@ use cilium_labels::LabelSet;
 use ipnet::Ipv4Net;
 
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 use super::{Daemon, DaemonError, invalid};
 
@@ -197,6 +198,38 @@ impl<D: Datapath> Daemon<D> {
     pub fn kvstore_published(&self) -> (NodeMeta, Vec<(Ipv4Addr, u32, LabelSet)>) {
         let me = NodeMeta { name: self.cfg.node_name.clone(), ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED), pod_cidr: self.cfg.pod_cidr.to_string() };
         (me, self.endpoints.values().map(|e| (e.rec.ipv4, e.rec.identity, e.rec.labels.clone())).collect())
+    }
+
+    /// After a restart in kvstore mode: the cluster-scope numbers this
+    /// agent restored from its saved state are checked against etcd's, and
+    /// any etcd numbers differently moves there, with its endpoints and
+    /// other nodes' pods, before anything is published (the VNI and the
+    /// published endpoints must carry etcd's meaning). Returns how many
+    /// moved; on an error nothing changed and the caller tries again.
+    pub fn kvstore_reclaim(&mut self) -> Result<usize, DaemonError> {
+        let moves = self.identities.reclaim()?;
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        warn!(?moves, "identities renumbered to the kvstore's");
+        let ids: Vec<u16> = self.endpoints.iter().filter(|(_, e)| moves.contains_key(&e.rec.identity)).map(|(id, _)| *id).collect();
+        for id in ids {
+            let ep = self.endpoints.get_mut(&id).expect("listed");
+            ep.rec.identity = moves[&ep.rec.identity];
+            let info = self.endpoint_info(id);
+            self.dp.endpoint_upsert(&info)?;
+        }
+        for (_, id) in self.remote_endpoints.values_mut() {
+            if let Some(n) = moves.get(id) {
+                *id = *n;
+            }
+        }
+        self.regenerate_all();
+        self.sync_ipcache()?;
+        self.dp.bump_policy_revision()?;
+        self.changed();
+        self.save()?;
+        Ok(moves.len())
     }
 
     /// Takes what the kvstore holds now (the caller read all of it; on a

@@ -692,3 +692,20 @@ fn tunnel_mode_routes_other_nodes_pod_cidrs_into_the_tunnel() {
     assert!(!dp.ipcache.contains_key(&"10.0.3.0/24".parse::<Ipv4Net>().unwrap()));
     assert!(dp.routes.contains_key(&"10.0.2.0/24".parse::<Ipv4Net>().unwrap()));
 }
+
+#[test]
+fn restored_identities_move_to_the_kvstores_numbers() {
+    let mut d = daemon(None);
+    pod(&mut d, "a", "a");
+    let id = create(&mut d, "a", 1);
+    let local = d.endpoint_view(id).unwrap().identity;
+    assert!(local < 1000, "numbered by this node: {local}");
+    d.set_kvstore(std::sync::Arc::new(Numbers::default()));
+    assert_eq!(d.kvstore_reclaim().unwrap(), 1);
+    let ep = d.endpoint_view(id).unwrap();
+    assert_eq!(ep.identity, 1000, "etcd's number");
+    let dp = d.datapath();
+    assert_eq!(dp.endpoints.values().find(|e| e.ep_id == id).unwrap().sec_identity, 1000, "the datapath's endpoint entry follows");
+    assert_eq!(dp.ipcache[&Ipv4Net::from(ep.ipv4)].sec_identity, 1000, "and the ipcache");
+    assert_eq!(d.kvstore_reclaim().unwrap(), 0);
+}
