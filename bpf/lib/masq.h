@@ -8,8 +8,8 @@
  * conntrack entry says egress) are masqueraded: replies of connections from
  * outside keep the pod's address. Traffic to pods, nodes and the host keeps
  * its source. Entries live in cilium_lb4_nat (MASQ_FWD/MASQ_REV); a
- * flow keeps the pod's port unless another flow holds it, then takes one of
- * 61000-65535, above the node's own ephemeral ports.
+ * flow takes a port of the NAT range (61000-65535, above the node's own
+ * ephemeral ports) that no other flow holds towards the same peer.
  */
 #ifndef CILIUM_MASQ_H
 #define CILIUM_MASQ_H
@@ -67,13 +67,14 @@ static __always_inline int masq_egress(struct __sk_buff *skb, const struct pkt *
 		f->last_seen = now;
 	} else {
 		__u32 h = flow_hash(p);
+		port = nat_port(h, 0);
 #pragma unroll
-		for (int i = 0; i < 8; i++) {
+		for (int i = 1; i <= 8; i++) {
 			rk.dport = port;
 			struct lb4_nat_entry *held = bpf_map_lookup_elem(&cilium_lb4_nat, &rk);
 			if (!held || (held->addr == p->saddr && held->port == p->sport))
 				break;
-			port = bpf_htons(61000 + (h + i * 7919) % 4536);
+			port = nat_port(h, i);
 		}
 		struct lb4_nat_entry fe = { .addr = addr, .port = port, .last_seen = now };
 		if (bpf_map_update_elem(&cilium_lb4_nat, &fk, &fe, BPF_ANY) < 0) {

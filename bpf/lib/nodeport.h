@@ -227,8 +227,21 @@ static __always_inline int snat_reply(struct __sk_buff *skb, const struct pkt *p
 	return fib_redirect(skb, faddr, caddr, p);
 }
 
-/* The source port a flow to a remote backend leaves with: the client's own
- * unless another client already holds it towards that backend. */
+/* Source ports (ICMP echo identifiers) translated flows leave the node
+ * with: above the kernel's default ephemeral range (32768-60999), so a
+ * translated flow never takes the port of one of the node's own
+ * connections to the same peer. */
+#define NAT_PORT_MIN 61000
+#define NAT_PORT_COUNT 4536
+
+/* The i-th candidate port of a flow with hash h (network order). */
+static __always_inline __u16 nat_port(__u32 h, int i)
+{
+	return bpf_htons(NAT_PORT_MIN + (h + i * 7919) % NAT_PORT_COUNT);
+}
+
+/* The source port a flow to a remote backend leaves with: one of the NAT
+ * range no other client holds towards that backend. */
 static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bport, __u16 rev_nat_index, __u32 now, __u16 *nport)
 {
 	struct lb4_nat_key fk = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport,
@@ -252,12 +265,13 @@ static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bpo
 	__u32 h = flow_hash(p);
 	struct lb4_nat_key rk = { .saddr = baddr, .daddr = p->daddr, .sport = bport,
 				  .proto = p->protocol, .dir = LB_NAT_SNAT_REV };
+	port = nat_port(h, 0);
 #pragma unroll
-	for (int i = 0; i < 8; i++) {
+	for (int i = 1; i <= 8; i++) {
 		rk.dport = port;
 		if (!bpf_map_lookup_elem(&cilium_lb4_nat, &rk))
 			break;
-		port = bpf_htons(32768 + (h + i * 7919) % 28000);
+		port = nat_port(h, i);
 	}
 	rk.dport = port;
 	struct lb4_nat_entry r = { .addr = p->saddr, .port = p->sport, .rev_nat_index = rev_nat_index,

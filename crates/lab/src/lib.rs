@@ -83,6 +83,9 @@ pub struct PodState {
     /// How long CNI ADD took (it returns once the endpoint is enforced).
     #[serde(default)]
     pub cni_add_ms: Option<f64>,
+    /// When CNI ADD returned (microseconds since the Unix epoch).
+    #[serde(default)]
+    pub cni_added_at_us: Option<u64>,
 }
 
 /// Everything the lab made, persisted in `lab.json`.
@@ -878,6 +881,7 @@ impl Lab {
             workload_pid: None,
             owner,
             cni_add_ms: None,
+            cni_added_at_us: None,
         }
     }
 
@@ -920,6 +924,7 @@ impl Lab {
             let started = Instant::now();
             let res = self.cni(node, "ADD", p)?;
             p.cni_add_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+            p.cni_added_at_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_micros() as u64);
             let addr = res["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("CNI result without an address: {res}"))?;
             p.ip = Some(addr.split('/').next().unwrap_or("").parse()?);
             let tcp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "TCP").map(|(_, _, port)| *port).collect();

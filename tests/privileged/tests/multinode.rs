@@ -180,9 +180,25 @@ fn cluster_health_on_three_nodes() {
     assert!(s.contains("Cluster health:          3/3 reachable"), "{s}");
 }
 
+/// A TCP connection from a given local port, opened inside a namespace.
+fn connect_bound(lab: &TestLab, target: &str, port: u16, to: std::net::SocketAddrV4) -> std::io::Result<std::net::TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, setsockopt, socket, sockopt};
+    let ns = lab.netns(target);
+    std::thread::spawn(move || {
+        cilium_datapath::sys::enter_netns(&ns).map_err(std::io::Error::other)?;
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None)?;
+        setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(0, 0, 0, 0, port))?;
+        connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+        Ok(std::net::TcpStream::from(fd))
+    })
+    .join()
+    .expect("connect thread")
+}
+
 /// A TCP server in a namespace that answers an empty 200 and records who
 /// connected.
-fn recording_server(lab: &TestLab, target: &str, addr: std::net::SocketAddr) -> std::sync::Arc<std::sync::Mutex<Vec<std::net::IpAddr>>> {
+fn recording_server(lab: &TestLab, target: &str, addr: std::net::SocketAddr) -> std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>> {
     use std::io::{Read, Write};
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (ns, s) = (lab.netns(target), seen.clone());
@@ -192,7 +208,9 @@ fn recording_server(lab: &TestLab, target: &str, addr: std::net::SocketAddr) -> 
         let l = std::net::TcpListener::bind(addr).unwrap();
         tx.send(()).unwrap();
         for mut c in l.incoming().flatten() {
-            s.lock().unwrap().push(c.peer_addr().unwrap().ip());
+            if let Ok(a) = c.peer_addr() {
+                s.lock().unwrap().push(a);
+            }
             let mut buf = [0u8; 1024];
             let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
             let _ = c.read(&mut buf);
@@ -213,12 +231,24 @@ fn pods_reach_the_world_from_their_node_address() {
     let ip = |app: &str| pods.iter().find(|p| p["labels"]["app"] == app).unwrap()["ip"].as_str().unwrap().parse::<std::net::Ipv4Addr>().unwrap();
     let world = recording_server(&lab, "world", "172.30.0.1:7777".parse().unwrap());
     assert!(lab.probe("default/client", "172.30.0.1", 7777, "tcp"));
-    assert_eq!(world.lock().unwrap().as_slice(), ["172.30.0.11".parse::<std::net::IpAddr>().unwrap()], "the world sees node1, not the pod");
+    let ips = |seen: &std::sync::Mutex<Vec<std::net::SocketAddr>>| seen.lock().unwrap().iter().map(|a| a.ip()).collect::<Vec<_>>();
+    assert_eq!(ips(&world), ["172.30.0.11".parse::<std::net::IpAddr>().unwrap()], "the world sees node1, not the pod");
+    // a pod's flow never takes the port of the node's own connection to the same peer
+    let world_addr: std::net::SocketAddrV4 = "172.30.0.1:7777".parse().unwrap();
+    let mut own = connect_bound(&lab, "node1", 45000, world_addr).expect("the node's own connection");
+    let mut pod = connect_bound(&lab, "default/client", 45000, world_addr).expect("the pod's, from the same port");
+    for c in [&mut pod, &mut own] {
+        cilium_privileged_tests::lab::http_roundtrip(c).expect("both are answered");
+    }
+    let seen = world.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(seen.iter().all(|a| a.ip() == std::net::IpAddr::from([172, 30, 0, 11])), "{seen:?}");
+    assert!(seen.iter().any(|a| a.port() == 45000) && seen.iter().any(|a| (61000..=65535).contains(&a.port()) && a != &seen[0]), "the pod's flow left from a port of the NAT range: {seen:?}");
     // a pod on the other node sees the client's own address
     let server_ip = ip("server");
     let server = recording_server(&lab, "default/server", (server_ip, 7778).into());
     assert!(lab.probe("default/client", &server_ip.to_string(), 7778, "tcp"));
-    assert_eq!(server.lock().unwrap().as_slice(), [std::net::IpAddr::V4(ip("client"))], "pod to pod is never masqueraded");
+    assert_eq!(ips(&server), [std::net::IpAddr::V4(ip("client"))], "pod to pod is never masqueraded");
     // the world's own connections to a pod get replies from the pod
     assert!(lab.probe("world", "default/client", 80, "tcp"), "replies to the world keep the pod's address");
     // a NodePort with a local backend still answers from its frontend
