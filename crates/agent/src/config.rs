@@ -158,6 +158,13 @@ pub struct Config {
     #[arg(long, env = "CILIUM_TUNNEL_PORT", default_value_t = 8472)]
     pub tunnel_port: u16,
 
+    /// kvstore mode: how often cluster identities no endpoint uses are
+    /// collected in etcd (freed once unused for two rounds in a row), and
+    /// this agent's own are checked to still be there: a Go-style
+    /// duration ("15m0s", "90s") or seconds. Upstream's operator flag.
+    #[arg(long, env = "CILIUM_IDENTITY_GC_INTERVAL", default_value = "15m0s")]
+    pub identity_gc_interval: String,
+
     /// Cluster state store: "" (none: identities are this node's) or etcd.
     #[arg(long, env = "CILIUM_KVSTORE", default_value = "")]
     pub kvstore: String,
@@ -259,6 +266,35 @@ pub struct Settings {
     pub masquerade: bool,
     pub routing_mode: cilium_api::RoutingMode,
     pub tunnel_port: u16,
+    pub identity_gc_interval: std::time::Duration,
+}
+
+/// A Go-style duration ("15m0s", "1h30m", "90s", "500ms") or plain seconds.
+fn duration(key: &str, s: &str) -> Result<std::time::Duration, ConfigError> {
+    let err = || bad(key, s, "want a duration such as 15m0s, 90s or 500ms (or seconds)");
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(secs));
+    }
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        total += match &rest[..unit] {
+            "h" => std::time::Duration::from_secs(n * 3600),
+            "m" => std::time::Duration::from_secs(n * 60),
+            "s" => std::time::Duration::from_secs(n),
+            "ms" => std::time::Duration::from_millis(n),
+            _ => return Err(err()),
+        };
+        rest = &rest[unit..];
+    }
+    if total.is_zero() {
+        return Err(err());
+    }
+    Ok(total)
 }
 
 /// Hubble's validated settings.
@@ -468,6 +504,7 @@ impl Config {
         } else {
             None
         };
+        let identity_gc_interval = duration("identity-gc-interval", &self.identity_gc_interval)?;
         let routing_mode = cilium_api::RoutingMode::parse(&self.routing_mode).ok_or_else(|| bad("routing-mode", &self.routing_mode, "want tunnel or native"))?;
         match self.tunnel_protocol.as_str() {
             "vxlan" => {}
@@ -494,6 +531,7 @@ impl Config {
             masquerade: self.enable_ipv4_masquerade,
             routing_mode,
             tunnel_port: self.tunnel_port,
+            identity_gc_interval,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
             bpf_root: self.bpf_root,
@@ -569,6 +607,18 @@ mod tests {
         let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600"])).unwrap_err();
         assert_eq!((e.key.as_str(), e.value.as_str()), ("mtu", "600"));
         load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600", "--routing-mode", "native"])).unwrap();
+    }
+
+    #[test]
+    fn durations_as_upstream_writes_them() {
+        for (text, secs) in [("15m0s", 900), ("90s", 90), ("1h30m", 5400), ("7", 7)] {
+            assert_eq!(duration("x", text).unwrap(), std::time::Duration::from_secs(secs), "{text}");
+        }
+        assert_eq!(duration("x", "250ms").unwrap(), std::time::Duration::from_millis(250));
+        for bad in ["", "0s", "15 m", "m", "1d", "-1s"] {
+            let e = duration("identity-gc-interval", bad).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_str()), ("identity-gc-interval", bad));
+        }
     }
 
     #[test]

@@ -64,10 +64,20 @@ impl ClusterNumbers for KvIdentities {
     /// Blocks until etcd answers (at most its operation timeout), on a
     /// thread of its own so it works from any context.
     fn number(&self, labels: &LabelSet) -> Result<NumericIdentity, String> {
+        self.allocate(labels, None)
+    }
+
+    fn number_preferring(&self, labels: &LabelSet, preferred: NumericIdentity) -> Result<NumericIdentity, String> {
+        self.allocate(labels, Some(preferred))
+    }
+}
+
+impl KvIdentities {
+    fn allocate(&self, labels: &LabelSet, preferred: Option<NumericIdentity>) -> Result<NumericIdentity, String> {
         let key = labels_key(labels);
         let etcd = self.etcd.clone();
         let handle = self.rt.as_ref().ok_or("the kvstore client is shut down")?.handle().clone();
-        std::thread::scope(|s| s.spawn(move || handle.block_on(etcd.allocate_identity(&key, MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY))).join())
+        std::thread::scope(|s| s.spawn(move || handle.block_on(etcd.allocate_identity_preferring(&key, preferred, MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY))).join())
             .map_err(|_| "the kvstore client panicked".to_string())?
             .map_err(|e| e.to_string())
     }
@@ -95,14 +105,72 @@ impl KvIdentities {
     /// Publishes this node and its endpoints and reads the others', until
     /// the agent ends. Errors are logged and retried; the daemon keeps its
     /// last view meanwhile.
-    pub fn start_sync(self: &Arc<Self>, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>) {
+    pub fn start_sync(self: &Arc<Self>, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>, gc_interval: Duration) {
         let Some(rt) = self.rt.as_ref() else { return };
         let notify = Arc::new(tokio::sync::Notify::new());
         for prefix in [NODES_PREFIX, IP_PREFIX] {
             rt.spawn(watch_loop(self.etcd.clone(), prefix, notify.clone()));
         }
         let me = self.clone();
-        rt.spawn(async move { me.sync_loop(daemon, changes, notify).await });
+        let d = daemon.clone();
+        rt.spawn(async move { me.sync_loop(d, changes, notify).await });
+        let me = self.clone();
+        rt.spawn(async move { me.gc_loop(daemon, gc_interval).await });
+    }
+
+    /// Every `interval`: each agent checks that its own cluster identities
+    /// are still in etcd and re-claims them if not (etcd lost them, or a
+    /// collector freed one just as this agent took it); the agent whose
+    /// node name sorts first also frees the identities no published
+    /// endpoint and no identity of its own uses, once they were unused,
+    /// unchanged, in two rounds in a row (upstream's operator does this).
+    async fn gc_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>, interval: Duration) {
+        let mut unused: BTreeMap<u32, i64> = BTreeMap::new();
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.gc_round(&daemon, &mut unused).await {
+                warn!(error = %e, "identity garbage collection");
+            }
+        }
+    }
+
+    async fn gc_round(&self, daemon: &Arc<Mutex<Daemon<Loaded>>>, unused: &mut BTreeMap<u32, i64>) -> anyhow::Result<()> {
+        let d = daemon.clone();
+        let (collector, held) = tokio::task::spawn_blocking(move || {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            let nodes = d.nodes();
+            let me = nodes.first().map(|n| n.name.clone());
+            (nodes.iter().map(|n| n.name.clone()).min() == me, d.cluster_identities())
+        })
+        .await?;
+        let in_etcd = self.etcd.identities().await?;
+        let names: BTreeMap<u32, &str> = in_etcd.iter().map(|(id, labels, _)| (*id, labels.as_str())).collect();
+        if held.iter().any(|(id, labels)| names.get(id) != Some(&labels.as_str())) {
+            warn!("identities of this node are missing from the kvstore: re-claiming them");
+            let d = daemon.clone();
+            tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_reclaim()).await??;
+        }
+        if !collector {
+            unused.clear();
+            return Ok(());
+        }
+        let mut used: std::collections::BTreeSet<u32> = held.iter().map(|(id, _)| *id).collect();
+        used.extend(self.etcd.list(IP_PREFIX).await?.iter().filter_map(|(_, v)| serde_json::from_slice::<IpEntry>(v).ok()).map(|e| e.identity));
+        let mut next = BTreeMap::new();
+        for (id, labels, revision) in in_etcd {
+            if used.contains(&id) {
+                continue;
+            }
+            if unused.get(&id) == Some(&revision) {
+                if self.etcd.release_identity(id, &labels, revision).await? {
+                    tracing::info!(id, %labels, "unused identity freed in the kvstore");
+                }
+            } else {
+                next.insert(id, revision);
+            }
+        }
+        *unused = next;
+        Ok(())
     }
 
     async fn sync_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>, changes: Arc<std::sync::atomic::AtomicU64>, notify: Arc<tokio::sync::Notify>) {

@@ -102,7 +102,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
     let changes = daemon.change_counter();
     let daemon = Arc::new(Mutex::new(daemon));
     if let Some(kv) = &kvstore {
-        kv.start_sync(daemon.clone(), changes.clone());
+        kv.start_sync(daemon.clone(), changes.clone(), s.identity_gc_interval);
     }
     let (tx, _) = broadcast::channel(8192);
     let hubble = match s.hubble.clone() {

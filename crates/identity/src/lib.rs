@@ -43,6 +43,13 @@ pub enum IdentityError {
 pub trait ClusterNumbers: Send + Sync + std::fmt::Debug {
     /// The cluster-wide number of `labels` (allocating it if needed).
     fn number(&self, labels: &LabelSet) -> Result<NumericIdentity, String>;
+
+    /// As `number`, taking `preferred` when the labels have no number and
+    /// `preferred` is free (a restored identity keeps its number).
+    fn number_preferring(&self, labels: &LabelSet, preferred: NumericIdentity) -> Result<NumericIdentity, String> {
+        let _ = preferred;
+        self.number(labels)
+    }
 }
 
 /// A label set as the kvstore keys it: `source:key=value;` for each label,
@@ -208,7 +215,7 @@ impl Allocator {
         let Some(c) = self.cluster.clone() else { return Ok(BTreeMap::new()) };
         let mut moves = BTreeMap::new();
         for i in self.by_id.values().filter(|i| i.id >= MIN_CLUSTER_IDENTITY && i.id <= MAX_CLUSTER_IDENTITY && Scope::of(&i.labels) == Scope::Cluster) {
-            let n = c.number(&i.labels).map_err(|reason| IdentityError::Cluster { labels: i.labels.to_string(), reason })?;
+            let n = c.number_preferring(&i.labels, i.id).map_err(|reason| IdentityError::Cluster { labels: i.labels.to_string(), reason })?;
             if n != i.id {
                 moves.insert(i.id, n);
             }

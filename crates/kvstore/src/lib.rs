@@ -202,6 +202,12 @@ impl Etcd {
     /// the one already allocated, else the lowest free one in
     /// `min..=max`, claimed atomically.
     pub async fn allocate_identity(&self, labels: &str, min: u32, max: u32) -> Result<u32, KvError> {
+        self.allocate_identity_preferring(labels, None, min, max).await
+    }
+
+    /// As [`Etcd::allocate_identity`], trying `preferred` first when the
+    /// labels have no number yet.
+    pub async fn allocate_identity_preferring(&self, labels: &str, preferred: Option<u32>, min: u32, max: u32) -> Result<u32, KvError> {
         let labels_key = format!("{IDENTITIES_PREFIX}labels/{labels}");
         let parse = |key: &str, v: &[u8]| {
             let s = String::from_utf8_lossy(v);
@@ -213,7 +219,10 @@ impl Etcd {
             }
             let id_prefix = format!("{IDENTITIES_PREFIX}id/");
             let used: BTreeSet<u32> = self.list(&id_prefix).await?.iter().filter_map(|(k, _)| k.strip_prefix(&id_prefix)?.parse().ok()).collect();
-            let id = (min..=max).find(|n| !used.contains(n)).ok_or(KvError::Exhausted { min, max })?;
+            let id = match preferred.filter(|p| (min..=max).contains(p) && !used.contains(p)) {
+                Some(p) => p,
+                None => (min..=max).find(|n| !used.contains(n)).ok_or(KvError::Exhausted { min, max })?,
+            };
             let id_key = format!("{id_prefix}{id}");
             let absent = |key: &str| pb::Compare {
                 result: CompareResult::Equal as i32,
@@ -244,6 +253,38 @@ impl Etcd {
     }
 
     /// The labels (canonical string) of a cluster-wide identity.
+    /// Every allocated identity: (number, labels, the revision its number
+    /// key was last written at).
+    pub async fn identities(&self) -> Result<Vec<(u32, String, i64)>, KvError> {
+        let prefix = format!("{IDENTITIES_PREFIX}id/");
+        let r = self.within(self.kv.clone().range(pb::RangeRequest { key: prefix.clone().into(), range_end: prefix_end(prefix.as_bytes()), ..Default::default() })).await?;
+        Ok(r.kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let id = String::from_utf8_lossy(&kv.key).strip_prefix(&prefix)?.parse().ok()?;
+                Some((id, String::from_utf8_lossy(&kv.value).into_owned(), kv.mod_revision))
+            })
+            .collect())
+    }
+
+    /// Frees `id` (its number and labels keys, in one transaction) if its
+    /// number key is unchanged since `revision` and its labels still name
+    /// it. Returns whether it was freed.
+    pub async fn release_identity(&self, id: u32, labels: &str, revision: i64) -> Result<bool, KvError> {
+        let id_key = format!("{IDENTITIES_PREFIX}id/{id}");
+        let labels_key = format!("{IDENTITIES_PREFIX}labels/{labels}");
+        let delete = |key: &str| pb::RequestOp { request: Some(Request::RequestDeleteRange(pb::DeleteRangeRequest { key: key.into(), ..Default::default() })) };
+        let txn = pb::TxnRequest {
+            compare: vec![
+                pb::Compare { result: CompareResult::Equal as i32, target: CompareTarget::Mod as i32, key: id_key.clone().into(), target_union: Some(TargetUnion::ModRevision(revision)), range_end: Vec::new() },
+                pb::Compare { result: CompareResult::Equal as i32, target: CompareTarget::Value as i32, key: labels_key.clone().into(), target_union: Some(TargetUnion::Value(id.to_string().into())), range_end: Vec::new() },
+            ],
+            success: vec![delete(&id_key), delete(&labels_key)],
+            failure: vec![],
+        };
+        Ok(self.within(self.kv.clone().txn(txn)).await?.succeeded)
+    }
+
     pub async fn identity_labels(&self, id: u32) -> Result<Option<String>, KvError> {
         Ok(self.get(&format!("{IDENTITIES_PREFIX}id/{id}")).await?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }

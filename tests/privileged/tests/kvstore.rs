@@ -212,3 +212,56 @@ fn agents_share_cluster_state_through_etcd() {
     assert!(!ipcache.contains(&format!("\"{web3_ip}/32\"")), "node3's pod left the ipcache: {ipcache}");
     assert!(lab.probe("default/client", &web1, 80, "tcp"), "the others keep working");
 }
+
+/// Runs `f` against the lab's etcd (in its world namespace).
+fn lab_etcd<T: Send + 'static, F: std::future::Future<Output = T>>(lab: &TestLab, f: impl FnOnce(Etcd) -> F + Send + 'static) -> T {
+    let ns = lab.netns("world");
+    std::thread::spawn(move || {
+        cilium_datapath::sys::enter_netns(&ns).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move { f(Etcd::connect(cilium_lab::ETCD_ADDRESS, Duration::from_secs(5)).unwrap()).await })
+    })
+    .join()
+    .unwrap()
+}
+
+fn labels_in_etcd(lab: &TestLab, id: u32) -> Option<String> {
+    lab_etcd(lab, move |e| async move { e.identity_labels(id).await.unwrap() })
+}
+
+/// Identity garbage collection: once no endpoint uses an identity, the
+/// collecting agent frees it in etcd; an identity a running pod uses that
+/// etcd lost is put back, with its number, by the agent holding it.
+#[test]
+fn unused_identities_are_freed_and_lost_ones_put_back() {
+    let lab = TestLab::create(&[PODS], &["--identity-gc-interval=1s"], &["--nodes", "2", "--kvstore"]);
+    const TEMP: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: temp, labels: {app: temp}}\nspec: {nodeName: node2, containers: [{name: t}]}\n";
+    lab.apply(TEMP);
+    let ids = identities(&lab, "node1");
+    let (temp, client, web) = (ids["temp"], ids["client"], ids["web"]);
+    let temp_labels = labels_in_etcd(&lab, temp).expect("allocated in etcd");
+    assert!(temp_labels.contains("k8s:app=temp"), "{temp_labels}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(labels_in_etcd(&lab, temp).is_some(), "in use: kept");
+    lab.delete(TEMP);
+    let freed = eventually(|| {
+        let l = labels_in_etcd(&lab, temp);
+        (l.is_none(), l)
+    });
+    assert_eq!(freed, None, "identity {temp} freed once its pod is gone");
+    // etcd loses the client's identity while the client runs
+    let client_labels = labels_in_etcd(&lab, client).expect("client identity");
+    let lost = client_labels.clone();
+    lab_etcd(&lab, move |e| async move {
+        e.delete(&format!("{}id/{client}", cilium_kvstore::IDENTITIES_PREFIX)).await.unwrap();
+        e.delete(&format!("{}labels/{lost}", cilium_kvstore::IDENTITIES_PREFIX)).await.unwrap();
+    });
+    let back = eventually(|| {
+        let l = labels_in_etcd(&lab, client);
+        (l.is_some(), l)
+    });
+    assert_eq!(back.as_deref(), Some(client_labels.as_str()), "put back under its number");
+    assert!(labels_in_etcd(&lab, web).is_some(), "the others untouched");
+    let now = identities(&lab, "node2");
+    assert_eq!((now["client"], now["web"]), (client, web), "no renumbering");
+}

@@ -232,6 +232,16 @@ impl<D: Datapath> Daemon<D> {
         Ok(moves.len())
     }
 
+    /// The cluster-scope identities this agent holds, with their labels as
+    /// the kvstore keys them.
+    pub fn cluster_identities(&self) -> Vec<(u32, String)> {
+        self.identities
+            .iter()
+            .filter(|i| (cilium_identity::MIN_CLUSTER_IDENTITY..=cilium_identity::MAX_CLUSTER_IDENTITY).contains(&i.id) && cilium_identity::Scope::of(&i.labels) == cilium_identity::Scope::Cluster)
+            .map(|i| (i.id, cilium_identity::labels_key(&i.labels)))
+            .collect()
+    }
+
     /// Takes what the kvstore holds now (the caller read all of it; on a
     /// read error it keeps the last view and does not call this).
     pub fn kvstore_sync(&mut self, view: KvView) -> Result<(), DaemonError> {
