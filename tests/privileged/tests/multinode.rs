@@ -1,8 +1,9 @@
 //! Several nodes: each a network namespace with its own agent and pod CIDR,
-//! routed to each other through the world namespace (native routing). Pods
-//! reach pods of other nodes, policy applies to them by identity on both
-//! sides, a Service balances over backends on every node, and other nodes'
-//! addresses are `remote-node`.
+//! routed to each other through the world namespace (native routing), or
+//! joined by VXLAN (tunnel mode, identity in the VNI). Pods reach pods of
+//! other nodes, policy applies to them by identity on both sides, a Service
+//! balances over backends on every node, and other nodes' addresses are
+//! `remote-node`; masquerading; node health.
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
 spec:
-  replicas: 2
+  replicas: 4
   selector: {matchLabels: {app: web}}
   template:
     metadata: {labels: {app: web}}
@@ -82,32 +83,31 @@ fn node_list(lab: &TestLab, node: &str) -> Vec<Value> {
 }
 
 #[test]
-fn pods_on_two_nodes_talk_under_policy_by_identity() {
-    let lab = TestLab::up_nodes(&[PODS], 2);
+fn pods_on_three_nodes_talk_under_policy_by_identity() {
+    let lab = TestLab::up_nodes(&[PODS], 3);
     let pods = lab.pods();
     let node_of = |app: &str| pods.iter().filter(|p| p["labels"]["app"] == app).map(|p| p["node"].as_str().unwrap().to_string()).collect::<Vec<_>>();
     assert_eq!(node_of("server"), vec!["node2"]);
-    let mut web = node_of("web");
-    web.sort();
-    assert_eq!(web, vec!["node1", "node2"], "the Deployment spreads over the nodes");
+    let web: std::collections::BTreeSet<String> = node_of("web").into_iter().collect();
+    assert_eq!(web.len(), 3, "the Deployment spreads over every node: {web:?}");
     let nodes = node_list(&lab, "node1");
-    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(nodes.len(), 3, "{nodes:?}");
     assert!(nodes.iter().any(|n| n["name"] == "node2" && n["ip"] == "172.30.0.12" && n["pod_cidr"] == "10.0.2.0/24" && n["local"] == false && n["pods"] == 2), "{nodes:?}");
 
     // no policy: across nodes both ways
     assert!(lab.probe("default/client", "default/server", 80, "tcp"), "client (node1) -> server (node2)");
-    // a Service with a backend on each node, from either node's pods
+    // a Service with backends on every node
     let mut answered = std::collections::BTreeSet::new();
-    for _ in 0..24 {
+    for _ in 0..40 {
         answered.extend(lab.probe_pod("default/client", "10.96.0.10", 80, "tcp"));
-        if answered.len() == 2 {
+        if answered.len() == 4 {
             break;
         }
     }
-    assert_eq!(answered.len(), 2, "both backends answer through the ClusterIP: {answered:?}");
+    assert_eq!(answered.len(), 4, "every backend answers through the ClusterIP: {answered:?}");
     // a NodePort reached on a node without a backend: the flow goes to
-    // node2 from node1's address (SNAT) and the replies come back through it
-    for node_ip in ["172.30.0.11", "172.30.0.12"] {
+    // node2 from the frontend node's address (SNAT) and the replies come back through it
+    for node_ip in ["172.30.0.11", "172.30.0.12", "172.30.0.13"] {
         for _ in 0..3 {
             assert_eq!(lab.probe_pod("world", node_ip, 30080, "tcp").as_deref(), Some("default/server"), "NodePort on {node_ip}");
         }
@@ -288,13 +288,13 @@ fn tunnel_mode_carries_the_identity_between_three_nodes() {
     assert!(lab.probe("default/client", "default/server", 80, "tcp"), "client (node1) -> server (node2)");
     assert!(tx() > before, "through node1's tunnel device");
     let mut answered = std::collections::BTreeSet::new();
-    for _ in 0..24 {
+    for _ in 0..40 {
         answered.extend(lab.probe_pod("default/client", "10.96.0.10", 80, "tcp"));
-        if answered.len() == 2 {
+        if answered.len() == 4 {
             break;
         }
     }
-    assert_eq!(answered.len(), 2, "both backends (on other nodes or this one) answer through the ClusterIP: {answered:?}");
+    assert_eq!(answered.len(), 4, "every backend, on every node, answers through the ClusterIP: {answered:?}");
     for node_ip in ["172.30.0.11", "172.30.0.13"] {
         assert_eq!(lab.probe_pod("world", node_ip, 30080, "tcp").as_deref(), Some("default/server"), "NodePort on {node_ip}, backend on node2");
     }
