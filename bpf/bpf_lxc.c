@@ -171,6 +171,16 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 
 	__u32 now = now_seconds();
 	__u16 proxy = 0;
+	if (egress && (skb->mark & MARK_MAGIC_MASK) == MARK_MAGIC_REINJECT) {
+		/* Sent by the node's stack to this endpoint and judged at its tc
+		 * egress, whose L7 ingress rules want the proxy: handed over
+		 * here, at a tc ingress (the mark cannot come from the pod: it
+		 * is cleared when a packet leaves the pod's namespace). */
+		__u16 port = bpf_htons((__u16)(skb->mark >> 16));
+		/* addressed to the pod's MAC: the local stack takes it as ours */
+		bpf_skb_change_type(skb, PACKET_HOST);
+		return to_proxy(skb, ep, &p, ipcache_identity(p.saddr), ep->sec_identity, EVENT_F_INGRESS, port);
+	}
 	if (egress) {
 		/* A pod may only send from its own address. */
 		if (p.saddr != ep->ipv4)
@@ -216,10 +226,14 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir, &p);
 	ret = enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now, &proxy);
-	if (ret == TC_ACT_OK && proxy)
-		/* L7 ingress rules for a client outside this node: the proxy is
-		 * reached from tc ingress only, and this is tc egress. Fail closed. */
-		return drop(skb, ep->ep_id, DROP_PROXY_LOOKUP_FAILED, ipcache_identity(p.saddr), ep->sec_identity, dir_flag, metric_dir, &p);
+	if (ret == TC_ACT_OK && proxy) {
+		/* L7 ingress rules for what the node's stack sends (its own
+		 * connections, NodePort flows to this backend): the proxy is
+		 * reached from a tc ingress only, and this is tc egress, so the
+		 * packet goes back in at this device's ingress, marked. */
+		skb->mark = MARK_MAGIC_REINJECT | ((__u32)bpf_ntohs(proxy) << 16);
+		return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	}
 	return ret;
 }
 
@@ -260,6 +274,20 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 	return redirect_to_endpoint(skb, ep, ep->ep_id);
 }
 
+/* The per-packet service load balancer at a tc ingress; a flow it sends to
+ * a backend of this node is delivered into the pod here, under the pod's
+ * ingress policy (and its L7 proxy: a packet the stack forwarded to the pod
+ * could not be handed to the proxy's socket for the same addresses). A
+ * host-network backend is the node's stack's. */
+static __always_inline int nodeport_to_local(struct __sk_buff *skb, struct pkt *p, __u32 src_id)
+{
+	int ret = nodeport_ingress(skb, p);
+	if (ret != NODEPORT_LOCAL)
+		return ret;
+	ret = to_local_endpoint(skb, p, src_id);
+	return ret == -1 ? TC_ACT_OK : ret;
+}
+
 SEC("classifier")
 int cil_from_netdev(struct __sk_buff *skb)
 {
@@ -275,7 +303,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	ret = to_local_endpoint(skb, &p, ipcache_identity(p.saddr));
 	if (ret != -1)
 		return ret;
-	return nodeport_ingress(skb, &p);
+	return nodeport_to_local(skb, &p, ipcache_identity(p.saddr));
 }
 
 SEC("classifier")
@@ -368,7 +396,7 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (ret != -1)
 		return ret;
 	/* the node itself, or a remote backend's reply to a NodePort flow */
-	return nodeport_ingress(skb, &p);
+	return nodeport_to_local(skb, &p, src_id);
 }
 
 /*

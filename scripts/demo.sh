@@ -20,9 +20,10 @@ SEED=examples/seed-001
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-cleanup() { [ "${KEEP:-0}" = 1 ] || cilium lab down >/dev/null 2>&1 || true; }
+cleanup() { [ "${KEEP:-0}" = 1 ] || { cilium lab down >/dev/null 2>&1; cilium lab down --name demo-vxlan >/dev/null 2>&1; } || true; }
 trap cleanup EXIT
 cilium lab down >/dev/null 2>&1 || true
+cilium lab down --name demo-vxlan >/dev/null 2>&1 || true
 
 step "A lab: node1 is a network namespace running cilium-agent; 'world' stands for the outside"
 run cilium lab up -f $SEED/frontend-deployment.yaml -f $SEED/backend-deployment.yaml
@@ -102,9 +103,27 @@ echo "the world reaches the node port; the node's devices translate each packet:
 run cilium lab probe --from world --to node1 --port 30080
 run cilium bpf lb list
 
+step "As the seed installs it: two nodes, pods joined by VXLAN, the source identity in the VNI"
+echo "(routingMode tunnel: every node has cilium_vxlan; the nodes share identities through etcd)"
+run cilium lab up --name demo-vxlan --nodes 2 --routing-mode tunnel -f $SEED/frontend-deployment.yaml -f $SEED/backend-deployment.yaml -f $SEED/frontend-to-backend-policy.yaml
+export CILIUM_SOCK=/var/run/cilium-lab/demo-vxlan/node1/cilium.sock
+run cilium lab get pods --name demo-vxlan
+echo '$ cilium status | grep -E "KVStore|Routing|Cluster health"'
+cilium status | grep -E "KVStore|Routing|Cluster health"
+V_FRONTEND=$(cilium lab get pods --name demo-vxlan -l app=frontend -o name)
+V_BACKEND=$(cilium lab get pods --name demo-vxlan -l app=backend -o name)
+V_BACKEND_IP=$(cilium lab get pods --name demo-vxlan -l app=backend -o ip)
+echo "the frontend curls the backend on the other node, through the tunnel:"
+run cilium lab exec --name demo-vxlan "$V_FRONTEND" -- curl -s -m 2 "http://$V_BACKEND_IP:8080"
+echo "node1's ipcache: the other node's pods and pod CIDR behind its address (the tunnel endpoint):"
+run cilium bpf ipcache list
+echo "backend -> frontend:80 is judged on the frontend's node with the identity the VNI carries:"
+run cilium lab probe --name demo-vxlan --from "$V_BACKEND" --to "$V_FRONTEND" --port 80
+run cilium-health status
+
 step "Done"
 if [ "${KEEP:-0}" = 1 ]; then
-  echo "The lab is still up. Try: cilium lab get pods; cilium monitor; cilium lab down"
+  echo "The labs are still up. Try: cilium lab get pods; cilium monitor; cilium lab down; cilium lab down --name demo-vxlan"
 else
-  echo "Removing the lab (KEEP=1 keeps it)."
+  echo "Removing the labs (KEEP=1 keeps them)."
 fi

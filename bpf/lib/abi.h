@@ -170,9 +170,14 @@ enum policy_entry_flags {
  * local stack, where the socket assigned to it takes it (the agent's
  * policy rule: fwmark 0x200/0xF00 lookup 2005, local default). PROXY marks
  * what the proxy sends (its listener's replies, its upstream connections);
- * the upper 16 bits carry the client's identity on upstream connections. */
+ * the upper 16 bits carry the client's identity on upstream connections.
+ * REINJECT marks a packet the node's stack sent to a local endpoint that
+ * its ingress L7 rules send to the proxy: it is turned back into the
+ * endpoint device's ingress, the proxy port (host order) in the upper 16
+ * bits. */
 #define MARK_MAGIC_MASK 0xF00
 #define MARK_MAGIC_TO_PROXY 0x200
+#define MARK_MAGIC_REINJECT 0x300
 #define MARK_MAGIC_PROXY 0xA00
 
 struct policy_entry {

@@ -285,6 +285,10 @@ static __always_inline int snat_port(const struct pkt *p, __u32 baddr, __u16 bpo
 	return 0;
 }
 
+/* nodeport_ingress translated the packet to a backend of this node (p
+ * now names it). */
+#define NODEPORT_LOCAL (-2)
+
 /* tc ingress of a node device: translate packets to a service frontend. */
 static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p)
 {
@@ -356,8 +360,14 @@ static __always_inline int nodeport_ingress(struct __sk_buff *skb, struct pkt *p
 	ret = rewrite_l3l4(skb, p->protocol, 0, p->daddr, baddr, p->dport, bport);
 	if (ret < 0)
 		return lb_drop(skb, -ret, p);
-	if (!remote)
-		return TC_ACT_OK;
+	if (!remote) {
+		/* a backend of this node: the caller delivers it, to the
+		 * endpoint under its ingress policy */
+		p->daddr = baddr;
+		p->dport = bport;
+		p->policy_port = bport;
+		return NODEPORT_LOCAL;
+	}
 	ret = rewrite_l3l4(skb, p->protocol, 1, p->saddr, p->daddr, p->sport, nport);
 	if (ret < 0)
 		return lb_drop(skb, -ret, p);

@@ -15,6 +15,7 @@ fuzz_target!(|data: &[u8]| {
         node_name: "n".into(),
         pod_cidr: "10.0.1.0/24".parse().unwrap(),
         mtu: 1500,
+        routing_mode: cilium_api::RoutingMode::Native,
         policy: Default::default(),
         audit_mode: false,
         lb_algorithm: cilium_lb::Algorithm::Random,

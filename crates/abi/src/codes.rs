@@ -318,6 +318,10 @@ pub const PROXY_PORT_DNS: u16 = 15053;
 pub const MARK_MAGIC_MASK: u32 = 0xF00;
 /// Routes a packet to the local stack and the socket assigned to it.
 pub const MARK_MAGIC_TO_PROXY: u32 = 0x200;
+/// A packet the node's stack sent to a local endpoint, turned back into the
+/// endpoint device's ingress for the L7 proxy (proxy port in the upper 16
+/// bits).
+pub const MARK_MAGIC_REINJECT: u32 = 0x300;
 /// What the proxy sends; upstream connections carry the client's identity
 /// in the upper 16 bits.
 pub const MARK_MAGIC_PROXY: u32 = 0xA00;
@@ -366,6 +370,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("IDENTITY_MIN_LOCAL", IDENTITY_MIN_LOCAL as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
+        ("MARK_MAGIC_REINJECT", MARK_MAGIC_REINJECT as i64),
         ("MARK_MAGIC_PROXY", MARK_MAGIC_PROXY as i64),
         ("EVENT_DATA_LEN", crate::EVENT_DATA_LEN as i64),
         ("EVENT_STATS_LOST", 0),

@@ -621,6 +621,10 @@ impl Datapath for Loaded {
 
     fn attach(&mut self, ifname: &str) -> Result<()> {
         self.attach_pair(ifname, [Program::FromContainer, Program::ToContainer])?;
+        // the endpoint's egress program turns what the node sends it back
+        // into the device's ingress when the L7 proxy must see it; the
+        // node's own source address must not make that a martian
+        crate::sys::sysctl(&format!("net.ipv4.conf.{ifname}.accept_local"), "1")?;
         info!(ifname, "endpoint programs attached");
         Ok(())
     }

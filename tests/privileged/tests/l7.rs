@@ -442,9 +442,12 @@ fn seed_003_api_server_policy() {
     assert!(flows.iter().any(|f| f["l7"]["dns"]["query"] == "db.production.example."), "{flows:#?}");
 }
 
-/// L7 ingress rules for a client outside the node: the world reaches the
+/// L7 ingress rules for clients that are not pods: the world reaches the
 /// server through the node's device, where its connection is handed to the
-/// proxy.
+/// proxy; the node itself and NodePort flows reach it through the node's
+/// stack, and their packets are turned back into the endpoint device's
+/// ingress for the proxy. (With allow-localhost=always, the default, the
+/// host is allowed whole at L3 and no L7 rule applies to it.)
 #[test]
 fn http_rules_for_clients_outside_the_node() {
     let policy = r#"
@@ -454,13 +457,30 @@ metadata: {name: from-world}
 spec:
   endpointSelector: {matchLabels: {app: server}}
   ingress:
-  - fromEntities: [world]
+  - fromEntities: [world, host]
     toPorts:
     - ports: [{port: "80", protocol: TCP}]
       rules:
         http: [{method: GET, path: "/public/.*"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server}
+spec:
+  type: NodePort
+  selector: {app: server}
+  ports: [{port: 80, nodePort: 30080}]
 "#;
-    let lab = TestLab::up(&[PODS, policy]);
+    // the host judged by policy, not allowed whole by allow-localhost
+    let lab = TestLab::up_with(&[PODS, policy], &["--allow-localhost=policy"]);
+    for (from, to) in [("node1", SocketAddr::from((lab.pod_ip("server"), 80))), ("world", "172.30.0.11:30080".parse().unwrap())] {
+        let mut s = lab.connect_from(from, to).unwrap_or_else(|e| panic!("{from} connects to {to}: {e}"));
+        let (code, body) = exchange(&mut s, "/public/x");
+        assert_eq!(code, 200, "{from} -> {to}: {body}");
+        assert!(body.contains("pod=default/server-"), "{body}");
+        assert_eq!(exchange(&mut s, "/private").0, 403, "{from} -> {to}: the HTTP rule applies");
+        assert_eq!(exchange(&mut s, "/public/y").0, 200, "{from} -> {to}: and the connection goes on");
+    }
     let ip = lab.pod_ip("server");
     let mut s = lab.connect_from("world", SocketAddr::from((ip, 80))).expect("the world connects");
     let (code, body) = exchange(&mut s, "/public/x");

@@ -36,8 +36,9 @@ impl Harness {
     }
 
     /// A service on NODE:NODE_PORT/proto (ID 1) with these backends (IDs
-    /// 1..), local endpoints of the node (a backend on another node is
-    /// reached through SNAT and the FIB: the lab tests that path).
+    /// 1..), local endpoints of the node, which translated packets are
+    /// redirected into (a backend on another node is reached through SNAT
+    /// and the FIB: the lab tests that path).
     fn service(&mut self, proto: u8, backends: &[Ipv4Addr], flags: u8) {
         for (i, b) in backends.iter().enumerate() {
             let id = i as u32 + 1;
@@ -83,7 +84,7 @@ fn tcp_is_translated_both_ways_with_valid_checksums() {
     let mut h = Harness::new();
     h.service(6, &[B1], 0);
     let (rc, out) = h.ingress(&syn(40000));
-    assert_eq!(rc, OK);
+    assert_eq!(rc, REDIRECT, "a backend of this node: delivered into it");
     assert_eq!(tuple(&out), (CLIENT, 40000, B1, 8080), "destination is the backend");
     assert!(checksums_ok(&out), "checksums after DNAT");
     let reply = with_l4_checksum(packet::tcp(B1, 8080, CLIENT, 40000, TCP_SYN | TCP_ACK));
@@ -104,7 +105,7 @@ fn udp_is_translated_and_a_missing_checksum_stays_missing() {
     h.service(17, &[B1], 0);
     let with = with_l4_checksum(packet::udp(CLIENT, 5000, NODE, NODE_PORT));
     let (rc, out) = h.ingress(&with);
-    assert_eq!(rc, OK);
+    assert_eq!(rc, REDIRECT);
     assert_eq!(tuple(&out), (CLIENT, 5000, B1, 8080));
     assert!(checksums_ok(&out));
     let without = packet::udp(CLIENT, 5001, NODE, NODE_PORT);
@@ -166,7 +167,7 @@ fn source_ranges_admit_only_their_clients() {
     assert_eq!(h.drops(), vec![DropReason::NotInSourceRange.code()]);
     h.dp.lb_apply(&[LbOp::SrcRangeSet(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) })]).unwrap();
     let (rc, out) = h.ingress(&syn(44001));
-    assert_eq!((rc, tuple(&out).2), (OK, B1));
+    assert_eq!((rc, tuple(&out).2), (REDIRECT, B1));
     h.dp.lb_apply(&[LbOp::SrcRangeSet(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 2, pad: 0, addr: ip_to_be(Ipv4Addr::new(198, 51, 100, 0)) })]).unwrap();
     h.dp.lb_apply(&[LbOp::SrcRangeDel(Lb4SrcRangeKey { prefixlen: 32 + 24, rev_nat_index: 1, pad: 0, addr: ip_to_be(Ipv4Addr::new(192, 0, 2, 0)) })]).unwrap();
     assert_eq!(h.ingress(&syn(44002)).0, SHOT, "another service's range does not count");
