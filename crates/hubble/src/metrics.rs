@@ -1,6 +1,6 @@
 //! Hubble's Prometheus metrics (served on :9965), derived from flows. Each
 //! family can be turned on by name like upstream's `--hubble-metrics`:
-//! flow, drop, tcp, icmp, port-distribution, policy, dns, http.
+//! flow, drop, tcp, icmp, port-distribution, policy, dns, http, kafka.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -69,6 +69,14 @@ pub struct HttpLabels {
     pub reporter: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KafkaLabels {
+    pub topic: String,
+    pub api_key: String,
+    pub error_code: String,
+    pub reporter: String,
+}
+
 /// Every family name `--hubble-metrics` accepts.
 pub const FAMILIES: &[&str] = &[
     "flow",
@@ -79,6 +87,7 @@ pub const FAMILIES: &[&str] = &[
     "policy",
     "dns",
     "http",
+    "kafka",
 ];
 
 /// Hubble's metrics. Families not enabled are never registered.
@@ -95,6 +104,7 @@ pub struct Metrics {
     http_requests: Option<Family<HttpLabels, Counter>>,
     http_responses: Option<Family<HttpLabels, Counter>>,
     http_duration: Option<Family<HttpLabels, Histogram>>,
+    kafka_requests: Option<Family<KafkaLabels, Counter>>,
     lost: Family<LostLabels, Counter>,
 }
 
@@ -187,6 +197,7 @@ impl Metrics {
             http_requests: family(reg, has("http"), "http_requests", "HTTP requests"),
             http_responses: family(reg, has("http"), "http_responses", "HTTP responses"),
             http_duration,
+            kafka_requests: family(reg, has("kafka"), "kafka_requests", "Kafka requests, by topic, API key, error code and reporter"),
             lost,
         })
     }
@@ -369,9 +380,40 @@ impl Metrics {
                         m.get_or_create(&labels).observe(l7.latency_ns as f64 / 1e9);
                     }
                 }
-                _ => {}
+                Some(layer7::Record::Kafka(k)) => {
+                    if let Some(m) = &self.kafka_requests {
+                        let reporter = if f.traffic_direction == TrafficDirection::Ingress as i32 { "server" } else { "client" };
+                        m.get_or_create(&KafkaLabels { topic: k.topic.clone(), api_key: k.api_key.clone(), error_code: k.error_code.to_string(), reporter: reporter.into() }).inc();
+                    }
+                }
+                None => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::flow::{Kafka, Layer7};
+
+    #[test]
+    fn kafka_requests_by_topic_api_key_and_error_code() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg, &["kafka".to_string()]).unwrap();
+        let flow = |topic: &str, error_code: i32| Flow {
+            traffic_direction: TrafficDirection::Ingress as i32,
+            l7: Some(Layer7 { r#type: 1, record: Some(layer7::Record::Kafka(Kafka { topic: topic.into(), api_key: "produce".into(), error_code, ..Default::default() })), ..Default::default() }),
+            ..Default::default()
+        };
+        m.observe(&flow("orders", 0));
+        m.observe(&flow("orders", 0));
+        m.observe(&flow("secrets", 29));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(text.contains(r#"hubble_kafka_requests_total{topic="orders",api_key="produce",error_code="0",reporter="server"} 2"#), "{text}");
+        assert!(text.contains(r#"hubble_kafka_requests_total{topic="secrets",api_key="produce",error_code="29",reporter="server"} 1"#), "{text}");
+        assert!(Metrics::register(&mut Registry::default(), &["kafka:labelsContext=source_pod".to_string()]).is_ok());
     }
 }
 

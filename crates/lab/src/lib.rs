@@ -462,7 +462,7 @@ impl Lab {
             // in the node's network namespace, upstream's ports are free
             "--hubble-listen-address=:4244".to_string(),
             "--hubble-metrics-server=:9965".to_string(),
-            "--hubble-metrics=flow,drop,tcp,icmp,port-distribution,policy,dns,http".to_string(),
+            "--hubble-metrics=flow,drop,tcp,icmp,port-distribution,policy,dns,http,kafka".to_string(),
             "--prometheus-serve-addr=:9962".to_string(),
             "--health-probe-interval=2".to_string(),
             format!("--routing-mode={}", self.state.routing_mode.as_str()),

@@ -127,6 +127,9 @@ fn kafka_rules_allow_and_deny_requests_of_a_real_client() {
     let out = Command::new(bin_dir().join("hubble")).args(["observe", "--server", &server, "--all", "--protocol", "kafka", "--verdict", "DROPPED"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Kafka request produce") && text.contains("topic 'payments'"), "{text}");
+    // and Hubble's kafka metrics count it
+    let metrics = lab.lab(&["exec", "node1", "--", "curl", "-s", "http://127.0.0.1:9965/metrics"]);
+    assert!(metrics.contains(r#"hubble_kafka_requests_total{topic="payments",api_key="produce",error_code="29",reporter="server"} 1"#), "{metrics}");
 }
 
 /// One ApiVersions exchange on an open connection (hand-encoded, so the

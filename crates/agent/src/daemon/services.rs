@@ -368,6 +368,14 @@ impl<D: Datapath> Daemon<D> {
     /// Checks a set of services before any is stored: frontends free (or
     /// held by `replacing`) and room in the Maglev map.
     fn check_services(&self, wanted: &[Service], replacing: &[u16]) -> Result<(), DaemonError> {
+        // two ports of one Service on the same frontend (the same nodePort
+        // twice, say): refused before any of them is stored
+        let mut seen = BTreeSet::new();
+        for f in wanted.iter().flat_map(|s| &s.frontends) {
+            if !seen.insert(f.to_string()) {
+                return Err(cilium_lb::ServiceError::FrontendTaken { frontend: f.to_string(), owner: "another port of the same service".into() }.into());
+            }
+        }
         for s in wanted {
             let id = self.services.id_of(&s.name).filter(|_| !s.name.is_empty());
             self.services.check(s, id, replacing)?;

@@ -709,3 +709,18 @@ fn restored_identities_move_to_the_kvstores_numbers() {
     assert_eq!(dp.ipcache[&Ipv4Net::from(ep.ipv4)].sec_identity, 1000, "and the ipcache");
     assert_eq!(d.kvstore_reclaim().unwrap(), 0);
 }
+
+#[test]
+fn two_ports_on_one_node_port_are_refused_whole() {
+    let mut d = daemon(None);
+    let mut svc = k8s_svc("web", "10.96.0.10", &[("10.0.1.2", false)]);
+    svc.service_type = "NodePort".into();
+    svc.ports = vec![
+        cilium_api::K8sServicePort { name: Some("http".into()), protocol: "TCP".into(), port: 80, node_port: Some(30080) },
+        cilium_api::K8sServicePort { name: None, protocol: "TCP".into(), port: 81, node_port: Some(30080) },
+    ];
+    let before = d.service_list();
+    let e = d.k8s_service_upsert(svc).unwrap_err();
+    assert!(e.to_string().contains(":30080"), "{e}");
+    assert_eq!(d.service_list(), before, "nothing stored");
+}
