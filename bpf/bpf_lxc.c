@@ -265,6 +265,10 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
 	if (!ep)
 		return -1;
+	/* From outside the node, a source that is one of this node's pods or
+	 * addresses is spoofed (the real ones never arrive this way). */
+	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || ipcache_identity(p->saddr) == IDENTITY_HOST)
+		return drop(skb, ep->ep_id, DROP_INVALID_SIP, src_id, ep->sec_identity, EVENT_F_INGRESS, METRIC_INGRESS, p);
 	__u16 proxy = 0;
 	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy);
 	if (ret != TC_ACT_OK)
@@ -382,6 +386,11 @@ int cil_from_overlay(struct __sk_buff *skb)
 	struct bpf_tunnel_key tk = {};
 	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0)
 		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	/* The VNI is believed only from another node of the cluster: anyone
+	 * else (a pod sending to the tunnel port) could claim any identity. */
+	__u32 outer = bpf_htonl(tk.remote_ipv4);
+	if (ipcache_identity(outer) != IDENTITY_REMOTE_NODE)
+		return drop(skb, 0, DROP_INVALID_SIP, ipcache_identity(outer), 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
 	/* another node's own traffic is remote-node here */
 	__u32 src_id = tk.tunnel_id == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : tk.tunnel_id;
 	/* the inner frame is addressed to the sending node's tunnel device */
@@ -392,6 +401,11 @@ int cil_from_overlay(struct __sk_buff *skb)
 	int ret = parse_ipv4(skb, &p);
 	if (ret < 0)
 		return drop(skb, 0, -ret, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	/* and a node speaks only for the addresses behind it */
+	struct ipcache_key ik = { .prefixlen = 32, .addr = p.saddr };
+	struct ipcache_value *iv = bpf_map_lookup_elem(&cilium_ipcache, &ik);
+	if (iv && iv->tunnel_endpoint && iv->tunnel_endpoint != outer)
+		return drop(skb, 0, DROP_INVALID_SIP, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, &p);
 	ret = to_local_endpoint(skb, &p, src_id);
 	if (ret != -1)
 		return ret;

@@ -143,10 +143,11 @@ pub struct Config {
     pub enable_ipv4_masquerade: bool,
 
     /// How pods reach other nodes' pods: tunnel (VXLAN between nodes, the
-    /// source identity in the VNI; needs --kvstore for cluster-wide
-    /// identities once there are other nodes) or native (the network
-    /// routes pod CIDRs).
-    #[arg(long, env = "CILIUM_ROUTING_MODE", default_value = "tunnel")]
+    /// source identity in the VNI, which needs the cluster-wide identity
+    /// numbers of --kvstore) or native (the network routes pod CIDRs).
+    /// Default: tunnel with a kvstore (upstream's default), native without
+    /// one (this node's own numbers cannot cross the wire).
+    #[arg(long, env = "CILIUM_ROUTING_MODE", default_value = "")]
     pub routing_mode: String,
 
     /// Encapsulation of tunnel mode (vxlan; geneve is not built into this
@@ -505,7 +506,14 @@ impl Config {
             None
         };
         let identity_gc_interval = duration("identity-gc-interval", &self.identity_gc_interval)?;
-        let routing_mode = cilium_api::RoutingMode::parse(&self.routing_mode).ok_or_else(|| bad("routing-mode", &self.routing_mode, "want tunnel or native"))?;
+        let routing_mode = match self.routing_mode.as_str() {
+            "" if kvstore.is_some() => cilium_api::RoutingMode::Tunnel,
+            "" => cilium_api::RoutingMode::Native,
+            m => cilium_api::RoutingMode::parse(m).ok_or_else(|| bad("routing-mode", m, "want tunnel or native"))?,
+        };
+        if routing_mode == cilium_api::RoutingMode::Tunnel && kvstore.is_none() {
+            return Err(bad("routing-mode", "tunnel", "the VNI carries identity numbers every node must agree on: tunnel mode needs --kvstore=etcd (or use --routing-mode=native)"));
+        }
         match self.tunnel_protocol.as_str() {
             "vxlan" => {}
             "geneve" => return Err(bad("tunnel-protocol", "geneve", "GENEVE is not built into this kernel; use vxlan")),
@@ -596,17 +604,23 @@ mod tests {
 
     #[test]
     fn routing_modes() {
+        const KV: [&str; 4] = ["--kvstore", "etcd", "--kvstore-opt", "etcd.address=http://127.0.0.1:2379"];
+        let with_kv = |extra: &[&str]| load(args(&[&["--ipv4-range", "10.0.1.0/24"], &KV[..], extra].concat()));
+        let s = with_kv(&[]).unwrap();
+        assert_eq!((s.routing_mode, s.tunnel_port), (cilium_api::RoutingMode::Tunnel, 8472), "upstream's default, with a kvstore");
         let s = load(args(&["--ipv4-range", "10.0.1.0/24"])).unwrap();
-        assert_eq!((s.routing_mode, s.tunnel_port), (cilium_api::RoutingMode::Tunnel, 8472), "upstream's default");
-        let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--routing-mode", "native"])).unwrap();
-        assert_eq!(s.routing_mode, cilium_api::RoutingMode::Native);
+        assert_eq!(s.routing_mode, cilium_api::RoutingMode::Native, "without one: node-local numbers cannot cross the wire");
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--routing-mode", "tunnel"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("routing-mode", "tunnel"));
+        assert!(e.reason.contains("--kvstore=etcd"), "{e}");
+        assert_eq!(with_kv(&["--routing-mode", "native"]).unwrap().routing_mode, cilium_api::RoutingMode::Native);
         let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--routing-mode", "direct"])).unwrap_err();
         assert_eq!((e.key.as_str(), e.value.as_str()), ("routing-mode", "direct"));
-        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--tunnel-protocol", "geneve"])).unwrap_err();
+        let e = with_kv(&["--tunnel-protocol", "geneve"]).unwrap_err();
         assert_eq!((e.key.as_str(), e.value.as_str()), ("tunnel-protocol", "geneve"));
-        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600"])).unwrap_err();
+        let e = with_kv(&["--mtu", "600"]).unwrap_err();
         assert_eq!((e.key.as_str(), e.value.as_str()), ("mtu", "600"));
-        load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600", "--routing-mode", "native"])).unwrap();
+        load(args(&["--ipv4-range", "10.0.1.0/24", "--mtu", "600"])).unwrap();
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! everything back) runs when etcd's watches report a change under the
 //! node or endpoint prefixes, when this node's own state changed (the
 //! daemon's change counter), and every few seconds regardless (watches
-//! re-established after etcd was away may have missed changes).
+//! re-established after etcd was away may have missed changes); those
+//! timed rounds also check that etcd still holds this agent's identities.
 //!
 //! Keys: `cilium/state/nodes/v1/default/<node>` (name, address, pod CIDR)
 //! and `cilium/state/ip/v1/default/<ip>` (identity, labels, node), JSON.
@@ -118,12 +119,12 @@ impl KvIdentities {
         rt.spawn(async move { me.gc_loop(daemon, gc_interval).await });
     }
 
-    /// Every `interval`: each agent checks that its own cluster identities
-    /// are still in etcd and re-claims them if not (etcd lost them, or a
-    /// collector freed one just as this agent took it); the agent whose
-    /// node name sorts first also frees the identities no published
-    /// endpoint and no identity of its own uses, once they were unused,
-    /// unchanged, in two rounds in a row (upstream's operator does this).
+    /// Every `interval`, the agent whose node name sorts first frees the
+    /// identities no published endpoint and no identity of its own uses,
+    /// once they were unused, unchanged, in two rounds in a row (upstream's
+    /// operator does this). Taking a number rewrites its key, so a number
+    /// taken between two rounds, or between a round's listing and its
+    /// delete, is never freed.
     async fn gc_loop(&self, daemon: Arc<Mutex<Daemon<Loaded>>>, interval: Duration) {
         let mut unused: BTreeMap<u32, i64> = BTreeMap::new();
         loop {
@@ -132,6 +133,22 @@ impl KvIdentities {
                 warn!(error = %e, "identity garbage collection");
             }
         }
+    }
+
+    /// Puts back identities of this agent etcd no longer has under the
+    /// same labels (etcd lost its data, say), keeping their numbers when
+    /// free (a re-claim).
+    async fn check_own_identities(&self, daemon: &Arc<Mutex<Daemon<Loaded>>>) -> anyhow::Result<()> {
+        let d = daemon.clone();
+        let held = tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).cluster_identities()).await?;
+        let in_etcd = self.etcd.identities().await?;
+        let names: BTreeMap<u32, &str> = in_etcd.iter().map(|(id, labels, _)| (*id, labels.as_str())).collect();
+        if held.iter().any(|(id, labels)| names.get(id) != Some(&labels.as_str())) {
+            warn!("identities of this node are missing from the kvstore: re-claiming them");
+            let d = daemon.clone();
+            tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_reclaim()).await??;
+        }
+        Ok(())
     }
 
     async fn gc_round(&self, daemon: &Arc<Mutex<Daemon<Loaded>>>, unused: &mut BTreeMap<u32, i64>) -> anyhow::Result<()> {
@@ -143,17 +160,11 @@ impl KvIdentities {
             (nodes.iter().map(|n| n.name.clone()).min() == me, d.cluster_identities())
         })
         .await?;
-        let in_etcd = self.etcd.identities().await?;
-        let names: BTreeMap<u32, &str> = in_etcd.iter().map(|(id, labels, _)| (*id, labels.as_str())).collect();
-        if held.iter().any(|(id, labels)| names.get(id) != Some(&labels.as_str())) {
-            warn!("identities of this node are missing from the kvstore: re-claiming them");
-            let d = daemon.clone();
-            tokio::task::spawn_blocking(move || d.lock().unwrap_or_else(|p| p.into_inner()).kvstore_reclaim()).await??;
-        }
         if !collector {
             unused.clear();
             return Ok(());
         }
+        let in_etcd = self.etcd.identities().await?;
         let mut used: std::collections::BTreeSet<u32> = held.iter().map(|(id, _)| *id).collect();
         used.extend(self.etcd.list(IP_PREFIX).await?.iter().filter_map(|(_, v)| serde_json::from_slice::<IpEntry>(v).ok()).map(|e| e.identity));
         let mut next = BTreeMap::new();
@@ -182,8 +193,14 @@ impl KvIdentities {
         loop {
             let now = changes.load(std::sync::atomic::Ordering::Relaxed);
             if now != seen || tokio::time::Instant::now() >= next {
+                let timed = tokio::time::Instant::now() >= next;
                 seen = now;
                 next = tokio::time::Instant::now() + RESYNC_EVERY;
+                if timed && reclaimed {
+                    if let Err(e) = self.check_own_identities(&daemon).await {
+                        warn!(error = %e, "kvstore identity check");
+                    }
+                }
                 if let Err(e) = self.round(&daemon, &mut reclaimed, &mut lease, &mut published).await {
                     warn!(error = %e, "kvstore sync");
                     // etcd away: try again in a second, not at every poll

@@ -215,7 +215,18 @@ impl Etcd {
         };
         for _ in 0..32 {
             if let Some(v) = self.get(&labels_key).await? {
-                return parse(&labels_key, &v);
+                let id = parse(&labels_key, &v)?;
+                // taking a number is a write (its number key rewritten while
+                // the labels still name it): a collector that saw it unused
+                // cannot free it now, its compare on that key's revision fails
+                let id_key = format!("{IDENTITIES_PREFIX}id/{id}");
+                let same = pb::Compare { result: CompareResult::Equal as i32, target: CompareTarget::Value as i32, key: labels_key.clone().into(), target_union: Some(TargetUnion::Value(v)), range_end: Vec::new() };
+                let put = pb::RequestOp { request: Some(Request::RequestPut(pb::PutRequest { key: id_key.into(), value: labels.into(), ..Default::default() })) };
+                if self.within(self.kv.clone().txn(pb::TxnRequest { compare: vec![same], success: vec![put], failure: vec![] })).await?.succeeded {
+                    return Ok(id);
+                }
+                // freed or renumbered meanwhile: allocate again
+                continue;
             }
             let id_prefix = format!("{IDENTITIES_PREFIX}id/");
             let used: BTreeSet<u32> = self.list(&id_prefix).await?.iter().filter_map(|(k, _)| k.strip_prefix(&id_prefix)?.parse().ok()).collect();

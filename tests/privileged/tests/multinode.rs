@@ -129,6 +129,18 @@ fn pods_on_three_nodes_talk_under_policy_by_identity() {
     assert!(entries.as_array().unwrap().iter().any(|e| e["prefix"] == "172.30.0.12/32" && e["identity"] == 6), "{entries:#}");
     assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2 (remote-node) reaches the client");
     assert!(!lab.probe("default/server", "default/client", 80, "tcp"), "a pod of node2 is not remote-node");
+    // from outside, a source that is node2 itself or one of its pods is
+    // spoofed: dropped before the server's policy (which allows the host) sees it
+    let before = invalid_source_drops(&lab, "node2");
+    let server_ip = pods.iter().find(|p| p["labels"]["app"] == "server").unwrap()["ip"].as_str().unwrap().parse().unwrap();
+    for spoofed in [std::net::Ipv4Addr::new(172, 30, 0, 12), web_ip.parse().unwrap()] {
+        send_raw(&lab, "world", cilium_privileged_tests::packet::udp(spoofed, 5555, server_ip, 80)[14..].to_vec());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while invalid_source_drops(&lab, "node2") < before + 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(invalid_source_drops(&lab, "node2") >= before + 2, "spoofed sources from the world are dropped on node2");
 }
 
 fn status_of(lab: &TestLab, node: &str, args: &[&str]) -> String {
@@ -255,6 +267,37 @@ fn pods_reach_the_world_from_their_node_address() {
     assert_eq!(lab.probe_pod("world", "172.30.0.12", 30080, "tcp").as_deref(), Some("default/server"));
 }
 
+/// Packets `node` dropped as INVALID_SOURCE_IP so far.
+fn invalid_source_drops(lab: &TestLab, node: &str) -> u64 {
+    let v: Vec<Value> = serde_json::from_str(&lab.cilium_on(node, &["bpf", "metrics", "list", "-o", "json"])).unwrap();
+    v.iter().filter(|e| e["reason"] == "Invalid source ip").map(|e| e["packets"].as_u64().unwrap()).sum()
+}
+
+/// Sends an IPv4 packet as is (its source included) from a namespace.
+fn send_raw(lab: &TestLab, from: &str, ip_packet: Vec<u8>) {
+    let ns = lab.netns(from);
+    std::thread::spawn(move || {
+        cilium_datapath::sys::enter_netns(&ns).unwrap();
+        // SAFETY: plain socket calls on a descriptor this block owns
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW);
+            assert!(fd >= 0, "raw socket");
+            let dst = libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: 0, sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes([ip_packet[16], ip_packet[17], ip_packet[18], ip_packet[19]]) }, sin_zero: [0; 8] };
+            let n = libc::sendto(fd, ip_packet.as_ptr().cast(), ip_packet.len(), 0, (&raw const dst).cast(), size_of::<libc::sockaddr_in>() as u32);
+            assert_eq!(n, ip_packet.len() as isize, "raw send");
+            libc::close(fd);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// The identity `node` gives the pod with label app=`app`.
+fn identity_of(lab: &TestLab, node: &str, app: &str) -> u32 {
+    let v: Vec<Value> = serde_json::from_str(&lab.cilium_on(node, &["identity", "list", "-o", "json"])).unwrap();
+    v.iter().find(|i| i["labels"].as_array().unwrap().iter().any(|l| l == &format!("k8s:app={app}"))).unwrap()["id"].as_u64().unwrap() as u32
+}
+
 /// The node's bpffs directory of the lab (its pinned maps).
 fn bpf_root(lab: &TestLab, node: &str) -> String {
     let state: Value = serde_json::from_slice(&std::fs::read(format!("/var/run/cilium-lab/{}/lab.json", lab.name)).unwrap()).unwrap();
@@ -324,6 +367,25 @@ fn tunnel_mode_carries_the_identity_between_three_nodes() {
     assert_eq!(found["formatted"]["value"]["sec_identity"], 2, "node2's ipcache now says world for the client: {found}");
     assert!(lab.probe("default/client", "default/server", 80, "tcp"), "still allowed: node2 enforced the VNI's identity");
     assert!(!lab.probe("default/other", "default/server", 80, "tcp"), "and still denies another pod of node1");
+
+    // a pod cannot speak for another identity by sending VXLAN itself: a
+    // frame claiming the client's identity, for the server, sent from the
+    // other pod to node2's tunnel port is dropped (the outer source is no node)
+    let invalid = |lab: &TestLab| invalid_source_drops(lab, "node2");
+    let before = invalid(&lab);
+    let client_id = identity_of(&lab, "node2", "client");
+    let inner = cilium_privileged_tests::packet::udp(lab.pod_ip("other"), 5555, server_ip, 80);
+    let mut frame = vec![0x08, 0, 0, 0, (client_id >> 16) as u8, (client_id >> 8) as u8, client_id as u8, 0];
+    frame.extend_from_slice(&inner);
+    let forger = lab.udp_in("default/other", "0.0.0.0:0".parse().unwrap());
+    for _ in 0..3 {
+        forger.send_to(&frame, "172.30.0.12:8472").expect("send a forged VXLAN frame");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while invalid(&lab) < before + 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(invalid(&lab) >= before + 3, "forged VXLAN frames dropped as INVALID_SOURCE_IP on node2");
 
     // a node's own traffic is remote-node on the receiving node
     lab.apply(CLIENT_POLICY);
