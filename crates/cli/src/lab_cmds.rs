@@ -351,11 +351,11 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
 }
 
 fn get_pods(l: &Lab, output: &str, selector: Option<&str>) -> anyhow::Result<i32> {
-    let eps: Vec<cilium_api::Endpoint> = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(l.client(0).get("/v1/endpoint"))
-        .unwrap_or_default();
+    // each node's agent knows its own endpoints
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let eps: Vec<cilium_api::Endpoint> = (0..l.state.nodes.len())
+        .flat_map(|i| rt.block_on(l.client(i).get::<Vec<cilium_api::Endpoint>>("/v1/endpoint")).unwrap_or_default())
+        .collect();
     let sel = selector.map(|s| s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).unwrap_or((s.to_string(), String::new())));
     let mut pods = Vec::new();
     for p in l.state.pods.values() {

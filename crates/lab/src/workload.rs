@@ -51,6 +51,11 @@ pub fn serve(w: Workload) -> anyhow::Result<()> {
         if let Some(f) = &w.ready_file {
             std::fs::write(f, b"ready")?;
         }
+        // a pod without ports runs as long as one with them (its status
+        // is Running, not WorkloadStopped)
+        if tasks.is_empty() {
+            std::future::pending::<()>().await;
+        }
         for t in tasks {
             let _ = t.await;
         }
