@@ -543,7 +543,7 @@ impl<D: Datapath> Daemon<D> {
         format!("{ns}/{name}")
     }
 
-    fn labels_for(&self, namespace: &str, pod: &str) -> LabelSet {
+    pub fn labels_for(&self, namespace: &str, pod: &str) -> LabelSet {
         let empty = BTreeMap::new();
         let meta = self.pods.get(&Self::pod_key(namespace, pod));
         let ns_labels = self.namespaces.get(namespace).map(|n| &n.labels).unwrap_or(&empty);

@@ -131,6 +131,7 @@ pub async fn run(s: Settings) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         health,
         kvstore: s.kvstore.as_ref().map(|(a, _)| a.clone()),
+        kv: kvstore.clone(),
     });
 
     if let Some(h) = &hubble {

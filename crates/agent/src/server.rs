@@ -37,6 +37,8 @@ pub struct AppState {
     pub health: Option<Arc<crate::health::Health>>,
     /// etcd's address when the kvstore is on.
     pub kvstore: Option<String>,
+    /// The kvstore's identity numbers, when it is on.
+    pub kv: Option<Arc<crate::kvstore::KvIdentities>>,
 }
 
 type Shared = Arc<AppState>;
@@ -196,6 +198,18 @@ async fn ipam_release(State(s): State<Shared>, UrlPath(ip): UrlPath<Ipv4Addr>) -
 }
 
 async fn endpoint_create(State(s): State<Shared>, Json(req): Json<EndpointCreate>) -> Result<Json<cilium_api::Endpoint>, ApiError> {
+    // kvstore mode: the pod's identity number is fetched from etcd before
+    // the daemon's lock is taken, so an unreachable etcd holds up this
+    // request only, not every other (inside, the number is one quick read)
+    if let Some(kv) = s.kv.clone() {
+        let (ns, pod) = (req.namespace.clone(), req.pod_name.clone());
+        let labels = with(&s, move |d| Ok(d.labels_for(&ns, &pod))).await?;
+        let shown = labels.to_string();
+        tokio::task::spawn_blocking(move || cilium_identity::ClusterNumbers::number(&*kv, &labels))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, ErrorBody { status: 500, error: e.to_string(), document: None, field: None, value: None }))?
+            .map_err(|reason| ApiError::from(DaemonError::Identity(cilium_identity::IdentityError::Cluster { labels: shown, reason })))?;
+    }
     with(&s, move |d| {
         let id = d.endpoint_create(&req)?;
         d.endpoint_view(id).ok_or(DaemonError::NotFound { what: format!("endpoint {id}") })

@@ -265,3 +265,34 @@ fn unused_identities_are_freed_and_lost_ones_put_back() {
     let now = identities(&lab, "node2");
     assert_eq!((now["client"], now["web"]), (client, web), "no renumbering");
 }
+
+/// A pod whose labels need a new number from an etcd that does not answer
+/// (its packets dropped, as in a partition) waits, and fails after etcd's
+/// operation timeout; the agent answers everything else meanwhile.
+#[test]
+fn a_silent_etcd_holds_up_only_the_pod_that_needs_it() {
+    let lab = TestLab::create(&["apiVersion: v1\nkind: Pod\nmetadata: {name: a, labels: {app: a}}\nspec: {containers: [{name: a}]}\n"], &[], &["--kvstore"]);
+    let nft = |args: &[&str]| {
+        let mut a = vec!["exec", "node1", "--", "nft"];
+        a.extend_from_slice(args);
+        lab.lab(&a);
+    };
+    nft(&["add", "table", "inet", "partition"]);
+    nft(&["add", "chain", "inet", "partition", "out", "{ type filter hook output priority 0 ; }"]);
+    nft(&["add", "rule", "inet", "partition", "out", "tcp", "dport", "2379", "drop"]);
+    let pod_b = lab.write("b.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: b, labels: {app: b}}\nspec: {containers: [{name: b}]}\n");
+    let name = lab.name.clone();
+    let apply = std::thread::spawn(move || cilium_privileged_tests::lab::cilium().args(["lab", "apply", "--name", &name, "-f"]).arg(&pod_b).output().unwrap());
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let status = lab.cilium_on("node1", &["status"]);
+    let waited = t.elapsed();
+    assert!(status.contains("KVStore:"), "{status}");
+    assert!(!apply.is_finished(), "pod b still waits for etcd");
+    assert!(waited < Duration::from_secs(2), "the agent answered at once, not after etcd's 5 s timeout: {waited:?}");
+    let out = apply.join().unwrap();
+    assert!(!out.status.success(), "pod b's CNI ADD fails when etcd does not answer");
+    nft(&["delete", "table", "inet", "partition"]);
+    lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: b, labels: {app: b}}\nspec: {containers: [{name: b}]}\n");
+    assert!(identities(&lab, "node1").contains_key("b"), "pod b gets its identity once etcd answers");
+}
