@@ -256,10 +256,11 @@ int cil_to_container(struct __sk_buff *skb)
  * it arrived on, where a connection that needs L7 rules can be handed to the
  * proxy (the endpoint's own hook is a tc egress, where it cannot), and an
  * allowed packet goes straight into the pod. `src_id` is the source's
- * identity: from the ipcache, or from the tunnel header. Returns -1 when the
- * packet is not for a local endpoint.
+ * identity: from the ipcache, or from the tunnel header; `saddr_id` what
+ * the ipcache says of the source address (callers have looked it up).
+ * Returns -1 when the packet is not for a local endpoint.
  */
-static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *p, __u32 src_id)
+static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *p, __u32 src_id, __u32 saddr_id)
 {
 	__u32 *ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr);
 	struct endpoint_info *ep = ifindex ? bpf_map_lookup_elem(&cilium_lxc, ifindex) : 0;
@@ -267,7 +268,7 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 		return -1;
 	/* From outside the node, a source that is one of this node's pods or
 	 * addresses is spoofed (the real ones never arrive this way). */
-	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || ipcache_identity(p->saddr) == IDENTITY_HOST)
+	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || saddr_id == IDENTITY_HOST)
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, src_id, ep->sec_identity, EVENT_F_INGRESS, METRIC_INGRESS, p);
 	__u16 proxy = 0;
 	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy);
@@ -283,12 +284,12 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
  * ingress policy (and its L7 proxy: a packet the stack forwarded to the pod
  * could not be handed to the proxy's socket for the same addresses). A
  * host-network backend is the node's stack's. */
-static __always_inline int nodeport_to_local(struct __sk_buff *skb, struct pkt *p, __u32 src_id)
+static __always_inline int nodeport_to_local(struct __sk_buff *skb, struct pkt *p, __u32 src_id, __u32 saddr_id)
 {
 	int ret = nodeport_ingress(skb, p);
 	if (ret != NODEPORT_LOCAL)
 		return ret;
-	ret = to_local_endpoint(skb, p, src_id);
+	ret = to_local_endpoint(skb, p, src_id, saddr_id);
 	return ret == -1 ? TC_ACT_OK : ret;
 }
 
@@ -304,10 +305,11 @@ int cil_from_netdev(struct __sk_buff *skb)
 	int ret = masq_ingress(skb, &p);
 	if (ret != TC_ACT_OK)
 		return ret;
-	ret = to_local_endpoint(skb, &p, ipcache_identity(p.saddr));
+	__u32 id = ipcache_identity(p.saddr);
+	ret = to_local_endpoint(skb, &p, id, id);
 	if (ret != -1)
 		return ret;
-	return nodeport_to_local(skb, &p, ipcache_identity(p.saddr));
+	return nodeport_to_local(skb, &p, id, id);
 }
 
 SEC("classifier")
@@ -406,11 +408,12 @@ int cil_from_overlay(struct __sk_buff *skb)
 	struct ipcache_value *iv = bpf_map_lookup_elem(&cilium_ipcache, &ik);
 	if (iv && iv->tunnel_endpoint && iv->tunnel_endpoint != outer)
 		return drop(skb, 0, DROP_INVALID_SIP, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, &p);
-	ret = to_local_endpoint(skb, &p, src_id);
+	__u32 saddr_id = iv ? iv->sec_identity : IDENTITY_WORLD;
+	ret = to_local_endpoint(skb, &p, src_id, saddr_id);
 	if (ret != -1)
 		return ret;
 	/* the node itself, or a remote backend's reply to a NodePort flow */
-	return nodeport_to_local(skb, &p, src_id);
+	return nodeport_to_local(skb, &p, src_id, saddr_id);
 }
 
 /*
