@@ -206,7 +206,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
 
     eprintln!("bench hubble: two labs, Hubble on and off");
     let manifest = logs.join("hubble-bench.yaml");
-    std::fs::write(&manifest, crate::BENCH_PODS)?;
+    std::fs::write(&manifest, format!("{}---{}", crate::BENCH_PODS, crate::BENCH_POLICY))?;
     let mut labs = Vec::new();
     let mut guards = Vec::new();
     for (tag, args) in [("on", vec![]), ("off", vec!["--enable-hubble=false".to_string()])] {

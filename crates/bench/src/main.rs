@@ -256,7 +256,11 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server, labels: {app: server}}
 spec: {containers: [{name: s}]}
----
+"#;
+
+/// The L3/L4 policy of every pod-to-pod benchmark: the server admits the
+/// client, the client may reach the server, on the echo and iperf3 ports.
+const BENCH_POLICY: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: server-ingress}
@@ -408,7 +412,7 @@ fn pods(a: &Args, logs: &Path, bin: &Path) -> anyhow::Result<String> {
     let _ = cilium_lab::down(&name);
     let _guard = LabGuard(name.clone());
     let manifest = logs.join("bench.yaml");
-    std::fs::write(&manifest, BENCH_PODS)?;
+    std::fs::write(&manifest, format!("{BENCH_PODS}---{BENCH_POLICY}"))?;
     let mut lab = cilium_lab::Lab::up(&name, bin, vec![], Default::default())?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     let client_ns = lab.state.pods["default/client"].netns.clone();

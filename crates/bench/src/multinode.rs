@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::{LabGuard, RR_PORT, crr, iperf, median, percentile, rr, servers, sh};
+use crate::{BENCH_POLICY, LabGuard, RR_PORT, crr, iperf, median, percentile, rr, servers, sh};
 
 pub struct Options {
     pub rounds: usize,
@@ -24,6 +24,7 @@ pub struct Options {
     pub additions: u32,
 }
 
+/// The client on node1, the server on node2 (with [`BENCH_POLICY`]).
 const PODS: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -34,24 +35,6 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server, labels: {app: server}}
 spec: {nodeName: node2, containers: [{name: s}]}
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: server-ingress}
-spec:
-  endpointSelector: {matchLabels: {app: server}}
-  ingress:
-  - fromEndpoints: [{matchLabels: {app: client}}]
-    toPorts: [{ports: [{port: "7777", protocol: TCP}, {port: "5201", protocol: TCP}]}]
----
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client-egress}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toEndpoints: [{matchLabels: {app: server}}]
-    toPorts: [{ports: [{port: "7777", protocol: TCP}, {port: "5201", protocol: TCP}]}]
 "#;
 
 /// The baseline: the lab's addressing across two nodes (node i at
@@ -125,7 +108,7 @@ fn pair(mode: cilium_lab::RoutingMode, logs: &Path, bin: &Path) -> anyhow::Resul
     let _ = cilium_lab::down(&name);
     let guard = LabGuard(name.clone());
     let manifest = logs.join(format!("{name}.yaml"));
-    std::fs::write(&manifest, PODS)?;
+    std::fs::write(&manifest, format!("{PODS}---{BENCH_POLICY}"))?;
     let mut lab = cilium_lab::Lab::up(&name, bin, vec![], cilium_lab::LabOptions { nodes: 2, kvstore: false, routing_mode: mode })?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     lab.wait_for_cluster_view(Duration::from_secs(20))?;

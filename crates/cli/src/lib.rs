@@ -6,6 +6,21 @@ pub mod lab_cmds;
 
 use std::path::PathBuf;
 
+/// The agent-socket flag both binaries take.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HostArg {
+    /// Agent socket (`unix:///path` or a path). Default: $CILIUM_SOCK, then
+    /// /var/run/cilium/cilium.sock, then the default lab's node.
+    #[arg(short = 'H', long = "host", global = true)]
+    pub host: Option<String>,
+}
+
+impl HostArg {
+    pub fn socket(&self) -> PathBuf {
+        resolve_socket(self.host.as_deref())
+    }
+}
+
 /// Where the agent's socket is.
 pub fn resolve_socket(host: Option<&str>) -> PathBuf {
     if let Some(h) = host {

@@ -1,16 +1,14 @@
 //! `cilium`: the operator's command line. Agent commands talk to the agent's
 //! socket; `cilium lab` builds and drives the lab.
 
-use cilium_cli::{agent_cmds, lab_cmds, resolve_socket};
+use cilium_cli::{agent_cmds, lab_cmds};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "cilium", version, about = "cilium-rs: eBPF networking, security and observability")]
 struct Cli {
-    /// Agent socket (`unix:///path` or a path). Default: $CILIUM_SOCK, then
-    /// /var/run/cilium/cilium.sock, then the default lab's node.
-    #[arg(short = 'H', long = "host", global = true)]
-    host: Option<String>,
+    #[command(flatten)]
+    host: cilium_cli::HostArg,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -49,7 +47,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    let socket = resolve_socket(cli.host.as_deref());
+    let socket = cli.host.socket();
     let result = match cli.cmd {
         Cmd::Lab(c) => lab_cmds::run(c),
         other => {

@@ -7,10 +7,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "cilium-health", version, about = "Connectivity between the cluster's nodes, as the agent probes it")]
 struct Cli {
-    /// Agent socket (`unix:///path` or a path). Default: $CILIUM_SOCK, then
-    /// /var/run/cilium/cilium.sock, then the default lab's node.
-    #[arg(short = 'H', long = "host", global = true)]
-    host: Option<String>,
+    #[command(flatten)]
+    host: cilium_cli::HostArg,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -29,7 +27,7 @@ enum Cmd {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = cilium_api::Client::new(cilium_cli::resolve_socket(cli.host.as_deref()));
+    let client = cilium_api::Client::new(cli.host.socket());
     match cli.cmd {
         Cmd::Status { probe, output } => {
             if output != "text" && output != "json" {
