@@ -70,7 +70,7 @@ pub enum PolicyCmd {
         all: bool,
         #[arg(short, long)]
         namespace: Option<String>,
-        /// CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy.
+        /// CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy or CiliumCIDRGroup.
         #[arg(long)]
         kind: Option<String>,
     },

@@ -371,7 +371,7 @@ pub fn parse_manifest(text: &str, source: &str) -> Result<Vec<Object>, PolicyErr
                     &doc,
                     "kind",
                     other,
-                    "unsupported kind (want Namespace, Pod, Deployment, Service, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy)",
+                    "unsupported kind (want Namespace, Pod, Deployment, Service, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy or CiliumCIDRGroup)",
                 ));
             }
         };

@@ -1098,6 +1098,7 @@ fn kubectl_name(key: &str) -> String {
     let res = match kind {
         "CiliumNetworkPolicy" => "ciliumnetworkpolicy.cilium.io",
         "CiliumClusterwideNetworkPolicy" => "ciliumclusterwidenetworkpolicy.cilium.io",
+        "CiliumCIDRGroup" => "ciliumcidrgroup.cilium.io",
         _ => "networkpolicy.networking.k8s.io",
     };
     format!("{res}/{name}")

@@ -420,6 +420,29 @@ pub struct NetworkPolicyPort {
 pub enum PolicyDocument {
     Cilium(CiliumPolicy),
     Kubernetes(NetworkPolicy),
+    CidrGroup(CidrGroup),
+}
+
+/// cilium.io/v2alpha1 (or v2) CiliumCIDRGroup: a named, labelled list of
+/// CIDRs that `fromCIDRSet`/`toCIDRSet` entries refer to by name
+/// (`cidrGroupRef`) or by its labels (`cidrGroupSelector`). Clusterwide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrGroup {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    pub spec: CidrGroupSpec,
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CidrGroupSpec {
+    #[serde(default, rename = "externalCIDRs")]
+    pub external_cidrs: Vec<String>,
 }
 
 /// The kinds of policy documents.
@@ -428,6 +451,7 @@ pub enum PolicyKind {
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,
     NetworkPolicy,
+    CiliumCIDRGroup,
 }
 
 impl PolicyKind {
@@ -436,11 +460,12 @@ impl PolicyKind {
             PolicyKind::CiliumNetworkPolicy => "CiliumNetworkPolicy",
             PolicyKind::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
             PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::CiliumCIDRGroup => "CiliumCIDRGroup",
         }
     }
 
     pub fn is_namespaced(self) -> bool {
-        self != PolicyKind::CiliumClusterwideNetworkPolicy
+        !matches!(self, PolicyKind::CiliumClusterwideNetworkPolicy | PolicyKind::CiliumCIDRGroup)
     }
 }
 
@@ -452,6 +477,7 @@ impl PolicyDocument {
             }
             PolicyDocument::Cilium(_) => PolicyKind::CiliumNetworkPolicy,
             PolicyDocument::Kubernetes(_) => PolicyKind::NetworkPolicy,
+            PolicyDocument::CidrGroup(_) => PolicyKind::CiliumCIDRGroup,
         }
     }
 
@@ -459,6 +485,7 @@ impl PolicyDocument {
         match self {
             PolicyDocument::Cilium(p) => &p.metadata,
             PolicyDocument::Kubernetes(p) => &p.metadata,
+            PolicyDocument::CidrGroup(g) => &g.metadata,
         }
     }
 
@@ -466,6 +493,7 @@ impl PolicyDocument {
         match self {
             PolicyDocument::Cilium(p) => &mut p.metadata,
             PolicyDocument::Kubernetes(p) => &mut p.metadata,
+            PolicyDocument::CidrGroup(g) => &mut g.metadata,
         }
     }
 

@@ -41,6 +41,8 @@ pub struct Repository {
     fqdn_ips: BTreeMap<String, std::collections::BTreeSet<std::net::IpAddr>>,
     /// Some rule names DNS names (`toFQDNs`).
     fqdn_refs: bool,
+    /// The CiliumCIDRGroups among `docs`, by name.
+    cidr_groups: BTreeMap<String, rule::CidrGroupInfo>,
     revision: u64,
 }
 
@@ -85,12 +87,21 @@ impl Repository {
         let rules: Vec<Rule> = self.docs.values().flat_map(|(_, r)| r.iter().cloned()).collect();
         self.service_refs = rule::references_services(&rules);
         self.fqdn_refs = rule::references_fqdns(&rules);
+        self.cidr_groups = self
+            .docs
+            .values()
+            .filter_map(|(d, _)| match d {
+                PolicyDocument::CidrGroup(g) => rule::cidr_group_info("", g).ok().map(|i| (g.metadata.name.clone(), i)),
+                _ => None,
+            })
+            .collect();
         self.rules = self.resolve(rules);
         self.revision += 1;
         self.revision
     }
 
     fn resolve(&self, rules: Vec<Rule>) -> Vec<Rule> {
+        let rules = if rule::references_cidr_groups(&rules) { rule::resolve_cidr_groups(&rules, &self.cidr_groups) } else { rules };
         let rules = if self.service_refs { rule::resolve_services(&rules, &self.services) } else { rules };
         if self.fqdn_refs { rule::resolve_fqdns(&rules, &self.fqdn_ips) } else { rules }
     }

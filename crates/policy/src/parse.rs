@@ -3,7 +3,7 @@
 
 use serde::de::DeserializeOwned;
 
-use crate::api::{CiliumPolicy, NetworkPolicy, PolicyDocument};
+use crate::api::{CidrGroup, CiliumPolicy, NetworkPolicy, PolicyDocument};
 use crate::rule::{Rule, translate};
 
 /// A policy document that cannot be accepted.
@@ -80,7 +80,7 @@ fn typed<T: DeserializeOwned>(doc: &str, value: serde_yaml::Value) -> Result<T, 
 
 /// True for the kinds this crate handles.
 pub fn is_policy_kind(kind: &str) -> bool {
-    matches!(kind, "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" | "NetworkPolicy")
+    matches!(kind, "CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy" | "NetworkPolicy" | "CiliumCIDRGroup")
 }
 
 /// Parses one document value into a policy and checks it completely, by
@@ -107,13 +107,19 @@ pub fn parse_value(name: &str, value: serde_yaml::Value) -> Result<(PolicyDocume
             }
             PolicyDocument::Kubernetes(typed::<NetworkPolicy>(&doc_name, value)?)
         }
+        "CiliumCIDRGroup" => {
+            if !matches!(api_version.as_str(), "cilium.io/v2alpha1" | "cilium.io/v2") {
+                return Err(PolicyError::new(&doc_name, "apiVersion", api_version, "must be cilium.io/v2alpha1 or cilium.io/v2"));
+            }
+            PolicyDocument::CidrGroup(typed::<CidrGroup>(&doc_name, value)?)
+        }
         "" => return Err(PolicyError::new(&doc_name, "kind", "", "missing")),
         other => {
             return Err(PolicyError::new(
                 &doc_name,
                 "kind",
                 other,
-                "not a policy kind (want CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy or NetworkPolicy)",
+                "not a policy kind (want CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy or CiliumCIDRGroup)",
             ));
         }
     };

@@ -106,6 +106,32 @@ pub enum ServiceRef {
     Selected { namespace: Option<String>, selector: Selector },
 }
 
+/// A CiliumCIDRGroup a `fromCIDRSet`/`toCIDRSet` entry refers to; which
+/// prefixes it stands for is known only with the groups themselves (see
+/// [`resolve_cidr_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CidrGroupRef {
+    pub groups: CidrGroupMatch,
+    /// Prefixes cut out of every group prefix that contains them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CidrGroupMatch {
+    /// cidrGroupRef: one group by name.
+    Named(String),
+    /// cidrGroupSelector: every group whose labels match.
+    Selected(Selector),
+}
+
+/// What the rules need to know about a CiliumCIDRGroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CidrGroupInfo {
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub cidrs: Vec<IpNet>,
+}
+
 /// What the rules need to know about a Service to resolve `toServices`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
@@ -124,6 +150,10 @@ pub struct PeerRule {
     /// toServices: resolved into `peers` by [`resolve_services`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceRef>,
+    /// CiliumCIDRGroup references: resolved into `peers` by
+    /// [`resolve_cidr_groups`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_groups: Vec<CidrGroupRef>,
     /// Selectors every peer must also match (fromRequires/toRequires).
     pub requires: Vec<Selector>,
     /// Empty means every protocol and port.
@@ -260,6 +290,60 @@ pub fn resolve_fqdns(rules: &[Rule], ips: &std::collections::BTreeMap<String, st
                 }
                 if let Peers::Selected(v) = &mut pr.peers {
                     v.extend(addrs.into_iter().map(|ip| Selector::for_label(&cidr_label(&IpNet::from(ip)))));
+                }
+            }
+            r
+        })
+        .collect()
+}
+
+/// Whether any rule refers to CiliumCIDRGroups.
+pub fn references_cidr_groups(rules: &[Rule]) -> bool {
+    rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.cidr_groups.is_empty()))
+}
+
+/// The rules with every CiliumCIDRGroup reference replaced by a CIDR
+/// selector per prefix of the groups it names (minus the exceptions inside
+/// that prefix). Groups that do not exist select nothing.
+pub fn resolve_cidr_groups(rules: &[Rule], groups: &std::collections::BTreeMap<String, CidrGroupInfo>) -> Vec<Rule> {
+    let expand = |refs: &[CidrGroupRef]| -> Vec<Selector> {
+        let mut out = Vec::new();
+        for r in refs {
+            let matching: Vec<&CidrGroupInfo> = match &r.groups {
+                CidrGroupMatch::Named(name) => groups.get(name).into_iter().collect(),
+                CidrGroupMatch::Selected(sel) => groups
+                    .values()
+                    .filter(|g| {
+                        let mut set = cilium_labels::LabelSet::new();
+                        for (k, v) in &g.labels {
+                            set.insert(Label::k8s(k, v));
+                        }
+                        sel.matches(&set)
+                    })
+                    .collect(),
+            };
+            for net in matching.iter().flat_map(|g| g.cidrs.iter()) {
+                let mut sel = Selector::for_label(&cidr_label(net));
+                for ex in r.except.iter().filter(|e| net.contains(&e.network()) && e.prefix_len() >= net.prefix_len()) {
+                    let l = cidr_label(ex);
+                    sel = sel.with(Requirement { source: l.source, key: l.key, op: Operator::DoesNotExist });
+                }
+                out.push(sel);
+            }
+        }
+        out
+    };
+    rules
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            for pr in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
+                if pr.cidr_groups.is_empty() {
+                    continue;
+                }
+                let extra = expand(&pr.cidr_groups);
+                if let Peers::Selected(v) = &mut pr.peers {
+                    v.extend(extra);
                 }
             }
             r
@@ -776,19 +860,25 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<Pe
             selectors.push(cidr_selector(ctx, &f, net, &[])?);
         }
     }
+    let mut cidr_groups = Vec::new();
     if let Some(set) = p.cidr_set {
         any_peer_field = true;
         for (i, c) in set.iter().enumerate() {
             let f = format!("{field}.{n_cidrset}[{i}]");
-            match (&c.cidr, &c.cidr_group_ref, &c.cidr_group_selector) {
+            let groups = match (&c.cidr, &c.cidr_group_ref, &c.cidr_group_selector) {
                 (Some(cidr), None, None) => {
                     let net = parse_cidr(ctx, &format!("{f}.cidr"), cidr)?;
                     selectors.push(cidr_selector(ctx, &f, net, &c.except)?);
+                    continue;
                 }
+                (None, Some(name), None) if name.is_empty() => return Err(ctx.err(&format!("{f}.cidrGroupRef"), "", "empty group name")),
+                (None, Some(name), None) => CidrGroupMatch::Named(name.clone()),
+                (None, None, Some(sel)) => CidrGroupMatch::Selected(ctx.selector(&format!("{f}.cidrGroupSelector"), sel, SOURCE_K8S)?),
                 (None, None, None) => return Err(ctx.err(&f, "", "one of cidr, cidrGroupRef or cidrGroupSelector is required")),
-                (Some(_), _, _) => return Err(ctx.err(&f, "", "cidr, cidrGroupRef and cidrGroupSelector are mutually exclusive")),
-                _ => return Err(ctx.err(&f, "", "CiliumCIDRGroup references are not supported yet")),
-            }
+                _ => return Err(ctx.err(&f, "", "cidr, cidrGroupRef and cidrGroupSelector are mutually exclusive")),
+            };
+            let except = c.except.iter().enumerate().map(|(j, e)| parse_cidr(ctx, &format!("{f}.except[{j}]"), e)).collect::<Result<Vec<_>, _>>()?;
+            cidr_groups.push(CidrGroupRef { groups, except });
         }
     }
     if let Some(entities) = p.entities {
@@ -883,6 +973,7 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<Pe
         .map(|(ports, l7)| PeerRule {
             peers: peers.clone(),
             services: service_refs.clone(),
+            cidr_groups: cidr_groups.clone(),
             requires: requires.clone(),
             ports,
             has_l7: l7.is_some(),
@@ -1147,6 +1238,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         ingress.push(PeerRule {
             peers: k8s_peers(&ctx, &format!("{f}.from"), &r.from)?,
             services: vec![],
+            cidr_groups: vec![],
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
@@ -1161,6 +1253,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         egress.push(PeerRule {
             peers: k8s_peers(&ctx, &format!("{f}.to"), &r.to)?,
             services: vec![],
+            cidr_groups: vec![],
             requires: vec![],
             ports: k8s_ports(&ctx, &format!("{f}.ports"), &r.ports)?,
             has_l7: false,
@@ -1197,5 +1290,25 @@ pub fn translate(doc: &PolicyDocument, doc_name: &str) -> Result<Vec<Rule>, Poli
     match doc {
         PolicyDocument::Cilium(p) => cilium_rules(doc_name, p, policy),
         PolicyDocument::Kubernetes(p) => k8s_rules(doc_name, p, policy),
+        PolicyDocument::CidrGroup(g) => {
+            cidr_group_info(doc_name, g)?;
+            Ok(vec![])
+        }
     }
+}
+
+/// The prefixes and labels of a CiliumCIDRGroup, every prefix checked.
+pub fn cidr_group_info(doc_name: &str, g: &api::CidrGroup) -> Result<CidrGroupInfo, PolicyError> {
+    let ctx = Ctx { doc: doc_name, namespace: None };
+    let cidrs = g
+        .spec
+        .external_cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let f = format!("spec.externalCIDRs[{i}]");
+            c.parse::<IpNet>().map_err(|_| ctx.err(&f, c.clone(), "not a CIDR (want e.g. 10.0.0.0/8)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(CidrGroupInfo { labels: g.metadata.labels.clone(), cidrs })
 }

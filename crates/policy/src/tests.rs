@@ -850,3 +850,67 @@ fn each_l7_kind_has_its_proxy_port() {
     assert_eq!(port(&l7proto, false, on), cilium_abi::POLICY_PROXY_PORT_PENDING, "no proxy for l7proto: dropped");
     assert_eq!(port(&kafka, false, PolicyOptions::default()), cilium_abi::POLICY_PROXY_PORT_PENDING, "proxy off: dropped");
 }
+
+#[test]
+fn cidr_groups_by_name_and_by_labels_with_except() {
+    let mut w = World::new(&[("default", "a")]);
+    let policy = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toCIDRSet:
+    - cidrGroupRef: vpn
+      except: [10.48.0.128/25]
+  - toCIDRSet:
+    - cidrGroupSelector: {matchLabels: {role: partner}}
+    toPorts: [{ports: [{port: "443"}]}]
+"#;
+    let groups = r#"
+apiVersion: cilium.io/v2alpha1
+kind: CiliumCIDRGroup
+metadata: {name: vpn}
+spec: {externalCIDRs: [10.48.0.0/24, 10.16.0.0/24]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumCIDRGroup
+metadata: {name: partners, labels: {role: partner}}
+spec: {externalCIDRs: [198.51.100.0/24]}
+"#;
+    let mut repo = Repository::new();
+    repo.apply(parse_policies(policy, "p.yaml").unwrap());
+    assert!(rule::referenced_cidrs(repo.rules()).is_empty(), "groups that do not exist yet select nothing");
+    let p = w.policy_for_rules(repo.rules(), "default/a");
+    assert!(p.egress_enforced);
+    repo.apply(parse_policies(groups, "g.yaml").unwrap());
+    let cidrs = rule::referenced_cidrs(repo.rules());
+    assert_eq!(
+        cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        vec!["10.16.0.0/24", "10.48.0.0/24", "10.48.0.128/25", "198.51.100.0/24"]
+    );
+    let mut by_net = BTreeMap::new();
+    for (i, net) in cidrs.iter().enumerate() {
+        let id = (1 << 24) + i as u32;
+        w.ids.insert(id, rule::cidr_identity_labels(net));
+        by_net.insert(net.to_string(), id);
+    }
+    let p = w.policy_for_rules(repo.rules(), "default/a");
+    assert!(allowed(&p, by_net["10.48.0.0/24"], true, TCP, 22));
+    assert!(allowed(&p, by_net["10.16.0.0/24"], true, UDP, 53));
+    assert!(!allowed(&p, by_net["10.48.0.128/25"], true, TCP, 22), "except");
+    assert!(allowed(&p, by_net["198.51.100.0/24"], true, TCP, 443), "selected by the group's labels");
+    assert!(!allowed(&p, by_net["198.51.100.0/24"], true, TCP, 80), "only on the rule's port");
+    assert!(!allowed(&p, 2, true, TCP, 443));
+    // deleting the group takes its prefixes out of the policy
+    assert!(repo.delete(&PolicyRef { kind: PolicyKind::CiliumCIDRGroup, namespace: None, name: "vpn".into() }));
+    assert_eq!(rule::referenced_cidrs(repo.rules()).iter().map(|c| c.to_string()).collect::<Vec<_>>(), vec!["198.51.100.0/24"]);
+    // a bad prefix in a group is refused, naming the field
+    let e = parse_policies(&groups.replace("10.16.0.0/24", "10.16.0.0/33"), "g.yaml").unwrap_err();
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.externalCIDRs[1]", "10.16.0.0/33"), "{e}");
+    let e = parse_policies(&groups.replace("cilium.io/v2alpha1", "cilium.io/v1"), "g.yaml").unwrap_err();
+    assert_eq!(e.field, "apiVersion");
+    let e = parse_policies(&policy.replace("cidrGroupRef: vpn", "cidrGroupRef: vpn\n      cidr: 10.0.0.0/8"), "p.yaml").unwrap_err();
+    assert_eq!(e.field, "spec.egress[0].toCIDRSet[0]", "{e}");
+}

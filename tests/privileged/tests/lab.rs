@@ -424,6 +424,32 @@ spec:
         let e = ipcache.iter().find(|e| e["prefix"] == prefix).unwrap_or_else(|| panic!("{prefix} in the ipcache"));
         assert!(e["identity"].as_u64().unwrap() >= 1 << 24, "CIDR identities are node-local");
     }
+    // a CiliumCIDRGroup: referring to it before it exists selects nothing
+    lab.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: c-group}
+spec:
+  endpointSelector: {matchLabels: {app: c}}
+  egress:
+  - toCIDRSet:
+    - cidrGroupRef: web-servers
+"#,
+    );
+    assert!(!lab.probe("default/c", "world", 80, "tcp"), "the group does not exist yet");
+    let group = r#"
+apiVersion: cilium.io/v2alpha1
+kind: CiliumCIDRGroup
+metadata: {name: web-servers}
+spec:
+  externalCIDRs: [172.30.0.1/32]
+"#;
+    lab.apply(group);
+    assert!(lab.probe("default/c", "world", 80, "tcp"), "allowed once the group names the address");
+    assert!(!lab.probe("default/c", "203.0.113.10", 80, "tcp"), "an address outside the group");
+    lab.delete(group);
+    assert!(!lab.probe("default/c", "world", 80, "tcp"), "denied again once the group is deleted");
 }
 
 #[test]
