@@ -53,6 +53,14 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	struct ct_result ct;
 
 	*proxy_port = 0;
+	/* Only TCP, UDP, SCTP and ICMP, unless the agent lets pods use the
+	 * protocols without ports (VRRP, GRE, ...), which are tracked by
+	 * address pair. */
+	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP &&
+	    p->protocol != IPPROTO_SCTP && p->protocol != IPPROTO_ICMP &&
+	    !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
+		return drop(skb, ep->ep_id, DROP_CT_UNKNOWN_PROTO, src_id, dst_id, dir_flag,
+			    metric_dir, p);
 	ct_lookup(p, egress, skb->len, now, &ct);
 
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {

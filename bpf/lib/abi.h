@@ -95,6 +95,7 @@ enum endpoint_flags {
 	EP_F_EGRESS_ENFORCE = 2,
 	EP_F_AUDIT = 4,
 	EP_F_POLICY_GEN = 8,     /* which generation of policy entries is live */
+	EP_F_EXTENDED_PROTOCOLS = 16, /* IP protocols beyond TCP/UDP/SCTP/ICMP pass, under policy */
 };
 
 struct endpoint_info {

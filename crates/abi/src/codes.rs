@@ -235,6 +235,7 @@ abi_enum!(
         EgressEnforce = 2 => "EP_F_EGRESS_ENFORCE",
         Audit = 4 => "EP_F_AUDIT",
         PolicyGen = 8 => "EP_F_POLICY_GEN",
+        ExtendedProtocols = 16 => "EP_F_EXTENDED_PROTOCOLS",
     }
 );
 

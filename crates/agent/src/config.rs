@@ -56,6 +56,12 @@ pub struct Config {
     #[arg(long, env = "CILIUM_POLICY_AUDIT_MODE", default_value_t = false)]
     pub policy_audit_mode: bool,
 
+    /// Let pods send and receive IP protocols other than TCP, UDP, SCTP and
+    /// ICMP (VRRP, IGMP, GRE, IPIP, IPV6, ESP, AH), under policy; without it
+    /// they are dropped and policies naming them are refused.
+    #[arg(long, env = "CILIUM_ENABLE_EXTENDED_IP_PROTOCOLS", default_value_t = false)]
+    pub enable_extended_ip_protocols: bool,
+
     /// Directory of policy files, imported and re-imported on change.
     #[arg(long, env = "CILIUM_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
@@ -242,6 +248,7 @@ pub struct Settings {
     pub enforcement: EnforcementMode,
     pub allow_localhost: bool,
     pub audit_mode: bool,
+    pub extended_ip_protocols: bool,
     pub policy_dir: Option<PathBuf>,
     pub mtu: u32,
     pub ct_max: u32,
@@ -549,6 +556,7 @@ impl Config {
             enforcement,
             allow_localhost,
             audit_mode: self.policy_audit_mode,
+            extended_ip_protocols: self.enable_extended_ip_protocols,
             policy_dir: self.policy_dir,
             mtu: self.mtu,
             ct_max: self.bpf_ct_global_tcp_max,

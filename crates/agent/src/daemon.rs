@@ -65,6 +65,8 @@ pub struct DaemonConfig {
     pub routing_mode: cilium_api::RoutingMode,
     pub policy: PolicyOptions,
     pub audit_mode: bool,
+    /// Pods may use IP protocols without ports beyond ICMP (VRRP, GRE, …).
+    pub extended_ip_protocols: bool,
     /// Default backend selection of services.
     pub lb_algorithm: cilium_lb::Algorithm,
     /// Slots of each Maglev table.
@@ -772,6 +774,7 @@ impl<D: Datapath> Daemon<D> {
     /// Imports policy text: every document valid, or nothing changes.
     pub fn policy_import(&mut self, text: &str, source: &str, dry_run: bool) -> Result<(u64, Vec<String>), DaemonError> {
         let parsed = parse_policies(text, source)?;
+        self.check_policy_features(&parsed)?;
         if parsed.is_empty() {
             return Err(invalid("(document)", source, "no policy documents found"));
         }
@@ -792,6 +795,24 @@ impl<D: Datapath> Daemon<D> {
         self.save()?;
         info!(revision = rev, policies = ?names, "policies imported");
         Ok((rev, names))
+    }
+
+    /// Refuses what the agent's configuration cannot enforce.
+    fn check_policy_features(&self, parsed: &[(PolicyDocument, Vec<cilium_policy::Rule>)]) -> Result<(), PolicyError> {
+        if self.cfg.extended_ip_protocols {
+            return Ok(());
+        }
+        for (doc, rules) in parsed {
+            if let Some((field, proto)) = cilium_policy::rule::extended_protocol_use(rules) {
+                return Err(PolicyError::new(
+                    &doc.key().to_string(),
+                    &field,
+                    proto.name(),
+                    "extended IP protocols need the agent started with --enable-extended-ip-protocols",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Deletes policies matching a filter. Returns the revision and names.
@@ -816,6 +837,7 @@ impl<D: Datapath> Daemon<D> {
     /// directory watcher). Invalid text changes nothing.
     pub fn policy_replace_source(&mut self, source: &str, text: &str) -> Result<u64, DaemonError> {
         let parsed = if text.trim().is_empty() { vec![] } else { parse_policies(text, source)? };
+        self.check_policy_features(&parsed)?;
         let new_keys: BTreeSet<PolicyRef> = parsed.iter().map(|(d, _)| d.key()).collect();
         let old: Vec<PolicyRef> = self.policy_sources.iter().filter(|(k, s)| s.as_str() == source && !new_keys.contains(*k)).map(|(k, _)| k.clone()).collect();
         for k in &old {
@@ -968,6 +990,9 @@ impl<D: Datapath> Daemon<D> {
         if self.cfg.audit_mode {
             flags |= EndpointFlag::Audit as u16;
         }
+        if self.cfg.extended_ip_protocols {
+            flags |= EndpointFlag::ExtendedProtocols as u16;
+        }
         if let Some(r) = &ep.realized {
             if r.policy == policy && r.flags & !(EndpointFlag::PolicyGen as u16) == flags && ep.state == EpState::Ready && ep.stale.is_empty() {
                 return Ok(());
@@ -1117,7 +1142,10 @@ impl<D: Datapath> Daemon<D> {
             "UDP" => Protocol::Udp,
             "SCTP" => Protocol::Sctp,
             "ICMP" => Protocol::Icmp,
-            other => return Err(invalid("protocol", other, "want TCP, UDP, SCTP or ICMP")),
+            other => match Protocol::extended_by_name(other) {
+                Some(p) => p,
+                None => return Err(invalid("protocol", other, "want TCP, UDP, SCTP, ICMP, VRRP, IGMP, GRE, IPIP, IPV6, ESP or AH")),
+            },
         };
         let (sl, s_ep, sp) = self.trace_party("src", &req.src)?;
         let (dl, d_ep, dp) = self.trace_party("dst", &req.dst)?;

@@ -525,12 +525,7 @@ pub async fn policy(c: &Client, cmd: PolicyCmd) -> anyhow::Result<i32> {
 fn proto_name(p: u8) -> String {
     match p {
         0 => "ANY".into(),
-        1 => "ICMP".into(),
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        58 => "ICMPv6".into(),
-        132 => "SCTP".into(),
-        n => n.to_string(),
+        n => cilium_policy::Protocol::from_number(n).map_or_else(|| n.to_string(), |p| p.name().to_string()),
     }
 }
 

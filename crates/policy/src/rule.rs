@@ -19,7 +19,9 @@ use crate::api::{
 };
 use crate::parse::PolicyError;
 
-/// IP protocols a port rule can name.
+/// IP protocols a port rule can name. The extended ones (everything but
+/// TCP, UDP, SCTP and ICMP) have no ports and are enforced only by an agent
+/// started with `--enable-extended-ip-protocols`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
@@ -27,33 +29,55 @@ pub enum Protocol {
     Sctp,
     Icmp,
     Icmpv6,
+    Vrrp,
+    Igmp,
+    Gre,
+    Ipip,
+    Ipv6,
+    Esp,
+    Ah,
 }
 
+const PROTOCOLS: &[(Protocol, u8, &str)] = &[
+    (Protocol::Tcp, 6, "TCP"),
+    (Protocol::Udp, 17, "UDP"),
+    (Protocol::Sctp, 132, "SCTP"),
+    (Protocol::Icmp, 1, "ICMP"),
+    (Protocol::Icmpv6, 58, "ICMPv6"),
+    (Protocol::Vrrp, 112, "VRRP"),
+    (Protocol::Igmp, 2, "IGMP"),
+    (Protocol::Gre, 47, "GRE"),
+    (Protocol::Ipip, 4, "IPIP"),
+    (Protocol::Ipv6, 41, "IPV6"),
+    (Protocol::Esp, 50, "ESP"),
+    (Protocol::Ah, 51, "AH"),
+];
+
 impl Protocol {
+    fn entry(self) -> &'static (Protocol, u8, &'static str) {
+        PROTOCOLS.iter().find(|e| e.0 == self).expect("every protocol has an entry")
+    }
+
     pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-            Protocol::Icmp => 1,
-            Protocol::Icmpv6 => 58,
-        }
+        self.entry().1
     }
 
     pub fn from_number(n: u8) -> Option<Protocol> {
-        [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Icmp, Protocol::Icmpv6]
-            .into_iter()
-            .find(|p| p.number() == n)
+        PROTOCOLS.iter().find(|e| e.1 == n).map(|e| e.0)
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-            Protocol::Icmp => "ICMP",
-            Protocol::Icmpv6 => "ICMPv6",
-        }
+        self.entry().2
+    }
+
+    /// Not TCP, UDP, SCTP or ICMP: needs `--enable-extended-ip-protocols`.
+    pub fn is_extended(self) -> bool {
+        !matches!(self, Protocol::Tcp | Protocol::Udp | Protocol::Sctp | Protocol::Icmp | Protocol::Icmpv6)
+    }
+
+    /// The extended protocols, by name as a policy writes them.
+    pub fn extended_by_name(name: &str) -> Option<Protocol> {
+        PROTOCOLS.iter().find(|e| e.0.is_extended() && e.2.eq_ignore_ascii_case(name)).map(|e| e.0)
     }
 }
 
@@ -297,6 +321,16 @@ pub fn resolve_fqdns(rules: &[Rule], ips: &std::collections::BTreeMap<String, st
         .collect()
 }
 
+/// The first port rule naming an extended IP protocol (VRRP, GRE, ...):
+/// (where, which).
+pub fn extended_protocol_use(rules: &[Rule]) -> Option<(String, Protocol)> {
+    rules.iter().find_map(|r| {
+        r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).find_map(|pr| {
+            pr.ports.iter().find(|p| p.protocol.is_extended()).map(|p| (format!("{}.toPorts", pr.origin), p.protocol))
+        })
+    })
+}
+
 /// Whether any rule refers to CiliumCIDRGroups.
 pub fn references_cidr_groups(rules: &[Rule]) -> bool {
     rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.cidr_groups.is_empty()))
@@ -537,14 +571,11 @@ fn parse_protocol(ctx: &Ctx, field: &str, p: Option<&str>, default_any: bool) ->
             "UDP" => Ok(vec![Protocol::Udp]),
             "SCTP" => Ok(vec![Protocol::Sctp]),
             "ANY" if default_any => Ok(vec![Protocol::Tcp, Protocol::Udp, Protocol::Sctp]),
-            "VRRP" | "IGMP" | "GRE" | "IPIP" | "ESP" | "AH" | "IPV6" if default_any => {
-                Err(ctx.err(field, s, "extended IP protocols are not supported yet"))
-            }
-            _ => Err(ctx.err(
-                field,
-                s,
-                if default_any { "unknown protocol (want TCP, UDP, SCTP or ANY)" } else { "unknown protocol (want TCP, UDP or SCTP)" },
-            )),
+            u if default_any => match Protocol::extended_by_name(u) {
+                Some(p) => Ok(vec![p]),
+                None => Err(ctx.err(field, s, "unknown protocol (want TCP, UDP, SCTP, ANY, VRRP, IGMP, GRE, IPIP, IPV6, ESP or AH)")),
+            },
+            _ => Err(ctx.err(field, s, "unknown protocol (want TCP, UDP or SCTP)")),
         },
     }
 }
@@ -785,6 +816,10 @@ fn port_rules(
             let pf = format!("{f}.ports[{j}]");
             let protos = parse_protocol(ctx, &format!("{pf}.protocol"), pp.protocol.as_deref(), true)?;
             let port = parse_port(ctx, &pf, pp.port.as_ref(), pp.end_port)?;
+            if protos.iter().any(|p| p.is_extended()) && port != Port::Any {
+                let text = pp.port.as_ref().map(IntOrString::as_string).unwrap_or_default();
+                return Err(ctx.err(&format!("{pf}.port"), text, "port must be empty or 0 for a protocol without ports"));
+            }
             if pr.rules.is_some() && matches!(port, Port::Range { lo, hi } if lo != hi) {
                 return Err(ctx.err(&format!("{pf}.endPort"), "", "L7 rules need a single port"));
             }

@@ -914,3 +914,25 @@ spec: {externalCIDRs: [198.51.100.0/24]}
     let e = parse_policies(&policy.replace("cidrGroupRef: vpn", "cidrGroupRef: vpn\n      cidr: 10.0.0.0/8"), "p.yaml").unwrap_err();
     assert_eq!(e.field, "spec.egress[0].toCIDRSet[0]", "{e}");
 }
+
+#[test]
+fn extended_ip_protocols_have_no_ports() {
+    let w = World::new(&[("default", "a"), ("default", "b")]);
+    let yaml = |port: &str, proto: &str| {
+        format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{matchLabels: {{app: a}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: b}}}}]\n    toPorts: [{{ports: [{{{port}protocol: {proto}}}]}}]\n")
+    };
+    for (port, proto, number) in [("", "VRRP", 112), ("port: \"0\", ", "igmp", 2), ("", "GRE", 47)] {
+        let p = w.policy(&yaml(port, proto), "default/a");
+        assert!(allowed(&p, w.id("default/b"), false, number, 0), "{proto}");
+        assert!(!allowed(&p, w.id("default/b"), false, TCP, 80), "{proto} rules allow only {proto}");
+        let rules: Vec<Rule> = parse_policies(&yaml(port, proto), "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+        assert_eq!(rule::extended_protocol_use(&rules).map(|(f, p)| (f, p.number())), Some(("spec.ingress[0].toPorts".to_string(), number)));
+    }
+    let e = parse_err(&yaml("port: \"112\", ", "VRRP"));
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.ingress[0].toPorts[0].ports[0].port", "112"), "{e}");
+    let e = parse_err(&yaml("", "OSPF"));
+    assert_eq!((e.field.as_str(), e.value.as_str()), ("spec.ingress[0].toPorts[0].ports[0].protocol", "OSPF"), "{e}");
+    // ANY means TCP, UDP and SCTP only
+    let rules: Vec<Rule> = parse_policies(&yaml("port: \"80\", ", "ANY"), "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+    assert!(rule::extended_protocol_use(&rules).is_none());
+}

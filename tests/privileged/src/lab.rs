@@ -203,6 +203,42 @@ impl TestLab {
         .expect("connect thread")
     }
 
+    /// Whether a datagram of IP protocol `proto` (one without ports, e.g.
+    /// VRRP) sent by a raw socket in `from` reaches a raw socket in `to`.
+    pub fn raw_reaches(&self, from: &str, to: &str, proto: u8) -> bool {
+        let raw_in = |target: &str| {
+            let ns = self.netns(target);
+            std::thread::spawn(move || {
+                cilium_datapath::sys::enter_netns(&ns).expect("enter netns");
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::from(proto as i32))).expect("raw socket");
+                s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+                s
+            })
+            .join()
+            .expect("raw socket thread")
+        };
+        let rx = raw_in(to);
+        let tx = raw_in(from);
+        let state: Value = serde_json::from_slice(&std::fs::read(format!("/var/run/cilium-lab/{}/lab.json", self.name)).unwrap()).unwrap();
+        let ip: Ipv4Addr = state["pods"][to]["ip"].as_str().expect("pod address").parse().unwrap();
+        let dst = SocketAddr::from((ip, 0));
+        let marker: [u8; 8] = std::process::id().wrapping_mul(2654435761).wrapping_add(proto as u32).to_be_bytes().repeat(2).try_into().unwrap();
+        for _ in 0..3 {
+            tx.send_to(&marker, &dst.into()).expect("send raw");
+            let until = std::time::Instant::now() + Duration::from_millis(300);
+            while std::time::Instant::now() < until {
+                let mut buf = [0u8; 2048];
+                let Ok(n) = std::io::Read::read(&mut &rx, &mut buf) else { break };
+                // the IPv4 header comes first; the payload is the marker
+                let got = &buf[..n];
+                if got.len() >= 28 && got[9] == proto && got[got.len() - 8..] == marker {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// A UDP socket bound inside a namespace (usable from any thread).
     pub fn udp_in(&self, target: &str, bind: SocketAddr) -> std::net::UdpSocket {
         let ns = self.netns(target);

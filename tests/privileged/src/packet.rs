@@ -103,6 +103,12 @@ pub fn sctp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     ipv4(src, dst, 132, &s, 0)
 }
 
+/// A packet of an IP protocol without ports (VRRP, GRE, ...) with a small
+/// payload.
+pub fn ip_proto(src: Ipv4Addr, dst: Ipv4Addr, proto: u8) -> Vec<u8> {
+    ipv4(src, dst, proto, &[0x21, 1, 100, 1, 0, 1, 0, 0], 0)
+}
+
 /// An ICMP message of any type without a body (e.g. 13, timestamp).
 pub fn icmp_type(src: Ipv4Addr, dst: Ipv4Addr, icmp_type: u8) -> Vec<u8> {
     let mut i = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];

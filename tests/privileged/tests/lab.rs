@@ -534,3 +534,29 @@ fn enable_policy_always_isolates_everything() {
     assert!(lab.probe("default/b", "default/a", 80, "tcp"));
     assert!(!lab.probe("default/c", "default/a", 80, "tcp"));
 }
+
+#[test]
+fn extended_ip_protocols_under_policy() {
+    const VRRP: u8 = 112;
+    const GRE: u8 = 47;
+    let lab = TestLab::up_with(&[ABC], &["--enable-extended-ip-protocols"]);
+    assert!(lab.raw_reaches("default/a", "default/b", VRRP), "no policy: VRRP passes");
+    lab.apply(
+        r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: vrrp-from-a}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    toPorts: [{ports: [{port: "0", protocol: VRRP}]}]
+"#,
+    );
+    assert!(lab.raw_reaches("default/a", "default/b", VRRP), "allowed by the rule");
+    assert!(!lab.raw_reaches("default/c", "default/b", VRRP), "another peer");
+    assert!(!lab.raw_reaches("default/a", "default/b", GRE), "another protocol");
+    assert!(!lab.probe("default/a", "default/b", 0, "icmp"), "ICMP is not allowed by a VRRP rule");
+    let ep = lab.cilium_ok(&["bpf", "policy", "get", "--all"]);
+    assert!(ep.contains("VRRP"), "the policy map names the protocol:\n{ep}");
+}

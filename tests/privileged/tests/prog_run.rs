@@ -378,6 +378,29 @@ fn sctp_is_enforced_by_port() {
 }
 
 #[test]
+fn extended_ip_protocols_only_when_enabled_and_under_policy() {
+    const VRRP: u8 = 112;
+    const GRE: u8 = 47;
+    // without the flag: dropped even where nothing is enforced
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::ip_proto(POD, PEER, VRRP)), SHOT);
+    assert_eq!(h.to_container(&packet::ip_proto(PEER, POD, GRE)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::CtUnknownL4Protocol.code(); 2]);
+    assert_eq!(h.from_container(&packet::udp(POD, 5000, PEER, 53)), OK, "UDP is not affected");
+
+    let ext = EndpointFlag::ExtendedProtocols as u16;
+    let mut h = Harness::new(ext);
+    assert_eq!(h.from_container(&packet::ip_proto(POD, PEER, GRE)), OK, "not enforced: passes");
+    let mut h = Harness::new(ext | EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, VRRP, None, false);
+    assert_eq!(h.from_container(&packet::ip_proto(POD, PEER, VRRP)), OK);
+    assert_eq!(h.to_container(&packet::ip_proto(PEER, POD, VRRP)), OK, "the reply passes by conntrack");
+    assert_eq!(h.from_container(&packet::ip_proto(POD, PEER, GRE)), SHOT, "another protocol");
+    assert_eq!(h.to_container(&packet::ip_proto(OUTSIDE, POD, VRRP)), SHOT, "no ingress rule");
+    assert_eq!(h.drops(), vec![DropReason::PolicyDenied.code(); 2]);
+}
+
+#[test]
 fn icmp_errors_are_related_only_between_the_quoted_endpoints() {
     let mut h = Harness::new(EGRESS | INGRESS);
     // the pod has an inbound connection from the peer...

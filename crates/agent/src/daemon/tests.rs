@@ -13,6 +13,7 @@ fn config() -> DaemonConfig {
         routing_mode: cilium_api::RoutingMode::Native,
         policy: PolicyOptions::default(),
         audit_mode: false,
+        extended_ip_protocols: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
         maglev_size: 251,
         fqdn_min_ttl: 0,
@@ -127,6 +128,33 @@ fn invalid_policy_changes_nothing() {
     assert_eq!(d.datapath().policy, before);
     assert_eq!(d.datapath().endpoints[&101].flags, flags);
     assert_eq!(d.repository().len(), 1);
+}
+
+#[test]
+fn extended_protocols_need_the_flag() {
+    let vrrp = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: v}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{protocol: VRRP}]}]\n";
+    let mut d = daemon(None);
+    pod(&mut d, "fe", "frontend");
+    create(&mut d, "fe", 1);
+    let e = d.policy_import(vrrp, "v.yaml", false).unwrap_err();
+    let DaemonError::Policy(pe) = e else { panic!("{e}") };
+    assert_eq!((pe.field.as_str(), pe.value.as_str()), ("spec.ingress[0].toPorts", "VRRP"), "{pe}");
+    assert!(pe.message.contains("--enable-extended-ip-protocols"));
+    assert!(d.repository().is_empty());
+    assert_eq!(d.datapath().endpoints[&101].flags & EndpointFlag::ExtendedProtocols as u16, 0);
+
+    let mut cfg = config();
+    cfg.extended_ip_protocols = true;
+    let mut dp = FakeDatapath::default();
+    dp.links.insert("lxc1".into(), 101);
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.reconcile_datapath().unwrap();
+    pod(&mut d, "fe", "frontend");
+    create(&mut d, "fe", 1);
+    d.policy_import(vrrp, "v.yaml", false).unwrap();
+    let ep = &d.datapath().endpoints[&101];
+    assert_ne!(ep.flags & EndpointFlag::ExtendedProtocols as u16, 0);
+    assert!(d.datapath().policy.keys().any(|k| k.4 == 112 && k.5 == 0), "a VRRP entry");
 }
 
 #[test]
