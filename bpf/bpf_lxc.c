@@ -348,7 +348,8 @@ int cil_to_netdev(struct __sk_buff *skb)
 
 /* The identity a packet entering the tunnel carries: the proxy's client, a
  * local endpoint, or what the ipcache says of the source (the node itself
- * is host). Node-local identities (CIDRs) mean nothing elsewhere: world. */
+ * is host). Node-local identities mean nothing elsewhere: a CIDR's is the
+ * world, another node's own is remote-node. */
 static __always_inline __u32 overlay_source_identity(const struct __sk_buff *skb, __u32 saddr)
 {
 	if (from_proxy(skb)) {
@@ -361,6 +362,8 @@ static __always_inline __u32 overlay_source_identity(const struct __sk_buff *skb
 	if (ep)
 		return ep->sec_identity;
 	__u32 id = ipcache_identity(saddr);
+	if (identity_is_remote_node(id))
+		return IDENTITY_REMOTE_NODE;
 	return id >= IDENTITY_MIN_LOCAL ? IDENTITY_WORLD : id;
 }
 
@@ -399,10 +402,12 @@ int cil_from_overlay(struct __sk_buff *skb)
 	/* The VNI is believed only from another node of the cluster: anyone
 	 * else (a pod sending to the tunnel port) could claim any identity. */
 	__u32 outer = bpf_htonl(tk.remote_ipv4);
-	if (ipcache_identity(outer) != IDENTITY_REMOTE_NODE)
-		return drop(skb, 0, DROP_INVALID_SIP, ipcache_identity(outer), 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
-	/* another node's own traffic is remote-node here */
-	__u32 src_id = tk.tunnel_id == IDENTITY_HOST ? IDENTITY_REMOTE_NODE : tk.tunnel_id;
+	__u32 outer_id = ipcache_identity(outer);
+	if (!identity_is_remote_node(outer_id))
+		return drop(skb, 0, DROP_INVALID_SIP, outer_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	/* another node's own traffic is that node here (remote-node, or its
+	 * own identity when nodes are told apart by their labels) */
+	__u32 src_id = tk.tunnel_id == IDENTITY_HOST ? outer_id : tk.tunnel_id;
 	/* the inner frame is addressed to the sending node's tunnel device */
 	bpf_skb_change_type(skb, PACKET_HOST);
 	if (skb->protocol != ETH_P_IP_BE)

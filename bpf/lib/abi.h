@@ -158,6 +158,10 @@ enum policy_entry_flags {
 
 /* Node-local identities (CIDR, FQDN) start here. */
 #define IDENTITY_MIN_LOCAL 16777216
+/* Node-local identities of other nodes by their labels (fromNodes/toNodes)
+ * start here, up to 3 << 24. */
+#define IDENTITY_MIN_REMOTE_NODE 33554432
+#define IDENTITY_END_REMOTE_NODE 50331648
 
 /* The agent's transparent L7 proxy listens on these ports (host byte order);
  * a policy entry's proxy_port names one of them. */

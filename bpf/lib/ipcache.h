@@ -13,4 +13,17 @@ static __always_inline __u32 ipcache_identity(__u32 addr)
 	return v ? v->sec_identity : IDENTITY_WORLD;
 }
 
+/* Another node of the cluster: remote-node, or a node's own identity. */
+static __always_inline int identity_is_remote_node(__u32 id)
+{
+	return id == IDENTITY_REMOTE_NODE ||
+	       (id >= IDENTITY_MIN_REMOTE_NODE && id < IDENTITY_END_REMOTE_NODE);
+}
+
+/* Outside the cluster: the world, or a CIDR/FQDN identity. */
+static __always_inline int identity_is_world(__u32 id)
+{
+	return id == IDENTITY_WORLD || (id >= IDENTITY_MIN_LOCAL && id < IDENTITY_MIN_REMOTE_NODE);
+}
+
 #endif /* CILIUM_IPCACHE_H */

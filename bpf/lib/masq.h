@@ -28,8 +28,7 @@ static __always_inline __u32 masq_addr(void)
 /* Outside the cluster: the world, or a node-local (CIDR, FQDN) identity. */
 static __always_inline int masq_destination(__u32 daddr)
 {
-	__u32 id = ipcache_identity(daddr);
-	return id == IDENTITY_WORLD || id >= IDENTITY_MIN_LOCAL;
+	return identity_is_world(ipcache_identity(daddr));
 }
 
 /* What is masqueraded: TCP, UDP, and ICMP echo requests out, echo replies

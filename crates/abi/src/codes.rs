@@ -305,6 +305,9 @@ pub const POLICY_PROXY_PORT_PENDING: u16 = 0xffff;
 /// Node-local identities (CIDR, FQDN) start here (the identity crate's
 /// MIN_LOCAL_IDENTITY).
 pub const IDENTITY_MIN_LOCAL: u32 = 1 << 24;
+/// Node-local identities of other nodes with labels (upstream's
+/// remote-node scope) start here and end before 3 << 24.
+pub const IDENTITY_MIN_REMOTE_NODE: u32 = 2 << 24;
 
 /// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
 pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
@@ -369,6 +372,7 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("PROXY_PORT_KAFKA_EGRESS", PROXY_PORT_KAFKA_EGRESS as i64),
         ("PROXY_PORT_DNS", PROXY_PORT_DNS as i64),
         ("IDENTITY_MIN_LOCAL", IDENTITY_MIN_LOCAL as i64),
+        ("IDENTITY_MIN_REMOTE_NODE", IDENTITY_MIN_REMOTE_NODE as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
         ("MARK_MAGIC_REINJECT", MARK_MAGIC_REINJECT as i64),

@@ -62,6 +62,13 @@ pub struct Config {
     #[arg(long, env = "CILIUM_ENABLE_EXTENDED_IP_PROTOCOLS", default_value_t = false)]
     pub enable_extended_ip_protocols: bool,
 
+    /// Give other nodes identities of their own from their labels (as
+    /// `node:` labels next to reserved:remote-node), so fromNodes/toNodes
+    /// can select them; without it every other node is remote-node and
+    /// policies with node selectors are refused.
+    #[arg(long, env = "CILIUM_ENABLE_NODE_SELECTOR_LABELS", default_value_t = false)]
+    pub enable_node_selector_labels: bool,
+
     /// Directory of policy files, imported and re-imported on change.
     #[arg(long, env = "CILIUM_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
@@ -249,6 +256,7 @@ pub struct Settings {
     pub allow_localhost: bool,
     pub audit_mode: bool,
     pub extended_ip_protocols: bool,
+    pub node_selector_labels: bool,
     pub policy_dir: Option<PathBuf>,
     pub mtu: u32,
     pub ct_max: u32,
@@ -557,6 +565,7 @@ impl Config {
             allow_localhost,
             audit_mode: self.policy_audit_mode,
             extended_ip_protocols: self.enable_extended_ip_protocols,
+            node_selector_labels: self.enable_node_selector_labels,
             policy_dir: self.policy_dir,
             mtu: self.mtu,
             ct_max: self.bpf_ct_global_tcp_max,

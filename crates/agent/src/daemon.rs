@@ -67,6 +67,9 @@ pub struct DaemonConfig {
     pub audit_mode: bool,
     /// Pods may use IP protocols without ports beyond ICMP (VRRP, GRE, …).
     pub extended_ip_protocols: bool,
+    /// Other nodes get identities of their own from their labels, for
+    /// fromNodes/toNodes (otherwise all are remote-node).
+    pub node_selector_labels: bool,
     /// Default backend selection of services.
     pub lb_algorithm: cilium_lb::Algorithm,
     /// Slots of each Maglev table.
@@ -799,11 +802,16 @@ impl<D: Datapath> Daemon<D> {
 
     /// Refuses what the agent's configuration cannot enforce.
     fn check_policy_features(&self, parsed: &[(PolicyDocument, Vec<cilium_policy::Rule>)]) -> Result<(), PolicyError> {
-        if self.cfg.extended_ip_protocols {
-            return Ok(());
-        }
         for (doc, rules) in parsed {
-            if let Some((field, proto)) = cilium_policy::rule::extended_protocol_use(rules) {
+            if let Some(field) = cilium_policy::rule::node_selector_use(doc).filter(|_| !self.cfg.node_selector_labels) {
+                return Err(PolicyError::new(
+                    &doc.key().to_string(),
+                    &field,
+                    "",
+                    "selecting nodes by their labels needs the agent started with --enable-node-selector-labels",
+                ));
+            }
+            if let Some((field, proto)) = cilium_policy::rule::extended_protocol_use(rules).filter(|_| !self.cfg.extended_ip_protocols) {
                 return Err(PolicyError::new(
                     &doc.key().to_string(),
                     &field,

@@ -65,6 +65,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
         policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost, l7_proxy: s.l7_proxy },
         audit_mode: s.audit_mode,
         extended_ip_protocols: s.extended_ip_protocols,
+        node_selector_labels: s.node_selector_labels,
         lb_algorithm: s.lb_algorithm,
         maglev_size: s.maglev_table_size,
         fqdn_min_ttl: s.fqdn_min_ttl,

@@ -306,6 +306,9 @@ pub struct NodeMeta {
     pub name: String,
     pub ip: std::net::Ipv4Addr,
     pub pod_cidr: String,
+    /// The node's labels (the Kubernetes Node's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A node as `cilium node list` shows it.
@@ -318,6 +321,13 @@ pub struct NodeView {
     pub local: bool,
     /// Pods of this node this agent knows addresses of.
     pub pods: usize,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// The identity this agent gives the node's addresses (host for
+    /// itself; remote-node, or the node's own with
+    /// --enable-node-selector-labels).
+    #[serde(default)]
+    pub identity: u32,
 }
 
 fn default_sa() -> String {

@@ -407,9 +407,9 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> anyhow::Result<i32> {
     if output == "json" {
         return json(&nodes);
     }
-    let mut rows = vec![vec!["Name".to_string(), "IPv4 Address".into(), "Endpoint CIDR".into(), "Pods".into(), "Source".into()]];
+    let mut rows = vec![vec!["Name".to_string(), "IPv4 Address".into(), "Endpoint CIDR".into(), "Pods".into(), "Identity".into(), "Source".into()]];
     for n in nodes {
-        rows.push(vec![n.name, n.ip.to_string(), n.pod_cidr, n.pods.to_string(), if n.local { "local".into() } else { "custom-resource".into() }]);
+        rows.push(vec![n.name, n.ip.to_string(), n.pod_cidr, n.pods.to_string(), n.identity.to_string(), if n.local { "local".into() } else { "custom-resource".into() }]);
     }
     table(rows);
     Ok(0)

@@ -21,6 +21,10 @@ pub const MAX_CLUSTER_IDENTITY: u32 = 65535;
 pub const MIN_LOCAL_IDENTITY: u32 = cilium_abi::IDENTITY_MIN_LOCAL;
 /// Last node-local identity.
 pub const MAX_LOCAL_IDENTITY: u32 = (1 << 24) + 0xff_ffff;
+/// First identity of another node with labels (`reserved:remote-node` plus
+/// `node:` labels), numbered by each node for itself.
+pub const MIN_REMOTE_NODE_IDENTITY: u32 = cilium_abi::IDENTITY_MIN_REMOTE_NODE;
+pub const MAX_REMOTE_NODE_IDENTITY: u32 = (2 << 24) + 0xff_ffff;
 
 /// A numeric security identity.
 pub type NumericIdentity = u32;
@@ -63,6 +67,7 @@ pub fn labels_key(labels: &LabelSet) -> String {
 pub enum Scope {
     Cluster,
     Local,
+    RemoteNode,
 }
 
 impl Scope {
@@ -70,12 +75,16 @@ impl Scope {
         match self {
             Scope::Cluster => (MIN_CLUSTER_IDENTITY, MAX_CLUSTER_IDENTITY, "cluster"),
             Scope::Local => (MIN_LOCAL_IDENTITY, MAX_LOCAL_IDENTITY, "local"),
+            Scope::RemoteNode => (MIN_REMOTE_NODE_IDENTITY, MAX_REMOTE_NODE_IDENTITY, "remote-node"),
         }
     }
 
-    /// The scope of labels: CIDR and FQDN labels are node-local.
+    /// The scope of labels: CIDR and FQDN labels are node-local, and so are
+    /// other nodes' (their `node:` labels).
     pub fn of(labels: &LabelSet) -> Scope {
-        if labels.iter().any(|l| l.source == cilium_labels::SOURCE_CIDR || l.source == "fqdn") {
+        if labels.iter().any(|l| l.source == cilium_labels::SOURCE_NODE) {
+            Scope::RemoteNode
+        } else if labels.iter().any(|l| l.source == cilium_labels::SOURCE_CIDR || l.source == "fqdn") {
             Scope::Local
         } else {
             Scope::Cluster

@@ -1,4 +1,4 @@
-//! The Kubernetes objects the system reads besides policies: Namespace, Pod,
+//! The Kubernetes objects the system reads besides policies: Node, Namespace, Pod,
 //! Deployment and Service, with only the fields that matter here.
 //!
 //! Pure parsing: a multi-document manifest becomes a list of typed objects,
@@ -180,9 +180,18 @@ pub struct Service {
     pub status: ServiceStatus,
 }
 
+/// A Node: only its name and labels matter here (in the lab, nodes are
+/// made by `cilium lab up`; applying a Node sets its labels).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Node {
+    pub metadata: ObjectMeta,
+}
+
 /// One object of a manifest.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
+    Node(Node),
     Namespace(Namespace),
     Pod(Pod),
     Deployment(Deployment),
@@ -193,6 +202,7 @@ pub enum Object {
 impl Object {
     pub fn kind(&self) -> &'static str {
         match self {
+            Object::Node(_) => "Node",
             Object::Namespace(_) => "Namespace",
             Object::Pod(_) => "Pod",
             Object::Deployment(_) => "Deployment",
@@ -203,6 +213,7 @@ impl Object {
 
     pub fn metadata(&self) -> &ObjectMeta {
         match self {
+            Object::Node(o) => &o.metadata,
             Object::Namespace(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Deployment(o) => &o.metadata,
@@ -216,6 +227,7 @@ impl Object {
         let m = self.metadata();
         match self {
             Object::Namespace(_) => format!("Namespace/{}", m.name),
+            Object::Node(_) => format!("Node/{}", m.name),
             Object::Policy(d, _) => d.key().to_string(),
             _ => format!("{}/{}/{}", self.kind(), m.namespace.as_deref().unwrap_or("default"), m.name),
         }
@@ -336,6 +348,7 @@ pub fn parse_manifest(text: &str, source: &str) -> Result<Vec<Object>, PolicyErr
         let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
         let obj = match kind.as_str() {
             "Namespace" => Object::Namespace(typed(&doc, value)?),
+            "Node" => Object::Node(typed(&doc, value)?),
             "Pod" => {
                 let p: Pod = typed(&doc, value)?;
                 check_ports(&doc, "spec", &p.spec)?;
@@ -371,13 +384,18 @@ pub fn parse_manifest(text: &str, source: &str) -> Result<Vec<Object>, PolicyErr
                     &doc,
                     "kind",
                     other,
-                    "unsupported kind (want Namespace, Pod, Deployment, Service, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy or CiliumCIDRGroup)",
+                    "unsupported kind (want Node, Namespace, Pod, Deployment, Service, CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy, NetworkPolicy or CiliumCIDRGroup)",
                 ));
             }
         };
         check_name(&doc, "metadata.name", &obj.metadata().name)?;
         if let Some(ns) = &obj.metadata().namespace {
             check_name(&doc, "metadata.namespace", ns)?;
+        }
+        if !matches!(obj, Object::Policy(..)) {
+            for (k, v) in &obj.metadata().labels {
+                cilium_labels::check_k8s_label(k, v).map_err(|m| PolicyError::new(&doc, &format!("metadata.labels.{k}"), v.clone(), m))?;
+            }
         }
         out.push(obj);
     }

@@ -63,6 +63,10 @@ pub struct NodeState {
     pub cgroup_root: PathBuf,
     pub log: PathBuf,
     pub agent_pid: Option<u32>,
+    /// The node's labels (as a Kubernetes Node's; `kubernetes.io/hostname`
+    /// is always one of them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A pod of the lab.
@@ -263,6 +267,7 @@ impl Lab {
                     cgroup_root: lab_cg.join(&node_name),
                     log: dir.join(&node_name).join("agent.log"),
                     agent_pid: None,
+                    labels: node_labels(&node_name, &BTreeMap::new()),
                     name: node_name,
                 }
             })
@@ -335,10 +340,9 @@ impl Lab {
             std::fs::create_dir_all(&n.cgroup_root).with_context(|| format!("creating cgroup {}", n.cgroup_root.display()))?;
             self.start_agent(i)?;
         }
-        if !self.state.kvstore {
-            // with the kvstore, agents announce themselves there
-            self.announce_nodes()?;
-        }
+        // with the kvstore, agents learn the other nodes there, and only
+        // their own labels from this
+        self.announce_nodes()?;
         self.start_world()?;
         self.start_relay()?;
         self.save()
@@ -384,7 +388,12 @@ impl Lab {
     /// Tells every agent about the nodes of the lab (as CiliumNode objects
     /// would).
     fn announce_nodes(&self) -> anyhow::Result<()> {
-        let nodes: Vec<cilium_api::NodeMeta> = self.state.nodes.iter().map(|n| cilium_api::NodeMeta { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone() }).collect();
+        let nodes: Vec<cilium_api::NodeMeta> = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| cilium_api::NodeMeta { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), labels: n.labels.clone() })
+            .collect();
         for c in self.clients() {
             let _: bool = block_on(c.call("PUT", "/v1/cluster/nodes", Some(&nodes)))?;
         }
@@ -555,6 +564,25 @@ impl Lab {
     /// Applies objects as `kubectl apply` would. Returns one line per object.
     pub fn apply(&mut self, objects: Vec<Object>) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::new();
+        // Nodes are the lab's own: a Node object only relabels one of them
+        let mut relabelled = false;
+        for obj in &objects {
+            if let Object::Node(n) = obj {
+                let name = &n.metadata.name;
+                let Some(node) = self.state.nodes.iter_mut().find(|x| x.name == *name) else {
+                    bail!("Node {name:?}: no such node in this lab (nodes are made by `cilium lab up --nodes N`: node0, node1, ...)");
+                };
+                let labels = node_labels(name, &n.metadata.labels);
+                let changed = node.labels != labels;
+                node.labels = labels;
+                relabelled |= changed;
+                out.push(format!("node/{name} {}", if changed { "configured" } else { "unchanged" }));
+            }
+        }
+        if relabelled {
+            self.save()?;
+            self.announce_nodes()?;
+        }
         // namespaces first, then pod metadata, then policies, then wiring:
         // pods start life under the policy that selects them.
         let mut wanted_pods: Vec<(PodState, PodSpec)> = Vec::new();
@@ -592,6 +620,7 @@ impl Lab {
                 Object::Policy(doc, _) => {
                     policy_docs.push((doc.key().to_string(), serde_yaml::to_string(doc)?));
                 }
+                Object::Node(_) => {}
             }
         }
         self.place(&mut wanted_pods)?;
@@ -785,6 +814,9 @@ impl Lab {
 
     /// Deletes the objects (pods, deployments' pods, policies, services, namespaces).
     pub fn delete(&mut self, objects: Vec<Object>) -> anyhow::Result<Vec<String>> {
+        if let Some(n) = objects.iter().find(|o| matches!(o, Object::Node(_))) {
+            bail!("Node {:?}: a lab's nodes go away only with the lab (`cilium lab down`)", n.metadata().name);
+        }
         let mut out = Vec::new();
         for obj in objects {
             let ns = obj.metadata().namespace.clone().unwrap_or_else(|| "default".to_string());
@@ -822,6 +854,7 @@ impl Lab {
                     self.state.policies.remove(&key.to_string());
                     out.push(format!("{} deleted", kubectl_name(&key.to_string())));
                 }
+                Object::Node(_) => unreachable!("refused above"),
                 Object::Namespace(_) => {
                     let keys: Vec<String> = self.state.pods.iter().filter(|(_, p)| p.namespace == name).map(|(k, _)| k.clone()).collect();
                     for k in keys {
@@ -1089,6 +1122,14 @@ fn pod_meta(p: &PodState) -> PodMeta {
         ip: p.ip,
         node: Some(p.node.clone()),
     }
+}
+
+/// A lab node's labels: the given ones, and `kubernetes.io/hostname` as
+/// the kubelet sets it.
+fn node_labels(name: &str, given: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut labels = given.clone();
+    labels.insert("kubernetes.io/hostname".to_string(), name.to_string());
+    labels
 }
 
 fn kubectl_name(key: &str) -> String {

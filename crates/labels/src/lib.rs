@@ -19,6 +19,8 @@ pub const SOURCE_RESERVED: &str = "reserved";
 pub const SOURCE_ANY: &str = "any";
 /// Label source of CIDR identities.
 pub const SOURCE_CIDR: &str = "cidr";
+/// Label source of a node's labels (other nodes' identities).
+pub const SOURCE_NODE: &str = "node";
 /// Label source for labels given without a source.
 pub const SOURCE_UNSPEC: &str = "unspec";
 
@@ -73,6 +75,26 @@ impl fmt::Display for Label {
             write!(f, "{}:{}={}", self.source, self.key, self.value)
         }
     }
+}
+
+/// A Kubernetes label: an optional DNS-subdomain prefix and a name of at
+/// most 63 characters; the value at most 63 characters of the same kind.
+pub fn check_k8s_label(key: &str, value: &str) -> Result<(), String> {
+    let name_ok = |s: &str| {
+        s.len() <= 63
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && s.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+            && s.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
+    };
+    let (prefix, name) = key.rsplit_once('/').map_or((None, key), |(p, n)| (Some(p), n));
+    let prefix_ok = |p: &str| !p.is_empty() && p.len() <= 253 && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.'));
+    if name.is_empty() || !name_ok(name) || prefix.is_some_and(|p| !prefix_ok(p)) {
+        return Err("not a label key (an optional DNS prefix and '/', then at most 63 of [A-Za-z0-9-_.])".into());
+    }
+    if !name_ok(value) {
+        return Err("not a label value (at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric)".into());
+    }
+    Ok(())
 }
 
 /// Splits a leading `source:` off a key. CIDR keys contain ':' only in IPv6,

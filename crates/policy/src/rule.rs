@@ -321,6 +321,26 @@ pub fn resolve_fqdns(rules: &[Rule], ips: &std::collections::BTreeMap<String, st
         .collect()
 }
 
+/// The first `fromNodes`/`toNodes` of a document (the field), which need
+/// nodes told apart by their labels (`--enable-node-selector-labels`).
+pub fn node_selector_use(doc: &PolicyDocument) -> Option<String> {
+    let PolicyDocument::Cilium(p) = doc else { return None };
+    let specs = p.spec.iter().map(|s| ("spec".to_string(), s)).chain(p.specs.iter().enumerate().map(|(i, s)| (format!("specs[{i}]"), s)));
+    for (origin, r) in specs {
+        for (dir, rules) in [("ingress", &r.ingress), ("ingressDeny", &r.ingress_deny)] {
+            if let Some(i) = rules.iter().flatten().position(|x| x.from_nodes.as_ref().is_some_and(|v| !v.is_empty())) {
+                return Some(format!("{origin}.{dir}[{i}].fromNodes"));
+            }
+        }
+        for (dir, rules) in [("egress", &r.egress), ("egressDeny", &r.egress_deny)] {
+            if let Some(i) = rules.iter().flatten().position(|x| x.to_nodes.as_ref().is_some_and(|v| !v.is_empty())) {
+                return Some(format!("{origin}.{dir}[{i}].toNodes"));
+            }
+        }
+    }
+    None
+}
+
 /// The first port rule naming an extended IP protocol (VRRP, GRE, ...):
 /// (where, which).
 pub fn extended_protocol_use(rules: &[Rule]) -> Option<(String, Protocol)> {
@@ -930,12 +950,13 @@ fn peer_rule(ctx: &Ctx, field: &str, p: PeerFields, deny: bool) -> Result<Vec<Pe
         }
     }
     if let Some(nodes) = p.nodes {
-        if !nodes.is_empty() {
-            return Err(ctx.err(
-                &format!("{field}.{n_nodes}"),
-                "",
-                "node selectors are not supported yet: nodes carry no labels until multi-node support lands; use the host or remote-node entity",
-            ));
+        // other nodes by their labels (`node:` source; `any:` matches it);
+        // never this node, which is `host`
+        any_peer_field = true;
+        for (i, s) in nodes.iter().enumerate() {
+            let sel = ctx.selector(&format!("{field}.{n_nodes}[{i}]"), s, SOURCE_ANY)?;
+            let remote = Label::reserved("remote-node");
+            selectors.push(sel.with(Requirement { source: remote.source, key: remote.key, op: Operator::Exists }));
         }
     }
     if let Some(groups) = p.groups {

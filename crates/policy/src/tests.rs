@@ -779,7 +779,7 @@ fn upstream_validation_rules() {
         ("", "spec", "at least one of"),
         ("  ingress:\n  - toPorts: [{ports: [{port: \"53\", protocol: UDP}], rules: {dns: [{matchName: a.example}]}}]\n", "spec.ingress[0].toPorts[0].rules.dns", "egress only"),
         ("  egress:\n  - toPorts: [{ports: [{port: \"0\", protocol: TCP}], rules: {http: [{}]}}]\n", "spec.egress[0].toPorts[0].ports[0].port", "need a port"),
-        ("  egress:\n  - toPorts: [{ports: [{protocol: VRRP}]}]\n", "spec.egress[0].toPorts[0].ports[0].protocol", "not supported yet"),
+        ("  egress:\n  - toPorts: [{ports: [{protocol: VRRP, port: \"80\"}]}]\n", "spec.egress[0].toPorts[0].ports[0].port", "empty or 0"),
     ] {
         let e = parse_policies(&doc(spec), "x").unwrap_err();
         assert_eq!(e.field, field, "{e}");
@@ -935,4 +935,48 @@ fn extended_ip_protocols_have_no_ports() {
     // ANY means TCP, UDP and SCTP only
     let rules: Vec<Rule> = parse_policies(&yaml("port: \"80\", ", "ANY"), "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
     assert!(rule::extended_protocol_use(&rules).is_none());
+}
+
+#[test]
+fn from_nodes_selects_other_nodes_by_their_labels_never_host_or_pods() {
+    let mut w = World::new(&[("default", "a"), ("default", "zone-a-pod")]);
+    let node = |labels: &[&str]| {
+        let mut l: Vec<&str> = vec!["reserved:remote-node"];
+        l.extend(labels);
+        LabelSet::parse_all(l)
+    };
+    w.ids.insert(2 << 24, node(&["node:zone=a", "node:kubernetes.io/hostname=n2"]));
+    w.ids.insert((2 << 24) + 1, node(&["node:zone=b", "node:kubernetes.io/hostname=n3"]));
+    // a pod labelled like the node is still a pod
+    w.ids.insert(300, LabelSet::parse_all(["k8s:zone=a", "k8s:io.kubernetes.pod.namespace=default"]));
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: p}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  ingress:
+  - fromNodes: [{matchLabels: {zone: a}}]
+  egress:
+  - toNodes: [{matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [n3]}]}]
+    toPorts: [{ports: [{port: "4240"}]}]
+"#;
+    let p = w.policy(yaml, "default/a");
+    assert!(allowed(&p, 2 << 24, false, TCP, 22));
+    assert!(!allowed(&p, (2 << 24) + 1, false, TCP, 22), "another zone");
+    assert!(!allowed(&p, 6, false, TCP, 22), "a node without labels (remote-node alone)");
+    assert!(!allowed(&p, 1, false, TCP, 22), "this node (host) is no other node");
+    assert!(!allowed(&p, 300, false, TCP, 22), "pods are never nodes");
+    assert!(allowed(&p, (2 << 24) + 1, true, TCP, 4240));
+    assert!(!allowed(&p, 2 << 24, true, TCP, 4240));
+    // the remote-node entity still covers every node
+    let e = w.policy(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: q}\nspec:\n  endpointSelector: {matchLabels: {app: a}}\n  ingress: [{fromEntities: [remote-node]}]\n",
+        "default/a",
+    );
+    assert!(allowed(&e, 2 << 24, false, TCP, 1) && allowed(&e, (2 << 24) + 1, false, TCP, 1) && allowed(&e, 6, false, TCP, 1));
+    let docs = parse_policies(yaml, "x").unwrap();
+    assert_eq!(rule::node_selector_use(&docs[0].0).as_deref(), Some("spec.ingress[0].fromNodes"));
+    let e = parse_err(&yaml.replace("fromNodes: [{matchLabels: {zone: a}}]", "fromNodes: [{matchLabels: {zone: a}}]\n    fromEntities: [world]"));
+    assert_eq!(e.field, "spec.ingress[0]", "{e}");
 }

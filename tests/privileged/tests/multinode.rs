@@ -320,7 +320,7 @@ fn link_in(lab: &TestLab, target: &str, dev: &str) -> Value {
 /// datagram filling it crosses unfragmented.
 #[test]
 fn tunnel_mode_carries_the_identity_between_three_nodes() {
-    let lab = TestLab::create(&[PODS], &[], &["--nodes", "3", "--routing-mode", "tunnel"]);
+    let lab = TestLab::create(&[PODS], &["--enable-node-selector-labels"], &["--nodes", "3", "--routing-mode", "tunnel"]);
     assert!(lab.cilium_on("node1", &["status"]).contains("Routing:                 Network: Tunnel [vxlan]"));
     let server_ip = lab.pod_ip("server");
     let probe = lab.probe_json("world", "default/server", 80, "tcp");
@@ -391,6 +391,11 @@ fn tunnel_mode_carries_the_identity_between_three_nodes() {
     lab.apply(CLIENT_POLICY);
     assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2's host -> client: remote-node");
     assert!(!lab.probe("default/server", "default/client", 80, "tcp"), "node2's pod is not remote-node");
+    // and, nodes told apart by their labels, that node in particular (the
+    // VNI says "host", the outer source which host)
+    lab.apply(&CLIENT_POLICY.replace("fromEntities: [remote-node]", "fromNodes: [{matchLabels: {kubernetes.io/hostname: node2}}]"));
+    assert!(lab.probe("node2", "default/client", 80, "tcp"), "node2 is selected by its hostname");
+    assert!(!lab.probe("node3", "default/client", 80, "tcp"), "node3 is not");
 
     // MTU: the pods' is the tunnel's, and a full-sized datagram crosses
     assert_eq!(link_in(&lab, "default/client", "eth0")["mtu"], 1450);
@@ -410,4 +415,68 @@ fn tunnel_mode_carries_the_identity_between_three_nodes() {
     let (n, _) = rx.recv_from(&mut buf).expect("the full-sized datagram arrives on the other node");
     assert_eq!(n, payload.len());
     assert!(lab.probe("default/client", &server_ip.to_string(), 80, "tcp"));
+}
+
+/// fromNodes/toNodes: with --enable-node-selector-labels each other node's
+/// addresses carry an identity of its own (remote-node plus its labels), so
+/// policy can tell nodes apart, and follows a node's labels as they change.
+#[test]
+fn node_selectors_tell_nodes_apart() {
+    const GUARDED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: guarded, labels: {app: guarded}}
+spec: {nodeName: node1, containers: [{name: g, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {nodeName: node1, containers: [{name: c}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: from-zone-a}
+spec:
+  endpointSelector: {matchLabels: {app: guarded}}
+  ingress:
+  - fromNodes: [{matchLabels: {zone: a}}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: to-node3}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toNodes: [{matchLabels: {kubernetes.io/hostname: node3}}]
+"#;
+    let node2_zone = |zone: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node2, labels: {{zone: {zone}}}}}\n");
+    let lab = TestLab::create(&[], &["--enable-node-selector-labels"], &["--nodes", "3"]);
+    assert!(lab.apply(&node2_zone("a")).contains("node/node2 configured"));
+    lab.apply(GUARDED);
+    let nodes = node_list(&lab, "node1");
+    let id = |name: &str| nodes.iter().find(|n| n["name"] == name).unwrap()["identity"].as_u64().unwrap();
+    assert_eq!(id("node1"), 1, "itself: host");
+    for n in ["node2", "node3"] {
+        assert!((2 << 24..3 << 24).contains(&id(n)), "{n} has an identity of its own: {nodes:?}");
+    }
+    assert_ne!(id("node2"), id("node3"));
+    let node2 = nodes.iter().find(|n| n["name"] == "node2").unwrap();
+    assert_eq!(node2["labels"]["zone"], "a", "{node2}");
+    let ipcache: Value = serde_json::from_str(&lab.cilium_on("node1", &["bpf", "ipcache", "list", "-o", "json"])).unwrap();
+    assert!(ipcache.as_array().unwrap().iter().any(|e| e["prefix"] == "172.30.0.12/32" && e["identity"] == id("node2")), "{ipcache:#}");
+
+    assert!(lab.probe("node2", "default/guarded", 80, "tcp"), "node2 (zone a) is selected");
+    assert!(!lab.probe("node3", "default/guarded", 80, "tcp"), "node3 is not");
+    assert!(lab.probe("default/client", "172.30.0.13", 4240, "tcp"), "client -> node3 (by hostname)");
+    assert!(!lab.probe("default/client", "172.30.0.12", 4240, "tcp"), "client -> node2 is not named");
+
+    // relabelling node2 takes it out of the selection
+    lab.apply(&node2_zone("b"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lab.probe("node2", "default/guarded", 80, "tcp") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!lab.probe("node2", "default/guarded", 80, "tcp"), "node2 (now zone b) is denied");
+    let out = lab.lab_output(&["apply", "-f", &lab.write("n9.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: node9}\n").to_string_lossy()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("node9"), "an unknown node is refused");
 }

@@ -38,26 +38,42 @@ pub struct KvView {
     pub endpoints: BTreeMap<Ipv4Addr, (LabelSet, String)>,
 }
 
+/// The identity labels of another node: remote-node, and each of its
+/// labels with the `node:` source.
+fn node_identity_labels(n: &NodeMeta) -> LabelSet {
+    let mut set = LabelSet::new();
+    set.insert(cilium_labels::Label::reserved("remote-node"));
+    for (k, v) in &n.labels {
+        set.insert(cilium_labels::Label::new(cilium_labels::SOURCE_NODE, k, v));
+    }
+    set
+}
+
 impl<D: Datapath> Daemon<D> {
-    /// Pods of other nodes that have an address, with their labels. A
-    /// local endpoint's address is never another node's pod.
+    /// Addresses of other nodes that need an identity, with its labels:
+    /// their pods, and with --enable-node-selector-labels the nodes
+    /// themselves. A local endpoint's address is never another node's pod.
     fn wanted_remote_endpoints(&self) -> BTreeMap<Ipv4Addr, LabelSet> {
         let local: BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.rec.ipv4).collect();
+        let mut out: BTreeMap<Ipv4Addr, LabelSet> = if self.cfg.node_selector_labels {
+            self.other_nodes().filter(|n| !self.node_ips.contains(&n.ip)).map(|n| (n.ip, node_identity_labels(n))).collect()
+        } else {
+            BTreeMap::new()
+        };
         if let Some(kv) = &self.kv {
-            return kv
-                .endpoints
-                .iter()
-                .filter(|(ip, (_, node))| *node != self.cfg.node_name && !local.contains(ip) && !self.cfg.pod_cidr.contains(*ip))
-                .map(|(ip, (labels, _))| (*ip, labels.clone()))
-                .collect();
+            out.extend(
+                kv.endpoints
+                    .iter()
+                    .filter(|(ip, (_, node))| *node != self.cfg.node_name && !local.contains(ip) && !self.cfg.pod_cidr.contains(*ip))
+                    .map(|(ip, (labels, _))| (*ip, labels.clone())),
+            );
+            return out;
         }
-        self.pods
-            .values()
-            .filter_map(|p| {
-                let (ip, node) = (p.ip?, p.node.as_ref()?);
-                (*node != self.cfg.node_name && !local.contains(&ip) && !self.cfg.pod_cidr.contains(&ip)).then(|| (ip, self.labels_for(&p.namespace, &p.name)))
-            })
-            .collect()
+        out.extend(self.pods.values().filter_map(|p| {
+            let (ip, node) = (p.ip?, p.node.as_ref()?);
+            (*node != self.cfg.node_name && !local.contains(&ip) && !self.cfg.pod_cidr.contains(&ip)).then(|| (ip, self.labels_for(&p.namespace, &p.name)))
+        }));
+        out
     }
 
     /// Gives every pod of another node its identity, releasing those of
@@ -108,8 +124,10 @@ impl<D: Datapath> Daemon<D> {
         Ok(())
     }
 
-    /// Replaces the set of other nodes (this node's own entry, if listed,
-    /// is ignored). Every entry is checked before anything changes.
+    /// Replaces the set of nodes, as the API server lists them. This node's
+    /// own entry gives only its labels (what it publishes to the kvstore);
+    /// in kvstore mode the other nodes come from there instead. Every entry
+    /// is checked before anything changes.
     pub fn nodes_set(&mut self, nodes: Vec<NodeMeta>) -> Result<(), DaemonError> {
         let mut out = BTreeMap::new();
         for (i, n) in nodes.into_iter().enumerate() {
@@ -117,14 +135,15 @@ impl<D: Datapath> Daemon<D> {
                 return Err(invalid(&format!("nodes[{i}].name"), "", "a node needs a name"));
             }
             n.pod_cidr.parse::<Ipv4Net>().map_err(|e| invalid(&format!("nodes[{i}].pod_cidr"), &n.pod_cidr, e.to_string()))?;
-            if n.name == self.cfg.node_name {
-                continue;
+            for (k, v) in &n.labels {
+                cilium_labels::check_k8s_label(k, v).map_err(|m| invalid(&format!("nodes[{i}].labels"), format!("{k}={v}"), m))?;
             }
             if out.insert(n.name.clone(), n.clone()).is_some() {
                 return Err(invalid(&format!("nodes[{i}].name"), &n.name, "listed twice"));
             }
         }
-        if self.cfg.routing_mode == RoutingMode::Tunnel && self.kv.is_none() && !out.is_empty() {
+        let others = out.keys().filter(|n| **n != self.cfg.node_name).count();
+        if self.cfg.routing_mode == RoutingMode::Tunnel && self.kv.is_none() && others > 0 {
             return Err(invalid(
                 "routing-mode",
                 "tunnel",
@@ -132,8 +151,18 @@ impl<D: Datapath> Daemon<D> {
             ));
         }
         self.nodes = out;
+        // other nodes' identities follow their labels
+        if self.sync_remote_endpoints()? {
+            self.regenerate_all();
+            self.dp.bump_policy_revision()?;
+        }
         self.sync_ipcache()?;
         self.save()
+    }
+
+    /// This node's labels, as the API server gave them.
+    pub(super) fn own_node_labels(&self) -> BTreeMap<String, String> {
+        self.nodes.get(&self.cfg.node_name).map(|n| n.labels.clone()).unwrap_or_default()
     }
 
     /// Tunnel mode: each other node's pod CIDR with the node's address
@@ -166,10 +195,12 @@ impl<D: Datapath> Daemon<D> {
 
     /// The other nodes: from the kvstore when it is on, else as announced.
     pub(super) fn other_nodes(&self) -> impl Iterator<Item = &NodeMeta> {
+        let own = self.cfg.node_name.as_str();
         match &self.kv {
             Some(kv) => kv.nodes.values(),
             None => self.nodes.values(),
         }
+        .filter(move |n| n.name != own)
     }
 
     /// Every node this agent knows, itself first.
@@ -179,8 +210,24 @@ impl<D: Datapath> Daemon<D> {
             None => self.pods.values().filter(|p| p.ip.is_some() && p.node.as_deref() == Some(name)).count(),
         };
         let own_ip = self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let mut out = vec![NodeView { name: self.cfg.node_name.clone(), ip: own_ip, pod_cidr: self.cfg.pod_cidr.to_string(), local: true, pods: self.endpoints.len() }];
-        out.extend(self.other_nodes().map(|n| NodeView { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), local: false, pods: pods_on(&n.name) }));
+        let mut out = vec![NodeView {
+            name: self.cfg.node_name.clone(),
+            ip: own_ip,
+            pod_cidr: self.cfg.pod_cidr.to_string(),
+            local: true,
+            pods: self.endpoints.len(),
+            labels: self.own_node_labels(),
+            identity: cilium_abi::ReservedIdentity::Host.code(),
+        }];
+        out.extend(self.other_nodes().map(|n| NodeView {
+            name: n.name.clone(),
+            ip: n.ip,
+            pod_cidr: n.pod_cidr.clone(),
+            local: false,
+            pods: pods_on(&n.name),
+            labels: n.labels.clone(),
+            identity: self.remote_endpoints.get(&n.ip).map_or(cilium_abi::ReservedIdentity::RemoteNode.code(), |(_, id)| *id),
+        }));
         out
     }
 }
@@ -196,7 +243,12 @@ impl<D: Datapath> Daemon<D> {
     /// What this agent publishes: its node, and its endpoints with their
     /// identities and labels.
     pub fn kvstore_published(&self) -> (NodeMeta, Vec<(Ipv4Addr, u32, LabelSet)>) {
-        let me = NodeMeta { name: self.cfg.node_name.clone(), ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED), pod_cidr: self.cfg.pod_cidr.to_string() };
+        let me = NodeMeta {
+            name: self.cfg.node_name.clone(),
+            ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED),
+            pod_cidr: self.cfg.pod_cidr.to_string(),
+            labels: self.own_node_labels(),
+        };
         (me, self.endpoints.values().map(|e| (e.rec.ipv4, e.rec.identity, e.rec.labels.clone())).collect())
     }
 

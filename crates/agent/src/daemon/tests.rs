@@ -14,6 +14,7 @@ fn config() -> DaemonConfig {
         policy: PolicyOptions::default(),
         audit_mode: false,
         extended_ip_protocols: false,
+        node_selector_labels: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
         maglev_size: 251,
         fqdn_min_ttl: 0,
@@ -684,7 +685,48 @@ fn tunnel_daemon() -> Daemon<FakeDatapath> {
 }
 
 fn node(name: &str, ip: [u8; 4], cidr: &str) -> cilium_api::NodeMeta {
-    cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into() }
+    cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into(), labels: BTreeMap::new() }
+}
+
+#[test]
+fn other_nodes_get_identities_from_their_labels() {
+    let labelled = |name: &str, ip: [u8; 4], cidr: &str, zone: &str| cilium_api::NodeMeta { labels: [("zone".to_string(), zone.to_string())].into(), ..node(name, ip, cidr) };
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: z}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromNodes: [{matchLabels: {zone: a}}]\n";
+    // without the flag: every other node is remote-node, node selectors are refused
+    let mut d = daemon(None);
+    d.nodes_set(vec![labelled("n2", [172, 30, 0, 12], "10.0.2.0/24", "a")]).unwrap();
+    assert_eq!(d.datapath().ipcache[&"172.30.0.12/32".parse::<Ipv4Net>().unwrap()].sec_identity, 6);
+    let DaemonError::Policy(e) = d.policy_import(policy, "z.yaml", false).unwrap_err() else { panic!() };
+    assert_eq!(e.field, "spec.ingress[0].fromNodes", "{e}");
+    assert!(e.message.contains("--enable-node-selector-labels"), "{e}");
+
+    let mut dp = FakeDatapath::default();
+    dp.links.insert("lxc1".into(), 101);
+    let cfg = DaemonConfig { node_selector_labels: true, ..config() };
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.reconcile_datapath().unwrap();
+    pod(&mut d, "fe", "frontend");
+    create(&mut d, "fe", 1);
+    d.policy_import(policy, "z.yaml", false).unwrap();
+    let own = cilium_api::NodeMeta { labels: [("zone".to_string(), "a".to_string())].into(), ..node(&d.config().node_name.clone(), [172, 30, 0, 11], "10.0.1.0/24") };
+    let n2 = labelled("n2", [172, 30, 0, 12], "10.0.2.0/24", "a");
+    let n3 = labelled("n3", [172, 30, 0, 13], "10.0.3.0/24", "b");
+    d.nodes_set(vec![own, n2.clone(), n3.clone(), node("n4", [172, 30, 0, 14], "10.0.4.0/24")]).unwrap();
+    let id_of = |d: &Daemon<FakeDatapath>, ip: &str| d.datapath().ipcache[&ip.parse::<Ipv4Net>().unwrap()].sec_identity;
+    let (a, b) = (id_of(&d, "172.30.0.12/32"), id_of(&d, "172.30.0.13/32"));
+    assert!((2 << 24..3 << 24).contains(&a) && (2 << 24..3 << 24).contains(&b) && a != b, "{a} {b}");
+    assert_eq!(id_of(&d, "172.30.0.14/32"), 6, "a node without labels is remote-node");
+    assert_eq!(id_of(&d, "172.30.0.11/32"), 1, "this node is host, whatever its labels");
+    assert_eq!(d.kvstore_published().0.labels["zone"], "a", "its own labels are published");
+    let allowed = |d: &Daemon<FakeDatapath>, id: u32| d.datapath().policy.keys().any(|k| k.1 == 1 && k.3 == id && k.2 & 1 == 0);
+    assert!(allowed(&d, a) && !allowed(&d, b));
+    // a node that moves to another zone leaves the selection
+    d.nodes_set(vec![labelled("n2", [172, 30, 0, 12], "10.0.2.0/24", "b"), n3]).unwrap();
+    assert_eq!(id_of(&d, "172.30.0.12/32"), b, "the same labels, the same identity");
+    assert!(!allowed(&d, b));
+    assert!(!d.identities().iter().any(|i| i.id == a), "the unused identity is released");
+    let e = d.nodes_set(vec![cilium_api::NodeMeta { labels: [("zone".to_string(), "a b".to_string())].into(), ..n2 }]).unwrap_err();
+    assert!(e.to_string().contains("nodes[0].labels"), "{e}");
 }
 
 #[test]
