@@ -1,5 +1,5 @@
 //! Policy YAML/JSON: any text parses to policies or to an error, never a
-//! panic; whatever parses also computes.
+//! panic; whatever parses also resolves (CIDR groups) and computes.
 #![no_main]
 use std::collections::BTreeMap;
 
@@ -9,13 +9,15 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     if let Ok(docs) = cilium_policy::parse_policies(&text, "fuzz") {
-        let rules: Vec<cilium_policy::Rule> = docs.into_iter().flat_map(|(_, r)| r).collect();
+        let mut repo = cilium_policy::Repository::new();
+        repo.apply(docs);
+        let rules = repo.rules();
         let pod = LabelSet::parse_all(["k8s:app=x", "k8s:io.kubernetes.pod.namespace=default"]);
         let mut ids = BTreeMap::new();
         ids.insert(1u32, LabelSet::parse_all(["reserved:host"]));
         ids.insert(256u32, pod.clone());
         let _ = cilium_policy::compute(&cilium_policy::Input {
-            rules: &rules,
+            rules,
             labels: &pod,
             identities: &ids,
             own_ports: &Default::default(),
