@@ -119,6 +119,39 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 }
 
 /*
+ * The host firewall. With --enable-host-firewall the agent writes the host
+ * endpoint at key HOST_ENDPOINT_IFINDEX of cilium_lxc (identity host, its
+ * policy entries under HOST_ENDPOINT_ID) and its policy applies to the
+ * node's own traffic: what reaches the node from the network, the tunnel
+ * and its pods (the host's ingress), and what the node sends to them (its
+ * egress), with conntrack as for pods. Without the entry nothing changes.
+ */
+static __always_inline struct endpoint_info *host_endpoint(void)
+{
+	__u32 key = HOST_ENDPOINT_IFINDEX;
+	return bpf_map_lookup_elem(&cilium_lxc, &key);
+}
+
+static __always_inline int host_enforce(struct __sk_buff *skb, struct pkt *p, int egress, __u32 peer_id)
+{
+	struct endpoint_info *h = host_endpoint();
+	__u16 proxy = 0;
+	if (!h)
+		return TC_ACT_OK;
+	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy);
+}
+
+/* Translated by the service load balancer and sent on from a tc ingress
+ * (the mark is cleared: it means nothing past this device). */
+static __always_inline int nodeport_forwarded(struct __sk_buff *skb)
+{
+	if ((skb->mark & MARK_MAGIC_MASK) != MARK_MAGIC_NODEPORT)
+		return 0;
+	skb->mark = 0;
+	return 1;
+}
+
+/*
  * Delivers a packet from one local endpoint straight into another's network
  * namespace, as the node's router would, without the detour through the
  * node's stack: MACs rewritten, TTL decremented. The destination's ingress
@@ -208,7 +241,8 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		if (proxy)
 			return to_proxy(skb, ep, &p, ep->sec_identity, dst_id, 0, proxy);
 		if (!dst)
-			return TC_ACT_OK;
+			/* to the node itself: its host firewall's ingress */
+			return dst_id == IDENTITY_HOST ? host_enforce(skb, &p, 0, ep->sec_identity) : TC_ACT_OK;
 		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy);
 		if (ret != TC_ACT_OK)
 			return ret;
@@ -233,7 +267,14 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 	 * never arrives here: a local endpoint's address as source is spoofed. */
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir, &p);
-	ret = enforce(skb, ep, &p, 0, ipcache_identity(p.saddr), now, &proxy);
+	__u32 src_id = ipcache_identity(p.saddr);
+	if (src_id == IDENTITY_HOST) {
+		/* the node's own: its host firewall's egress first */
+		ret = host_enforce(skb, &p, 1, ep->sec_identity);
+		if (ret != TC_ACT_OK)
+			return ret;
+	}
+	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy);
 	if (ret == TC_ACT_OK && proxy) {
 		/* L7 ingress rules for what the node's stack sends (its own
 		 * connections, NodePort flows to this backend): the proxy is
@@ -287,16 +328,25 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 	return redirect_to_endpoint(skb, ep, ep->ep_id);
 }
 
-/* The per-packet service load balancer at a tc ingress; a flow it sends to
- * a backend of this node is delivered into the pod here, under the pod's
- * ingress policy (and its L7 proxy: a packet the stack forwarded to the pod
- * could not be handed to the proxy's socket for the same addresses). A
- * host-network backend is the node's stack's. */
-static __always_inline int nodeport_to_local(struct __sk_buff *skb, struct pkt *p, __u32 src_id, __u32 saddr_id)
+/* What arrives from outside the node, from a device or the tunnel: for a
+ * local endpoint's address, delivered under its ingress policy; else the
+ * per-packet service load balancer's, which may translate it to a backend
+ * of this node, delivered the same way (and to its L7 proxy: a packet the
+ * stack forwarded to the pod could not be handed to the proxy's socket for
+ * the same addresses), or send it on; what is left is the node's own, under
+ * its host firewall (a host-network backend's too). One copy of each
+ * policy path, for the verifier. */
+static __always_inline int from_outside(struct __sk_buff *skb, struct pkt *p, __u32 src_id, __u32 saddr_id)
 {
-	int ret = nodeport_ingress(skb, p);
-	if (ret != NODEPORT_LOCAL)
-		return ret;
+	int ret;
+	if (!bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr)) {
+		ret = nodeport_ingress(skb, p);
+		if (ret != NODEPORT_LOCAL) {
+			if (ret == TC_ACT_OK && host_endpoint() && ipcache_identity(p->daddr) == IDENTITY_HOST)
+				return host_enforce(skb, p, 0, src_id);
+			return ret;
+		}
+	}
 	ret = to_local_endpoint(skb, p, src_id, saddr_id);
 	return ret == -1 ? TC_ACT_OK : ret;
 }
@@ -314,10 +364,7 @@ int cil_from_netdev(struct __sk_buff *skb)
 	if (ret != TC_ACT_OK)
 		return ret;
 	__u32 id = ipcache_identity(p.saddr);
-	ret = to_local_endpoint(skb, &p, id, id);
-	if (ret != -1)
-		return ret;
-	return nodeport_to_local(skb, &p, id, id);
+	return from_outside(skb, &p, id, id);
 }
 
 SEC("classifier")
@@ -328,6 +375,12 @@ int cil_to_netdev(struct __sk_buff *skb)
 	struct pkt p;
 	if (parse_ipv4(skb, &p) < 0)
 		return TC_ACT_OK;
+	/* the node's own traffic (judged before pods' gets the node's address) */
+	if (!nodeport_forwarded(skb) && host_endpoint() && ipcache_identity(p.saddr) == IDENTITY_HOST) {
+		int hret = host_enforce(skb, &p, 1, ipcache_identity(p.daddr));
+		if (hret != TC_ACT_OK)
+			return hret;
+	}
 	/* what pods opened to the world leaves from the node; otherwise a
 	 * local backend's reply to a NodePort client gets its frontend back */
 	int ret = masq_egress(skb, &p);
@@ -384,12 +437,24 @@ int cil_to_overlay(struct __sk_buff *skb)
 	if (!dst || !dst->tunnel_endpoint)
 		return drop(skb, 0, DROP_NO_TUNNEL_ENDPOINT, src_id, dst ? dst->sec_identity : IDENTITY_WORLD,
 			    0, METRIC_EGRESS, 0);
+	__u32 dst_id = dst->sec_identity;
+	__u32 tunnel_endpoint = dst->tunnel_endpoint;
+	if (!nodeport_forwarded(skb) && src_id == IDENTITY_HOST && host_endpoint()) {
+		/* the node's own traffic to another node's pod */
+		struct pkt p;
+		int ret = parse_ipv4(skb, &p);
+		if (ret < 0)
+			return drop(skb, 0, -ret, src_id, dst_id, 0, METRIC_EGRESS, 0);
+		ret = host_enforce(skb, &p, 1, dst_id);
+		if (ret != TC_ACT_OK)
+			return ret;
+	}
 	struct bpf_tunnel_key tk = {};
-	tk.remote_ipv4 = bpf_ntohl(dst->tunnel_endpoint);
+	tk.remote_ipv4 = bpf_ntohl(tunnel_endpoint);
 	tk.tunnel_id = src_id;
 	tk.tunnel_ttl = 64;
 	if (bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX) < 0)
-		return drop(skb, 0, DROP_WRITE_ERROR, src_id, dst->sec_identity, 0, METRIC_EGRESS, 0);
+		return drop(skb, 0, DROP_WRITE_ERROR, src_id, dst_id, 0, METRIC_EGRESS, 0);
 	return TC_ACT_OK;
 }
 
@@ -422,11 +487,7 @@ int cil_from_overlay(struct __sk_buff *skb)
 	if (iv && iv->tunnel_endpoint && iv->tunnel_endpoint != outer)
 		return drop(skb, 0, DROP_INVALID_SIP, src_id, 0, EVENT_F_INGRESS, METRIC_INGRESS, &p);
 	__u32 saddr_id = iv ? iv->sec_identity : IDENTITY_WORLD;
-	ret = to_local_endpoint(skb, &p, src_id, saddr_id);
-	if (ret != -1)
-		return ret;
-	/* the node itself, or a remote backend's reply to a NodePort flow */
-	return nodeport_to_local(skb, &p, src_id, saddr_id);
+	return from_outside(skb, &p, src_id, saddr_id);
 }
 
 /*

@@ -163,6 +163,12 @@ enum policy_entry_flags {
 #define IDENTITY_MIN_REMOTE_NODE 33554432
 #define IDENTITY_END_REMOTE_NODE 50331648
 
+/* The host endpoint (host firewall): endpoint ID of its policy entries, and
+ * its key in cilium_lxc (no interface has ifindex 0). No entry: no host
+ * firewall. */
+#define HOST_ENDPOINT_ID 65535
+#define HOST_ENDPOINT_IFINDEX 0
+
 /* The agent's transparent L7 proxy listens on these ports (host byte order);
  * a policy entry's proxy_port names one of them. */
 #define PROXY_PORT_HTTP_INGRESS 15001
@@ -179,10 +185,13 @@ enum policy_entry_flags {
  * REINJECT marks a packet the node's stack sent to a local endpoint that
  * its ingress L7 rules send to the proxy: it is turned back into the
  * endpoint device's ingress, the proxy port (host order) in the upper 16
- * bits. */
+ * bits. NODEPORT marks what the service load balancer translated and sends
+ * on from a tc ingress: at the egress device it is not the node's own
+ * traffic (the host firewall leaves it alone). */
 #define MARK_MAGIC_MASK 0xF00
 #define MARK_MAGIC_TO_PROXY 0x200
 #define MARK_MAGIC_REINJECT 0x300
+#define MARK_MAGIC_NODEPORT 0x500
 #define MARK_MAGIC_PROXY 0xA00
 
 struct policy_entry {

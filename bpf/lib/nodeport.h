@@ -196,6 +196,7 @@ static __always_inline int fib_redirect(struct __sk_buff *skb, __u32 saddr, __u3
 	fib.ipv4_dst = daddr;
 	fib.ifindex = skb->ifindex;
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	skb->mark = MARK_MAGIC_NODEPORT;
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS) {
 		if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
 		    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)

@@ -309,6 +309,12 @@ pub const IDENTITY_MIN_LOCAL: u32 = 1 << 24;
 /// remote-node scope) start here and end before 3 << 24.
 pub const IDENTITY_MIN_REMOTE_NODE: u32 = 2 << 24;
 
+/// The host endpoint (`--enable-host-firewall`): its endpoint ID (never
+/// given to a pod) and its key in the endpoint table (no interface has
+/// ifindex 0).
+pub const HOST_ENDPOINT_ID: u16 = 65535;
+pub const HOST_ENDPOINT_IFINDEX: u32 = 0;
+
 /// The transparent L7 proxy's listening ports (see bpf/lib/abi.h).
 pub const PROXY_PORT_HTTP_INGRESS: u16 = 15001;
 pub const PROXY_PORT_HTTP_EGRESS: u16 = 15002;
@@ -326,6 +332,10 @@ pub const MARK_MAGIC_TO_PROXY: u32 = 0x200;
 /// endpoint device's ingress for the L7 proxy (proxy port in the upper 16
 /// bits).
 pub const MARK_MAGIC_REINJECT: u32 = 0x300;
+/// A packet the service load balancer translated and sends on from a tc
+/// ingress (to another node's backend, or a reply back to the client): not
+/// the node's own traffic for the host firewall.
+pub const MARK_MAGIC_NODEPORT: u32 = 0x500;
 /// What the proxy sends; upstream connections carry the client's identity
 /// in the upper 16 bits.
 pub const MARK_MAGIC_PROXY: u32 = 0xA00;
@@ -373,9 +383,12 @@ pub fn all_defines() -> Vec<(&'static str, i64)> {
         ("PROXY_PORT_DNS", PROXY_PORT_DNS as i64),
         ("IDENTITY_MIN_LOCAL", IDENTITY_MIN_LOCAL as i64),
         ("IDENTITY_MIN_REMOTE_NODE", IDENTITY_MIN_REMOTE_NODE as i64),
+        ("HOST_ENDPOINT_ID", HOST_ENDPOINT_ID as i64),
+        ("HOST_ENDPOINT_IFINDEX", HOST_ENDPOINT_IFINDEX as i64),
         ("MARK_MAGIC_MASK", MARK_MAGIC_MASK as i64),
         ("MARK_MAGIC_TO_PROXY", MARK_MAGIC_TO_PROXY as i64),
         ("MARK_MAGIC_REINJECT", MARK_MAGIC_REINJECT as i64),
+        ("MARK_MAGIC_NODEPORT", MARK_MAGIC_NODEPORT as i64),
         ("MARK_MAGIC_PROXY", MARK_MAGIC_PROXY as i64),
         ("EVENT_DATA_LEN", crate::EVENT_DATA_LEN as i64),
         ("EVENT_STATS_LOST", 0),

@@ -69,6 +69,12 @@ pub struct Config {
     #[arg(long, env = "CILIUM_ENABLE_NODE_SELECTOR_LABELS", default_value_t = false)]
     pub enable_node_selector_labels: bool,
 
+    /// Enforce host policies (CiliumClusterwideNetworkPolicy with a
+    /// nodeSelector) on the node's own traffic: from and to the network,
+    /// the tunnel and the node's pods. Without it such policies are refused.
+    #[arg(long, env = "CILIUM_ENABLE_HOST_FIREWALL", default_value_t = false)]
+    pub enable_host_firewall: bool,
+
     /// Directory of policy files, imported and re-imported on change.
     #[arg(long, env = "CILIUM_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
@@ -257,6 +263,7 @@ pub struct Settings {
     pub audit_mode: bool,
     pub extended_ip_protocols: bool,
     pub node_selector_labels: bool,
+    pub host_firewall: bool,
     pub policy_dir: Option<PathBuf>,
     pub mtu: u32,
     pub ct_max: u32,
@@ -566,6 +573,7 @@ impl Config {
             audit_mode: self.policy_audit_mode,
             extended_ip_protocols: self.enable_extended_ip_protocols,
             node_selector_labels: self.enable_node_selector_labels,
+            host_firewall: self.enable_host_firewall,
             policy_dir: self.policy_dir,
             mtu: self.mtu,
             ct_max: self.bpf_ct_global_tcp_max,

@@ -7,8 +7,8 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use cilium_abi::{
-    EndpointFlag, EndpointInfo, IpcacheValue, POLICY_KEY_DIR_EGRESS, POLICY_KEY_GEN, PolicyEntry, PolicyKey,
-    ReservedIdentity,
+    EndpointFlag, EndpointInfo, HOST_ENDPOINT_ID, HOST_ENDPOINT_IFINDEX, IpcacheValue, POLICY_KEY_DIR_EGRESS, POLICY_KEY_GEN,
+    PolicyEntry, PolicyKey, ReservedIdentity,
 };
 use cilium_api::{EndpointCreate, NamespaceMeta, PodMeta};
 use cilium_datapath::{Datapath, DatapathError, ip_to_be};
@@ -70,6 +70,9 @@ pub struct DaemonConfig {
     /// Other nodes get identities of their own from their labels, for
     /// fromNodes/toNodes (otherwise all are remote-node).
     pub node_selector_labels: bool,
+    /// Host policies (CCNP nodeSelector) are enforced on the node's own
+    /// traffic, through the host endpoint.
+    pub host_firewall: bool,
     /// Default backend selection of services.
     pub lb_algorithm: cilium_lb::Algorithm,
     /// Slots of each Maglev table.
@@ -125,6 +128,10 @@ pub struct Daemon<D: Datapath> {
     ipam: Ipam,
     identities: Allocator,
     endpoints: BTreeMap<u16, Endpoint>,
+    /// The host endpoint (--enable-host-firewall): the node itself, under
+    /// host policies. Endpoint table key 0, policy entries under
+    /// HOST_ENDPOINT_ID; rebuilt from the node's labels at every start.
+    host_ep: Option<Endpoint>,
     repo: Repository,
     policy_sources: BTreeMap<PolicyRef, String>,
     pods: BTreeMap<String, PodMeta>,
@@ -187,10 +194,43 @@ pub fn datapath_key(ep_id: u16, generation: bool, k: &MapKey) -> PolicyKey {
     }
 }
 
+/// The host endpoint's labels: `reserved:host` and the node's security
+/// relevant labels (as `k8s:`; `kubernetes.io/...` ones are not, as for
+/// pods), which host policies' nodeSelector matches.
+pub(crate) fn host_endpoint_labels(node_labels: &BTreeMap<String, String>) -> LabelSet {
+    let mut set = LabelSet::new();
+    set.insert(cilium_labels::Label::reserved("host"));
+    for (k, v) in node_labels.iter().filter(|(k, _)| cilium_labels::is_security_relevant(k)) {
+        set.insert(cilium_labels::Label::k8s(k, v));
+    }
+    set
+}
+
 impl<D: Datapath> Daemon<D> {
     /// A daemon with no state. `node_ips` are the node's own addresses.
     pub fn new(cfg: DaemonConfig, dp: D, store: Option<StateStore>, node_ips: Vec<Ipv4Addr>) -> Result<Self, DaemonError> {
         let ipam = Ipam::new(cfg.pod_cidr)?;
+        let host_ep = cfg.host_firewall.then(|| Endpoint {
+            rec: EndpointRecord {
+                id: HOST_ENDPOINT_ID,
+                container_id: String::new(),
+                ifname: String::new(),
+                netns: String::new(),
+                host_ifname: String::new(),
+                host_ifindex: HOST_ENDPOINT_IFINDEX,
+                ipv4: node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                mac: String::new(),
+                host_mac: String::new(),
+                namespace: String::new(),
+                pod_name: String::new(),
+                labels: host_endpoint_labels(&BTreeMap::new()),
+                identity: ReservedIdentity::Host.code(),
+            },
+            realized: None,
+            state: EpState::Ready,
+            error: None,
+            stale: vec![],
+        });
         Ok(Daemon {
             cfg,
             dp,
@@ -198,6 +238,7 @@ impl<D: Datapath> Daemon<D> {
             ipam,
             identities: Allocator::new(),
             endpoints: BTreeMap::new(),
+            host_ep,
             repo: Repository::new(),
             policy_sources: BTreeMap::new(),
             pods: BTreeMap::new(),
@@ -371,6 +412,10 @@ impl<D: Datapath> Daemon<D> {
         }
         self.sync_cidr_identities()?;
         self.nodes = state.nodes;
+        let host_labels = host_endpoint_labels(&self.own_node_labels());
+        if let Some(h) = self.host_ep.as_mut() {
+            h.rec.labels = host_labels;
+        }
         if let (Some(kv), Some(saved)) = (self.kv.as_mut(), state.kvstore) {
             // the last view, until the kvstore answers again
             *kv = saved;
@@ -415,7 +460,7 @@ impl<D: Datapath> Daemon<D> {
     pub fn reconcile_datapath(&mut self) -> Result<(), DaemonError> {
         // endpoints in the map that we do not know: their interfaces keep the
         // programs, which now drop everything (no endpoint entry)
-        let known: BTreeSet<u32> = self.endpoints.values().map(|e| e.rec.host_ifindex).collect();
+        let known: BTreeSet<u32> = self.endpoints.values().chain(self.host_ep.as_ref()).map(|e| e.rec.host_ifindex).collect();
         let existing = self.dp.endpoints()?;
         for info in &existing {
             if !known.contains(&info.ifindex) {
@@ -427,15 +472,15 @@ impl<D: Datapath> Daemon<D> {
         // policy entries: group by endpoint; drop those of unknown endpoints
         let mut by_ep: BTreeMap<u16, Vec<PolicyKey>> = BTreeMap::new();
         for (k, _) in self.dp.policy_dump()? {
-            if self.endpoints.contains_key(&k.ep_id) {
+            if self.slot(k.ep_id).is_some() {
                 by_ep.entry(k.ep_id).or_default().push(k);
             } else {
                 self.dp.policy_delete(&k)?;
             }
         }
-        let ids: Vec<u16> = self.endpoints.keys().copied().collect();
+        let ids: Vec<u16> = self.policy_ids();
         for id in &ids {
-            let ep = self.endpoints.get_mut(id).expect("listed");
+            let ep = self.slot_mut(*id).expect("listed");
             let live_gen = gens.get(&ep.rec.host_ifindex).copied().unwrap_or(false);
             let stale = by_ep.remove(id).unwrap_or_default();
             // entries of the live generation stay until the new one is in
@@ -457,8 +502,7 @@ impl<D: Datapath> Daemon<D> {
         self.ipcache_written = self.dp.ipcache_dump()?.into_iter().collect();
         self.tunnel_routes = self.dp.routes_via(crate::node::TUNNEL_DEV)?.into_iter().collect();
         self.sync_ipcache()?;
-        for id in ids {
-            let rec = self.endpoints[&id].rec.clone();
+        for rec in self.endpoints.values().map(|e| e.rec.clone()).collect::<Vec<_>>() {
             self.dp.attach(&rec.host_ifname)?;
             self.dp.link_up(&rec.host_ifname)?;
             self.dp.route(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &rec.host_ifname, self.ipam.router())?;
@@ -803,6 +847,14 @@ impl<D: Datapath> Daemon<D> {
     /// Refuses what the agent's configuration cannot enforce.
     fn check_policy_features(&self, parsed: &[(PolicyDocument, Vec<cilium_policy::Rule>)]) -> Result<(), PolicyError> {
         for (doc, rules) in parsed {
+            if let Some(r) = rules.iter().find(|r| r.host).filter(|_| !self.cfg.host_firewall) {
+                return Err(PolicyError::new(
+                    &doc.key().to_string(),
+                    &format!("{}.nodeSelector", r.origin),
+                    "",
+                    "host policies need the agent started with --enable-host-firewall",
+                ));
+            }
             if let Some(field) = cilium_policy::rule::node_selector_use(doc).filter(|_| !self.cfg.node_selector_labels) {
                 return Err(PolicyError::new(
                     &doc.key().to_string(),
@@ -903,12 +955,35 @@ impl<D: Datapath> Daemon<D> {
     pub fn regenerate_all(&mut self) {
         let identities = self.identity_map();
         let peer_ports = self.peer_ports();
-        let ids: Vec<u16> = self.endpoints.keys().copied().collect();
-        for id in ids {
+        for id in self.policy_ids() {
             if let Err(e) = self.regenerate_with(id, &identities, &peer_ports) {
                 error!(endpoint = id, error = %e, "regenerating policy");
             }
         }
+    }
+
+    /// An endpoint with policy: a pod's, or the host endpoint.
+    fn slot(&self, id: u16) -> Option<&Endpoint> {
+        if id == HOST_ENDPOINT_ID { self.host_ep.as_ref() } else { self.endpoints.get(&id) }
+    }
+
+    fn slot_mut(&mut self, id: u16) -> Option<&mut Endpoint> {
+        if id == HOST_ENDPOINT_ID { self.host_ep.as_mut() } else { self.endpoints.get_mut(&id) }
+    }
+
+    /// Every endpoint with policy: the pods', then the host endpoint.
+    fn policy_ids(&self) -> Vec<u16> {
+        self.endpoints.keys().copied().chain(self.host_ep.as_ref().map(|_| HOST_ENDPOINT_ID)).collect()
+    }
+
+    /// The host endpoint follows the node's labels.
+    fn host_labels_changed(&mut self) -> Result<(), DaemonError> {
+        let labels = host_endpoint_labels(&self.own_node_labels());
+        match self.host_ep.as_mut() {
+            Some(h) if h.rec.labels != labels => h.rec.labels = labels,
+            _ => return Ok(()),
+        }
+        self.regenerate(HOST_ENDPOINT_ID)
     }
 
     fn regenerate(&mut self, id: u16) -> Result<(), DaemonError> {
@@ -918,7 +993,7 @@ impl<D: Datapath> Daemon<D> {
     }
 
     fn endpoint_info(&self, id: u16) -> EndpointInfo {
-        let ep = &self.endpoints[&id];
+        let ep = self.slot(id).expect("an endpoint with policy");
         EndpointInfo {
             ifindex: ep.rec.host_ifindex,
             ipv4: ip_to_be(ep.rec.ipv4),
@@ -977,7 +1052,7 @@ impl<D: Datapath> Daemon<D> {
     /// entries do not fit, the endpoint denies everything (never fails open)
     /// and the failure is reported in its state and in `cilium status`.
     fn regenerate_with(&mut self, id: u16, identities: &BTreeMap<u32, LabelSet>, peer_ports: &BTreeMap<u32, NamedPorts>) -> Result<(), DaemonError> {
-        let Some(ep) = self.endpoints.get(&id) else { return Ok(()) };
+        let Some(ep) = self.slot(id) else { return Ok(()) };
         let mut own_ports = NamedPorts::new();
         Self::named_ports(self.pods.get(&Self::pod_key(&ep.rec.namespace, &ep.rec.pod_name)), &mut own_ports);
         let policy = compute(&Input {
@@ -998,7 +1073,8 @@ impl<D: Datapath> Daemon<D> {
         if self.cfg.audit_mode {
             flags |= EndpointFlag::Audit as u16;
         }
-        if self.cfg.extended_ip_protocols {
+        // the node's own traffic is whatever protocols it speaks
+        if self.cfg.extended_ip_protocols || id == HOST_ENDPOINT_ID {
             flags |= EndpointFlag::ExtendedProtocols as u16;
         }
         if let Some(r) = &ep.realized {
@@ -1015,7 +1091,7 @@ impl<D: Datapath> Daemon<D> {
                 let mut inserted = Vec::new();
                 match self.apply_diff(id, r, &policy, &mut inserted) {
                     Ok(keys) => {
-                        let ep = self.endpoints.get_mut(&id).expect("exists");
+                        let ep = self.slot_mut(id).expect("exists");
                         let generation = r.generation;
                         let flags = r.flags;
                         ep.realized = Some(Realized { policy, generation, keys, flags });
@@ -1024,14 +1100,14 @@ impl<D: Datapath> Daemon<D> {
                     Err(e) => {
                         warn!(endpoint = id, error = %e, "incremental policy update failed; rewriting the endpoint's policy");
                         // what the diff added to the live generation goes with it
-                        if let Some(r) = self.endpoints.get_mut(&id).and_then(|e| e.realized.as_mut()) {
+                        if let Some(r) = self.slot_mut(id).and_then(|e| e.realized.as_mut()) {
                             r.keys.extend(inserted);
                         }
                     }
                 }
             }
         }
-        let old = self.endpoints[&id].realized.clone();
+        let old = self.slot(id).expect("exists").realized.clone();
         let generation = !old.as_ref().map(|r| r.generation).unwrap_or(true);
         if generation {
             flags |= EndpointFlag::PolicyGen as u16;
@@ -1084,14 +1160,14 @@ impl<D: Datapath> Daemon<D> {
             let msg = format!("cannot write endpoint {id} to the endpoint table ({e}); it keeps its previous policy");
             error!(endpoint = id, error = %e, "writing endpoint table");
             self.warnings.insert(format!("endpoint {id}"), msg.clone());
-            let ep = self.endpoints.get_mut(&id).expect("exists");
+            let ep = self.slot_mut(id).expect("exists");
             ep.state = EpState::PolicyError;
             ep.error = Some(msg);
             return Err(e.into());
         }
         let failed = ep_state.0 == EpState::PolicyError;
         {
-            let ep = self.endpoints.get_mut(&id).expect("exists");
+            let ep = self.slot_mut(id).expect("exists");
             ep.realized = Some(Realized { policy: realized_policy, generation, keys: written, flags });
             ep.state = ep_state.0;
             ep.error = ep_state.1;
@@ -1128,6 +1204,10 @@ impl<D: Datapath> Daemon<D> {
                 Self::named_ports(meta, &mut ports);
                 let labels = ep.map(|e| e.rec.labels.clone()).unwrap_or_else(|| self.labels_for(ns, name));
                 Ok((labels, true, ports))
+            }
+            (None, Some(id), true) if id == ReservedIdentity::Host.code() && self.host_ep.is_some() => {
+                // the node under the host firewall: its host endpoint
+                Ok((self.host_ep.as_ref().expect("checked").rec.labels.clone(), true, ports))
             }
             (None, Some(id), true) => {
                 let ident = self.identities.get(id).ok_or_else(|| invalid(&format!("{field}.identity"), id, "no such identity"))?;
@@ -1240,12 +1320,13 @@ impl<D: Datapath> Daemon<D> {
 
     // ------------------------------------------------------------ views ---
 
+    /// Every endpoint, the host endpoint (host firewall) last.
     pub fn endpoint_ids(&self) -> Vec<u16> {
-        self.endpoints.keys().copied().collect()
+        self.policy_ids()
     }
 
     pub fn endpoint_view(&self, id: u16) -> Option<cilium_api::Endpoint> {
-        let e = self.endpoints.get(&id)?;
+        let e = self.slot(id)?;
         let r = e.realized.as_ref();
         Some(cilium_api::Endpoint {
             id,
@@ -1275,7 +1356,7 @@ impl<D: Datapath> Daemon<D> {
     }
 
     pub fn endpoint_policy(&self, id: u16) -> Option<&EndpointPolicy> {
-        self.endpoints.get(&id)?.realized.as_ref().map(|r| &r.policy)
+        self.slot(id)?.realized.as_ref().map(|r| &r.policy)
     }
 
     pub fn endpoints_ready(&self) -> usize {

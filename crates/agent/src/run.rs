@@ -66,6 +66,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
         audit_mode: s.audit_mode,
         extended_ip_protocols: s.extended_ip_protocols,
         node_selector_labels: s.node_selector_labels,
+        host_firewall: s.host_firewall,
         lb_algorithm: s.lb_algorithm,
         maglev_size: s.maglev_table_size,
         fqdn_min_ttl: s.fqdn_min_ttl,

@@ -503,6 +503,10 @@ impl Datapath for Loaded {
                 }
             };
             self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
+            if info.ifindex == cilium_abi::HOST_ENDPOINT_IFINDEX {
+                // the host endpoint's addresses are the node's, not a pod's
+                return Ok(());
+            }
             self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))
         })();
         self.count(MAP_LXC, "update", r.is_ok());

@@ -254,7 +254,7 @@ pub fn compute(input: &Input) -> EndpointPolicy {
     let selecting: Vec<&Rule> = input
         .rules
         .iter()
-        .filter(|r| r.subject.as_ref().is_some_and(|s| s.matches(input.labels)))
+        .filter(|r| r.selects(input.labels))
         .collect();
     let mut out = EndpointPolicy {
         selected_by: {

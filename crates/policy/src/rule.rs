@@ -204,6 +204,11 @@ pub struct Rule {
     pub origin: String,
     /// Endpoints the rule applies to.
     pub subject: Option<Selector>,
+    /// A host policy (`nodeSelector`): `subject` selects the host endpoint
+    /// of nodes by their labels, and never a pod; other rules never select
+    /// the host endpoint.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host: bool,
     /// Whether the rule puts its subjects under ingress / egress enforcement.
     pub ingress_enforced: bool,
     pub egress_enforced: bool,
@@ -216,6 +221,14 @@ pub struct Rule {
     pub egress_deny: Vec<PeerRule>,
     pub labels: Vec<String>,
     pub description: Option<String>,
+}
+
+impl Rule {
+    /// Whether the rule applies to an endpoint with these labels (the host
+    /// endpoint is the one labelled `reserved:host`).
+    pub fn selects(&self, labels: &cilium_labels::LabelSet) -> bool {
+        self.host == labels.has_reserved("host") && self.subject.as_ref().is_some_and(|s| s.matches(labels))
+    }
 }
 
 /// Entities (fromEntities/toEntities) and their selectors.
@@ -1137,11 +1150,12 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
                     None => sel,
                 }
             }
-            (None, Some(_)) => {
+            (None, Some(ns)) => {
                 if kind.is_namespaced() {
                     return Err(ctx.err(&format!("{origin}.nodeSelector"), "", "nodeSelector is only allowed in CiliumClusterwideNetworkPolicy"));
                 }
-                return Err(ctx.err(&format!("{origin}.nodeSelector"), "", "host policies (nodeSelector) are not supported yet"));
+                check_host_rule(&ctx, &origin, r)?;
+                ctx.selector(&format!("{origin}.nodeSelector"), ns, SOURCE_ANY)?
             }
             (None, None) => {
                 return Err(ctx.err(&origin, "", "one of endpointSelector or nodeSelector is required"));
@@ -1182,6 +1196,7 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
             policy: policy.clone(),
             origin,
             subject: Some(subject),
+            host: r.node_selector.is_some(),
             ingress_enforced: r.ingress.as_ref().is_some_and(|v| !v.is_empty())
                 || r.ingress_deny.as_ref().is_some_and(|v| !v.is_empty()),
             egress_enforced: r.egress.as_ref().is_some_and(|v| !v.is_empty())
@@ -1197,6 +1212,31 @@ fn cilium_rules(doc_name: &str, p: &CiliumPolicy, policy: PolicyRef) -> Result<V
         });
     }
     Ok(out)
+}
+
+/// What host policies cannot say here: L7 rules and DNS names (the node's
+/// own traffic is never handed to the proxy).
+fn check_host_rule(ctx: &Ctx, origin: &str, r: &api::Rule) -> Result<(), PolicyError> {
+    let ports_l7 = |dir: &str, i: usize, tp: &Option<Vec<api::PortRule>>| -> Result<(), PolicyError> {
+        if let Some(j) = tp.iter().flatten().position(|p| p.rules.is_some()) {
+            return Err(ctx.err(&format!("{origin}.{dir}[{i}].toPorts[{j}].rules"), "", "host policies cannot have L7 rules"));
+        }
+        Ok(())
+    };
+    for (dir, rules) in [("ingress", &r.ingress), ("ingressDeny", &r.ingress_deny)] {
+        for (i, x) in rules.iter().flatten().enumerate() {
+            ports_l7(dir, i, &x.to_ports)?;
+        }
+    }
+    for (dir, rules) in [("egress", &r.egress), ("egressDeny", &r.egress_deny)] {
+        for (i, x) in rules.iter().flatten().enumerate() {
+            ports_l7(dir, i, &x.to_ports)?;
+            if x.to_fqdns.as_ref().is_some_and(|v| !v.is_empty()) {
+                return Err(ctx.err(&format!("{origin}.{dir}[{i}].toFQDNs"), "", "host policies cannot select DNS names"));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn k8s_peers(ctx: &Ctx, field: &str, peers: &Option<Vec<api::NetworkPolicyPeer>>) -> Result<Peers, PolicyError> {
@@ -1323,6 +1363,7 @@ fn k8s_rules(doc_name: &str, p: &NetworkPolicy, policy: PolicyRef) -> Result<Vec
         policy,
         origin: "spec".to_string(),
         subject: Some(subject),
+        host: false,
         ingress_enforced: ing,
         egress_enforced: eg,
         ingress_default_deny: true,

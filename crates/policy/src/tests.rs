@@ -708,11 +708,8 @@ fn constraints_not_enforceable_yet_are_refused() {
     for (field, snippet) in [
         ("spec.ingress[0].authentication.mode", "  ingress: [{fromEntities: [all], authentication: {mode: required}}]\n"),
         ("spec.egress[0].toPorts[0].serverNames", "  egress: [{toPorts: [{ports: [{port: \"443\"}], serverNames: [a.example]}]}]\n"),
-        ("spec.nodeSelector", ""),
     ] {
-        let kind = if field == "spec.nodeSelector" { "CiliumClusterwideNetworkPolicy" } else { "CiliumNetworkPolicy" };
-        let selector = if field == "spec.nodeSelector" { "  nodeSelector: {}\n" } else { "  endpointSelector: {}\n" };
-        let yaml = format!("apiVersion: cilium.io/v2\nkind: {kind}\nmetadata: {{name: p}}\nspec:\n{selector}{snippet}");
+        let yaml = format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  endpointSelector: {{}}\n{snippet}");
         let e = parse_policies(&yaml, "x").unwrap_err();
         assert_eq!(e.field, field, "{e}");
     }
@@ -979,4 +976,57 @@ spec:
     assert_eq!(rule::node_selector_use(&docs[0].0).as_deref(), Some("spec.ingress[0].fromNodes"));
     let e = parse_err(&yaml.replace("fromNodes: [{matchLabels: {zone: a}}]", "fromNodes: [{matchLabels: {zone: a}}]\n    fromEntities: [world]"));
     assert_eq!(e.field, "spec.ingress[0]", "{e}");
+}
+
+#[test]
+fn host_policies_select_only_the_host_endpoint() {
+    let mut w = World::new(&[("default", "a")]);
+    let host = LabelSet::parse_all(["reserved:host", "k8s:role=worker"]);
+    w.ids.insert(7777, host.clone());
+    let yaml = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: host-fw}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
+  ingress:
+  - fromEntities: [cluster]
+    toPorts: [{ports: [{port: "22"}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: every-pod}
+spec:
+  endpointSelector: {}
+  egress: [{toEntities: [world]}]
+"#;
+    let rules: Vec<Rule> = parse_policies(yaml, "x").unwrap().into_iter().flat_map(|(_, r)| r).collect();
+    let compute_for = |labels: &LabelSet| {
+        compute(&Input {
+            rules: &rules,
+            labels,
+            identities: &w.ids,
+            own_ports: &NamedPorts::new(),
+            peer_ports: &BTreeMap::new(),
+            options: PolicyOptions { allow_localhost: false, ..Default::default() },
+        })
+    };
+    let h = compute_for(&host);
+    assert!(h.ingress_enforced && !h.egress_enforced, "the host rule, not the endpointSelector: {{}} one");
+    assert!(allowed(&h, w.id("default/a"), false, TCP, 22));
+    assert!(!allowed(&h, w.id("default/a"), false, TCP, 80));
+    assert!(!allowed(&h, 2, false, TCP, 22), "the world is not the cluster");
+    let other_node = compute_for(&LabelSet::parse_all(["reserved:host", "k8s:role=db"]));
+    assert!(!other_node.ingress_enforced && !other_node.egress_enforced, "a node the selector does not match");
+    let pod = w.policy_for_rules(&rules, "default/a");
+    assert!(!pod.ingress_enforced && pod.egress_enforced, "nodeSelector never selects pods");
+    for (snippet, field) in [
+        ("  ingress: [{toPorts: [{ports: [{port: \"80\"}], rules: {http: [{method: GET}]}}]}]\n", "spec.ingress[0].toPorts[0].rules"),
+        ("  egress: [{toFQDNs: [{matchName: a.example}]}]\n", "spec.egress[0].toFQDNs"),
+    ] {
+        let e = parse_err(&format!("apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {{name: h}}\nspec:\n  nodeSelector: {{}}\n{snippet}"));
+        assert_eq!(e.field, field, "{e}");
+    }
+    let e = parse_err("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: h}\nspec:\n  nodeSelector: {}\n  ingress: [{}]\n");
+    assert_eq!(e.field, "spec.nodeSelector", "{e}");
 }

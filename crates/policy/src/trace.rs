@@ -99,7 +99,7 @@ fn direction(
     options: PolicyOptions,
 ) -> DirectionTrace {
     let name = if egress { "egress" } else { "ingress" };
-    let selecting: Vec<&Rule> = rules.iter().filter(|r| r.subject.as_ref().is_some_and(|s| s.matches(endpoint.labels))).collect();
+    let selecting: Vec<&Rule> = rules.iter().filter(|r| r.selects(endpoint.labels)).collect();
     let mut selected_by: Vec<String> = selecting.iter().map(|r| r.policy.to_string()).collect();
     selected_by.dedup();
     let mut steps = Vec::new();
@@ -273,7 +273,7 @@ pub fn l7_policy(rules: &[Rule], endpoint: &LabelSet, peer: &LabelSet, egress: b
     if options.mode == EnforcementMode::Never {
         return L7Policy::Unrestricted;
     }
-    let selecting: Vec<&Rule> = rules.iter().filter(|r| r.subject.as_ref().is_some_and(|s| s.matches(endpoint))).collect();
+    let selecting: Vec<&Rule> = rules.iter().filter(|r| r.selects(endpoint)).collect();
     let (enforced, default_deny) = selecting.iter().fold((false, false), |(e, d), r| {
         let (re, rd) = if egress { (r.egress_enforced, r.egress_enforced && r.egress_default_deny) } else { (r.ingress_enforced, r.ingress_enforced && r.ingress_default_deny) };
         (e || re, d || rd)

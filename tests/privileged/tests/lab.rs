@@ -560,3 +560,55 @@ spec:
     let ep = lab.cilium_ok(&["bpf", "policy", "get", "--all"]);
     assert!(ep.contains("VRRP"), "the policy map names the protocol:\n{ep}");
 }
+
+#[test]
+fn host_firewall_enforces_host_policies_on_the_nodes_own_traffic() {
+    const HOST_POLICY: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: workers}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a, io.kubernetes.pod.namespace: default}}]
+    toPorts: [{ports: [{port: "4240", protocol: TCP}]}]
+  egress:
+  - toEntities: [world]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - toEndpoints: [{matchLabels: {app: a, io.kubernetes.pod.namespace: default}}]
+"#;
+    let role = |r: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1, labels: {{role: {r}}}}}\n");
+    let node = "172.30.0.11";
+    let lab = TestLab::up_with(&[ABC], &["--enable-host-firewall"]);
+    lab.apply(HOST_POLICY);
+    // the policy selects no node yet: everything passes
+    assert!(lab.probe("world", node, 4240, "tcp"));
+    assert!(lab.probe("default/b", node, 4240, "tcp"));
+    assert!(lab.probe("node1", "default/b", 80, "tcp"));
+    let eps: Vec<Value> = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
+    let host = eps.iter().find(|e| e["id"] == 65535).expect("the host endpoint is listed");
+    assert_eq!(host["identity"], 1);
+    assert_eq!(host["ingress_enforced"], false);
+
+    lab.apply(&role("worker"));
+    // ingress: from pod a only, on 4240; replies of the node's own connections pass
+    assert!(lab.probe("default/a", node, 4240, "tcp"), "a -> node:4240");
+    assert!(!lab.probe("default/b", node, 4240, "tcp"), "b -> node:4240");
+    assert!(!lab.probe("world", node, 4240, "tcp"), "world -> node:4240");
+    // egress: to the world on 80 and to pod a
+    assert!(lab.probe("node1", "172.30.0.1", 80, "tcp"), "node -> world:80");
+    assert!(!lab.probe("node1", "172.30.0.1", 8080, "tcp"), "node -> world:8080");
+    assert!(lab.probe("node1", "default/a", 80, "tcp"), "node -> a");
+    assert!(!lab.probe("node1", "default/b", 80, "tcp"), "node -> b");
+    let eps: Vec<Value> = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
+    let host = eps.iter().find(|e| e["id"] == 65535).unwrap();
+    assert_eq!((host["ingress_enforced"].as_bool(), host["egress_enforced"].as_bool()), (Some(true), Some(true)), "{host}");
+    assert!(host["labels"].as_array().unwrap().iter().any(|l| l == "k8s:role=worker"), "{host}");
+    // pods' own traffic is theirs: b still reaches the world (not the node's egress)
+    assert!(lab.probe("default/b", "172.30.0.1", 8080, "tcp"), "b -> world:8080");
+
+    // the node leaves the selection: open again
+    lab.apply(&role("db"));
+    assert!(lab.probe("world", node, 4240, "tcp"));
+    assert!(lab.probe("node1", "default/b", 80, "tcp"));
+}

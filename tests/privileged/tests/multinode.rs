@@ -480,3 +480,43 @@ spec:
     let out = lab.lab_output(&["apply", "-f", &lab.write("n9.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: node9}\n").to_string_lossy()]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("node9"), "an unknown node is refused");
 }
+
+/// The host firewall judges what the node itself sends and receives; a
+/// NodePort flow it forwards to another node's backend is not the node's
+/// own traffic, even though it leaves from the node's address.
+#[test]
+fn host_firewall_leaves_translated_service_flows_alone() {
+    const SERVER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: server, labels: {app: server}}
+spec: {nodeName: node2, containers: [{name: s, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server}
+spec:
+  type: NodePort
+  selector: {app: server}
+  ports: [{port: 80, nodePort: 30080}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: nodes-talk-to-the-world-only}
+spec:
+  nodeSelector: {}
+  ingress: [{fromEntities: [world]}]
+  egress: [{toEntities: [world]}]
+"#;
+    let lab = TestLab::create(&[SERVER], &["--enable-host-firewall"], &["--nodes", "2"]);
+    assert!(lab.probe("world", "172.30.0.12", 4240, "tcp"), "the world reaches node2");
+    assert!(!lab.probe("node1", "172.30.0.12", 4240, "tcp"), "node1 -> node2: not the world, denied by node1's egress");
+    assert!(!lab.probe("node1", "default/server", 80, "tcp"), "node1 -> a pod of node2: denied");
+    for _ in 0..3 {
+        assert_eq!(
+            lab.probe_pod("world", "172.30.0.11", 30080, "tcp").as_deref(),
+            Some("default/server"),
+            "NodePort on node1, backend on node2: forwarded from node1's address all the same"
+        );
+    }
+}

@@ -151,6 +151,7 @@ impl<D: Datapath> Daemon<D> {
             ));
         }
         self.nodes = out;
+        self.host_labels_changed()?;
         // other nodes' identities follow their labels
         if self.sync_remote_endpoints()? {
             self.regenerate_all();

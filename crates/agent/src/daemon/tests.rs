@@ -15,6 +15,7 @@ fn config() -> DaemonConfig {
         audit_mode: false,
         extended_ip_protocols: false,
         node_selector_labels: false,
+        host_firewall: false,
         lb_algorithm: cilium_lb::Algorithm::Random,
         maglev_size: 251,
         fqdn_min_ttl: 0,
@@ -686,6 +687,62 @@ fn tunnel_daemon() -> Daemon<FakeDatapath> {
 
 fn node(name: &str, ip: [u8; 4], cidr: &str) -> cilium_api::NodeMeta {
     cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into(), labels: BTreeMap::new() }
+}
+
+#[test]
+fn host_policies_need_the_host_firewall_and_follow_the_node_labels() {
+    let policy = "apiVersion: cilium.io/v2\nkind: CiliumClusterwideNetworkPolicy\nmetadata: {name: h}\nspec:\n  nodeSelector: {matchLabels: {role: worker}}\n  ingress:\n  - fromEntities: [cluster]\n    toPorts: [{ports: [{port: \"22\"}]}]\n";
+    let mut d = daemon(None);
+    let DaemonError::Policy(e) = d.policy_import(policy, "h.yaml", false).unwrap_err() else { panic!() };
+    assert_eq!(e.field, "spec.nodeSelector", "{e}");
+    assert!(e.message.contains("--enable-host-firewall"), "{e}");
+    assert!(!d.endpoint_ids().contains(&HOST_ENDPOINT_ID));
+
+    let mut dp = FakeDatapath::default();
+    dp.links.insert("lxc1".into(), 101);
+    let cfg = DaemonConfig { host_firewall: true, ..config() };
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.reconcile_datapath().unwrap();
+    d.policy_import(policy, "h.yaml", false).unwrap();
+    let host = d.endpoint_view(HOST_ENDPOINT_ID).expect("the host endpoint is listed");
+    assert_eq!((host.identity, host.labels.clone()), (1, vec!["reserved:host".to_string()]));
+    assert!(!host.ingress_enforced, "the node has no role=worker label yet");
+    let entry = |d: &Daemon<FakeDatapath>| d.datapath().endpoints.get(&HOST_ENDPOINT_IFINDEX).copied().expect("endpoint table key 0");
+    assert_eq!(entry(&d).flags & EndpointFlag::IngressEnforce as u16, 0);
+    assert_eq!(entry(&d).ep_id, HOST_ENDPOINT_ID);
+    // the API server labels the node: the host endpoint is selected
+    let own = cilium_api::NodeMeta {
+        labels: [("role".to_string(), "worker".to_string()), ("kubernetes.io/hostname".to_string(), "n1".to_string())].into(),
+        ..node(&d.config().node_name.clone(), [172, 30, 0, 11], "10.0.1.0/24")
+    };
+    d.nodes_set(vec![own]).unwrap();
+    let host = d.endpoint_view(HOST_ENDPOINT_ID).unwrap();
+    assert_eq!(host.labels, vec!["reserved:host".to_string(), "k8s:role=worker".to_string()], "kubernetes.io labels are not security relevant");
+    assert!(host.ingress_enforced && !host.egress_enforced);
+    assert_ne!(entry(&d).flags & EndpointFlag::IngressEnforce as u16, 0);
+    let entries: Vec<_> = d.datapath().policy.keys().filter(|k| k.1 == HOST_ENDPOINT_ID).collect();
+    assert!(entries.iter().any(|k| k.5 == 22u16.to_be()), "port 22 for the cluster: {entries:?}");
+    // `policy trace` to identity 1 explains the host endpoint's ingress
+    let trace = |d: &Daemon<FakeDatapath>, port: u16| {
+        let req = cilium_api::PolicyTraceRequest {
+            src: cilium_api::TraceParty { pod: None, identity: Some(2), labels: vec![] },
+            dst: cilium_api::TraceParty { pod: None, identity: Some(1), labels: vec![] },
+            protocol: "TCP".into(),
+            dport: port,
+            http: None,
+        };
+        d.policy_trace(&req).unwrap()
+    };
+    let t = trace(&d, 22);
+    assert_eq!(t.verdict, "DENIED", "the world is not the cluster:\n{}", t.rendered);
+    assert!(t.rendered.contains("ClusterwideNetworkPolicy/h") || t.rendered.contains("CiliumClusterwideNetworkPolicy/h"), "{}", t.rendered);
+    // a restart keeps the host endpoint's entries and finds them again
+    let dp = d.datapath().clone();
+    let cfg = DaemonConfig { host_firewall: false, ..config() };
+    let mut off = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    off.reconcile_datapath().unwrap();
+    assert!(!off.datapath().endpoints.contains_key(&HOST_ENDPOINT_IFINDEX), "without the flag the host endpoint goes");
+    assert!(!off.datapath().policy.keys().any(|k| k.1 == HOST_ENDPOINT_ID), "and its entries");
 }
 
 #[test]
