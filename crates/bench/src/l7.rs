@@ -246,7 +246,7 @@ fn http_rr(netns: &str, addr: SocketAddr, secs: u64) -> anyhow::Result<(f64, f64
 fn idle_memory(netns: &str, addr: SocketAddr, agent: u32, n: usize) -> anyhow::Result<f64> {
     // fill Hubble's flow ring first (each request is two L7 flows), so the
     // growth measured is the connections', not the flow history's
-    http_rr(netns, addr, Default::default())?;
+    http_rr(netns, addr, 1)?;
     std::thread::sleep(Duration::from_millis(300));
     let before = rss_mb(agent)?;
     let held = crate::in_ns(netns, move || {
