@@ -34,7 +34,7 @@ static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx)
 		return 1;
 	struct lb4_backend *backend;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
-	__u32 id = lb4_select(svc, addr, dport, proto, bpf_get_netns_cookie(ctx), (__u32)cookie,
+	__u32 id = lb4_select(svc, addr, dport, proto, bpf_get_netns_cookie(ctx), cookie_hash(cookie),
 			      maglev_size(), now_seconds(), &backend);
 	if (!id || !backend) {
 		/* no backend: refuse at once rather than black-hole the client */

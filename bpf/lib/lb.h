@@ -47,6 +47,19 @@ static __always_inline struct lb4_service *lb4_lookup_service(__u32 addr, __u16 
 	return bpf_map_lookup_elem(&cilium_lb4_services, &key);
 }
 
+/* A socket's Maglev hash: its cookie, mixed (murmur3's finalizer). Sockets
+ * get consecutive cookies, which taken as they are would land in
+ * consecutive Maglev slots, often all one backend's. */
+static __always_inline __u32 cookie_hash(__u64 c)
+{
+	c ^= c >> 33;
+	c *= 0xff51afd7ed558ccdULL;
+	c ^= c >> 33;
+	c *= 0xc4ceb9fe1a85ec53ULL;
+	c ^= c >> 33;
+	return (__u32)c;
+}
+
 /*
  * Picks a backend of a service: the client's affine backend while it lasts,
  * else Maglev (by `hash`) or a random slot. Returns the backend ID and the
