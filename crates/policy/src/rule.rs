@@ -224,6 +224,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// Every peer rule, of both directions, allows and denies.
+    pub fn peer_rules(&self) -> impl Iterator<Item = &PeerRule> {
+        self.ingress.iter().chain(&self.ingress_deny).chain(&self.egress).chain(&self.egress_deny)
+    }
+
     /// Whether the rule applies to an endpoint with these labels (the host
     /// endpoint is the one labelled `reserved:host`).
     pub fn selects(&self, labels: &cilium_labels::LabelSet) -> bool {
@@ -310,23 +315,33 @@ pub fn references_fqdns(rules: &[Rule]) -> bool {
 /// for the names it matches, as /32 CIDRs (names nobody resolved yet select
 /// nothing).
 pub fn resolve_fqdns(rules: &[Rule], ips: &std::collections::BTreeMap<String, std::collections::BTreeSet<IpAddr>>) -> Vec<Rule> {
+    with_extra_peers(rules, |pr| {
+        if pr.fqdns.is_empty() {
+            return Vec::new();
+        }
+        let matchers: Vec<crate::fqdn::NameMatcher> = pr.fqdns.iter().map(crate::fqdn::NameMatcher::new).collect();
+        let mut addrs = std::collections::BTreeSet::new();
+        for (name, set) in ips {
+            if matchers.iter().any(|m| m.matches(name)) {
+                addrs.extend(set.iter().copied());
+            }
+        }
+        addrs.into_iter().map(|ip| Selector::for_label(&cidr_label(&IpNet::from(ip)))).collect()
+    })
+}
+
+/// The rules with the selectors `extra` names for each peer rule added to
+/// its peers: how references to things outside the policy (Services, CIDR
+/// groups, DNS names) become peers.
+fn with_extra_peers(rules: &[Rule], extra: impl Fn(&PeerRule) -> Vec<Selector>) -> Vec<Rule> {
     rules
         .iter()
         .map(|r| {
             let mut r = r.clone();
-            for pr in r.egress.iter_mut() {
-                if pr.fqdns.is_empty() {
-                    continue;
-                }
-                let matchers: Vec<crate::fqdn::NameMatcher> = pr.fqdns.iter().map(crate::fqdn::NameMatcher::new).collect();
-                let mut addrs = std::collections::BTreeSet::new();
-                for (name, set) in ips {
-                    if matchers.iter().any(|m| m.matches(name)) {
-                        addrs.extend(set.iter().copied());
-                    }
-                }
-                if let Peers::Selected(v) = &mut pr.peers {
-                    v.extend(addrs.into_iter().map(|ip| Selector::for_label(&cidr_label(&IpNet::from(ip)))));
+            for pr in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
+                let add = extra(pr);
+                if let (false, Peers::Selected(v)) = (add.is_empty(), &mut pr.peers) {
+                    v.extend(add);
                 }
             }
             r
@@ -358,7 +373,7 @@ pub fn node_selector_use(doc: &PolicyDocument) -> Option<String> {
 /// (where, which).
 pub fn extended_protocol_use(rules: &[Rule]) -> Option<(String, Protocol)> {
     rules.iter().find_map(|r| {
-        r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).find_map(|pr| {
+        r.peer_rules().find_map(|pr| {
             pr.ports.iter().find(|p| p.protocol.is_extended()).map(|p| (format!("{}.toPorts", pr.origin), p.protocol))
         })
     })
@@ -366,7 +381,7 @@ pub fn extended_protocol_use(rules: &[Rule]) -> Option<(String, Protocol)> {
 
 /// Whether any rule refers to CiliumCIDRGroups.
 pub fn references_cidr_groups(rules: &[Rule]) -> bool {
-    rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.cidr_groups.is_empty()))
+    rules.iter().any(|r| r.peer_rules().any(|pr| !pr.cidr_groups.is_empty()))
 }
 
 /// The rules with every CiliumCIDRGroup reference replaced by a CIDR
@@ -400,26 +415,11 @@ pub fn resolve_cidr_groups(rules: &[Rule], groups: &std::collections::BTreeMap<S
         }
         out
     };
-    rules
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            for pr in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
-                if pr.cidr_groups.is_empty() {
-                    continue;
-                }
-                let extra = expand(&pr.cidr_groups);
-                if let Peers::Selected(v) = &mut pr.peers {
-                    v.extend(extra);
-                }
-            }
-            r
-        })
-        .collect()
+    with_extra_peers(rules, |pr| expand(&pr.cidr_groups))
 }
 
 pub fn references_services(rules: &[Rule]) -> bool {
-    rules.iter().any(|r| r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny).any(|pr| !pr.services.is_empty()))
+    rules.iter().any(|r| r.peer_rules().any(|pr| !pr.services.is_empty()))
 }
 
 /// The rules with every `toServices` peer replaced by the peers it stands
@@ -465,22 +465,7 @@ pub fn resolve_services(rules: &[Rule], services: &std::collections::BTreeMap<(S
         }
         out
     };
-    rules
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            for pr in r.ingress.iter_mut().chain(r.ingress_deny.iter_mut()).chain(r.egress.iter_mut()).chain(r.egress_deny.iter_mut()) {
-                if pr.services.is_empty() {
-                    continue;
-                }
-                let extra = expand(&pr.services);
-                if let Peers::Selected(v) = &mut pr.peers {
-                    v.extend(extra);
-                }
-            }
-            r
-        })
-        .collect()
+    with_extra_peers(rules, |pr| expand(&pr.services))
 }
 
 /// Every CIDR the rules name (allowed prefixes and exceptions), which need an
@@ -488,7 +473,7 @@ pub fn resolve_services(rules: &[Rule], services: &std::collections::BTreeMap<(S
 pub fn referenced_cidrs(rules: &[Rule]) -> std::collections::BTreeSet<IpNet> {
     let mut out = std::collections::BTreeSet::new();
     for r in rules {
-        for pr in r.ingress.iter().chain(&r.ingress_deny).chain(&r.egress).chain(&r.egress_deny) {
+        for pr in r.peer_rules() {
             let sels = match &pr.peers {
                 Peers::Selected(v) => v.iter().collect::<Vec<_>>(),
                 Peers::All => vec![],
