@@ -141,6 +141,26 @@ static __always_inline int host_enforce(struct __sk_buff *skb, struct pkt *p, in
 	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy);
 }
 
+/* What the node sends out (to the network or the tunnel), for its host
+ * firewall's egress. The L7 and DNS proxies' connections on behalf of pods
+ * leave from the node's address too, but they are the pods' (judged at
+ * their endpoints): only tracked here, so their replies pass the host's
+ * ingress. */
+static __always_inline int host_egress(struct __sk_buff *skb, struct pkt *p, __u32 dst_id)
+{
+	struct endpoint_info *h = host_endpoint();
+	struct endpoint_info tracked;
+	__u16 proxy = 0;
+	if (!h)
+		return TC_ACT_OK;
+	if (from_proxy(skb)) {
+		tracked = *h;
+		tracked.flags &= ~(EP_F_INGRESS_ENFORCE | EP_F_EGRESS_ENFORCE);
+		h = &tracked;
+	}
+	return enforce(skb, h, p, 1, dst_id, now_seconds(), &proxy);
+}
+
 /* Translated by the service load balancer and sent on from a tc ingress
  * (the mark is cleared: it means nothing past this device). */
 static __always_inline int nodeport_forwarded(struct __sk_buff *skb)
@@ -341,14 +361,32 @@ static __always_inline int from_outside(struct __sk_buff *skb, struct pkt *p, __
 	int ret;
 	if (!bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr)) {
 		ret = nodeport_ingress(skb, p);
-		if (ret != NODEPORT_LOCAL) {
-			if (ret == TC_ACT_OK && host_endpoint() && ipcache_identity(p->daddr) == IDENTITY_HOST)
+		if (ret != NODEPORT_LOCAL && ret != TC_ACT_OK)
+			return ret; /* translated and sent on, or dropped */
+		/* not translated, or to a host-network backend: the node's own */
+		if (!bpf_map_lookup_elem(&cilium_lxc_ip, &p->daddr)) {
+			if (host_endpoint() && ipcache_identity(p->daddr) == IDENTITY_HOST)
 				return host_enforce(skb, p, 0, src_id);
-			return ret;
+			return TC_ACT_OK;
 		}
 	}
 	ret = to_local_endpoint(skb, p, src_id, saddr_id);
 	return ret == -1 ? TC_ACT_OK : ret;
+}
+
+/* A packet for the node that cannot be parsed (a fragment, a truncated L4
+ * header) would reach the node's sockets unjudged once the stack
+ * reassembles it: while the host firewall enforces ingress, it is dropped. */
+static __always_inline int host_unparsed(struct __sk_buff *skb, int reason)
+{
+	struct endpoint_info *h = host_endpoint();
+	__u32 daddr;
+	if (!h || !(h->flags & EP_F_INGRESS_ENFORCE))
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct iphdr, daddr), &daddr, sizeof(daddr)) < 0 ||
+	    ipcache_identity(daddr) != IDENTITY_HOST)
+		return TC_ACT_OK;
+	return drop(skb, h->ep_id, reason, 0, IDENTITY_HOST, EVENT_F_INGRESS, METRIC_INGRESS, 0);
 }
 
 SEC("classifier")
@@ -358,8 +396,11 @@ int cil_from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	/* parsed once for both uses */
 	struct pkt p;
-	if (parse_ipv4(skb, &p) < 0)
-		return TC_ACT_OK; /* not ours to judge: the stack sees it as is */
+	int perr = parse_ipv4(skb, &p);
+	if (perr < 0)
+		/* not ours to judge, the stack sees it as is; unless for a node
+		 * under its host firewall */
+		return host_unparsed(skb, -perr);
 	int ret = masq_ingress(skb, &p);
 	if (ret != TC_ACT_OK)
 		return ret;
@@ -376,8 +417,8 @@ int cil_to_netdev(struct __sk_buff *skb)
 	if (parse_ipv4(skb, &p) < 0)
 		return TC_ACT_OK;
 	/* the node's own traffic (judged before pods' gets the node's address) */
-	if (!nodeport_forwarded(skb) && host_endpoint() && ipcache_identity(p.saddr) == IDENTITY_HOST) {
-		int hret = host_enforce(skb, &p, 1, ipcache_identity(p.daddr));
+	if (host_endpoint() && !nodeport_forwarded(skb) && ipcache_identity(p.saddr) == IDENTITY_HOST) {
+		int hret = host_egress(skb, &p, ipcache_identity(p.daddr));
 		if (hret != TC_ACT_OK)
 			return hret;
 	}
@@ -439,13 +480,14 @@ int cil_to_overlay(struct __sk_buff *skb)
 			    0, METRIC_EGRESS, 0);
 	__u32 dst_id = dst->sec_identity;
 	__u32 tunnel_endpoint = dst->tunnel_endpoint;
-	if (!nodeport_forwarded(skb) && src_id == IDENTITY_HOST && host_endpoint()) {
-		/* the node's own traffic to another node's pod */
+	if (host_endpoint() && !nodeport_forwarded(skb) && ipcache_identity(saddr) == IDENTITY_HOST) {
+		/* the node's own traffic to another node's pod (or the proxy's,
+		 * tracked) */
 		struct pkt p;
 		int ret = parse_ipv4(skb, &p);
 		if (ret < 0)
 			return drop(skb, 0, -ret, src_id, dst_id, 0, METRIC_EGRESS, 0);
-		ret = host_enforce(skb, &p, 1, dst_id);
+		ret = host_egress(skb, &p, dst_id);
 		if (ret != TC_ACT_OK)
 			return ret;
 	}

@@ -359,12 +359,17 @@ impl<D: Datapath> Daemon<D> {
                     continue;
                 }
             };
-            match parse_value(&source, value) {
+            // what this configuration cannot enforce is not brought back
+            // silently: dropped, and said so in `cilium status`
+            match parse_value(&source, value).and_then(|parsed| self.check_policy_features(std::slice::from_ref(&parsed)).map(|()| parsed)) {
                 Ok((d, rules)) => {
                     self.policy_sources.insert(d.key(), source);
                     self.repo.apply(vec![(d, rules)]);
                 }
-                Err(e) => error!(%source, error = %e, "dropping saved policy that no longer validates"),
+                Err(e) => {
+                    error!(%source, error = %e, "dropping saved policy that no longer validates");
+                    self.warnings.insert(format!("policy {}", e.document), format!("a saved policy was dropped at start: {e}"));
+                }
             }
         }
         self.refresh_repo_services();
@@ -793,6 +798,12 @@ impl<D: Datapath> Daemon<D> {
         if meta.name.is_empty() || meta.namespace.is_empty() {
             return Err(invalid("name", &meta.name, "pods need a namespace and a name"));
         }
+        // labels become identity labels, shared with other nodes: only
+        // what the API server would accept
+        for (k, v) in &meta.labels {
+            cilium_labels::check_k8s_label(k, v).map_err(|m| invalid(&format!("labels.{k}"), v, m))?;
+        }
+        cilium_labels::check_k8s_label("serviceaccount", &meta.service_account).map_err(|m| invalid("service_account", &meta.service_account, m))?;
         let key = Self::pod_key(&meta.namespace, &meta.name);
         let (ns, name) = (meta.namespace.clone(), meta.name.clone());
         self.pods.insert(key, meta);
@@ -809,6 +820,9 @@ impl<D: Datapath> Daemon<D> {
     }
 
     pub fn namespace_upsert(&mut self, meta: NamespaceMeta) -> Result<(), DaemonError> {
+        for (k, v) in &meta.labels {
+            cilium_labels::check_k8s_label(k, v).map_err(|m| invalid(&format!("labels.{k}"), v, m))?;
+        }
         let name = meta.name.clone();
         self.namespaces.insert(name.clone(), meta);
         self.relabel(|r| r.namespace == name)?;

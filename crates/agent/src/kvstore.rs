@@ -277,6 +277,12 @@ impl KvIdentities {
             if let Ok(e) = serde_json::from_slice::<IpEntry>(&v) {
                 if e.node != me.name {
                     let labels = LabelSet::parse_all(e.labels.split(';').filter(|l| !l.is_empty()));
+                    // a pod's identity is made of Kubernetes labels only: one
+                    // claiming another source (a node's, a reserved one) is ignored
+                    if labels.iter().any(|l| l.source != cilium_labels::SOURCE_K8S) {
+                        warn!(ip = %e.ip, node = %e.node, labels = %e.labels, "ignoring a kvstore endpoint with labels that are not a pod's");
+                        continue;
+                    }
                     view.endpoints.insert(e.ip, (labels, e.node));
                 }
             }

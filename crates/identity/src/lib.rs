@@ -80,9 +80,9 @@ impl Scope {
     }
 
     /// The scope of labels: CIDR and FQDN labels are node-local, and so are
-    /// other nodes' (their `node:` labels).
+    /// other nodes' (remote-node with `node:` labels).
     pub fn of(labels: &LabelSet) -> Scope {
-        if labels.iter().any(|l| l.source == cilium_labels::SOURCE_NODE) {
+        if labels.has_reserved("remote-node") && labels.iter().any(|l| l.source == cilium_labels::SOURCE_NODE) {
             Scope::RemoteNode
         } else if labels.iter().any(|l| l.source == cilium_labels::SOURCE_CIDR || l.source == "fqdn") {
             Scope::Local

@@ -186,6 +186,40 @@ spec:
     assert!(flows.iter().any(|f| f["traffic_direction"] == "EGRESS" && f["verdict"] == "DROPPED"), "{flows:#?}");
 }
 
+/// The proxy's connections on behalf of a pod leave from the node's address,
+/// but they are the pod's: a host firewall denying the node's own traffic to
+/// the world lets them (and their replies) through.
+#[test]
+fn proxied_pod_traffic_is_not_the_nodes_for_the_host_firewall() {
+    let policies = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-egress}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEntities: [world]
+    toPorts:
+    - ports: [{port: "80", protocol: TCP}]
+      rules:
+        http: [{method: GET, path: /allowed}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: nodes-stay-inside}
+spec:
+  nodeSelector: {}
+  egress: [{toEntities: [cluster]}]
+  ingress: [{fromEntities: [cluster]}]
+"#;
+    let lab = TestLab::create(&[PODS, policies], &["--enable-host-firewall"], &[]);
+    assert!(!lab.probe("node1", "203.0.113.10", 80, "tcp"), "the node itself may not reach the world");
+    let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/allowed"]);
+    assert_eq!(code, "200", "the client's request, through the proxy: {body}");
+    let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/other"]);
+    assert_eq!((code.as_str(), body.as_str()), ("403", "Access denied\r\n"));
+}
+
 #[test]
 fn l7_policy_survives_an_agent_restart_and_follows_policy_changes() {
     let lab = TestLab::up(&[PODS, SERVER_POLICY]);

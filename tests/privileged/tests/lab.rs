@@ -563,15 +563,22 @@ spec:
 
 #[test]
 fn host_firewall_enforces_host_policies_on_the_nodes_own_traffic() {
-    const HOST_POLICY: &str = r#"
+    const HOST_INGRESS: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
-metadata: {name: workers}
+metadata: {name: workers-in}
 spec:
   nodeSelector: {matchLabels: {role: worker}}
   ingress:
   - fromEndpoints: [{matchLabels: {app: a, io.kubernetes.pod.namespace: default}}]
     toPorts: [{ports: [{port: "4240", protocol: TCP}]}]
+"#;
+    const HOST_EGRESS: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: workers-out}
+spec:
+  nodeSelector: {matchLabels: {role: worker}}
   egress:
   - toEntities: [world]
     toPorts: [{ports: [{port: "80", protocol: TCP}]}]
@@ -580,8 +587,11 @@ spec:
     let role = |r: &str| format!("apiVersion: v1\nkind: Node\nmetadata: {{name: node1, labels: {{role: {r}}}}}\n");
     let node = "172.30.0.11";
     let lab = TestLab::up_with(&[ABC], &["--enable-host-firewall"]);
-    lab.apply(HOST_POLICY);
+    lab.apply(HOST_INGRESS);
+    // a service whose backend is the node itself (a host-network backend)
+    lab.cilium_ok(&["service", "update", "--id", "4000", "--frontend", "172.30.0.11:30099", "--backends", "172.30.0.11:4240"]);
     // the policy selects no node yet: everything passes
+    assert!(lab.probe("world", node, 30099, "tcp"), "the service reaches the node's health port");
     assert!(lab.probe("world", node, 4240, "tcp"));
     assert!(lab.probe("default/b", node, 4240, "tcp"));
     assert!(lab.probe("node1", "default/b", 80, "tcp"));
@@ -591,11 +601,14 @@ spec:
     assert_eq!(host["ingress_enforced"], false);
 
     lab.apply(&role("worker"));
-    // ingress: from pod a only, on 4240; replies of the node's own connections pass
+    // ingress only: from pod a only, on 4240; replies of the node's own connections pass
     assert!(lab.probe("default/a", node, 4240, "tcp"), "a -> node:4240");
     assert!(!lab.probe("default/b", node, 4240, "tcp"), "b -> node:4240");
     assert!(!lab.probe("world", node, 4240, "tcp"), "world -> node:4240");
-    // egress: to the world on 80 and to pod a
+    assert!(!lab.probe("world", node, 30099, "tcp"), "world -> the node through a service: still the node's ingress");
+    assert!(lab.probe("node1", "172.30.0.1", 8080, "tcp"), "egress not enforced yet: node -> world:8080");
+    // egress too: to the world on 80 and to pod a
+    lab.apply(HOST_EGRESS);
     assert!(lab.probe("node1", "172.30.0.1", 80, "tcp"), "node -> world:80");
     assert!(!lab.probe("node1", "172.30.0.1", 8080, "tcp"), "node -> world:8080");
     assert!(lab.probe("node1", "default/a", 80, "tcp"), "node -> a");

@@ -401,6 +401,39 @@ fn extended_ip_protocols_only_when_enabled_and_under_policy() {
 }
 
 #[test]
+fn host_firewall_judges_what_reaches_the_node_even_unparsed() {
+    const NODE: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 11);
+    let mut h = Harness::new(0);
+    h.ipcache(NODE, 1);
+    let syn = |port| packet::tcp(OUTSIDE, 40000, NODE, port, TCP_SYN);
+    let from_netdev = |h: &mut Harness, pkt: &[u8]| h.dp.test_run(Program::FromNetdev, pkt, IFINDEX).unwrap().0;
+    // no host endpoint: the node's traffic is the stack's
+    assert_eq!(from_netdev(&mut h, &syn(22)), OK);
+    assert_eq!(from_netdev(&mut h, &packet::udp_fragment(OUTSIDE, NODE)), OK);
+    // a host endpoint enforcing ingress, port 22 allowed from anyone
+    h.dp.endpoint_upsert(&EndpointInfo {
+        ifindex: cilium_abi::HOST_ENDPOINT_IFINDEX,
+        ipv4: ip_to_be(NODE),
+        sec_identity: 1,
+        ep_id: cilium_abi::HOST_ENDPOINT_ID,
+        flags: INGRESS | EndpointFlag::ExtendedProtocols as u16,
+        ..Default::default()
+    })
+    .unwrap();
+    let key = PolicyKey { prefixlen: POLICY_PREFIX_FULL, ep_id: cilium_abi::HOST_ENDPOINT_ID, identity: 0, protocol: 6, dport: 22u16.to_be(), ..Default::default() };
+    h.dp.policy_insert(&key, &PolicyEntry { match_type: PolicyMatch::L3L4.code(), ..Default::default() }).unwrap();
+    h.events();
+    assert_eq!(from_netdev(&mut h, &syn(22)), OK);
+    assert_eq!(from_netdev(&mut h, &syn(10250)), SHOT, "another port of the node");
+    assert_eq!(from_netdev(&mut h, &packet::udp_fragment(OUTSIDE, NODE)), SHOT, "a fragment would reach the node's sockets unjudged");
+    let mut tiny = syn(10250);
+    tiny.truncate(14 + 20 + 8); // a first fragment holding 8 bytes of TCP
+    assert_eq!(from_netdev(&mut h, &tiny), SHOT, "so would a truncated TCP header");
+    assert_eq!(h.drops(), vec![DropReason::PolicyDenied.code(), DropReason::FragmentationNotSupported.code(), DropReason::CtInvalidHeader.code()]);
+    assert_eq!(from_netdev(&mut h, &packet::udp_fragment(OUTSIDE, PEER)), OK, "not the node's: the stack's");
+}
+
+#[test]
 fn icmp_errors_are_related_only_between_the_quoted_endpoints() {
     let mut h = Harness::new(EGRESS | INGRESS);
     // the pod has an inbound connection from the peer...
