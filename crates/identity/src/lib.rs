@@ -290,6 +290,16 @@ mod tests {
     }
 
     #[test]
+    fn only_a_remote_node_with_node_labels_is_in_the_remote_node_range() {
+        let mut a = Allocator::new();
+        let (n, _) = a.allocate(&ls(&["reserved:remote-node", "node:zone=a"])).unwrap();
+        assert!((MIN_REMOTE_NODE_IDENTITY..=MAX_REMOTE_NODE_IDENTITY).contains(&n), "{n}");
+        let (p, _) = a.allocate(&ls(&["k8s:app=web", "node:zone=a"])).unwrap();
+        assert!((MIN_CLUSTER_IDENTITY..=MAX_CLUSTER_IDENTITY).contains(&p), "a node: label alone does not make a node: {p}");
+        assert_eq!(a.allocate(&ls(&["reserved:remote-node"])).unwrap().0, 6, "a node without labels is remote-node");
+    }
+
+    #[test]
     fn same_labels_same_identity_and_release() {
         let mut a = Allocator::new();
         let (x, new) = a.allocate(&ls(&["k8s:app=web"])).unwrap();

@@ -133,6 +133,21 @@ fn invalid_policy_changes_nothing() {
 }
 
 #[test]
+fn pod_labels_are_kubernetes_labels() {
+    let mut d = daemon(None);
+    for (k, v) in [("app", "x;node:zone=a"), ("app", "a b"), ("-bad", "x")] {
+        let labels = [(k.to_string(), v.to_string())].into();
+        let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap_err();
+        assert!(e.to_string().contains(&format!("labels.{k}")), "{e}");
+    }
+    let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels: BTreeMap::new(), service_account: "a;b".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap_err();
+    assert!(e.to_string().contains("service_account"), "{e}");
+    let e = d.namespace_upsert(NamespaceMeta { name: "ns".into(), labels: [("team".to_string(), "x;y".to_string())].into() }).unwrap_err();
+    assert!(e.to_string().contains("labels.team"), "{e}");
+    pod(&mut d, "ok", "web");
+}
+
+#[test]
 fn extended_protocols_need_the_flag() {
     let vrrp = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: v}\nspec:\n  endpointSelector: {}\n  ingress:\n  - toPorts: [{ports: [{protocol: VRRP}]}]\n";
     let mut d = daemon(None);
