@@ -10,6 +10,7 @@ fi
 
 packages=(
   clang-19 llvm-19 libbpf-dev bpftool   # compiling and inspecting the C datapath
+  make gcc                              # jemalloc, the agent's allocator, is built from C
   iproute2 curl iperf3                  # the lab, the demo, the benchmarks
   iptables nftables                     # the kube-proxy rulesets the service benchmark compares with
   dnsmasq-base bind9-dnsutils           # DNS through a ClusterIP (tests)
