@@ -483,7 +483,7 @@ impl<D: Datapath> Daemon<D> {
                 self.dp.policy_delete(&k)?;
             }
         }
-        let ids: Vec<u16> = self.policy_ids();
+        let ids: Vec<u16> = self.endpoint_ids();
         for id in &ids {
             let ep = self.slot_mut(*id).expect("listed");
             let live_gen = gens.get(&ep.rec.host_ifindex).copied().unwrap_or(false);
@@ -969,7 +969,7 @@ impl<D: Datapath> Daemon<D> {
     pub fn regenerate_all(&mut self) {
         let identities = self.identity_map();
         let peer_ports = self.peer_ports();
-        for id in self.policy_ids() {
+        for id in self.endpoint_ids() {
             if let Err(e) = self.regenerate_with(id, &identities, &peer_ports) {
                 error!(endpoint = id, error = %e, "regenerating policy");
             }
@@ -985,8 +985,8 @@ impl<D: Datapath> Daemon<D> {
         if id == HOST_ENDPOINT_ID { self.host_ep.as_mut() } else { self.endpoints.get_mut(&id) }
     }
 
-    /// Every endpoint with policy: the pods', then the host endpoint.
-    fn policy_ids(&self) -> Vec<u16> {
+    /// Every endpoint: the pods', then the host endpoint (host firewall).
+    pub fn endpoint_ids(&self) -> Vec<u16> {
         self.endpoints.keys().copied().chain(self.host_ep.as_ref().map(|_| HOST_ENDPOINT_ID)).collect()
     }
 
@@ -1333,11 +1333,6 @@ impl<D: Datapath> Daemon<D> {
     }
 
     // ------------------------------------------------------------ views ---
-
-    /// Every endpoint, the host endpoint (host firewall) last.
-    pub fn endpoint_ids(&self) -> Vec<u16> {
-        self.policy_ids()
-    }
 
     pub fn endpoint_view(&self, id: u16) -> Option<cilium_api::Endpoint> {
         let e = self.slot(id)?;

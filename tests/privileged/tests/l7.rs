@@ -158,9 +158,8 @@ fn pipelined_requests_get_answers_in_order() {
     assert!(first < third);
 }
 
-#[test]
-fn egress_http_rules_to_the_world() {
-    let egress = r#"
+/// The client may GET /allowed from the world, nothing else.
+const CLIENT_EGRESS: &str = r#"
 apiVersion: cilium.io/v2
 kind: CiliumNetworkPolicy
 metadata: {name: client-egress}
@@ -173,7 +172,10 @@ spec:
       rules:
         http: [{method: GET, path: /allowed}]
 "#;
-    let lab = TestLab::up(&[PODS, egress]);
+
+#[test]
+fn egress_http_rules_to_the_world() {
+    let lab = TestLab::up(&[PODS, CLIENT_EGRESS]);
     let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/allowed"]);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("pod=world"), "{body}");
@@ -191,19 +193,7 @@ spec:
 /// the world lets them (and their replies) through.
 #[test]
 fn proxied_pod_traffic_is_not_the_nodes_for_the_host_firewall() {
-    let policies = r#"
-apiVersion: cilium.io/v2
-kind: CiliumNetworkPolicy
-metadata: {name: client-egress}
-spec:
-  endpointSelector: {matchLabels: {app: client}}
-  egress:
-  - toEntities: [world]
-    toPorts:
-    - ports: [{port: "80", protocol: TCP}]
-      rules:
-        http: [{method: GET, path: /allowed}]
----
+    let host = r#"
 apiVersion: cilium.io/v2
 kind: CiliumClusterwideNetworkPolicy
 metadata: {name: nodes-stay-inside}
@@ -212,7 +202,7 @@ spec:
   egress: [{toEntities: [cluster]}]
   ingress: [{fromEntities: [cluster]}]
 "#;
-    let lab = TestLab::create(&[PODS, policies], &["--enable-host-firewall"], &[]);
+    let lab = TestLab::create(&[PODS, CLIENT_EGRESS, host], &["--enable-host-firewall"], &[]);
     assert!(!lab.probe("node1", "203.0.113.10", 80, "tcp"), "the node itself may not reach the world");
     let (code, body) = curl(&lab, "default/client", &["http://203.0.113.10/allowed"]);
     assert_eq!(code, "200", "the client's request, through the proxy: {body}");
