@@ -53,12 +53,12 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	struct ct_result ct;
 
 	*proxy_port = 0;
-	/* Only TCP, UDP, SCTP and ICMP, unless the agent lets pods use the
+	/* Only TCP, UDP, SCTP, ICMP and ICMPv6, unless the agent lets pods use the
 	 * protocols without ports (VRRP, GRE, ...), which are tracked by
 	 * address pair. */
 	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP &&
 	    p->protocol != IPPROTO_SCTP && p->protocol != IPPROTO_ICMP &&
-	    !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
+	    p->protocol != IPPROTO_ICMPV6 && !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
 		return drop(skb, ep->ep_id, DROP_CT_UNKNOWN_PROTO, src_id, dst_id, dir_flag,
 			    metric_dir, p);
 	ct_lookup(p, egress, skb->len, now, &ct);
@@ -179,8 +179,20 @@ static __always_inline int nodeport_forwarded(struct __sk_buff *skb)
  * stack instead, which answers with ICMP time exceeded.
  */
 static __always_inline int redirect_to_endpoint(struct __sk_buff *skb, const struct endpoint_info *dst,
-						__u16 src_ep)
+						__u16 src_ep, const struct pkt *p)
 {
+	if (p->family == 6) {
+		__u8 hop_limit;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ip6hdr, hop_limit), &hop_limit, 1) < 0 ||
+		    hop_limit <= 1)
+			return TC_ACT_OK;
+		hop_limit -= 1;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ip6hdr, hop_limit), &hop_limit, 1, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 0, dst->mac, 6, 0) < 0 ||
+		    bpf_skb_store_bytes(skb, 6, dst->node_mac, 6, 0) < 0)
+			return drop(skb, src_ep, DROP_WRITE_ERROR, 0, 0, 0, METRIC_EGRESS, 0);
+		return bpf_redirect_peer(dst->ifindex, 0);
+	}
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct iphdr *ip = data + ETH_HLEN;
@@ -203,12 +215,19 @@ static __always_inline int redirect_to_endpoint(struct __sk_buff *skb, const str
 static __always_inline int to_proxy(struct __sk_buff *skb, const struct endpoint_info *ep, const struct pkt *p,
 				    __u32 src_id, __u32 dst_id, __u8 dir_flag, __u16 proxy_port)
 {
-	int ret = redirect_to_proxy(skb, p, proxy_port);
+	/* the proxy listens on IPv4 only: IPv6 traffic its rules name fails closed */
+	int ret = p->family == 6 ? -DROP_PROXY_LOOKUP_FAILED : redirect_to_proxy(skb, p, proxy_port);
 	if (ret < 0)
 		return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, dir_flag ? METRIC_INGRESS : METRIC_EGRESS, p);
 	if (p->protocol == IPPROTO_UDP || (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
 		emit_trace(skb, ep->ep_id, TRACE_TO_PROXY, src_id, dst_id, dir_flag, p);
 	return TC_ACT_OK;
+}
+
+static __always_inline int endpoint_has_ipv6(const struct endpoint_info *ep)
+{
+	const __u32 *a = (const __u32 *)ep->ipv6;
+	return (a[0] | a[1] | a[2] | a[3]) != 0;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int egress)
@@ -222,13 +241,18 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		return drop(skb, 0, DROP_NO_CONFIG, 0, 0, dir_flag, metric_dir, 0);
 	if (skb->protocol == ETH_P_ARP_BE)
 		return TC_ACT_OK;
-	if (skb->protocol != ETH_P_IP_BE)
-		return drop(skb, ep->ep_id, DROP_UNKNOWN_L3, 0, 0, dir_flag, metric_dir, 0);
 
+	/* IPv4; IPv6 for an endpoint that has an IPv6 address */
 	struct pkt p;
-	int ret = parse_ipv4(skb, &p);
+	int ret = -DROP_UNKNOWN_L3;
+	if (skb->protocol == ETH_P_IP_BE)
+		ret = parse_ipv4(skb, &p);
+	else if (skb->protocol == ETH_P_IPV6_BE && endpoint_has_ipv6(ep))
+		ret = parse_ipv6(skb, &p);
 	if (ret < 0)
 		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir, 0);
+	if (is_icmp6_link_control(&p))
+		return TC_ACT_OK;
 
 	__u32 now = now_seconds();
 	__u16 proxy = 0;
@@ -240,19 +264,18 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		__u16 port = bpf_htons((__u16)(skb->mark >> 16));
 		/* addressed to the pod's MAC: the local stack takes it as ours */
 		bpf_skb_change_type(skb, PACKET_HOST);
-		return to_proxy(skb, ep, &p, ipcache_identity(p.saddr), ep->sec_identity, EVENT_F_INGRESS, port);
+		return to_proxy(skb, ep, &p, pkt_identity(&p, 1), ep->sec_identity, EVENT_F_INGRESS, port);
 	}
 	if (egress) {
 		/* A pod may only send from its own address. */
-		if (p.saddr != ep->ipv4)
+		if (!pkt_saddr_is(&p, ep->ipv4, ep->ipv6))
 			return drop(skb, ep->ep_id, DROP_INVALID_SIP, ep->sec_identity, 0,
 				    dir_flag, metric_dir, &p);
 		/* Another endpoint of this node: its identity is known without an
 		 * ipcache lookup, its ingress policy is applied here, and the
 		 * packet goes straight to it. */
-		__u32 *dst_ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.daddr);
-		struct endpoint_info *dst = dst_ifindex ? bpf_map_lookup_elem(&cilium_lxc, dst_ifindex) : 0;
-		__u32 dst_id = dst ? dst->sec_identity : ipcache_identity(p.daddr);
+		struct endpoint_info *dst = pkt_endpoint(&p, 0);
+		__u32 dst_id = dst ? dst->sec_identity : pkt_identity(&p, 0);
 		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy);
 		if (ret != TC_ACT_OK)
 			return ret;
@@ -268,7 +291,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 			return ret;
 		if (proxy)
 			return to_proxy(skb, dst, &p, ep->sec_identity, dst_id, EVENT_F_INGRESS, proxy);
-		return redirect_to_endpoint(skb, dst, ep->ep_id);
+		return redirect_to_endpoint(skb, dst, ep->ep_id, &p);
 	}
 	if (from_proxy(skb)) {
 		/* The proxy's replies to a client (a reply of the client's own
@@ -277,17 +300,16 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * applied by the proxy, so an entry that would redirect allows. */
 		__u32 id = proxy_identity(skb);
 		if (!id) {
-			__u32 *src_ifindex = bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr);
-			struct endpoint_info *src = src_ifindex ? bpf_map_lookup_elem(&cilium_lxc, src_ifindex) : 0;
-			id = src ? src->sec_identity : ipcache_identity(p.saddr);
+			struct endpoint_info *src = pkt_endpoint(&p, 1);
+			id = src ? src->sec_identity : pkt_identity(&p, 1);
 		}
 		return enforce(skb, ep, &p, 0, id, now, &proxy);
 	}
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
-	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p.saddr))
+	if (pkt_endpoint(&p, 1))
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, 0, ep->sec_identity, dir_flag, metric_dir, &p);
-	__u32 src_id = ipcache_identity(p.saddr);
+	__u32 src_id = pkt_identity(&p, 1);
 	if (src_id == IDENTITY_HOST) {
 		/* the node's own: its host firewall's egress first */
 		ret = host_enforce(skb, &p, 1, ep->sec_identity);
@@ -345,7 +367,7 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 		return ret;
 	if (proxy)
 		return to_proxy(skb, ep, p, src_id, ep->sec_identity, EVENT_F_INGRESS, proxy);
-	return redirect_to_endpoint(skb, ep, ep->ep_id);
+	return redirect_to_endpoint(skb, ep, ep->ep_id, p);
 }
 
 /* What arrives from outside the node, from a device or the tunnel: for a
@@ -539,10 +561,13 @@ int cil_from_overlay(struct __sk_buff *skb)
 struct abi_anchor {
 	struct endpoint_info endpoint_info;
 	struct ipcache_key ipcache_key;
+	struct ipcache6_key ipcache6_key;
+	struct ip6_key ip6_key;
 	struct ipcache_value ipcache_value;
 	struct policy_key policy_key;
 	struct policy_entry policy_entry;
 	struct ct_key ct_key;
+	struct ct6_key ct6_key;
 	struct ct_entry ct_entry;
 	struct runtime_config runtime_config;
 	struct metrics_value metrics_value;

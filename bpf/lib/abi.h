@@ -26,6 +26,7 @@ enum reserved_identity {
 	IDENTITY_REMOTE_NODE = 6,
 	IDENTITY_KUBE_APISERVER = 7,
 	IDENTITY_INGRESS = 8,
+	IDENTITY_WORLD_IPV6 = 10, /* outside the cluster, IPv6 (IPv4: IDENTITY_WORLD) */
 };
 
 /* ---- drop reasons: upstream's codes (bpf/lib/common.h, flow.proto) ---- */
@@ -106,12 +107,24 @@ struct endpoint_info {
 	__u16 flags;             /* enum endpoint_flags */
 	__u8 mac[6];             /* pod-side MAC */
 	__u8 node_mac[6];        /* host-side MAC */
+	__u8 ipv6[16];           /* all zero: the endpoint has no IPv6 address */
+};
+
+/* cilium_lxc_ip6 key: a local endpoint's IPv6 address */
+struct ip6_key {
+	__u8 addr[16];
 };
 
 /* ---- ipcache: LPM prefix -> identity (and tunnel endpoint for multi-node) ---- */
 struct ipcache_key {
 	__u32 prefixlen;         /* LPM prefix over addr */
 	__u32 addr;              /* IPv4, network byte order */
+};
+
+/* cilium_ipcache6 key: the same for IPv6 prefixes */
+struct ipcache6_key {
+	__u32 prefixlen;         /* LPM prefix over addr */
+	__u8 addr[16];
 };
 
 struct ipcache_value {
@@ -209,6 +222,17 @@ struct ct_key {
 	__u32 local;             /* the endpoint's address, network byte order */
 	__u32 remote;            /* the peer's address */
 	__u16 lport;             /* network byte order; ICMP echo: identifier */
+	__u16 rport;
+	__u8 protocol;
+	__u8 pad0;
+	__u16 pad1;
+};
+
+/* cilium_ct6 key: the same for IPv6 connections (the value is a ct_entry) */
+struct ct6_key {
+	__u8 local[16];
+	__u8 remote[16];
+	__u16 lport;
 	__u16 rport;
 	__u8 protocol;
 	__u8 pad0;
@@ -405,14 +429,17 @@ struct event {
 	__s32 verdict;           /* policy verdict: 1 allowed, -reason denied */
 	__u16 proxy_port;        /* host byte order */
 	__u16 pad0;
-	__u32 saddr;             /* the tuple: addresses in network byte order, */
+	__u32 saddr;             /* the tuple: IPv4 addresses in network byte order, */
 	__u32 daddr;             /* ports in host byte order (ICMP echo: id) */
 	__u16 sport;
 	__u16 dport;
 	__u8 icmp_type;
 	__u8 icmp_code;
-	__u16 pad1;
+	__u8 ip_version;         /* 4 or 6 (the addresses are saddr6/daddr6); 0: not parsed */
+	__u8 pad1;
 	__u32 pad2;
+	__u8 saddr6[16];
+	__u8 daddr6[16];
 };
 
 struct event_capture {

@@ -37,6 +37,10 @@ struct icmphdr {
 	} un;
 };
 
+#ifndef IPPROTO_ICMPV6
+#define IPPROTO_ICMPV6 58 /* linux/in6.h */
+#endif
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 #define ICMP_ECHOREPLY_T 0
@@ -54,9 +58,9 @@ struct icmphdr {
  * and an ICMP error carrying an inner IPv4 header plus 8 bytes of L4. */
 #define PULL_LEN (ETH_HLEN + 60 + 8 + 60 + 8)
 
-/* A parsed IPv4 packet: the tuple that conntrack and policy look at. */
+/* A parsed IPv4 or IPv6 packet: the tuple that conntrack and policy look at. */
 struct pkt {
-	__u32 saddr;
+	__u32 saddr;          /* IPv4 (0 for IPv6) */
 	__u32 daddr;
 	__u16 sport;          /* network order; ICMP echo: identifier */
 	__u16 dport;          /* network order; ICMP echo reply: identifier */
@@ -74,7 +78,27 @@ struct pkt {
 	__u16 inner_sport;
 	__u16 inner_dport;
 	__u8 inner_protocol;
+	__u8 family;          /* 4 or 6 */
+	/* IPv6: the addresses (network order), and the quoted ones of an error */
+	__u32 saddr6[4];
+	__u32 daddr6[4];
+	__u32 inner_saddr6[4];
+	__u32 inner_daddr6[4];
 };
+
+static __always_inline int addr6_eq(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Whether the packet's addresses are in the same family's field: the
+ * source (or destination) is `addr`, IPv4 or IPv6 by the packet. */
+static __always_inline int pkt_saddr_is(const struct pkt *p, __u32 v4, const __u8 *v6)
+{
+	if (p->family == 6)
+		return addr6_eq(p->saddr6, (const __u32 *)v6);
+	return p->saddr == v4;
+}
 
 static __always_inline int parse_l4_ports(void *l4, void *data_end, __u8 proto,
 					  __u16 *sport, __u16 *dport)
@@ -136,20 +160,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 	if (ihl < sizeof(struct iphdr))
 		return -DROP_INVALID;
 
+	__builtin_memset(p, 0, sizeof(*p));
 	p->saddr = ip->saddr;
 	p->daddr = ip->daddr;
 	p->protocol = ip->protocol;
-	p->tcp_flags = 0;
-	p->icmp_type = 0;
-	p->icmp_code = 0;
-	p->is_icmp_error = 0;
-	p->is_echo_reply = 0;
-	p->untracked = 0;
-	p->inner_saddr = 0;
-	p->inner_daddr = 0;
-	p->inner_sport = 0;
-	p->inner_dport = 0;
-	p->inner_protocol = 0;
+	p->family = 4;
 
 	/* Non-first fragments carry no L4 header; fragment tracking is not
 	 * implemented, so they are dropped rather than let through unchecked. */
@@ -197,6 +212,137 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p)
 		}
 	}
 	return 0;
+}
+
+#define ETH_P_IPV6_BE bpf_htons(0x86DD)
+#define ICMPV6_DEST_UNREACH_T 1
+#define ICMPV6_PKT_TOOBIG_T 2
+#define ICMPV6_TIME_EXCEED_T 3
+#define ICMPV6_PARAMPROB_T 4
+#define ICMPV6_ECHO_REQUEST_T 128
+#define ICMPV6_ECHO_REPLY_T 129
+
+struct ip6hdr {
+	__u8 ver_tc;
+	__u8 tc_flow[3];
+	__u16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+/* Extension headers skipped on the way to the L4 header. */
+#define IPV6_EXT_MAX 4
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
+#define NEXTHDR_DEST 60
+
+/*
+ * Parses the IPv6 packet of an skb whose L2 header is Ethernet, as
+ * parse_ipv4 does: up to IPV6_EXT_MAX extension headers are skipped; a
+ * non-first fragment is dropped (157), a fragment chain too long to follow
+ * is invalid. Headers are copied with bpf_skb_load_bytes, so nothing needs
+ * to be linear.
+ */
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
+{
+	struct ip6hdr ip6;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)) < 0)
+		return -DROP_INVALID;
+	if ((ip6.ver_tc >> 4) != 6)
+		return -DROP_INVALID;
+	__builtin_memset(p, 0, sizeof(*p));
+	p->family = 6;
+	__builtin_memcpy(p->saddr6, ip6.saddr, 16);
+	__builtin_memcpy(p->daddr6, ip6.daddr, 16);
+
+	__u32 off = ETH_HLEN + sizeof(ip6);
+	__u8 nh = ip6.nexthdr;
+#pragma unroll
+	for (int i = 0; i < IPV6_EXT_MAX; i++) {
+		__u8 ext[8];
+		if (nh != NEXTHDR_HOP && nh != NEXTHDR_ROUTING && nh != NEXTHDR_FRAGMENT &&
+		    nh != NEXTHDR_AUTH && nh != NEXTHDR_DEST)
+			break;
+		if (bpf_skb_load_bytes(skb, off, ext, sizeof(ext)) < 0)
+			return -DROP_INVALID;
+		if (nh == NEXTHDR_FRAGMENT) {
+			if (((ext[2] << 8) | ext[3]) & 0xfff8)
+				return -DROP_FRAG_NOSUPPORT;
+			off += 8;
+		} else if (nh == NEXTHDR_AUTH) {
+			off += ((__u32)ext[1] + 2) * 4;
+		} else {
+			off += ((__u32)ext[1] + 1) * 8;
+		}
+		nh = ext[0];
+	}
+	if (nh == NEXTHDR_HOP || nh == NEXTHDR_ROUTING || nh == NEXTHDR_FRAGMENT ||
+	    nh == NEXTHDR_AUTH || nh == NEXTHDR_DEST)
+		return -DROP_INVALID;
+	p->protocol = nh;
+
+	if (nh == IPPROTO_TCP || nh == IPPROTO_UDP || nh == IPPROTO_SCTP) {
+		__u8 l4[14];
+		__u32 want = nh == IPPROTO_TCP ? 14 : 4;
+		if (bpf_skb_load_bytes(skb, off, l4, want == 14 ? 14 : 4) < 0)
+			return -DROP_CT_INVALID_HDR;
+		p->sport = *(__u16 *)&l4[0];
+		p->dport = *(__u16 *)&l4[2];
+		if (nh == IPPROTO_TCP)
+			p->tcp_flags = l4[13];
+	} else if (nh == IPPROTO_ICMPV6) {
+		__u8 icmp[8];
+		if (bpf_skb_load_bytes(skb, off, icmp, sizeof(icmp)) < 0)
+			return -DROP_CT_INVALID_HDR;
+		p->icmp_type = icmp[0];
+		p->icmp_code = icmp[1];
+		if (icmp[0] == ICMPV6_ECHO_REQUEST_T)
+			p->sport = *(__u16 *)&icmp[4];
+		else if (icmp[0] == ICMPV6_ECHO_REPLY_T)
+			p->dport = *(__u16 *)&icmp[4];
+		p->is_echo_reply = icmp[0] == ICMPV6_ECHO_REPLY_T;
+		p->untracked = icmp[0] != ICMPV6_ECHO_REQUEST_T && icmp[0] != ICMPV6_ECHO_REPLY_T;
+		if (icmp[0] >= ICMPV6_DEST_UNREACH_T && icmp[0] <= ICMPV6_PARAMPROB_T) {
+			/* the quoted packet: its header and first ports */
+			struct ip6hdr inner;
+			__u16 ports[2] = {};
+			if (bpf_skb_load_bytes(skb, off + 8, &inner, sizeof(inner)) < 0)
+				return -DROP_CT_INVALID_HDR;
+			if (inner.nexthdr == IPPROTO_TCP || inner.nexthdr == IPPROTO_UDP ||
+			    inner.nexthdr == IPPROTO_SCTP) {
+				if (bpf_skb_load_bytes(skb, off + 8 + sizeof(inner), ports, sizeof(ports)) < 0)
+					return -DROP_CT_INVALID_HDR;
+			} else if (inner.nexthdr == IPPROTO_ICMPV6) {
+				__u8 q[8];
+				if (bpf_skb_load_bytes(skb, off + 8 + sizeof(inner), q, sizeof(q)) < 0)
+					return -DROP_CT_INVALID_HDR;
+				if (q[0] == ICMPV6_ECHO_REQUEST_T)
+					ports[0] = *(__u16 *)&q[4];
+				else if (q[0] == ICMPV6_ECHO_REPLY_T)
+					ports[1] = *(__u16 *)&q[4];
+			}
+			__builtin_memcpy(p->inner_saddr6, inner.saddr, 16);
+			__builtin_memcpy(p->inner_daddr6, inner.daddr, 16);
+			p->inner_sport = ports[0];
+			p->inner_dport = ports[1];
+			p->inner_protocol = inner.nexthdr;
+			p->is_icmp_error = 1;
+		}
+	}
+	p->policy_port = nh == IPPROTO_ICMPV6 ? bpf_htons(p->icmp_type) : p->dport;
+	return 0;
+}
+
+/* Neighbour discovery and multicast listener messages: the link's own
+ * plumbing (as ARP for IPv4), never routed, not subject to policy. */
+static __always_inline int is_icmp6_link_control(const struct pkt *p)
+{
+	return p->family == 6 && p->protocol == IPPROTO_ICMPV6 &&
+	       ((p->icmp_type >= 130 && p->icmp_type <= 137) || p->icmp_type == 143);
 }
 
 static __always_inline __u32 now_seconds(void)

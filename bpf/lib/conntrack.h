@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Connection tracking for TCP, UDP and ICMP.
+ * Connection tracking for TCP, UDP and ICMP, IPv4 and IPv6.
  *
  * Each endpoint keeps its own entry per connection, keyed from its side:
  * (local address, remote address, local port, remote port, protocol). Both
@@ -35,24 +35,47 @@ struct ct_result {
 	__u8 pad[3];
 };
 
-/* The endpoint-side key of a packet seen by the egress (from-container) or
- * ingress (to-container) hook. */
-static __always_inline void ct_key_of(struct ct_key *k, const struct pkt *p, int egress)
+/*
+ * The entry of a connection seen from one endpoint's side: `local_src` says
+ * whether the endpoint is the source of the tuple; `inner` picks the tuple an
+ * ICMP error quotes instead of the packet's own. IPv4 entries live in
+ * cilium_ct4, IPv6 ones in cilium_ct6. With `store`, writes it instead
+ * (returns it, or 0 when the map refused).
+ */
+static __always_inline struct ct_entry *ct_entry_op(const struct pkt *p, int local_src, int inner,
+						    struct ct_entry *store)
 {
-	if (egress) {
-		k->local = p->saddr;
-		k->remote = p->daddr;
-		k->lport = p->sport;
-		k->rport = p->dport;
-	} else {
-		k->local = p->daddr;
-		k->remote = p->saddr;
-		k->lport = p->dport;
-		k->rport = p->sport;
+	__u16 sport = inner ? p->inner_sport : p->sport;
+	__u16 dport = inner ? p->inner_dport : p->dport;
+	__u8 proto = inner ? p->inner_protocol : p->protocol;
+	if (p->family == 6) {
+		struct ct6_key k;
+		const __u32 *s = inner ? p->inner_saddr6 : p->saddr6;
+		const __u32 *d = inner ? p->inner_daddr6 : p->daddr6;
+		__builtin_memcpy(k.local, local_src ? s : d, 16);
+		__builtin_memcpy(k.remote, local_src ? d : s, 16);
+		k.lport = local_src ? sport : dport;
+		k.rport = local_src ? dport : sport;
+		k.protocol = proto;
+		k.pad0 = 0;
+		k.pad1 = 0;
+		if (store)
+			return bpf_map_update_elem(&cilium_ct6, &k, store, BPF_ANY) < 0 ? 0 : store;
+		return bpf_map_lookup_elem(&cilium_ct6, &k);
 	}
-	k->protocol = p->protocol;
-	k->pad0 = 0;
-	k->pad1 = 0;
+	struct ct_key k;
+	__u32 s = inner ? p->inner_saddr : p->saddr;
+	__u32 d = inner ? p->inner_daddr : p->daddr;
+	k.local = local_src ? s : d;
+	k.remote = local_src ? d : s;
+	k.lport = local_src ? sport : dport;
+	k.rport = local_src ? dport : sport;
+	k.protocol = proto;
+	k.pad0 = 0;
+	k.pad1 = 0;
+	if (store)
+		return bpf_map_update_elem(&cilium_ct4, &k, store, BPF_ANY) < 0 ? 0 : store;
+	return bpf_map_lookup_elem(&cilium_ct4, &k);
 }
 
 static __always_inline __u32 ct_lifetime(const struct ct_entry *e, __u8 protocol)
@@ -114,7 +137,6 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
 static __always_inline void ct_lookup(const struct pkt *p, int egress, __u32 len, __u32 now,
 				      struct ct_result *res)
 {
-	struct ct_key key;
 	struct ct_entry *e;
 
 	res->entry = 0;
@@ -128,25 +150,18 @@ static __always_inline void ct_lookup(const struct pkt *p, int egress, __u32 len
 		 * quoted destination, outer destination = quoted source); reaching
 		 * a pod, it must be about a packet the pod sent (a router on the
 		 * way may be its source). Anything else is a new packet. */
-		int ok = egress ? (p->saddr == p->inner_daddr && p->daddr == p->inner_saddr)
-				: (p->daddr == p->inner_saddr);
+		int ok;
+		if (p->family == 6)
+			ok = egress ? (addr6_eq(p->saddr6, p->inner_daddr6) && addr6_eq(p->daddr6, p->inner_saddr6))
+				    : addr6_eq(p->daddr6, p->inner_saddr6);
+		else
+			ok = egress ? (p->saddr == p->inner_daddr && p->daddr == p->inner_saddr)
+				    : (p->daddr == p->inner_saddr);
 		if (!ok)
 			return;
-		if (egress) {
-			key.local = p->inner_daddr;
-			key.remote = p->inner_saddr;
-			key.lport = p->inner_dport;
-			key.rport = p->inner_sport;
-		} else {
-			key.local = p->inner_saddr;
-			key.remote = p->inner_daddr;
-			key.lport = p->inner_sport;
-			key.rport = p->inner_dport;
-		}
-		key.protocol = p->inner_protocol;
-		key.pad0 = 0;
-		key.pad1 = 0;
-		e = bpf_map_lookup_elem(&cilium_ct4, &key);
+		/* the endpoint is the quoted packet's destination when the error
+		 * leaves it, its source when the error reaches it */
+		e = ct_entry_op(p, !egress, 1, 0);
 		if (e && e->lifetime >= now) {
 			res->status = CT_RELATED;
 			res->entry = e;
@@ -157,8 +172,7 @@ static __always_inline void ct_lookup(const struct pkt *p, int egress, __u32 len
 		/* ICMP without a request/reply pairing: always judged by policy */
 		return;
 
-	ct_key_of(&key, p, egress);
-	e = bpf_map_lookup_elem(&cilium_ct4, &key);
+	e = ct_entry_op(p, egress, 0, 0);
 	if (!e || e->lifetime < now)
 		return;
 	int opened_here = !!(e->flags & CT_F_EGRESS) == !!egress;
@@ -172,16 +186,14 @@ static __always_inline void ct_lookup(const struct pkt *p, int egress, __u32 len
 static __always_inline int ct_create(const struct pkt *p, int egress, __u32 len, __u32 now,
 				     __u32 src_sec_id, __u32 policy_rev, __u16 proxy_port)
 {
-	struct ct_key key;
 	struct ct_entry e = {};
 
-	ct_key_of(&key, p, egress);
 	e.src_sec_id = src_sec_id;
 	e.policy_rev = policy_rev;
 	e.proxy_port = proxy_port;
 	e.flags = egress ? CT_F_EGRESS : 0;
 	ct_account(&e, p, len, 0, now);
-	if (bpf_map_update_elem(&cilium_ct4, &key, &e, BPF_ANY) < 0)
+	if (!ct_entry_op(p, egress, 0, &e))
 		return -DROP_CT_CREATE_FAILED;
 	return 0;
 }

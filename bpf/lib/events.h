@@ -56,7 +56,15 @@ static __always_inline void event_fill(struct event *ev, struct __sk_buff *skb, 
 	ev->pad0 = 0;
 	ev->pad1 = 0;
 	ev->pad2 = 0;
+	if (p && p->family == 6) {
+		__builtin_memcpy(ev->saddr6, p->saddr6, 16);
+		__builtin_memcpy(ev->daddr6, p->daddr6, 16);
+	} else {
+		__builtin_memset(ev->saddr6, 0, 16);
+		__builtin_memset(ev->daddr6, 0, 16);
+	}
 	if (p) {
+		ev->ip_version = p->family;
 		ev->protocol = p->protocol;
 		ev->tcp_flags = p->tcp_flags;
 		ev->saddr = p->saddr;
@@ -66,6 +74,7 @@ static __always_inline void event_fill(struct event *ev, struct __sk_buff *skb, 
 		ev->icmp_type = p->icmp_type;
 		ev->icmp_code = p->icmp_code;
 	} else {
+		ev->ip_version = 0;
 		ev->protocol = 0;
 		ev->tcp_flags = 0;
 		ev->saddr = 0;

@@ -26,6 +26,23 @@ struct {
 	__uint(max_entries, 65536);
 } cilium_lxc_ip SEC(".maps");
 
+/* local endpoint IPv6 -> host-side ifindex */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ip6_key);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+} cilium_lxc_ip6 SEC(".maps");
+
+/* IPv6 prefix -> identity */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache6_key);
+	__type(value, struct ipcache_value);
+	__uint(max_entries, 512000);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} cilium_ipcache6 SEC(".maps");
+
 /* IPv4 prefix -> identity */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -51,6 +68,13 @@ struct {
 	__type(value, struct ct_entry);
 	__uint(max_entries, 262144);
 } cilium_ct4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct6_key);
+	__type(value, struct ct_entry);
+	__uint(max_entries, 262144);
+} cilium_ct6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -49,9 +49,7 @@ static __always_inline int masq_egress(struct __sk_buff *skb, const struct pkt *
 	if (!addr || !masq_protocol(p, 1) || !bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) ||
 	    !masq_destination(p->daddr))
 		return -1;
-	struct ct_key ck;
-	ct_key_of(&ck, p, 1);
-	struct ct_entry *ce = bpf_map_lookup_elem(&cilium_ct4, &ck);
+	struct ct_entry *ce = ct_entry_op(p, 1, 0, 0);
 	if (!ce || !(ce->flags & CT_F_EGRESS))
 		return -1;
 	__u32 now = now_seconds();

@@ -56,6 +56,7 @@ abi_enum!(
         RemoteNode = 6 => "IDENTITY_REMOTE_NODE",
         KubeApiserver = 7 => "IDENTITY_KUBE_APISERVER",
         Ingress = 8 => "IDENTITY_INGRESS",
+        WorldIpv6 = 10 => "IDENTITY_WORLD_IPV6",
     }
 );
 
@@ -72,6 +73,7 @@ impl ReservedIdentity {
             ReservedIdentity::RemoteNode => "remote-node",
             ReservedIdentity::KubeApiserver => "kube-apiserver",
             ReservedIdentity::Ingress => "ingress",
+            ReservedIdentity::WorldIpv6 => "world-ipv6",
         }
     }
 }

@@ -59,6 +59,15 @@ abi_struct!(
         flags: u16,
         mac: [u8; 6],
         node_mac: [u8; 6],
+        /// All zero: the endpoint has no IPv6 address.
+        ipv6: [u8; 16],
+    }
+);
+
+abi_struct!(
+    /// cilium_lxc_ip6 key: a local endpoint's IPv6 address.
+    Ip6Key = "ip6_key" {
+        addr: [u8; 16],
     }
 );
 
@@ -68,6 +77,14 @@ abi_struct!(
         prefixlen: u32,
         /// Network byte order.
         addr: u32,
+    }
+);
+
+abi_struct!(
+    /// cilium_ipcache6 key.
+    Ipcache6Key = "ipcache6_key" {
+        prefixlen: u32,
+        addr: [u8; 16],
     }
 );
 
@@ -124,7 +141,21 @@ abi_struct!(
 );
 
 abi_struct!(
-    /// cilium_ct4 value.
+    /// cilium_ct6 key: an IPv6 connection seen from one endpoint's side.
+    Ct6Key = "ct6_key" {
+        local: [u8; 16],
+        remote: [u8; 16],
+        /// Network byte order.
+        lport: u16,
+        rport: u16,
+        protocol: u8,
+        pad0: u8,
+        pad1: u16,
+    }
+);
+
+abi_struct!(
+    /// cilium_ct4 and cilium_ct6 value.
     CtEntry = "ct_entry" {
         tx_packets: u64,
         tx_bytes: u64,
@@ -334,8 +365,12 @@ abi_struct!(
         dport: u16,
         icmp_type: u8,
         icmp_code: u8,
-        pad1: u16,
+        /// 4 or 6 (the addresses are `saddr6`/`daddr6`); 0: not parsed.
+        ip_version: u8,
+        pad1: u8,
         pad2: u32,
+        saddr6: [u8; 16],
+        daddr6: [u8; 16],
     }
 );
 
@@ -382,11 +417,14 @@ pub fn all_layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize, usiz
     }
     vec![
         one::<EndpointInfo>(),
+        one::<Ip6Key>(),
         one::<IpcacheKey>(),
+        one::<Ipcache6Key>(),
         one::<IpcacheValue>(),
         one::<PolicyKey>(),
         one::<PolicyEntry>(),
         one::<CtKey>(),
+        one::<Ct6Key>(),
         one::<CtEntry>(),
         one::<RuntimeConfig>(),
         one::<MetricsValue>(),

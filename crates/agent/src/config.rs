@@ -28,6 +28,16 @@ pub struct Config {
     #[arg(long = "ipv4-range", env = "CILIUM_IPV4_RANGE", value_name = "CIDR")]
     pub ipv4_range: Option<String>,
 
+    /// Pods get IPv6 addresses too (from --ipv6-range) and the datapath
+    /// enforces policy on their IPv6 traffic.
+    #[arg(long, env = "CILIUM_ENABLE_IPV6", default_value_t = false)]
+    pub enable_ipv6: bool,
+
+    /// The node's IPv6 pod CIDR (with --enable-ipv6); its first address is
+    /// the router.
+    #[arg(long = "ipv6-range", env = "CILIUM_IPV6_RANGE", value_name = "CIDR")]
+    pub ipv6_range: Option<String>,
+
     /// Directory on bpffs where this agent pins its maps and links.
     #[arg(long, env = "CILIUM_BPF_ROOT", default_value = "/sys/fs/bpf/cilium")]
     pub bpf_root: PathBuf,
@@ -254,6 +264,8 @@ fn bad(key: &str, value: impl ToString, reason: impl Into<String>) -> ConfigErro
 pub struct Settings {
     pub node_name: String,
     pub pod_cidr: Ipv4Net,
+    /// With --enable-ipv6.
+    pub pod_cidr6: Option<ipnet::Ipv6Net>,
     pub bpf_root: PathBuf,
     pub state_dir: PathBuf,
     pub socket_path: PathBuf,
@@ -418,6 +430,24 @@ impl Config {
         if pod_cidr.trunc() != pod_cidr {
             return Err(bad("ipv4-range", &cidr_text, format!("host bits set: did you mean {}?", pod_cidr.trunc())));
         }
+        let pod_cidr6 = match (self.enable_ipv6, &self.ipv6_range) {
+            (false, None) => None,
+            (false, Some(r)) => return Err(bad("ipv6-range", r, "needs --enable-ipv6")),
+            (true, None) => return Err(bad("ipv6-range", "", "required with --enable-ipv6: the node's IPv6 pod CIDR, e.g. fd00:10:1::/112")),
+            (true, Some(r)) => {
+                let net: ipnet::Ipv6Net = r.parse().map_err(|_| bad("ipv6-range", r, "not an IPv6 CIDR"))?;
+                if net.prefix_len() > 120 {
+                    return Err(bad("ipv6-range", r, "too small: use at most a /120"));
+                }
+                if net.trunc() != net {
+                    return Err(bad("ipv6-range", r, format!("host bits set: did you mean {}?", net.trunc())));
+                }
+                if self.enable_host_firewall {
+                    return Err(bad("enable-ipv6", "true", "the host firewall judges IPv4 only: use one or the other"));
+                }
+                Some(net)
+            }
+        };
         let kvstore = match self.kvstore.as_str() {
             "" => None,
             "etcd" => {
@@ -564,6 +594,7 @@ impl Config {
             identity_gc_interval,
             node_name: self.node_name.unwrap_or_else(hostname),
             pod_cidr,
+            pod_cidr6,
             bpf_root: self.bpf_root,
             state_dir: self.state_dir,
             socket_path: self.socket_path,

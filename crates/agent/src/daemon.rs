@@ -3,7 +3,7 @@
 //! it runs against [`cilium_datapath::fake::FakeDatapath`] in tests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use cilium_abi::{
@@ -13,13 +13,13 @@ use cilium_abi::{
 use cilium_api::{EndpointCreate, NamespaceMeta, PodMeta};
 use cilium_datapath::{Datapath, DatapathError, ip_to_be};
 use cilium_identity::{Allocator, IdentityError};
-use cilium_ipam::{Ipam, IpamError};
+use cilium_ipam::{Ipam, Ipam6, IpamError};
 use cilium_labels::{LabelSet, k8s_pod_labels};
 use cilium_policy::{
     EndpointPolicy, Input, MapKey, NamedPorts, PolicyDocument, PolicyError, PolicyOptions, PolicyRef, Protocol,
     Repository, compute, parse_policies, parse_value,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{error, info, warn};
 
 use crate::state::{EndpointRecord, STATE_VERSION, ServiceState, State, StateError, StateStore};
@@ -51,6 +51,11 @@ pub enum DaemonError {
     Service(#[from] cilium_lb::ServiceError),
 }
 
+/// The one-address prefix of an address (/32 or /128).
+fn host_net(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
 fn invalid(field: &str, value: impl ToString, message: impl Into<String>) -> DaemonError {
     DaemonError::Invalid { field: field.to_string(), value: value.to_string(), message: message.into() }
 }
@@ -60,6 +65,8 @@ fn invalid(field: &str, value: impl ToString, message: impl Into<String>) -> Dae
 pub struct DaemonConfig {
     pub node_name: String,
     pub pod_cidr: Ipv4Net,
+    /// The node's IPv6 pod CIDR: pods get IPv6 addresses too (--enable-ipv6).
+    pub pod_cidr6: Option<Ipv6Net>,
     /// The node network's MTU (pods get less in tunnel mode: `pod_mtu`).
     pub mtu: u32,
     pub routing_mode: cilium_api::RoutingMode,
@@ -126,6 +133,7 @@ pub struct Daemon<D: Datapath> {
     dp: D,
     store: Option<StateStore>,
     ipam: Ipam,
+    ipam6: Option<Ipam6>,
     identities: Allocator,
     endpoints: BTreeMap<u16, Endpoint>,
     /// The host endpoint (--enable-host-firewall): the node itself, under
@@ -138,10 +146,12 @@ pub struct Daemon<D: Datapath> {
     namespaces: BTreeMap<String, NamespaceMeta>,
     next_endpoint_id: u16,
     node_ips: Vec<Ipv4Addr>,
+    /// The node's own IPv6 addresses (with IPv6 enabled).
+    node_ips6: Vec<Ipv6Addr>,
     started: Instant,
     warnings: BTreeMap<String, String>,
     /// Identities of the CIDRs policies name (node-local range).
-    cidr_identities: BTreeMap<Ipv4Net, u32>,
+    cidr_identities: BTreeMap<IpNet, u32>,
     /// Pods of other nodes with an address: their labels and identity.
     remote_endpoints: BTreeMap<Ipv4Addr, (LabelSet, u32)>,
     /// The other nodes of the cluster, by name.
@@ -149,7 +159,7 @@ pub struct Daemon<D: Datapath> {
     /// In kvstore mode, what the kvstore says of the rest of the cluster.
     kv: Option<cluster::KvView>,
     /// The ipcache as last written.
-    ipcache_written: BTreeMap<Ipv4Net, IpcacheValue>,
+    ipcache_written: BTreeMap<IpNet, IpcacheValue>,
     /// Tunnel mode: the other nodes' pod CIDRs routed into the tunnel.
     tunnel_routes: BTreeSet<Ipv4Net>,
     /// Every service, from Kubernetes and from the API.
@@ -210,6 +220,7 @@ impl<D: Datapath> Daemon<D> {
     /// A daemon with no state. `node_ips` are the node's own addresses.
     pub fn new(cfg: DaemonConfig, dp: D, store: Option<StateStore>, node_ips: Vec<Ipv4Addr>) -> Result<Self, DaemonError> {
         let ipam = Ipam::new(cfg.pod_cidr)?;
+        let ipam6 = cfg.pod_cidr6.map(Ipam6::new).transpose()?;
         let host_ep = cfg.host_firewall.then(|| Endpoint {
             rec: EndpointRecord {
                 id: HOST_ENDPOINT_ID,
@@ -219,6 +230,7 @@ impl<D: Datapath> Daemon<D> {
                 host_ifname: String::new(),
                 host_ifindex: HOST_ENDPOINT_IFINDEX,
                 ipv4: node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED),
+                ipv6: None,
                 mac: String::new(),
                 host_mac: String::new(),
                 namespace: String::new(),
@@ -236,6 +248,7 @@ impl<D: Datapath> Daemon<D> {
             dp,
             store,
             ipam,
+            ipam6,
             identities: Allocator::new(),
             endpoints: BTreeMap::new(),
             host_ep,
@@ -245,6 +258,7 @@ impl<D: Datapath> Daemon<D> {
             namespaces: BTreeMap::new(),
             next_endpoint_id: 1,
             node_ips,
+            node_ips6: Vec::new(),
             started: Instant::now(),
             warnings: BTreeMap::new(),
             cidr_identities: BTreeMap::new(),
@@ -287,6 +301,16 @@ impl<D: Datapath> Daemon<D> {
         &self.node_ips
     }
 
+    /// The node's router address on the IPv6 pod network, with IPv6 enabled.
+    pub fn router_ip6(&self) -> Option<Ipv6Addr> {
+        self.ipam6.as_ref().map(|i| i.router())
+    }
+
+    /// The node's own IPv6 addresses (they are `host` in the ipcache).
+    pub fn set_node_ips6(&mut self, ips: Vec<Ipv6Addr>) {
+        self.node_ips6 = ips;
+    }
+
     pub fn ipam(&self) -> &Ipam {
         &self.ipam
     }
@@ -309,6 +333,7 @@ impl<D: Datapath> Daemon<D> {
         State {
             version: STATE_VERSION,
             ipam: self.ipam.clone(),
+            ipam6: self.ipam6.clone(),
             endpoints: self.endpoints.iter().map(|(id, e)| (*id, e.rec.clone())).collect(),
             identities: self.identities.iter().filter(|i| i.id >= 256).map(|i| (i.id, i.labels.clone())).collect(),
             policies: self
@@ -347,6 +372,19 @@ impl<D: Datapath> Daemon<D> {
             ));
         }
         self.ipam = state.ipam;
+        match (&self.cfg.pod_cidr6, state.ipam6) {
+            (Some(want), Some(saved)) if saved.cidr() != *want => {
+                return Err(invalid(
+                    "ipv6-range",
+                    want,
+                    format!("the state directory holds IPv6 pod CIDR {}; use it or start with an empty state directory", saved.cidr()),
+                ));
+            }
+            (Some(_), Some(saved)) => self.ipam6 = Some(saved),
+            // IPv6 turned on or off: endpoints keep (or lose) their IPv6
+            // addresses below
+            _ => {}
+        }
         self.pods = state.pods;
         self.namespaces = state.namespaces;
         self.next_endpoint_id = state.next_endpoint_id.max(1);
@@ -382,7 +420,7 @@ impl<D: Datapath> Daemon<D> {
             let prefix = labels
                 .iter()
                 .filter(|l| l.source == cilium_labels::SOURCE_CIDR)
-                .filter_map(|l| l.key.parse::<Ipv4Net>().ok())
+                .filter_map(|l| l.key.parse::<IpNet>().ok())
                 .max_by_key(|n| n.prefix_len());
             if let Some(net) = prefix {
                 if self.identities.restore(*id, labels).is_ok() {
@@ -407,11 +445,25 @@ impl<D: Datapath> Daemon<D> {
                     let identity = self.identities.lookup(&rec.labels).unwrap_or(rec.identity);
                     let mut rec = rec;
                     rec.identity = identity;
+                    let owner = format!("{}/{}", rec.container_id, rec.ifname);
+                    match (self.ipam6.as_mut(), rec.ipv6) {
+                        (Some(ipam6), Some(ip6)) => {
+                            if let Err(e) = ipam6.allocate_ip(ip6, &owner) {
+                                warn!(endpoint = id, error = %e, "endpoint's IPv6 address not restored");
+                                rec.ipv6 = None;
+                            }
+                        }
+                        (None, Some(_)) => rec.ipv6 = None,
+                        _ => {}
+                    }
                     self.endpoints.insert(id, Endpoint { rec, realized: None, state: EpState::Ready, error: None, stale: vec![] });
                 }
                 _ => {
                     info!(endpoint = id, ifname = %rec.host_ifname, "endpoint interface is gone; removing endpoint");
                     self.ipam.release(rec.ipv4);
+                    if let (Some(ipam6), Some(ip6)) = (self.ipam6.as_mut(), rec.ipv6) {
+                        ipam6.release(ip6);
+                    }
                 }
             }
         }
@@ -431,18 +483,17 @@ impl<D: Datapath> Daemon<D> {
     }
 
     /// Gives every CIDR the policies name an identity and an ipcache entry,
-    /// and removes those no longer named. IPv6 prefixes wait for the IPv6
-    /// datapath. Returns whether anything changed.
+    /// and removes those no longer named. IPv6 prefixes only with IPv6
+    /// enabled. Returns whether anything changed.
     fn sync_cidr_identities(&mut self) -> Result<bool, DaemonError> {
-        let wanted: BTreeSet<Ipv4Net> = cilium_policy::rule::referenced_cidrs(self.repo.rules())
+        let ipv6 = self.ipam6.is_some();
+        let wanted: BTreeSet<IpNet> = cilium_policy::rule::referenced_cidrs(self.repo.rules())
             .into_iter()
-            .filter_map(|n| match n {
-                ipnet::IpNet::V4(v4) => Some(v4.trunc()),
-                ipnet::IpNet::V6(_) => None,
-            })
+            .filter(|n| ipv6 || matches!(n, IpNet::V4(_)))
+            .map(|n| n.trunc())
             .collect();
         let mut changed = false;
-        let gone: Vec<Ipv4Net> = self.cidr_identities.keys().filter(|n| !wanted.contains(n)).copied().collect();
+        let gone: Vec<IpNet> = self.cidr_identities.keys().filter(|n| !wanted.contains(n)).copied().collect();
         for net in gone {
             let id = self.cidr_identities.remove(&net).expect("listed");
             let _ = self.identities.release(id);
@@ -452,7 +503,7 @@ impl<D: Datapath> Daemon<D> {
             if self.cidr_identities.contains_key(&net) {
                 continue;
             }
-            let labels = cilium_policy::rule::cidr_identity_labels(&ipnet::IpNet::V4(net));
+            let labels = cilium_policy::rule::cidr_identity_labels(&net);
             let (id, _) = self.identities.allocate(&labels)?;
             self.cidr_identities.insert(net, id);
             changed = true;
@@ -505,12 +556,20 @@ impl<D: Datapath> Daemon<D> {
             }
         }
         self.ipcache_written = self.dp.ipcache_dump()?.into_iter().collect();
-        self.tunnel_routes = self.dp.routes_via(crate::node::TUNNEL_DEV)?.into_iter().collect();
+        self.tunnel_routes = self
+            .dp
+            .routes_via(crate::node::TUNNEL_DEV)?
+            .into_iter()
+            .filter_map(|n| match n {
+                IpNet::V4(v4) => Some(v4),
+                IpNet::V6(_) => None,
+            })
+            .collect();
         self.sync_ipcache()?;
         for rec in self.endpoints.values().map(|e| e.rec.clone()).collect::<Vec<_>>() {
             self.dp.attach(&rec.host_ifname)?;
             self.dp.link_up(&rec.host_ifname)?;
-            self.dp.route(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &rec.host_ifname, self.ipam.router())?;
+            self.route_endpoint(&rec)?;
         }
         self.reconcile_services()?;
         // every established connection re-checks against what is now in force
@@ -524,7 +583,7 @@ impl<D: Datapath> Daemon<D> {
     /// the ipcache names the node behind it.
     fn sync_ipcache(&mut self) -> Result<(), DaemonError> {
         let desired = self.desired_ipcache();
-        let stale: Vec<Ipv4Net> = self.ipcache_written.keys().filter(|p| !desired.contains_key(p)).copied().collect();
+        let stale: Vec<IpNet> = self.ipcache_written.keys().filter(|p| !desired.contains_key(p)).copied().collect();
         for (prefix, v) in &desired {
             if self.ipcache_written.get(prefix) != Some(v) {
                 self.dp.ipcache_upsert(*prefix, v)?;
@@ -546,47 +605,82 @@ impl<D: Datapath> Daemon<D> {
     /// then, in tunnel mode, other nodes' pod CIDRs (world: an address
     /// there that is no known pod). In tunnel mode every address in another
     /// node's pod CIDR carries that node as its tunnel endpoint.
-    fn desired_ipcache(&self) -> BTreeMap<Ipv4Net, IpcacheValue> {
+    fn desired_ipcache(&self) -> BTreeMap<IpNet, IpcacheValue> {
         let tunnels = self.tunnel_cidrs();
         let tunnel_of = |ip: Ipv4Addr| tunnels.iter().find(|(c, _)| c.contains(&ip)).map(|(_, n)| ip_to_be(*n)).unwrap_or(0);
-        let at = |ip: Ipv4Addr, sec_identity: u32| (Ipv4Net::new(ip, 32).expect("/32"), IpcacheValue { sec_identity, tunnel_endpoint: tunnel_of(ip), ..Default::default() });
+        let at = |ip: Ipv4Addr, sec_identity: u32| (host_net(ip.into()), IpcacheValue { sec_identity, tunnel_endpoint: tunnel_of(ip), ..Default::default() });
         let mut m = BTreeMap::new();
         for (cidr, node) in &tunnels {
-            m.insert(*cidr, IpcacheValue { sec_identity: ReservedIdentity::World.code(), tunnel_endpoint: ip_to_be(*node), ..Default::default() });
+            m.insert(IpNet::V4(*cidr), IpcacheValue { sec_identity: ReservedIdentity::World.code(), tunnel_endpoint: ip_to_be(*node), ..Default::default() });
         }
         for (net, id) in &self.cidr_identities {
-            m.entry(*net).or_insert_with(|| IpcacheValue { tunnel_endpoint: tunnel_of(net.network()), ..Default::default() }).sec_identity = *id;
+            let tunnel_endpoint = match net {
+                IpNet::V4(v4) => tunnel_of(v4.network()),
+                IpNet::V6(_) => 0,
+            };
+            m.entry(*net).or_insert_with(|| IpcacheValue { tunnel_endpoint, ..Default::default() }).sec_identity = *id;
         }
         let remote_node = ReservedIdentity::RemoteNode.code();
         m.extend(self.other_nodes().map(|n| at(n.ip, remote_node)));
         m.extend(self.remote_endpoints.iter().map(|(ip, (_, id))| at(*ip, *id)));
         for e in self.endpoints.values() {
-            m.insert(Ipv4Net::new(e.rec.ipv4, 32).expect("/32"), IpcacheValue { sec_identity: e.rec.identity, ..Default::default() });
+            let v = IpcacheValue { sec_identity: e.rec.identity, ..Default::default() };
+            m.insert(host_net(e.rec.ipv4.into()), v);
+            if let Some(ip6) = e.rec.ipv6 {
+                m.insert(host_net(ip6.into()), v);
+            }
         }
         let host = IpcacheValue { sec_identity: ReservedIdentity::Host.code(), ..Default::default() };
-        m.insert(Ipv4Net::new(self.ipam.router(), 32).expect("/32"), host);
+        m.insert(host_net(self.ipam.router().into()), host);
         for ip in &self.node_ips {
-            m.insert(Ipv4Net::new(*ip, 32).expect("/32"), host);
+            m.insert(host_net((*ip).into()), host);
+        }
+        for ip in self.router_ip6().iter().chain(&self.node_ips6) {
+            m.insert(host_net((*ip).into()), host);
         }
         m
     }
 
+    /// The host routes of an endpoint's addresses, out of its interface.
+    fn route_endpoint(&mut self, rec: &EndpointRecord) -> Result<(), DaemonError> {
+        self.dp.route(host_net(rec.ipv4.into()), &rec.host_ifname, self.ipam.router().into())?;
+        if let (Some(ip6), Some(router6)) = (rec.ipv6, self.router_ip6()) {
+            self.dp.route(host_net(ip6.into()), &rec.host_ifname, router6.into())?;
+        }
+        Ok(())
+    }
+
     // ------------------------------------------------------------- IPAM ---
 
-    pub fn ipam_allocate(&mut self, owner: &str) -> Result<Ipv4Addr, DaemonError> {
+    /// Allocates a pod's addresses: IPv4, and IPv6 when enabled (both or
+    /// neither).
+    pub fn ipam_allocate(&mut self, owner: &str) -> Result<(Ipv4Addr, Option<Ipv6Addr>), DaemonError> {
         if owner.is_empty() {
             return Err(invalid("owner", owner, "must name the container and interface"));
         }
+        let had = self.ipam.owner_of(owner);
         let ip = self.ipam.allocate(owner)?;
+        let ip6 = match self.ipam6.as_mut().map(|i| i.allocate(owner)).transpose() {
+            Ok(ip6) => ip6,
+            Err(e) => {
+                if had.is_none() {
+                    self.ipam.release(ip);
+                }
+                return Err(e.into());
+            }
+        };
         self.save()?;
-        Ok(ip)
+        Ok((ip, ip6))
     }
 
-    pub fn ipam_release(&mut self, ip: Ipv4Addr) -> Result<bool, DaemonError> {
-        if self.endpoints.values().any(|e| e.rec.ipv4 == ip) {
+    pub fn ipam_release(&mut self, ip: IpAddr) -> Result<bool, DaemonError> {
+        if self.endpoints.values().any(|e| IpAddr::V4(e.rec.ipv4) == ip || e.rec.ipv6.map(IpAddr::V6) == Some(ip)) {
             return Err(invalid("ip", ip, "still used by an endpoint; delete the endpoint first"));
         }
-        let released = self.ipam.release(ip);
+        let released = match ip {
+            IpAddr::V4(v4) => self.ipam.release(v4),
+            IpAddr::V6(v6) => self.ipam6.as_mut().is_some_and(|i| i.release(v6)),
+        };
         self.save()?;
         Ok(released)
     }
@@ -625,7 +719,7 @@ impl<D: Datapath> Daemon<D> {
     pub fn endpoint_create(&mut self, req: &EndpointCreate) -> Result<u16, DaemonError> {
         let owner = format!("{}/{}", req.container_id, req.ifname);
         if let Some((id, ep)) = self.endpoints.iter().find(|(_, e)| e.rec.container_id == req.container_id && e.rec.ifname == req.ifname) {
-            let same = ep.rec.ipv4 == req.ipv4 && ep.rec.host_ifname == req.host_ifname;
+            let same = ep.rec.ipv4 == req.ipv4 && ep.rec.ipv6 == req.ipv6 && ep.rec.host_ifname == req.host_ifname;
             let id = *id;
             if same && self.dp.link(&req.host_ifname)?.map(|l| l.0) == Some(ep.rec.host_ifindex) {
                 return Ok(id);
@@ -636,6 +730,16 @@ impl<D: Datapath> Daemon<D> {
             Some(o) if o == owner => {}
             Some(o) => return Err(invalid("ipv4", req.ipv4, format!("allocated to {o}, not {owner}"))),
             None => self.ipam.allocate_ip(req.ipv4, &owner)?,
+        }
+        if let Some(ip6) = req.ipv6 {
+            let Some(ipam6) = self.ipam6.as_mut() else {
+                return Err(invalid("ipv6", ip6, "IPv6 is not enabled on this node (--enable-ipv6)"));
+            };
+            match ipam6.owner(ip6) {
+                Some(o) if o == owner => {}
+                Some(o) => return Err(invalid("ipv6", ip6, format!("allocated to {o}, not {owner}"))),
+                None => ipam6.allocate_ip(ip6, &owner)?,
+            }
         }
         let (ifindex, host_mac) = self
             .dp
@@ -652,6 +756,7 @@ impl<D: Datapath> Daemon<D> {
             host_ifname: req.host_ifname.clone(),
             host_ifindex: ifindex,
             ipv4: req.ipv4,
+            ipv6: req.ipv6,
             mac: req.mac.clone(),
             host_mac: mac_string(&host_mac),
             namespace: req.namespace.clone(),
@@ -681,7 +786,7 @@ impl<D: Datapath> Daemon<D> {
         // policy is in place before the first packet can flow
         self.dp.attach(&rec.host_ifname)?;
         self.dp.link_up(&rec.host_ifname)?;
-        self.dp.route(Ipv4Net::new(rec.ipv4, 32).expect("/32"), &rec.host_ifname, self.ipam.router())?;
+        self.route_endpoint(&rec)?;
         self.dp.bump_policy_revision()?;
         Ok(())
     }
@@ -705,9 +810,14 @@ impl<D: Datapath> Daemon<D> {
             note(&mut first, id, self.dp.policy_delete(k));
         }
         // a later endpoint with this address must not inherit its connections
-        note(&mut first, id, self.dp.ct_flush_ip(rec.ipv4).map(|_| ()));
-        note(&mut first, id, self.dp.unroute(Ipv4Net::new(rec.ipv4, 32).expect("/32")));
+        for ip in std::iter::once(IpAddr::V4(rec.ipv4)).chain(rec.ipv6.map(IpAddr::V6)) {
+            note(&mut first, id, self.dp.ct_flush_ip(ip).map(|_| ()));
+            note(&mut first, id, self.dp.unroute(host_net(ip)));
+        }
         self.ipam.release(rec.ipv4);
+        if let (Some(ipam6), Some(ip6)) = (self.ipam6.as_mut(), rec.ipv6) {
+            ipam6.release(ip6);
+        }
         self.warnings.remove(&format!("endpoint {id}"));
         if self.identities.release(rec.identity).unwrap_or(false) {
             self.regenerate_all();
@@ -1016,6 +1126,7 @@ impl<D: Datapath> Daemon<D> {
             flags: ep.realized.as_ref().map(|r| r.flags).filter(|f| *f != u16::MAX).unwrap_or(0),
             mac: parse_mac(&ep.rec.mac),
             node_mac: parse_mac(&ep.rec.host_mac),
+            ipv6: ep.rec.ipv6.map(|a| a.octets()).unwrap_or_default(),
         }
     }
 
@@ -1345,6 +1456,7 @@ impl<D: Datapath> Daemon<D> {
             host_ifname: e.rec.host_ifname.clone(),
             host_ifindex: e.rec.host_ifindex,
             ipv4: e.rec.ipv4,
+            ipv6: e.rec.ipv6,
             mac: e.rec.mac.clone(),
             namespace: e.rec.namespace.clone(),
             pod_name: e.rec.pod_name.clone(),

@@ -35,8 +35,9 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
     let saved = store.load().context("reading saved state")?;
     let saved_services = store.load_services().context("reading saved services")?;
     let router = cilium_ipam::Ipam::new(s.pod_cidr)?.router();
+    let router6 = s.pod_cidr6.map(cilium_ipam::Ipam6::new).transpose()?.map(|i| i.router());
     let tunnel = (s.routing_mode == cilium_api::RoutingMode::Tunnel).then_some(crate::node::Tunnel { port: s.tunnel_port, mtu: s.mtu - cilium_api::RoutingMode::VXLAN_OVERHEAD });
-    let node = crate::node::setup(router, tunnel).context("setting up host devices")?;
+    let node = crate::node::setup(router, router6, tunnel).context("setting up host devices")?;
     let devices = if s.devices.is_empty() { node.devices.clone() } else { s.devices.clone() };
     let mut dp = Loaded::load(LoadOptions {
         pin_dir: Some(s.bpf_root.clone()),
@@ -61,6 +62,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
         routing_mode: s.routing_mode,
         node_name: s.node_name.clone(),
         pod_cidr: s.pod_cidr,
+        pod_cidr6: s.pod_cidr6,
         mtu: s.mtu,
         policy: PolicyOptions { mode: s.enforcement, allow_localhost: s.allow_localhost, l7_proxy: s.l7_proxy },
         audit_mode: s.audit_mode,
@@ -73,6 +75,7 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
         fqdn_max_ips: s.fqdn_max_ips,
     };
     let mut daemon = Daemon::new(cfg, dp, Some(store), node.ips)?;
+    daemon.set_node_ips6(node.ips6);
     let mut kvstore = None;
     if let Some((address, timeout)) = &s.kvstore {
         let ids = Arc::new(crate::kvstore::KvIdentities::new(address, *timeout).context("--kvstore-opt etcd.address")?);
@@ -347,8 +350,16 @@ async fn fqdn_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
             if !g.fqdn_expired(now) {
                 return Ok(0);
             }
-            let in_use: std::collections::BTreeSet<std::net::Ipv4Addr> =
-                g.datapath().ct_dump().map_err(crate::daemon::DaemonError::from)?.iter().map(|(k, _)| cilium_datapath::be_to_ip(k.remote)).collect();
+            let in_use: std::collections::BTreeSet<std::net::Ipv4Addr> = g
+                .datapath()
+                .ct_dump()
+                .map_err(crate::daemon::DaemonError::from)?
+                .iter()
+                .filter_map(|(k, _)| match k.remote {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect();
             g.fqdn_gc(now, &in_use)
         })
         .await;

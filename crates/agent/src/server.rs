@@ -1,6 +1,5 @@
 //! The REST API on the agent's unix socket.
 
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -186,14 +185,18 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
 
 async fn ipam_allocate(State(s): State<Shared>, Json(req): Json<IpamRequest>) -> Result<Json<IpamResponse>, ApiError> {
     with(&s, move |d| {
-        let ip = d.ipam_allocate(&req.owner)?;
-        Ok(IpamResponse { ip, gateway: d.router_ip(), cidr: d.config().pod_cidr.to_string(), mtu: d.config().pod_mtu() })
+        let (ip, ip6) = d.ipam_allocate(&req.owner)?;
+        let ipv6 = match (ip6, d.router_ip6(), d.config().pod_cidr6) {
+            (Some(ip), Some(gateway), Some(cidr)) => Some(cilium_api::IpamResponse6 { ip, gateway, cidr: cidr.to_string() }),
+            _ => None,
+        };
+        Ok(IpamResponse { ip, gateway: d.router_ip(), cidr: d.config().pod_cidr.to_string(), mtu: d.config().pod_mtu(), ipv6 })
     })
     .await
     .map(Json)
 }
 
-async fn ipam_release(State(s): State<Shared>, UrlPath(ip): UrlPath<Ipv4Addr>) -> Result<Json<bool>, ApiError> {
+async fn ipam_release(State(s): State<Shared>, UrlPath(ip): UrlPath<std::net::IpAddr>) -> Result<Json<bool>, ApiError> {
     with(&s, move |d| d.ipam_release(ip)).await.map(Json)
 }
 
@@ -398,9 +401,8 @@ async fn bpf_ct(State(s): State<Shared>) -> Result<Json<Vec<CtEntry>>, ApiError>
                     flags.push(format!("{f:?}"));
                 }
             }
-            let port = |p: u16| u16::from_be(p);
-            let local = format!("{}:{}", be_to_ip(k.local), port(k.lport));
-            let remote = format!("{}:{}", be_to_ip(k.remote), port(k.rport));
+            let local = std::net::SocketAddr::new(k.local, k.lport).to_string();
+            let remote = std::net::SocketAddr::new(k.remote, k.rport).to_string();
             let opened_here = v.flags & CtEntryFlag::Egress as u16 != 0;
             let (src, dst) = if opened_here { (local, remote) } else { (remote, local) };
             out.push(CtEntry {

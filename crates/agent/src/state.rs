@@ -22,6 +22,8 @@ pub struct EndpointRecord {
     pub host_ifname: String,
     pub host_ifindex: u32,
     pub ipv4: Ipv4Addr,
+    #[serde(default)]
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub mac: String,
     pub host_mac: String,
     pub namespace: String,
@@ -35,6 +37,9 @@ pub struct EndpointRecord {
 pub struct State {
     pub version: u32,
     pub ipam: Ipam,
+    /// IPv6 pod addresses (with --enable-ipv6).
+    #[serde(default)]
+    pub ipam6: Option<cilium_ipam::Ipam6>,
     pub endpoints: BTreeMap<u16, EndpointRecord>,
     /// Allocated identities and their labels (reference counts are derived
     /// from the endpoints on restore).

@@ -211,6 +211,16 @@ pub struct IpamResponse {
     pub gateway: Ipv4Addr,
     pub cidr: String,
     pub mtu: u32,
+    /// With IPv6 enabled: the pod's IPv6 address, its gateway and CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<IpamResponse6>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpamResponse6 {
+    pub ip: std::net::Ipv6Addr,
+    pub gateway: std::net::Ipv6Addr,
+    pub cidr: String,
 }
 
 /// What the CNI plugin tells the agent after wiring a pod.
@@ -221,6 +231,8 @@ pub struct EndpointCreate {
     pub netns: String,
     pub host_ifname: String,
     pub ipv4: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub mac: String,
     pub namespace: String,
     pub pod_name: String,
@@ -235,6 +247,8 @@ pub struct Endpoint {
     pub host_ifname: String,
     pub host_ifindex: u32,
     pub ipv4: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<std::net::Ipv6Addr>,
     pub mac: String,
     pub namespace: String,
     pub pod_name: String,

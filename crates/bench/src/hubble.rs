@@ -54,7 +54,7 @@ fn names() -> Names {
     let mut n = Names { node_name: "node1".into(), ..Default::default() };
     for i in 0..=200u8 {
         n.endpoints.insert(
-            Ipv4Addr::new(10, 0, 1, i),
+            Ipv4Addr::new(10, 0, 1, i).into(),
             EndpointName {
                 id: u32::from(i),
                 identity: 300 + u32::from(i),

@@ -3,7 +3,7 @@
 //! and errors. No IO here (fuzzed); `main.rs` does the wiring.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -168,13 +168,30 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
     format!("lxc{:012x}", h & 0xffff_ffff_ffff)
 }
 
-/// The ADD result, in the configuration's CNI version.
-pub fn add_result(version: &str, host: (&str, &str), pod: (&str, &str, &str), ip: Ipv4Addr, gateway: Ipv4Addr) -> Value {
+/// The ADD result, in the configuration's CNI version: the IPv4 address,
+/// and the IPv6 one (with its gateway) when the pod has one.
+pub fn add_result(
+    version: &str,
+    host: (&str, &str),
+    pod: (&str, &str, &str),
+    ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+    ip6: Option<(Ipv6Addr, Ipv6Addr)>,
+) -> Value {
     let (host_name, host_mac) = host;
     let (pod_name, pod_mac, sandbox) = pod;
-    let mut ipc = json!({"address": format!("{ip}/32"), "gateway": gateway.to_string(), "interface": 1});
-    if version.starts_with("0.3") {
-        ipc["version"] = json!("4");
+    let one = |address: String, gateway: String, family: &str| {
+        let mut ipc = json!({"address": address, "gateway": gateway, "interface": 1});
+        if version.starts_with("0.3") {
+            ipc["version"] = json!(family);
+        }
+        ipc
+    };
+    let mut ips = vec![one(format!("{ip}/32"), gateway.to_string(), "4")];
+    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": gateway.to_string()})];
+    if let Some((ip6, gw6)) = ip6 {
+        ips.push(one(format!("{ip6}/128"), gw6.to_string(), "6"));
+        routes.push(json!({"dst": "::/0", "gw": gw6.to_string()}));
     }
     json!({
         "cniVersion": version,
@@ -182,8 +199,8 @@ pub fn add_result(version: &str, host: (&str, &str), pod: (&str, &str, &str), ip
             {"name": host_name, "mac": host_mac},
             {"name": pod_name, "mac": pod_mac, "sandbox": sandbox}
         ],
-        "ips": [ipc],
-        "routes": [{"dst": "0.0.0.0/0", "gw": gateway.to_string()}],
+        "ips": ips,
+        "routes": routes,
         "dns": {}
     })
 }
@@ -249,12 +266,24 @@ mod tests {
 
     #[test]
     fn result_shape() {
-        let r = add_result("1.0.0", ("lxc1", "aa"), ("eth0", "bb", "/var/run/netns/x"), Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 1, 1));
+        let r = add_result("1.0.0", ("lxc1", "aa"), ("eth0", "bb", "/var/run/netns/x"), Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 1, 1), None);
         assert_eq!(r["ips"][0]["address"], "10.0.1.2/32");
         assert_eq!(r["ips"][0]["interface"], 1);
         assert_eq!(r["interfaces"][1]["sandbox"], "/var/run/netns/x");
         assert!(r["ips"][0].get("version").is_none());
-        let old = add_result("0.3.1", ("lxc1", "aa"), ("eth0", "bb", "x"), Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 1, 1));
+        assert_eq!(r["ips"].as_array().unwrap().len(), 1);
+        let old = add_result("0.3.1", ("lxc1", "aa"), ("eth0", "bb", "x"), Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 1, 1), None);
         assert_eq!(old["ips"][0]["version"], "4");
+        let dual = add_result(
+            "0.3.1",
+            ("lxc1", "aa"),
+            ("eth0", "bb", "x"),
+            Ipv4Addr::new(10, 0, 1, 2),
+            Ipv4Addr::new(10, 0, 1, 1),
+            Some(("fd00:10:1::2".parse().unwrap(), "fd00:10:1::1".parse().unwrap())),
+        );
+        assert_eq!(dual["ips"][1]["address"], "fd00:10:1::2/128");
+        assert_eq!(dual["ips"][1]["version"], "6");
+        assert_eq!(dual["routes"][1]["dst"], "::/0");
     }
 }

@@ -10,7 +10,7 @@
 //! deterministic interface name and the IPAM owner key.
 
 use std::io::Read;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use cilium_api::{Client, EndpointCreate, EndpointDelete, EndpointGc, IpamRequest, IpamResponse};
@@ -96,29 +96,32 @@ fn add(rt: &tokio::runtime::Runtime, client: &Client, conf: &NetConf, inv: &Invo
         let ns2 = netns.try_clone().map_err(|e| CniError::new(code::IO_FAILURE, "netns", e.to_string()))?;
         netlink::run(|h| async move { netlink::create_veth_into_netns(&h, &h2, &ifname, &ns2, mtu2).await })
             .map_err(dp_err("creating the veth pair"))?;
+        let hname = host.clone();
+        let host_link = netlink::run(|h| async move { netlink::link(&h, &hname).await })
+            .map_err(dp_err("reading the host interface"))?
+            .ok_or_else(|| CniError::new(code::IO_FAILURE, "host interface vanished", host.clone()))?;
         let (ifname, ip, gw) = (inv.ifname.clone(), ipam.ip, ipam.gateway);
-        let pod_mac = sys::in_netns(netns_path, move || configure_pod(&ifname, ip, gw)).map_err(dp_err("configuring the pod interface"))?;
+        let v6 = ipam.ipv6.as_ref().map(|v| (v.ip, v.gateway, host_link.mac));
+        let pod_mac = sys::in_netns(netns_path, move || configure_pod(&ifname, ip, gw, v6)).map_err(dp_err("configuring the pod interface"))?;
         let create = EndpointCreate {
             container_id: inv.container_id.clone(),
             ifname: inv.ifname.clone(),
             netns: inv.netns.clone(),
             host_ifname: host.clone(),
             ipv4: ipam.ip,
+            ipv6: ipam.ipv6.as_ref().map(|v| v.ip),
             mac: mac_string(&pod_mac),
             namespace: inv.pod_namespace().to_string(),
             pod_name: inv.pod_name().to_string(),
         };
         let _ep: cilium_api::Endpoint = rt.block_on(client.call("PUT", "/v1/endpoint", Some(&create))).map_err(api_err)?;
-        let hname = host.clone();
-        let host_link = netlink::run(|h| async move { netlink::link(&h, &hname).await })
-            .map_err(dp_err("reading the host interface"))?
-            .ok_or_else(|| CniError::new(code::IO_FAILURE, "host interface vanished", host.clone()))?;
         Ok(add_result(
             &conf.cni_version,
             (&host, &mac_string(&host_link.mac)),
             (&inv.ifname, &mac_string(&pod_mac), &inv.netns),
             ipam.ip,
             ipam.gateway,
+            ipam.ipv6.as_ref().map(|v| (v.ip, v.gateway)),
         )
         .to_string())
     })();
@@ -135,10 +138,13 @@ fn add(rt: &tokio::runtime::Runtime, client: &Client, conf: &NetConf, inv: &Invo
 }
 
 /// Inside the pod namespace: loopback up, address, routes via the node's
-/// router, no IPv6. Returns the interface's MAC.
-fn configure_pod(ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> Result<[u8; 6], DatapathError> {
-    let _ = sys::sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-    let _ = sys::sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+/// router; IPv6 only when the pod has an IPv6 address (its router is a
+/// permanent neighbour at the host side's MAC: no neighbour discovery needed
+/// for it). Returns the interface's MAC.
+fn configure_pod(ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr, v6: Option<(Ipv6Addr, Ipv6Addr, [u8; 6])>) -> Result<[u8; 6], DatapathError> {
+    let disable = if v6.is_some() { "0" } else { "1" };
+    // `all` sets `default` and every existing interface too
+    let _ = sys::sysctl("net.ipv6.conf.all.disable_ipv6", disable);
     let ifname = ifname.to_string();
     netlink::run(|h| async move {
         if let Some(lo) = netlink::link(&h, "lo").await? {
@@ -150,7 +156,13 @@ fn configure_pod(ifname: &str, ip: Ipv4Addr, gw: Ipv4Addr) -> Result<[u8; 6], Da
         netlink::add_address(&h, l.index, ip, 32).await?;
         netlink::set_up(&h, l.index).await?;
         netlink::route_replace_dev(&h, ipnet::Ipv4Net::new(gw, 32).expect("/32"), l.index, None).await?;
-        netlink::route_replace_via(&h, "0.0.0.0/0".parse().expect("default"), gw, l.index).await?;
+        netlink::route_replace_via(&h, "0.0.0.0/0".parse::<ipnet::Ipv4Net>().expect("default"), gw, l.index).await?;
+        if let Some((ip6, gw6, router_mac)) = v6 {
+            netlink::add_address(&h, l.index, ip6, 128).await?;
+            netlink::route_replace_dev(&h, ipnet::Ipv6Net::new(gw6, 128).expect("/128"), l.index, None).await?;
+            netlink::neighbour_permanent(&h, l.index, gw6.into(), router_mac).await?;
+            netlink::route_replace_via(&h, "::/0".parse::<ipnet::Ipv6Net>().expect("default"), gw6, l.index).await?;
+        }
         Ok(l.mac)
     })
 }
@@ -179,7 +191,7 @@ fn check(rt: &tokio::runtime::Runtime, client: &Client, inv: &Invocation) -> Res
     let ok = sys::in_netns(Path::new(&inv.netns), move || {
         netlink::run(|h| async move {
             let Some(l) = netlink::link(&h, &ifname).await? else { return Ok(false) };
-            Ok(netlink::addresses(&h).await?.iter().any(|(i, a, _)| *i == l.index && *a == ip))
+            Ok(netlink::addresses(&h).await?.iter().any(|(i, a, _)| *i == l.index && *a == std::net::IpAddr::V4(ip)))
         })
     })
     .map_err(dp_err("inspecting the pod namespace"))?;

@@ -2,13 +2,13 @@
 //! stores what it is told and can be made to fail, nothing more.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
+    CtEntry, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::{Datapath, DatapathError, LbDump, LbOp, MapPressure, Result};
 
@@ -16,7 +16,7 @@ use crate::{Datapath, DatapathError, LbDump, LbOp, MapPressure, Result};
 #[derive(Debug, Default, Clone)]
 pub struct FakeDatapath {
     pub endpoints: BTreeMap<u32, EndpointInfo>,
-    pub ipcache: BTreeMap<Ipv4Net, IpcacheValue>,
+    pub ipcache: BTreeMap<IpNet, IpcacheValue>,
     pub policy: BTreeMap<PolicyKeyOrd, PolicyEntry>,
     pub policy_rev: u32,
     pub attached: BTreeSet<String>,
@@ -27,9 +27,9 @@ pub struct FakeDatapath {
     /// Interfaces that exist: name -> ifindex.
     pub links: BTreeMap<String, u32>,
     pub up: BTreeSet<String>,
-    pub routes: BTreeMap<Ipv4Net, String>,
+    pub routes: BTreeMap<IpNet, String>,
     /// Addresses whose conntrack entries were flushed.
-    pub ct_flushed: Vec<Ipv4Addr>,
+    pub ct_flushed: Vec<IpAddr>,
     /// The service maps.
     pub lb_services: BTreeMap<(u32, u16, u16, u8), Lb4Service>,
     pub lb_backends: BTreeMap<u32, Lb4Backend>,
@@ -83,15 +83,15 @@ impl Datapath for FakeDatapath {
     fn endpoints(&self) -> Result<Vec<EndpointInfo>> {
         Ok(self.endpoints.values().copied().collect())
     }
-    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()> {
+    fn ipcache_upsert(&mut self, prefix: IpNet, value: &IpcacheValue) -> Result<()> {
         self.ipcache.insert(prefix, *value);
         Ok(())
     }
-    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()> {
+    fn ipcache_delete(&mut self, prefix: IpNet) -> Result<()> {
         self.ipcache.remove(&prefix);
         Ok(())
     }
-    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>> {
+    fn ipcache_dump(&self) -> Result<Vec<(IpNet, IpcacheValue)>> {
         Ok(self.ipcache.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()> {
@@ -130,15 +130,15 @@ impl Datapath for FakeDatapath {
         self.up.insert(ifname.to_string());
         Ok(())
     }
-    fn route(&mut self, prefix: Ipv4Net, ifname: &str, _src: Ipv4Addr) -> Result<()> {
+    fn route(&mut self, prefix: IpNet, ifname: &str, _src: IpAddr) -> Result<()> {
         self.routes.insert(prefix, ifname.to_string());
         Ok(())
     }
-    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()> {
+    fn unroute(&mut self, prefix: IpNet) -> Result<()> {
         self.routes.remove(&prefix);
         Ok(())
     }
-    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>> {
+    fn routes_via(&self, ifname: &str) -> Result<Vec<IpNet>> {
         Ok(self.routes.iter().filter(|(_, d)| *d == ifname).map(|(p, _)| *p).collect())
     }
     fn lb_apply(&mut self, ops: &[LbOp]) -> Result<()> {
@@ -197,10 +197,10 @@ impl Datapath for FakeDatapath {
         self.cgroups.push(cgroup.to_path_buf());
         Ok(())
     }
-    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+    fn ct_dump(&self) -> Result<Vec<(crate::CtConn, CtEntry)>> {
         Ok(vec![])
     }
-    fn ct_flush_ip(&mut self, ip: Ipv4Addr) -> Result<usize> {
+    fn ct_flush_ip(&mut self, ip: IpAddr) -> Result<usize> {
         self.ct_flushed.push(ip);
         Ok(0)
     }

@@ -14,13 +14,13 @@
 //! Architecture invariant: this is the only crate that makes BPF syscalls or
 //! netlink requests. It holds no policy logic: it writes what it is told.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
+    Ct6Key, CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 pub mod events;
 pub mod fake;
@@ -70,6 +70,41 @@ pub enum DatapathError {
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
+/// One conntrack entry's connection, from its endpoint's side (cilium_ct4
+/// or cilium_ct6); ports in host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtConn {
+    pub local: IpAddr,
+    pub remote: IpAddr,
+    pub lport: u16,
+    pub rport: u16,
+    pub protocol: u8,
+}
+
+impl From<&CtKey> for CtConn {
+    fn from(k: &CtKey) -> CtConn {
+        CtConn {
+            local: IpAddr::V4(be_to_ip(k.local)),
+            remote: IpAddr::V4(be_to_ip(k.remote)),
+            lport: u16::from_be(k.lport),
+            rport: u16::from_be(k.rport),
+            protocol: k.protocol,
+        }
+    }
+}
+
+impl From<&Ct6Key> for CtConn {
+    fn from(k: &Ct6Key) -> CtConn {
+        CtConn {
+            local: IpAddr::V6(Ipv6Addr::from(k.local)),
+            remote: IpAddr::V6(Ipv6Addr::from(k.remote)),
+            lport: u16::from_be(k.lport),
+            rport: u16::from_be(k.rport),
+            protocol: k.protocol,
+        }
+    }
+}
+
 /// Fill level of a map, for `cilium status` and `cilium bpf ... list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapPressure {
@@ -85,9 +120,10 @@ pub trait Datapath: Send {
     fn endpoint_delete(&mut self, ifindex: u32) -> Result<()>;
     fn endpoints(&self) -> Result<Vec<EndpointInfo>>;
 
-    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()>;
-    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()>;
-    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>>;
+    /// IPv4 prefixes go to cilium_ipcache, IPv6 ones to cilium_ipcache6.
+    fn ipcache_upsert(&mut self, prefix: IpNet, value: &IpcacheValue) -> Result<()>;
+    fn ipcache_delete(&mut self, prefix: IpNet) -> Result<()>;
+    fn ipcache_dump(&self) -> Result<Vec<(IpNet, IpcacheValue)>>;
 
     fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()>;
     fn policy_delete(&mut self, key: &PolicyKey) -> Result<()>;
@@ -107,11 +143,11 @@ pub trait Datapath: Send {
     /// Routes a prefix out of an interface without a gateway (an endpoint's
     /// /32 to its host interface, another node's pod CIDR into the tunnel),
     /// preferring `src` as the node's source address towards it.
-    fn route(&mut self, prefix: Ipv4Net, ifname: &str, src: Ipv4Addr) -> Result<()>;
+    fn route(&mut self, prefix: IpNet, ifname: &str, src: IpAddr) -> Result<()>;
     /// Removes the route to a prefix (absent is fine).
-    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()>;
+    fn unroute(&mut self, prefix: IpNet) -> Result<()>;
     /// The prefixes routed out of an interface (none when it is missing).
-    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>>;
+    fn routes_via(&self, ifname: &str) -> Result<Vec<IpNet>>;
 
     /// Applies service-map writes in order (runs of one kind may go to the
     /// kernel as one batch). On error, a prefix of them has been applied.
@@ -127,9 +163,9 @@ pub trait Datapath: Send {
     /// replaces the programs atomically when attached already).
     fn attach_cgroup(&mut self, cgroup: &std::path::Path) -> Result<()>;
 
-    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>>;
+    fn ct_dump(&self) -> Result<Vec<(CtConn, CtEntry)>>;
     /// Removes every conntrack entry to or from an address; returns how many.
-    fn ct_flush_ip(&mut self, ip: Ipv4Addr) -> Result<usize>;
+    fn ct_flush_ip(&mut self, ip: IpAddr) -> Result<usize>;
     /// Removes expired entries; returns how many.
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize>;
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>>;

@@ -9,13 +9,13 @@ use aya::programs::links::{CgroupAttachMode, FdLink};
 use aya::programs::{CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
-    CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
+    Ct6Key, CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
     MetricsValue, PolicyEntry, PolicyKey, RuntimeConfig,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
 
-use crate::{BPF_LXC, BPF_SOCK, Datapath, DatapathError, LbDump, LbOp, MapPressure, Result, be_to_ip, ip_to_be};
+use crate::{BPF_LXC, BPF_SOCK, CtConn, Datapath, DatapathError, LbDump, LbOp, MapPressure, Result, be_to_ip, ip_to_be};
 
 /// The programs of the object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,9 +61,12 @@ fn is_eexist(e: &aya::programs::ProgramError) -> bool {
 
 const MAP_LXC: &str = "cilium_lxc";
 const MAP_LXC_IP: &str = "cilium_lxc_ip";
+const MAP_LXC_IP6: &str = "cilium_lxc_ip6";
 const MAP_IPCACHE: &str = "cilium_ipcache";
+const MAP_IPCACHE6: &str = "cilium_ipcache6";
 const MAP_POLICY: &str = "cilium_policy";
 const MAP_CT: &str = "cilium_ct4";
+const MAP_CT6: &str = "cilium_ct6";
 const MAP_RUNTIME: &str = "cilium_runtime";
 const MAP_METRICS: &str = "cilium_metrics";
 const MAP_EVENT_STATS: &str = "cilium_event_stats";
@@ -80,9 +83,12 @@ const MAP_LB_SRC_RANGE: &str = "cilium_lb4_source_range";
 const ALL_MAPS: &[&str] = &[
     MAP_LXC,
     MAP_LXC_IP,
+    MAP_LXC_IP6,
     MAP_IPCACHE,
+    MAP_IPCACHE6,
     MAP_POLICY,
     MAP_CT,
+    MAP_CT6,
     MAP_RUNTIME,
     MAP_METRICS,
     MAP_EVENT_STATS,
@@ -235,6 +241,9 @@ impl Loaded {
             loader
                 .btf(None)
                 .map_max_entries(MAP_CT, opts.ct_max)
+                .map_max_entries(MAP_CT6, opts.ct_max)
+                .map_max_entries(MAP_IPCACHE6, opts.ipcache_max)
+                .map_max_entries(MAP_LXC_IP6, opts.endpoints_max)
                 .map_max_entries(MAP_POLICY, opts.policy_max)
                 .map_max_entries(MAP_IPCACHE, opts.ipcache_max)
                 .map_max_entries(MAP_LXC, opts.endpoints_max)
@@ -415,14 +424,24 @@ impl Loaded {
         Ok((res.return_value as i32, out))
     }
 
-    fn ct_delete(&mut self, keys: &[CtKey]) -> Result<usize> {
+    fn ct_map(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        let m = self.ebpf.map(MAP_CT).ok_or_else(|| DatapathError::Netlink("conntrack map missing".into()))?;
+        let m = self.ebpf.map(name).ok_or_else(|| DatapathError::Netlink(format!("conntrack map {name} missing")))?;
         let aya::maps::Map::LruHashMap(data) = m else {
-            return Err(DatapathError::Netlink("conntrack map is not an LRU hash".into()));
+            return Err(DatapathError::Netlink(format!("conntrack map {name} is not an LRU hash")));
         };
-        crate::sys::map_delete_batched(data.fd().as_fd(), keys, 4096)
-            .map_err(|source| DatapathError::Io { what: "deleting from cilium_ct4".into(), source })
+        Ok(data.fd().as_fd())
+    }
+
+    /// Every entry of a conntrack map (cilium_ct4 or cilium_ct6).
+    fn ct_keys<K: Copy + Default>(&self, name: &'static str) -> Result<Vec<(K, CtEntry)>> {
+        crate::sys::map_dump_batched::<K, CtEntry>(self.ct_map(name)?, 4096)
+            .map_err(|source| DatapathError::Io { what: format!("reading {name}"), source })
+    }
+
+    fn ct_delete<K: Copy>(&mut self, name: &'static str, keys: &[K]) -> Result<usize> {
+        crate::sys::map_delete_batched(self.ct_map(name)?, keys, 4096)
+            .map_err(|source| DatapathError::Io { what: format!("deleting from {name}"), source })
     }
 
     /// Takes the event ring buffer (once) for an [`crate::events::EventReader`].
@@ -459,19 +478,22 @@ fn drop_incompatible_pin(path: &Path, name: &str, opts: &LoadOptions) {
         return;
     }
     let expected_max = match name {
-        MAP_CT => Some(opts.ct_max),
+        MAP_CT | MAP_CT6 => Some(opts.ct_max),
         MAP_POLICY => Some(opts.policy_max),
-        MAP_IPCACHE => Some(opts.ipcache_max),
-        MAP_LXC | MAP_LXC_IP => Some(opts.endpoints_max),
+        MAP_IPCACHE | MAP_IPCACHE6 => Some(opts.ipcache_max),
+        MAP_LXC | MAP_LXC_IP | MAP_LXC_IP6 => Some(opts.endpoints_max),
         MAP_EVENTS => Some(opts.events_bytes),
         _ => None,
     };
     let expected_sizes: Option<(usize, usize)> = match name {
         MAP_LXC => Some((4, size_of::<EndpointInfo>())),
         MAP_LXC_IP => Some((4, 4)),
+        MAP_LXC_IP6 => Some((16, 4)),
         MAP_IPCACHE => Some((size_of::<cilium_abi::IpcacheKey>(), size_of::<IpcacheValue>())),
+        MAP_IPCACHE6 => Some((size_of::<cilium_abi::Ipcache6Key>(), size_of::<IpcacheValue>())),
         MAP_POLICY => Some((size_of::<PolicyKey>(), size_of::<PolicyEntry>())),
         MAP_CT => Some((size_of::<CtKey>(), size_of::<CtEntry>())),
+        MAP_CT6 => Some((size_of::<Ct6Key>(), size_of::<CtEntry>())),
         MAP_RUNTIME => Some((4, size_of::<RuntimeConfig>())),
         MAP_METRICS => Some((4, size_of::<MetricsValue>())),
         _ => None,
@@ -493,6 +515,14 @@ fn ipcache_key(prefix: Ipv4Net) -> Key<u32> {
     Key::new(prefix.prefix_len() as u32, ip_to_be(prefix.network()))
 }
 
+fn ipcache6_key(prefix: Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(prefix.prefix_len() as u32, prefix.network().octets())
+}
+
+fn has_ipv6(info: &EndpointInfo) -> bool {
+    info.ipv6 != [0; 16]
+}
+
 impl Datapath for Loaded {
     fn endpoint_upsert(&mut self, info: &EndpointInfo) -> Result<()> {
         let r = (|| -> Result<()> {
@@ -507,7 +537,11 @@ impl Datapath for Loaded {
                 // the host endpoint's addresses are the node's, not a pod's
                 return Ok(());
             }
-            self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))
+            self.hash_mut::<u32, u32>(MAP_LXC_IP)?.insert(info.ipv4, info.ifindex, 0).map_err(full(MAP_LXC_IP))?;
+            if has_ipv6(info) {
+                self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?.insert(info.ipv6, info.ifindex, 0).map_err(full(MAP_LXC_IP6))?;
+            }
+            Ok(())
         })();
         self.count(MAP_LXC, "update", r.is_ok());
         r
@@ -526,6 +560,12 @@ impl Datapath for Loaded {
                 if ips.get(&info.ipv4, 0).ok() == Some(ifindex) {
                     gone(ips.remove(&info.ipv4), MAP_LXC_IP)?;
                 }
+                if has_ipv6(&info) {
+                    let mut ips6 = self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?;
+                    if ips6.get(&info.ipv6, 0).ok() == Some(ifindex) {
+                        gone(ips6.remove(&info.ipv6), MAP_LXC_IP6)?;
+                    }
+                }
             }
             let r = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.remove(&ifindex);
             gone(r, MAP_LXC)
@@ -539,45 +579,47 @@ impl Datapath for Loaded {
         m.iter().map(|r| r.map(|(_, v)| v).map_err(map_err(MAP_LXC))).collect()
     }
 
-    fn ipcache_upsert(&mut self, prefix: Ipv4Net, value: &IpcacheValue) -> Result<()> {
-        let r = (|| -> Result<()> {
-            let max = self.opts.ipcache_max;
-            let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
-            m.insert(&ipcache_key(prefix), *value, 0).map_err(|e| {
-                if is_full(&e) {
-                    DatapathError::MapFull { map: MAP_IPCACHE, max, detail: e.to_string() }
-                } else {
-                    map_err(MAP_IPCACHE)(e)
-                }
-            })
-        })();
-        self.count(MAP_IPCACHE, "update", r.is_ok());
+    fn ipcache_upsert(&mut self, prefix: IpNet, value: &IpcacheValue) -> Result<()> {
+        let max = self.opts.ipcache_max;
+        let full = |map: &'static str| {
+            move |e: aya::maps::MapError| if is_full(&e) { DatapathError::MapFull { map, max, detail: e.to_string() } } else { map_err(map)(e) }
+        };
+        let (map, r) = match prefix {
+            IpNet::V4(p) => (MAP_IPCACHE, self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE).and_then(|mut m| m.insert(&ipcache_key(p), *value, 0).map_err(full(MAP_IPCACHE)))),
+            IpNet::V6(p) => (MAP_IPCACHE6, self.lpm_mut::<[u8; 16], IpcacheValue>(MAP_IPCACHE6).and_then(|mut m| m.insert(&ipcache6_key(p), *value, 0).map_err(full(MAP_IPCACHE6)))),
+        };
+        self.count(map, "update", r.is_ok());
         r
     }
 
-    fn ipcache_delete(&mut self, prefix: Ipv4Net) -> Result<()> {
-        let r = (|| -> Result<()> {
-            let mut m = self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE)?;
-            match m.remove(&ipcache_key(prefix)) {
+    fn ipcache_delete(&mut self, prefix: IpNet) -> Result<()> {
+        let absent_ok = |map: &'static str| {
+            move |r: std::result::Result<(), aya::maps::MapError>| match r {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
                 Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(e) => Err(map_err(MAP_IPCACHE)(e)),
+                Err(e) => Err(map_err(map)(e)),
             }
-        })();
-        self.count(MAP_IPCACHE, "delete", r.is_ok());
+        };
+        let (map, r) = match prefix {
+            IpNet::V4(p) => (MAP_IPCACHE, self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE).and_then(|mut m| absent_ok(MAP_IPCACHE)(m.remove(&ipcache_key(p))))),
+            IpNet::V6(p) => (MAP_IPCACHE6, self.lpm_mut::<[u8; 16], IpcacheValue>(MAP_IPCACHE6).and_then(|mut m| absent_ok(MAP_IPCACHE6)(m.remove(&ipcache6_key(p))))),
+        };
+        self.count(map, "delete", r.is_ok());
         r
     }
 
-    fn ipcache_dump(&self) -> Result<Vec<(Ipv4Net, IpcacheValue)>> {
-        let m = self.lpm::<u32, IpcacheValue>(MAP_IPCACHE)?;
-        m.iter()
-            .map(|r| {
-                let (k, v) = r.map_err(map_err(MAP_IPCACHE))?;
-                let net = Ipv4Net::new(be_to_ip(k.data()), k.prefix_len() as u8)
-                    .map_err(|e| DatapathError::Netlink(format!("bad ipcache prefix: {e}")))?;
-                Ok((net, v))
-            })
-            .collect()
+    fn ipcache_dump(&self) -> Result<Vec<(IpNet, IpcacheValue)>> {
+        let bad = |e: ipnet::PrefixLenError| DatapathError::Netlink(format!("bad ipcache prefix: {e}"));
+        let mut out = Vec::new();
+        for r in self.lpm::<u32, IpcacheValue>(MAP_IPCACHE)?.iter() {
+            let (k, v) = r.map_err(map_err(MAP_IPCACHE))?;
+            out.push((IpNet::V4(Ipv4Net::new(be_to_ip(k.data()), k.prefix_len() as u8).map_err(bad)?), v));
+        }
+        for r in self.lpm::<[u8; 16], IpcacheValue>(MAP_IPCACHE6)?.iter() {
+            let (k, v) = r.map_err(map_err(MAP_IPCACHE6))?;
+            out.push((IpNet::V6(Ipv6Net::new(std::net::Ipv6Addr::from(k.data()), k.prefix_len() as u8).map_err(bad)?), v));
+        }
+        Ok(out)
     }
 
     fn policy_insert(&mut self, key: &PolicyKey, entry: &PolicyEntry) -> Result<()> {
@@ -660,7 +702,7 @@ impl Datapath for Loaded {
         })
     }
 
-    fn route(&mut self, prefix: Ipv4Net, ifname: &str, src: std::net::Ipv4Addr) -> Result<()> {
+    fn route(&mut self, prefix: IpNet, ifname: &str, src: std::net::IpAddr) -> Result<()> {
         let name = ifname.to_string();
         crate::netlink::run(|h| async move {
             let l = crate::netlink::link(&h, &name)
@@ -670,11 +712,11 @@ impl Datapath for Loaded {
         })
     }
 
-    fn unroute(&mut self, prefix: Ipv4Net) -> Result<()> {
+    fn unroute(&mut self, prefix: IpNet) -> Result<()> {
         crate::netlink::run(|h| async move { crate::netlink::route_delete(&h, prefix).await })
     }
 
-    fn routes_via(&self, ifname: &str) -> Result<Vec<Ipv4Net>> {
+    fn routes_via(&self, ifname: &str) -> Result<Vec<IpNet>> {
         let name = ifname.to_string();
         crate::netlink::run(|h| async move {
             match crate::netlink::link(&h, &name).await? {
@@ -788,25 +830,31 @@ impl Datapath for Loaded {
         Ok(())
     }
 
-    fn ct_dump(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        use std::os::fd::AsFd;
-        let m = self.ebpf.map(MAP_CT).ok_or_else(|| DatapathError::Netlink("conntrack map missing".into()))?;
-        let aya::maps::Map::LruHashMap(data) = m else {
-            return Err(DatapathError::Netlink("conntrack map is not an LRU hash".into()));
-        };
-        crate::sys::map_dump_batched::<CtKey, CtEntry>(data.fd().as_fd(), 4096)
-            .map_err(|source| DatapathError::Io { what: "reading cilium_ct4".into(), source })
+    fn ct_dump(&self) -> Result<Vec<(CtConn, CtEntry)>> {
+        let mut out: Vec<(CtConn, CtEntry)> = self.ct_keys::<CtKey>(MAP_CT)?.iter().map(|(k, v)| (CtConn::from(k), *v)).collect();
+        out.extend(self.ct_keys::<Ct6Key>(MAP_CT6)?.iter().map(|(k, v)| (CtConn::from(k), *v)));
+        Ok(out)
     }
 
-    fn ct_flush_ip(&mut self, ip: std::net::Ipv4Addr) -> Result<usize> {
-        let be = ip_to_be(ip);
-        let doomed: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(k, _)| k.local == be || k.remote == be).map(|(k, _)| k).collect();
-        self.ct_delete(&doomed)
+    fn ct_flush_ip(&mut self, ip: std::net::IpAddr) -> Result<usize> {
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                let be = ip_to_be(v4);
+                let doomed: Vec<CtKey> = self.ct_keys::<CtKey>(MAP_CT)?.into_iter().filter(|(k, _)| k.local == be || k.remote == be).map(|(k, _)| k).collect();
+                self.ct_delete(MAP_CT, &doomed)
+            }
+            std::net::IpAddr::V6(v6) => {
+                let o = v6.octets();
+                let doomed: Vec<Ct6Key> = self.ct_keys::<Ct6Key>(MAP_CT6)?.into_iter().filter(|(k, _)| k.local == o || k.remote == o).map(|(k, _)| k).collect();
+                self.ct_delete(MAP_CT6, &doomed)
+            }
+        }
     }
 
     fn ct_gc(&mut self, now_secs: u32) -> Result<usize> {
-        let expired: Vec<CtKey> = self.ct_dump()?.into_iter().filter(|(_, v)| v.lifetime < now_secs).map(|(k, _)| k).collect();
-        self.ct_delete(&expired)
+        let expired: Vec<CtKey> = self.ct_keys::<CtKey>(MAP_CT)?.into_iter().filter(|(_, v)| v.lifetime < now_secs).map(|(k, _)| k).collect();
+        let expired6: Vec<Ct6Key> = self.ct_keys::<Ct6Key>(MAP_CT6)?.into_iter().filter(|(_, v)| v.lifetime < now_secs).map(|(k, _)| k).collect();
+        Ok(self.ct_delete(MAP_CT, &expired)? + self.ct_delete(MAP_CT6, &expired6)?)
     }
 
     fn metrics(&self) -> Result<Vec<(MetricsKey, MetricsValue)>> {

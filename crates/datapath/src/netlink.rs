@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteScope};
@@ -183,22 +183,28 @@ pub async fn set_up(h: &Handle, index: u32) -> Result<()> {
         .map_err(nl("setting link up"))
 }
 
-/// Adds an address (succeeds when it is already there).
-pub async fn add_address(h: &Handle, index: u32, ip: Ipv4Addr, prefix: u8) -> Result<()> {
-    match h.address().add(index, IpAddr::V4(ip), prefix).execute().await {
+/// Adds an address (succeeds when it is already there). IPv6 addresses are
+/// added without duplicate address detection: ours are unique by allocation.
+pub async fn add_address(h: &Handle, index: u32, ip: impl Into<IpAddr>, prefix: u8) -> Result<()> {
+    let ip = ip.into();
+    let mut req = h.address().add(index, ip, prefix);
+    if ip.is_ipv6() {
+        req.message_mut().header.flags |= rtnetlink::packet_route::address::AddressHeaderFlags::Nodad;
+    }
+    match req.execute().await {
         Ok(()) => Ok(()),
         Err(e) if is_eexist(&e) => Ok(()),
         Err(e) => Err(nl("adding address")(e)),
     }
 }
 
-/// Every IPv4 address of the namespace: (ifindex, address, prefix length).
-pub async fn addresses(h: &Handle) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
+/// Every address of the namespace: (ifindex, address, prefix length).
+pub async fn addresses(h: &Handle) -> Result<Vec<(u32, IpAddr, u8)>> {
     let mut s = h.address().get().execute();
     let mut out = Vec::new();
     while let Some(msg) = s.try_next().await.map_err(nl("listing addresses"))? {
         for a in &msg.attributes {
-            if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+            if let AddressAttribute::Address(ip) = a {
                 out.push((msg.header.index, *ip, msg.header.prefix_len));
             }
         }
@@ -206,30 +212,32 @@ pub async fn addresses(h: &Handle) -> Result<Vec<(u32, Ipv4Addr, u8)>> {
     Ok(out)
 }
 
+fn bad_route(e: impl std::fmt::Display) -> DatapathError {
+    DatapathError::Netlink(format!("route: {e}"))
+}
+
+fn route_to(dst: IpNet) -> Result<RouteMessageBuilder<IpAddr>> {
+    RouteMessageBuilder::<IpAddr>::new().destination_prefix(dst.network(), dst.prefix_len()).map_err(bad_route)
+}
+
 /// Adds or replaces a route to `dst` out of a link, without a gateway.
-pub async fn route_replace_dev(h: &Handle, dst: Ipv4Net, index: u32, src: Option<Ipv4Addr>) -> Result<()> {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .output_interface(index)
-        .scope(RouteScope::Link);
+pub async fn route_replace_dev(h: &Handle, dst: impl Into<IpNet>, index: u32, src: Option<IpAddr>) -> Result<()> {
+    let mut b = route_to(dst.into())?.output_interface(index).scope(RouteScope::Link);
     if let Some(s) = src {
-        b = b.pref_source(s);
+        b = b.pref_source(s).map_err(bad_route)?;
     }
     h.route().add(b.build()).replace().execute().await.map_err(nl("adding route"))
 }
 
 /// Adds or replaces a route to `dst` via a gateway on a link.
-pub async fn route_replace_via(h: &Handle, dst: Ipv4Net, gateway: Ipv4Addr, index: u32) -> Result<()> {
-    let b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(dst.network(), dst.prefix_len())
-        .gateway(gateway)
-        .output_interface(index);
+pub async fn route_replace_via(h: &Handle, dst: impl Into<IpNet>, gateway: impl Into<IpAddr>, index: u32) -> Result<()> {
+    let b = route_to(dst.into())?.gateway(gateway.into()).map_err(bad_route)?.output_interface(index);
     h.route().add(b.build()).replace().execute().await.map_err(nl("adding route"))
 }
 
 /// Deletes the route to `dst` from the main table (absent is fine).
-pub async fn route_delete(h: &Handle, dst: Ipv4Net) -> Result<()> {
-    let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst.network(), dst.prefix_len()).build();
+pub async fn route_delete(h: &Handle, dst: impl Into<IpNet>) -> Result<()> {
+    let msg = route_to(dst.into())?.build();
     match h.route().del(msg).execute().await {
         Ok(()) => Ok(()),
         Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ESRCH => Ok(()),
@@ -238,23 +246,45 @@ pub async fn route_delete(h: &Handle, dst: Ipv4Net) -> Result<()> {
     }
 }
 
-/// The main table's IPv4 routes out of a link.
-pub async fn routes_via(h: &Handle, index: u32) -> Result<Vec<Ipv4Net>> {
-    let mut s = h.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+/// The main table's routes (IPv4 and IPv6) out of a link.
+pub async fn routes_via(h: &Handle, index: u32) -> Result<Vec<IpNet>> {
     let mut out = Vec::new();
-    while let Some(msg) = s.try_next().await.map_err(nl("listing routes"))? {
-        if msg.header.table != 254 || !msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index)) {
-            continue;
-        }
-        let dst = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(rtnetlink::packet_route::route::RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        });
-        if let Ok(net) = Ipv4Net::new(dst.unwrap_or(Ipv4Addr::UNSPECIFIED), msg.header.destination_prefix_length) {
-            out.push(net);
+    for family in [RouteMessageBuilder::<Ipv4Addr>::new().build(), RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()] {
+        let mut s = h.route().get(family).execute();
+        while let Some(msg) = s.try_next().await.map_err(nl("listing routes"))? {
+            if msg.header.table != 254 || !msg.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == index)) {
+                continue;
+            }
+            use rtnetlink::packet_route::route::RouteAddress;
+            let dst = msg.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            let dst = dst.unwrap_or(if msg.header.address_family == rtnetlink::packet_route::AddressFamily::Inet6 {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            });
+            if let Ok(net) = IpNet::new(dst, msg.header.destination_prefix_length) {
+                out.push(net);
+            }
         }
     }
     Ok(out)
+}
+
+/// A permanent neighbour entry: `ip` is at `mac` on the link (IPv6 pods and
+/// their router know each other without neighbour discovery).
+pub async fn neighbour_permanent(h: &Handle, index: u32, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+    h.neighbours()
+        .add(index, ip)
+        .link_layer_address(&mac)
+        .state(rtnetlink::packet_route::neighbour::NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(nl("adding neighbour"))
 }
 
 /// Routing table of the proxy route (upstream's 2005).

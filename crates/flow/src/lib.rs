@@ -1,12 +1,12 @@
 //! Turns the datapath's ring-buffer events into flows: decodes the captured
-//! packet (Ethernet, IPv4, TCP/UDP/ICMP) and the event's metadata.
+//! packet (Ethernet, IPv4 or IPv6, TCP/UDP/ICMP/ICMPv6) and the event's metadata.
 //!
 //! Pure parsing of untrusted bytes: every input, however short or malformed,
 //! decodes to something or to nothing, never a panic (fuzzed). It is the seed
 //! of Hubble's parser; it knows nothing of endpoints' names or the kernel.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use cilium_abi::{DropReason, Event, EventFlag, EventType, PolicyMatch, TracePoint};
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ pub enum L4 {
     Tcp { src_port: u16, dst_port: u16, flags: TcpFlags },
     Udp { src_port: u16, dst_port: u16 },
     Icmp { icmp_type: u8, code: u8 },
+    Icmpv6 { icmp_type: u8, code: u8 },
     Other { number: u8 },
 }
 
@@ -60,8 +61,8 @@ impl fmt::Display for TcpFlags {
 /// The decoded headers of a captured packet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Packet {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
+    pub src: IpAddr,
+    pub dst: IpAddr,
     pub l4: L4,
 }
 
@@ -74,6 +75,9 @@ impl fmt::Display for Packet {
             L4::Udp { src_port, dst_port } => write!(f, "{}:{} -> {}:{} udp", self.src, src_port, self.dst, dst_port),
             L4::Icmp { icmp_type, code } => {
                 write!(f, "{} -> {} {}", self.src, self.dst, icmp_name(*icmp_type, *code))
+            }
+            L4::Icmpv6 { icmp_type, code } => {
+                write!(f, "{} -> {} {}", self.src, self.dst, icmp6_name(*icmp_type, *code))
             }
             L4::Other { number } => write!(f, "{} -> {} proto {}", self.src, self.dst, number),
         }
@@ -90,9 +94,43 @@ fn icmp_name(t: u8, code: u8) -> String {
     }
 }
 
-/// Decodes an Ethernet frame carrying IPv4. `None` for anything else or
-/// anything truncated before the L4 header.
+fn icmp6_name(t: u8, code: u8) -> String {
+    match t {
+        1 => format!("icmpv6 DestinationUnreachable(code {code})"),
+        2 => "icmpv6 PacketTooBig".into(),
+        3 => "icmpv6 TimeExceeded".into(),
+        128 => "icmpv6 EchoRequest".into(),
+        129 => "icmpv6 EchoReply".into(),
+        _ => format!("icmpv6 type {t} code {code}"),
+    }
+}
+
+/// Layer 4 from the protocol number and the bytes after the IP header(s).
+fn decode_l4(proto: u8, l4: &[u8]) -> Option<L4> {
+    let port = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
+    Some(match proto {
+        6 if l4.len() >= 14 => L4::Tcp { src_port: port(l4, 0), dst_port: port(l4, 2), flags: TcpFlags::from_byte(l4[13]) },
+        17 if l4.len() >= 4 => L4::Udp { src_port: port(l4, 0), dst_port: port(l4, 2) },
+        1 if l4.len() >= 2 => L4::Icmp { icmp_type: l4[0], code: l4[1] },
+        58 if l4.len() >= 2 => L4::Icmpv6 { icmp_type: l4[0], code: l4[1] },
+        6 | 17 | 1 | 58 => return None,
+        n => L4::Other { number: n },
+    })
+}
+
+/// Decodes an Ethernet frame carrying IPv4 or IPv6 (the L4 header right
+/// after the fixed IPv6 header; extension headers show as their protocol
+/// number). `None` for anything else or anything truncated before the L4
+/// header.
 pub fn decode_packet(frame: &[u8]) -> Option<Packet> {
+    if frame.len() >= 14 + 40 && frame[12..14] == [0x86, 0xdd] {
+        let ip = &frame[14..];
+        if ip[0] >> 4 != 6 {
+            return None;
+        }
+        let addr = |i: usize| IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(&ip[i..i + 16]).expect("16 bytes")));
+        return Some(Packet { src: addr(8), dst: addr(24), l4: decode_l4(ip[6], &ip[40..])? });
+    }
     if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
         return None;
     }
@@ -104,19 +142,9 @@ pub fn decode_packet(frame: &[u8]) -> Option<Packet> {
     if ihl < 20 || ip.len() < ihl {
         return None;
     }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-    let proto = ip[9];
-    let l4 = &ip[ihl..];
-    let port = |b: &[u8], i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
-    let l4 = match proto {
-        6 if l4.len() >= 14 => L4::Tcp { src_port: port(l4, 0), dst_port: port(l4, 2), flags: TcpFlags::from_byte(l4[13]) },
-        17 if l4.len() >= 4 => L4::Udp { src_port: port(l4, 0), dst_port: port(l4, 2) },
-        1 if l4.len() >= 2 => L4::Icmp { icmp_type: l4[0], code: l4[1] },
-        6 | 17 | 1 => return None,
-        n => L4::Other { number: n },
-    };
-    Some(Packet { src, dst, l4 })
+    let src = IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+    let dst = IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
+    Some(Packet { src, dst, l4: decode_l4(ip[9], &ip[ihl..])? })
 }
 
 /// The packet an event describes, from its tuple; `None` when the datapath
@@ -125,12 +153,16 @@ pub fn packet_of(ev: &Event) -> Option<Packet> {
     if ev.protocol == 0 {
         return None;
     }
-    let src = Ipv4Addr::from(ev.saddr.to_ne_bytes());
-    let dst = Ipv4Addr::from(ev.daddr.to_ne_bytes());
+    let (src, dst) = if ev.ip_version == 6 {
+        (IpAddr::V6(Ipv6Addr::from(ev.saddr6)), IpAddr::V6(Ipv6Addr::from(ev.daddr6)))
+    } else {
+        (IpAddr::V4(Ipv4Addr::from(ev.saddr.to_ne_bytes())), IpAddr::V4(Ipv4Addr::from(ev.daddr.to_ne_bytes())))
+    };
     let l4 = match ev.protocol {
         6 => L4::Tcp { src_port: ev.sport, dst_port: ev.dport, flags: TcpFlags::from_byte(ev.tcp_flags) },
         17 => L4::Udp { src_port: ev.sport, dst_port: ev.dport },
         1 => L4::Icmp { icmp_type: ev.icmp_type, code: ev.icmp_code },
+        58 => L4::Icmpv6 { icmp_type: ev.icmp_type, code: ev.icmp_code },
         n => L4::Other { number: n },
     };
     Some(Packet { src, dst, l4 })

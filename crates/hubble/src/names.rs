@@ -3,7 +3,7 @@
 //! services by frontend, interface names.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// A workload owning a pod (upstream: from the pod's owner references).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct PolicyQuery {
     /// Destination port (ICMP: the type).
     pub port: u16,
     /// The local endpoint's address (for its named ports).
-    pub local: Ipv4Addr,
+    pub local: IpAddr,
 }
 
 /// The policies that allowed and denied some traffic.
@@ -73,11 +73,12 @@ pub struct Names {
     /// Names the policies of policy verdicts and policy drops.
     pub policies: Option<std::sync::Arc<dyn Attributor>>,
     pub node_name: String,
-    pub endpoints: HashMap<Ipv4Addr, EndpointName>,
+    /// By each of the endpoint's addresses (IPv4, and IPv6 when it has one).
+    pub endpoints: HashMap<IpAddr, EndpointName>,
     /// Identity -> its labels (`source:key=value`, sorted).
     pub identities: HashMap<u32, Vec<String>>,
     /// (frontend IP, port) -> service.
-    pub services: HashMap<(Ipv4Addr, u16), ServiceName>,
+    pub services: HashMap<(IpAddr, u16), ServiceName>,
     /// ifindex -> name.
     pub interfaces: HashMap<u32, String>,
 }

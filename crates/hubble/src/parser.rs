@@ -2,7 +2,7 @@
 //! names of both ends. Pure: the same event and snapshot give the same flow
 //! (except for its UUID).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use cilium_abi::ReservedIdentity;
@@ -101,14 +101,17 @@ pub fn trace_sub_type(p: TraceObservationPoint) -> i32 {
 fn reserved_labels(identity: u32) -> Option<Vec<String>> {
     let r = ReservedIdentity::from_code(identity)?;
     let mut v = vec![format!("reserved:{}", r.label())];
-    if r == ReservedIdentity::World {
-        v.push("reserved:world-ipv4".into());
-        v.sort();
+    // as the agent labels them: both worlds are `world`, with their family
+    match r {
+        ReservedIdentity::World => v.push("reserved:world-ipv4".into()),
+        ReservedIdentity::WorldIpv6 => v.push("reserved:world".into()),
+        _ => {}
     }
+    v.sort();
     Some(v)
 }
 
-fn endpoint(names: &Names, ip: Ipv4Addr, identity: u32) -> Endpoint {
+fn endpoint(names: &Names, ip: IpAddr, identity: u32) -> Endpoint {
     if let Some(e) = names.endpoints.get(&ip) {
         return to_pb(e, identity);
     }
@@ -248,8 +251,8 @@ impl Parser {
             verdict: if c.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
             ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
             l4: Some(Layer4 { protocol: Some(l4) }),
-            source: Some(endpoint(names, *src.ip(), sid)),
-            destination: Some(endpoint(names, *dst.ip(), did)),
+            source: Some(endpoint(names, (*src.ip()).into(), sid)),
+            destination: Some(endpoint(names, (*dst.ip()).into(), did)),
             r#type: FlowType::L7 as i32,
             node_name: names.node_name.clone(),
             l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: c.latency_ns, record: Some(record) }),
@@ -258,7 +261,7 @@ impl Parser {
             is_reply: Some(pbjson_types::BoolValue { value: c.response }),
             ..Default::default()
         };
-        if let Some(svc) = names.services.get(&(*c.server.ip(), c.server.port())) {
+        if let Some(svc) = names.services.get(&(IpAddr::V4(*c.server.ip()), c.server.port())) {
             let s = Some(pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() });
             if c.response { f.source_service = s } else { f.destination_service = s }
         }
@@ -322,6 +325,7 @@ impl Parser {
             L4::Tcp { dst_port, .. } => (6, *dst_port),
             L4::Udp { dst_port, .. } => (17, *dst_port),
             L4::Icmp { icmp_type, .. } => (1, u16::from(*icmp_type)),
+            L4::Icmpv6 { icmp_type, .. } => (58, u16::from(*icmp_type)),
             L4::Other { number } => (*number, 0),
         };
         let egress = !ev.ingress;
@@ -378,7 +382,7 @@ impl Parser {
             f.ip = Some(pb::Ip {
                 source: p.src.to_string(),
                 destination: p.dst.to_string(),
-                ip_version: IpVersion::IPv4 as i32,
+                ip_version: if p.src.is_ipv6() { IpVersion::IPv6 } else { IpVersion::IPv4 } as i32,
                 ..Default::default()
             });
             let proto = match &p.l4 {
@@ -404,6 +408,10 @@ impl Parser {
                     destination_port: (*dst_port).into(),
                 })),
                 L4::Icmp { icmp_type, code } => Some(layer4::Protocol::IcmPv4(pb::IcmPv4 {
+                    r#type: (*icmp_type).into(),
+                    code: (*code).into(),
+                })),
+                L4::Icmpv6 { icmp_type, code } => Some(layer4::Protocol::IcmPv6(pb::IcmPv6 {
                     r#type: (*icmp_type).into(),
                     code: (*code).into(),
                 })),

@@ -105,8 +105,13 @@ pub struct Identity {
 pub fn reserved_labels(r: ReservedIdentity) -> LabelSet {
     let mut s = LabelSet::new();
     s.insert(Label::reserved(r.label()));
+    // both worlds are `reserved:world` (the `world` entity), each with
+    // its family's label (`world-ipv4`, `world-ipv6`)
     if r == ReservedIdentity::World {
         s.insert(Label::reserved("world-ipv4"));
+    }
+    if r == ReservedIdentity::WorldIpv6 {
+        s.insert(Label::reserved("world"));
     }
     s
 }

@@ -261,7 +261,8 @@ fn reserved_selector(name: &str) -> Selector {
 pub fn entity_selectors(entity: &str, cluster: &str) -> Option<Vec<Selector>> {
     Some(match entity {
         "all" => return None,
-        "world" | "world-ipv4" => vec![reserved_selector("world")],
+        "world" => vec![reserved_selector("world")],
+        "world-ipv4" => vec![reserved_selector("world-ipv4")],
         "world-ipv6" => vec![reserved_selector("world-ipv6")],
         "host" => vec![reserved_selector("host")],
         "remote-node" => vec![reserved_selector("remote-node")],
@@ -302,6 +303,7 @@ pub fn cidr_identity_labels(net: &IpNet) -> cilium_labels::LabelSet {
         }
     }
     set.insert(Label::reserved("world"));
+    set.insert(Label::reserved(if net.addr().is_ipv4() { "world-ipv4" } else { "world-ipv6" }));
     set
 }
 

@@ -1,6 +1,6 @@
-//! Building Ethernet/IPv4 packets with TCP, UDP or ICMP for BPF_PROG_RUN.
+//! Building Ethernet/IPv4 and IPv6 packets with TCP, UDP or ICMP for BPF_PROG_RUN.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -163,4 +163,78 @@ pub fn tuple(pkt: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16) {
     let ip = |o: usize| Ipv4Addr::new(pkt[o], pkt[o + 1], pkt[o + 2], pkt[o + 3]);
     let port = |o: usize| u16::from_be_bytes([pkt[o], pkt[o + 1]]);
     (ip(26), port(34), ip(30), port(36))
+}
+
+// ---- IPv6 ----
+
+/// An Ethernet/IPv6 packet; `ext` are extension headers (each already
+/// carrying its next-header byte) between the fixed header and `payload`,
+/// and `first` is the protocol number the fixed header names.
+fn ipv6_with(src: Ipv6Addr, dst: Ipv6Addr, first: u8, ext: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 14];
+    p[12] = 0x86;
+    p[13] = 0xdd;
+    let len = (ext.len() + payload.len()) as u16;
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&len.to_be_bytes());
+    ip.push(first);
+    ip.push(64);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    p.extend(ip);
+    p.extend_from_slice(ext);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    ipv6_with(src, dst, proto, &[], payload)
+}
+
+/// A TCP segment over IPv6.
+pub fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let t = tcp(Ipv4Addr::UNSPECIFIED, sport, Ipv4Addr::UNSPECIFIED, dport, flags);
+    ipv6(src, dst, 6, &t[34..])
+}
+
+/// A UDP datagram over IPv6.
+pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) -> Vec<u8> {
+    let u = udp(Ipv4Addr::UNSPECIFIED, sport, Ipv4Addr::UNSPECIFIED, dport);
+    ipv6(src, dst, 17, &u[34..])
+}
+
+/// A TCP segment behind a hop-by-hop options header (8 bytes of padding).
+pub fn tcp6_hop_by_hop(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8) -> Vec<u8> {
+    let t = tcp(Ipv4Addr::UNSPECIFIED, sport, Ipv4Addr::UNSPECIFIED, dport, flags);
+    // next header TCP, length 0 (8 bytes), PadN of 4 bytes
+    let hbh = [6, 0, 1, 4, 0, 0, 0, 0];
+    ipv6_with(src, dst, 0, &hbh, &t[34..])
+}
+
+/// A non-first fragment of a UDP datagram over IPv6.
+pub fn udp6_fragment(src: Ipv6Addr, dst: Ipv6Addr) -> Vec<u8> {
+    // next header UDP, offset 185 (×8 bytes), more fragments, identification 1
+    let off: u16 = 185 << 3 | 1;
+    let frag = [17, 0, (off >> 8) as u8, off as u8, 0, 0, 0, 1];
+    ipv6_with(src, dst, 44, &frag, b"later bytes of the datagram")
+}
+
+/// An ICMPv6 echo request (128) or reply (129).
+pub fn icmp6_echo(src: Ipv6Addr, dst: Ipv6Addr, reply: bool, id: u16) -> Vec<u8> {
+    let mut i = vec![if reply { 129 } else { 128 }, 0, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&1u16.to_be_bytes());
+    ipv6(src, dst, 58, &i)
+}
+
+/// An ICMPv6 message of any type with no particular body.
+pub fn icmp6_type(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8) -> Vec<u8> {
+    ipv6(src, dst, 58, &[icmp_type, 0, 0, 0, 0, 0, 0, 0])
+}
+
+/// An ICMPv6 destination unreachable (port unreachable) quoting `inner`.
+pub fn icmp6_unreachable(src: Ipv6Addr, dst: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let mut i = vec![1, 4, 0, 0, 0, 0, 0, 0];
+    i.extend_from_slice(&inner[14..]);
+    ipv6(src, dst, 58, &i)
 }

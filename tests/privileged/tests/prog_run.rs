@@ -3,7 +3,7 @@
 //! its own private (unpinned) copy of the maps, so tests cannot interfere and
 //! nothing outlives them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, RingBuf};
 use cilium_abi::{
@@ -24,6 +24,9 @@ const PEER_IDENTITY: u32 = 2000;
 const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
 const OUTSIDE: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const POD6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 0x10);
+const PEER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 0x20);
+const OUTSIDE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 
 struct Harness {
     dp: Loaded,
@@ -51,9 +54,26 @@ impl Harness {
         h
     }
 
+    /// The endpoint under test gets an IPv6 address too.
+    fn new6(flags: u16) -> Harness {
+        let mut h = Harness::new(flags);
+        let mut ep = h.dp.endpoints().unwrap()[0];
+        ep.ipv6 = POD6.octets();
+        h.dp.endpoint_upsert(&ep).unwrap();
+        h.ipcache6(POD6, EP_IDENTITY);
+        h.ipcache6(PEER6, PEER_IDENTITY);
+        h
+    }
+
+    fn ipcache6(&mut self, ip: Ipv6Addr, identity: u32) {
+        self.dp
+            .ipcache_upsert(ipnet::Ipv6Net::new(ip, 128).unwrap().into(), &IpcacheValue { sec_identity: identity, ..Default::default() })
+            .unwrap();
+    }
+
     fn ipcache(&mut self, ip: Ipv4Addr, identity: u32) {
         self.dp
-            .ipcache_upsert(ipnet::Ipv4Net::new(ip, 32).unwrap(), &IpcacheValue { sec_identity: identity, ..Default::default() })
+            .ipcache_upsert(ipnet::Ipv4Net::new(ip, 32).unwrap().into(), &IpcacheValue { sec_identity: identity, ..Default::default() })
             .unwrap();
     }
 
@@ -325,8 +345,10 @@ fn add_local_peer(h: &mut Harness, flags: u16) {
         flags,
         mac: [2, 0, 0, 0, 0, 0xbb],
         node_mac: [2, 0, 0, 0, 0, 0xcc],
+        ipv6: PEER6.octets(),
     })
     .unwrap();
+    h.ipcache6(PEER6, PEER_IDENTITY);
 }
 
 #[test]
@@ -496,7 +518,7 @@ fn conntrack_dump_gc_and_flush_in_batches() {
     assert_eq!(h.from_container(&packet::udp(POD, 9999, OUTSIDE, 53)), OK);
     let all = h.dp.ct_dump().unwrap();
     assert_eq!(all.len(), 5001);
-    assert_eq!(h.dp.ct_flush_ip(OUTSIDE).unwrap(), 1);
+    assert_eq!(h.dp.ct_flush_ip(OUTSIDE.into()).unwrap(), 1);
     assert_eq!(h.dp.ct_gc(0).unwrap(), 0, "nothing has expired yet");
     assert_eq!(h.dp.ct_gc(u32::MAX).unwrap(), 5000, "everything expires eventually");
     assert!(h.dp.ct_dump().unwrap().is_empty());
@@ -527,4 +549,119 @@ fn l7_redirect_without_a_proxy_socket_drops_and_never_forwards() {
     assert_eq!(h.drops(), vec![DropReason::ProxyLookupFailed.code()]);
     // the conntrack entry remembers the redirect: later packets are not let through either
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, OUTSIDE, 80, TCP_ACK)), SHOT);
+}
+
+// ---- IPv6 ----
+
+#[test]
+fn ipv6_is_dropped_for_an_endpoint_without_an_ipv6_address() {
+    let mut h = Harness::new(0);
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.to_container(&packet::tcp6(PEER6, 80, POD6, 1000, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::UnsupportedL3Protocol.code(); 2]);
+}
+
+#[test]
+fn ipv6_events_carry_the_ipv6_tuple() {
+    let mut h = Harness::new6(0);
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN)), OK);
+    let ev = h.events();
+    assert_eq!(ev.len(), 1);
+    assert_eq!((ev[0].r#type, ev[0].subtype), (EventType::Trace.code(), TracePoint::FromLxc.code()));
+    assert_eq!(ev[0].ip_version, 6);
+    assert_eq!((Ipv6Addr::from(ev[0].saddr6), Ipv6Addr::from(ev[0].daddr6)), (POD6, PEER6));
+    assert_eq!((ev[0].sport, ev[0].dport, ev[0].protocol), (1000, 80, 6));
+    assert_eq!((ev[0].src_identity, ev[0].dst_identity), (EP_IDENTITY, PEER_IDENTITY));
+}
+
+#[test]
+fn ipv6_policy_and_conntrack() {
+    let mut h = Harness::new6(EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN)), OK);
+    assert_eq!(h.to_container(&packet::tcp6(PEER6, 80, POD6, 1000, TCP_SYN | TCP_ACK)), OK, "the reply passes by conntrack");
+    assert_eq!(h.to_container(&packet::tcp6(PEER6, 5555, POD6, 1000, TCP_SYN)), SHOT, "a new connection in does not");
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1001, PEER6, 81, TCP_SYN)), SHOT, "another port");
+    h.events();
+    // an address the ipcache does not know is the IPv6 world
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1002, OUTSIDE6, 80, TCP_SYN)), SHOT);
+    let ev = h.events();
+    let v = ev.iter().find(|e| e.r#type == EventType::PolicyVerdict.code()).expect("verdict");
+    assert_eq!(v.dst_identity, cilium_abi::ReservedIdentity::WorldIpv6.code());
+    h.rule(true, cilium_abi::ReservedIdentity::WorldIpv6.code(), 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1003, OUTSIDE6, 80, TCP_SYN)), OK);
+    // one entry per connection, in cilium_ct6
+    let conns = h.dp.ct_dump().unwrap();
+    assert!(conns.iter().any(|(k, _)| k.local == std::net::IpAddr::V6(POD6) && k.remote == std::net::IpAddr::V6(OUTSIDE6) && k.rport == 80));
+    assert_eq!(h.dp.ct_flush_ip(POD6.into()).unwrap(), 2);
+}
+
+#[test]
+fn ipv6_source_must_be_the_endpoints() {
+    let mut h = Harness::new6(0);
+    let other = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 0x99);
+    assert_eq!(h.from_container(&packet::tcp6(other, 1000, PEER6, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::InvalidSourceIp.code()]);
+}
+
+#[test]
+fn icmpv6_echo_by_type_and_neighbour_discovery_always() {
+    let mut h = Harness::new6(EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 58, Some(128), false);
+    assert_eq!(h.from_container(&packet::icmp6_echo(POD6, PEER6, false, 7)), OK);
+    assert_eq!(h.to_container(&packet::icmp6_echo(PEER6, POD6, true, 7)), OK, "the echo reply by conntrack");
+    assert_eq!(h.to_container(&packet::icmp6_echo(PEER6, POD6, true, 8)), SHOT, "another identifier");
+    assert_eq!(h.to_container(&packet::icmp6_echo(PEER6, POD6, false, 9)), SHOT, "echo requests in are not allowed");
+    assert_eq!(h.from_container(&packet::icmp_echo(POD, PEER, false, 7)), SHOT, "the ICMPv6 rule is not an ICMP one");
+    // neighbour solicitation/advertisement and router solicitation: the
+    // link's own, under any policy
+    for t in [133u8, 135, 136] {
+        assert_eq!(h.from_container(&packet::icmp6_type(POD6, PEER6, t)), OK, "type {t} out");
+        assert_eq!(h.to_container(&packet::icmp6_type(PEER6, POD6, t)), OK, "type {t} in");
+    }
+}
+
+#[test]
+fn icmpv6_errors_are_related() {
+    let mut h = Harness::new6(EGRESS | INGRESS);
+    h.rule(true, 0, 17, Some(9999), false);
+    let out = packet::udp6(POD6, 4000, OUTSIDE6, 9999);
+    assert_eq!(h.from_container(&out), OK);
+    assert_eq!(h.to_container(&packet::icmp6_unreachable(OUTSIDE6, POD6, &out)), OK);
+    let unrelated = packet::udp6(POD6, 4001, OUTSIDE6, 9999);
+    assert_eq!(h.to_container(&packet::icmp6_unreachable(OUTSIDE6, POD6, &unrelated)), SHOT);
+}
+
+#[test]
+fn ipv6_extension_headers_are_skipped_and_fragments_dropped() {
+    let mut h = Harness::new6(EGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp6_hop_by_hop(POD6, 1000, PEER6, 80, TCP_SYN)), OK);
+    assert_eq!(h.from_container(&packet::tcp6_hop_by_hop(POD6, 1001, PEER6, 81, TCP_SYN)), SHOT, "the port behind the header counts");
+    h.events();
+    assert_eq!(h.from_container(&packet::udp6_fragment(POD6, PEER6)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::FragmentationNotSupported.code()]);
+}
+
+#[test]
+fn ipv6_local_destination_is_delivered_directly() {
+    let mut h = Harness::new6(0);
+    add_local_peer(&mut h, 0);
+    let pkt = packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN);
+    let (ret, out) = h.dp.test_run(Program::FromContainer, &pkt, IFINDEX).unwrap();
+    assert_eq!(ret, REDIRECT);
+    assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 0xbb]);
+    assert_eq!(out[14 + 7], 63, "hop limit decremented");
+    // and the destination's ingress policy applies
+    let mut h = Harness::new6(0);
+    add_local_peer(&mut h, INGRESS);
+    assert_eq!(h.from_container(&pkt), SHOT);
+}
+
+#[test]
+fn ipv6_l7_entries_fail_closed() {
+    let mut h = Harness::new6(EGRESS);
+    l7_rule(&mut h, PEER_IDENTITY, 80, cilium_abi::PROXY_PORT_HTTP_EGRESS);
+    assert_eq!(h.from_container(&packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::ProxyLookupFailed.code()]);
 }

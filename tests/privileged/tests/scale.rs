@@ -61,7 +61,7 @@ fn one_rule_selecting_64k_identities_fits_and_enforces() {
     eprintln!("64k identities: computed in {computed:?}, written in {:?}", t.elapsed());
     endpoint(&mut dp, EndpointFlag::IngressEnforce as u16);
     let peer = Ipv4Addr::new(10, 0, 2, 2);
-    dp.ipcache_upsert(ipnet::Ipv4Net::new(peer, 32).unwrap(), &IpcacheValue { sec_identity: 65000, ..Default::default() }).unwrap();
+    dp.ipcache_upsert(ipnet::Ipv4Net::new(peer, 32).unwrap().into(), &IpcacheValue { sec_identity: 65000, ..Default::default() }).unwrap();
     let ok = dp.test_run(Program::ToContainer, &packet::tcp(peer, 1000, POD, 5432, TCP_SYN), 1).unwrap().0;
     assert_eq!(ok, 0, "identity 65000 is allowed");
     let world = dp.test_run(Program::ToContainer, &packet::tcp(Ipv4Addr::new(192, 0, 2, 9), 1000, POD, 5432, TCP_SYN), 1).unwrap().0;
@@ -98,7 +98,7 @@ fn ten_thousand_cidrs_compute_load_and_enforce() {
     let mut dp = load();
     let t = Instant::now();
     for (net, id) in &prefixes {
-        dp.ipcache_upsert(*net, &IpcacheValue { sec_identity: *id, ..Default::default() }).unwrap();
+        dp.ipcache_upsert((*net).into(), &IpcacheValue { sec_identity: *id, ..Default::default() }).unwrap();
     }
     write(&mut dp, 7, &p);
     eprintln!("10k CIDRs: parsed in {parsed:?}, computed in {computed:?}, loaded (ipcache + policy) in {:?}", t.elapsed());

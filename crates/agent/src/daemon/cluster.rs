@@ -184,11 +184,11 @@ impl<D: Datapath> Daemon<D> {
         }
         let src = self.node_ips.first().copied().unwrap_or_else(|| self.ipam.router());
         for c in want.difference(&self.tunnel_routes).copied().collect::<Vec<_>>() {
-            self.dp.route(c, crate::node::TUNNEL_DEV, src)?;
+            self.dp.route(c.into(), crate::node::TUNNEL_DEV, src.into())?;
             self.tunnel_routes.insert(c);
         }
         for c in self.tunnel_routes.difference(&want).copied().collect::<Vec<_>>() {
-            self.dp.unroute(c)?;
+            self.dp.unroute(c.into())?;
             self.tunnel_routes.remove(&c);
         }
         Ok(())

@@ -70,17 +70,18 @@ impl<D: Datapath> Daemon<D> {
                     }]
                 })
                 .unwrap_or_default();
-            n.endpoints.insert(
-                r.ipv4,
-                EndpointName {
-                    id: u32::from(r.id),
-                    identity: r.identity,
-                    namespace: r.namespace.clone(),
-                    pod_name: r.pod_name.clone(),
-                    labels: r.labels.to_strings(),
-                    workloads,
-                },
-            );
+            let name = EndpointName {
+                id: u32::from(r.id),
+                identity: r.identity,
+                namespace: r.namespace.clone(),
+                pod_name: r.pod_name.clone(),
+                labels: r.labels.to_strings(),
+                workloads,
+            };
+            if let Some(ip6) = r.ipv6 {
+                n.endpoints.insert(ip6.into(), name.clone());
+            }
+            n.endpoints.insert(r.ipv4.into(), name);
             n.interfaces.insert(r.host_ifindex, r.host_ifname.clone());
         }
         for id in self.identities.iter() {
@@ -93,7 +94,7 @@ impl<D: Datapath> Daemon<D> {
             };
             for fe in &svc.frontends {
                 n.services.insert(
-                    (fe.ip, fe.port),
+                    (fe.ip.into(), fe.port),
                     ServiceName {
                         namespace: ns.to_string(),
                         name: name.to_string(),

@@ -3,7 +3,7 @@
 //! with the same matching the policy computation uses.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use cilium_datapath::Datapath;
 use cilium_labels::LabelSet;
@@ -28,14 +28,15 @@ struct Local {
 pub struct ProxySnapshot {
     rules: Vec<Rule>,
     identities: HashMap<u32, LabelSet>,
-    endpoints: HashMap<Ipv4Addr, Local>,
+    /// By each of the endpoint's addresses.
+    endpoints: HashMap<IpAddr, Local>,
     ipcache: BTreeMap<Ipv4Net, u32>,
     options: PolicyOptions,
 }
 
 impl ProxySnapshot {
     fn identity_of(&self, ip: Ipv4Addr) -> u32 {
-        if let Some(e) = self.endpoints.get(&ip) {
+        if let Some(e) = self.endpoints.get(&IpAddr::V4(ip)) {
             return e.identity;
         }
         for len in (0..=32u8).rev() {
@@ -54,6 +55,7 @@ impl ProxySnapshot {
         let (src_ip, dst_ip, port) = (*c.client.ip(), *c.server.ip(), c.server.port());
         let src_identity = self.identity_of(src_ip);
         let dst_identity = self.identity_of(dst_ip);
+        let (src_ip, dst_ip) = (IpAddr::V4(src_ip), IpAddr::V4(dst_ip));
         let empty = LabelSet::default();
         let labels = |id: u32| self.identities.get(&id).unwrap_or(&empty);
         let no_ports = NamedPorts::new();
@@ -90,6 +92,7 @@ impl ProxySnapshot {
             17 => Protocol::Udp,
             132 => Protocol::Sctp,
             1 => Protocol::Icmp,
+            58 => Protocol::Icmpv6,
             _ => return Attribution::default(),
         };
         let empty = LabelSet::default();
@@ -112,13 +115,25 @@ impl<D: Datapath> Daemon<D> {
             let r = &e.rec;
             let mut named_ports = NamedPorts::new();
             Self::named_ports(self.pods.get(&Self::pod_key(&r.namespace, &r.pod_name)), &mut named_ports);
-            endpoints.insert(r.ipv4, Local { identity: r.identity, labels: r.labels.clone(), named_ports });
+            let local = Local { identity: r.identity, labels: r.labels.clone(), named_ports };
+            if let Some(ip6) = r.ipv6 {
+                endpoints.insert(IpAddr::V6(ip6), local.clone());
+            }
+            endpoints.insert(IpAddr::V4(r.ipv4), local);
         }
         ProxySnapshot {
             rules: self.repo.rules().to_vec(),
             identities: self.identities.iter().map(|i| (i.id, i.labels.clone())).collect(),
             endpoints,
-            ipcache: self.ipcache_written.iter().map(|(p, v)| (*p, v.sec_identity)).collect(),
+            // the proxy serves IPv4 only
+            ipcache: self
+                .ipcache_written
+                .iter()
+                .filter_map(|(p, v)| match p {
+                    ipnet::IpNet::V4(v4) => Some((*v4, v.sec_identity)),
+                    ipnet::IpNet::V6(_) => None,
+                })
+                .collect(),
             options: self.cfg.policy,
         }
     }

@@ -9,6 +9,7 @@ fn config() -> DaemonConfig {
     DaemonConfig {
         node_name: "n1".into(),
         pod_cidr: "10.0.1.0/24".parse().unwrap(),
+        pod_cidr6: None,
         mtu: 1500,
         routing_mode: cilium_api::RoutingMode::Native,
         policy: PolicyOptions::default(),
@@ -41,13 +42,14 @@ fn pod(d: &mut Daemon<FakeDatapath>, name: &str, app: &str) {
 
 fn create(d: &mut Daemon<FakeDatapath>, name: &str, n: u32) -> u16 {
     let owner = format!("c-{name}/eth0");
-    let ip = d.ipam_allocate(&owner).unwrap();
+    let (ip, ip6) = d.ipam_allocate(&owner).unwrap();
     d.endpoint_create(&EndpointCreate {
         container_id: format!("c-{name}"),
         ifname: "eth0".into(),
         netns: format!("/var/run/netns/{name}"),
         host_ifname: format!("lxc{n}"),
         ipv4: ip,
+        ipv6: ip6,
         mac: "02:00:00:00:00:01".into(),
         namespace: "default".into(),
         pod_name: name.into(),
@@ -77,11 +79,11 @@ fn endpoint_creation_wires_the_datapath() {
     let dp = d.datapath();
     assert!(dp.attached.contains("lxc1"));
     assert!(dp.up.contains("lxc1"));
-    assert_eq!(dp.routes.get(&ipnet::Ipv4Net::from(v.ipv4)).map(String::as_str), Some("lxc1"));
+    assert_eq!(dp.routes.get(&IpNet::from(IpAddr::V4(v.ipv4))).map(String::as_str), Some("lxc1"));
     let info = dp.endpoints[&101];
     assert_eq!(info.sec_identity, v.identity);
     assert_eq!(info.flags & (EndpointFlag::IngressEnforce as u16 | EndpointFlag::EgressEnforce as u16), 0);
-    assert_eq!(dp.ipcache[&Ipv4Net::new(v.ipv4, 32).unwrap()].sec_identity, v.identity);
+    assert_eq!(dp.ipcache[&IpNet::from(IpAddr::V4(v.ipv4))].sec_identity, v.identity);
     assert_eq!(dp.ipcache[&"172.30.0.11/32".parse().unwrap()].sec_identity, 1, "node addresses are the host");
 }
 
@@ -218,9 +220,9 @@ fn delete_is_idempotent_and_releases() {
     assert!(d.identities().get(v.identity).is_none());
     let dp = d.datapath();
     assert!(dp.endpoints.is_empty());
-    assert!(dp.ct_flushed.contains(&v.ipv4), "its connections are forgotten");
-    assert!(!dp.routes.contains_key(&ipnet::Ipv4Net::from(v.ipv4)));
-    assert!(!dp.ipcache.contains_key(&Ipv4Net::new(v.ipv4, 32).unwrap()));
+    assert!(dp.ct_flushed.contains(&IpAddr::V4(v.ipv4)), "its connections are forgotten");
+    assert!(!dp.routes.contains_key(&IpNet::from(IpAddr::V4(v.ipv4))));
+    assert!(!dp.ipcache.contains_key(&IpNet::from(IpAddr::V4(v.ipv4))));
 }
 
 #[test]
@@ -246,8 +248,8 @@ fn restart_restores_state_and_datapath() {
     assert!(view2.ingress_enforced);
     assert_eq!(d2.repository().len(), 1);
     // no double allocation after restart
-    let next = d2.ipam_allocate("c-new/eth0").unwrap();
-    assert_ne!(next, pending);
+    let next = d2.ipam_allocate("c-new/eth0").unwrap().0;
+    assert_ne!(next, pending.0);
     assert_ne!(next, view.ipv4);
     assert_eq!(d2.ipam_allocate("c-pending/eth0").unwrap(), pending);
     // enforcement unchanged: same entries for the live generation
@@ -297,7 +299,7 @@ fn relabel_moves_identity() {
     let v = d.endpoint_view(id).unwrap();
     assert_ne!(v.identity, old);
     assert_eq!(d.datapath().endpoints[&101].sec_identity, v.identity);
-    assert_eq!(d.datapath().ipcache[&Ipv4Net::new(v.ipv4, 32).unwrap()].sec_identity, v.identity);
+    assert_eq!(d.datapath().ipcache[&IpNet::from(IpAddr::V4(v.ipv4))].sec_identity, v.identity);
     assert!(d.identities().get(old).is_none());
 }
 
@@ -767,7 +769,7 @@ fn other_nodes_get_identities_from_their_labels() {
     // without the flag: every other node is remote-node, node selectors are refused
     let mut d = daemon(None);
     d.nodes_set(vec![labelled("n2", [172, 30, 0, 12], "10.0.2.0/24", "a")]).unwrap();
-    assert_eq!(d.datapath().ipcache[&"172.30.0.12/32".parse::<Ipv4Net>().unwrap()].sec_identity, 6);
+    assert_eq!(d.datapath().ipcache[&"172.30.0.12/32".parse::<IpNet>().unwrap()].sec_identity, 6);
     let DaemonError::Policy(e) = d.policy_import(policy, "z.yaml", false).unwrap_err() else { panic!() };
     assert_eq!(e.field, "spec.ingress[0].fromNodes", "{e}");
     assert!(e.message.contains("--enable-node-selector-labels"), "{e}");
@@ -784,7 +786,7 @@ fn other_nodes_get_identities_from_their_labels() {
     let n2 = labelled("n2", [172, 30, 0, 12], "10.0.2.0/24", "a");
     let n3 = labelled("n3", [172, 30, 0, 13], "10.0.3.0/24", "b");
     d.nodes_set(vec![own, n2.clone(), n3.clone(), node("n4", [172, 30, 0, 14], "10.0.4.0/24")]).unwrap();
-    let id_of = |d: &Daemon<FakeDatapath>, ip: &str| d.datapath().ipcache[&ip.parse::<Ipv4Net>().unwrap()].sec_identity;
+    let id_of = |d: &Daemon<FakeDatapath>, ip: &str| d.datapath().ipcache[&ip.parse::<IpNet>().unwrap()].sec_identity;
     let (a, b) = (id_of(&d, "172.30.0.12/32"), id_of(&d, "172.30.0.13/32"));
     assert!((2 << 24..3 << 24).contains(&a) && (2 << 24..3 << 24).contains(&b) && a != b, "{a} {b}");
     assert_eq!(id_of(&d, "172.30.0.14/32"), 6, "a node without labels is remote-node");
@@ -820,7 +822,7 @@ fn tunnel_mode_routes_other_nodes_pod_cidrs_into_the_tunnel() {
     let dp = d.datapath();
     let routed: Vec<String> = dp.routes.iter().filter(|(_, dev)| *dev == crate::node::TUNNEL_DEV).map(|(p, _)| p.to_string()).collect();
     assert_eq!(routed, ["10.0.2.0/24", "10.0.3.0/24"]);
-    let at = |p: &str| dp.ipcache[&p.parse::<Ipv4Net>().unwrap()];
+    let at = |p: &str| dp.ipcache[&p.parse::<IpNet>().unwrap()];
     let pod = at("10.0.2.7/32");
     assert_eq!((pod.sec_identity, cilium_datapath::be_to_ip(pod.tunnel_endpoint)), (1000, Ipv4Addr::new(172, 30, 0, 12)), "a remote pod: its cluster-wide number, behind its node");
     let unknown = at("10.0.3.0/24");
@@ -830,9 +832,9 @@ fn tunnel_mode_routes_other_nodes_pod_cidrs_into_the_tunnel() {
     // n3 leaves: its route goes, then its entries
     d.kvstore_sync(view(vec![node("n2", [172, 30, 0, 12], "10.0.2.0/24")])).unwrap();
     let dp = d.datapath();
-    assert!(!dp.routes.contains_key(&"10.0.3.0/24".parse::<Ipv4Net>().unwrap()));
-    assert!(!dp.ipcache.contains_key(&"10.0.3.0/24".parse::<Ipv4Net>().unwrap()));
-    assert!(dp.routes.contains_key(&"10.0.2.0/24".parse::<Ipv4Net>().unwrap()));
+    assert!(!dp.routes.contains_key(&"10.0.3.0/24".parse::<IpNet>().unwrap()));
+    assert!(!dp.ipcache.contains_key(&"10.0.3.0/24".parse::<IpNet>().unwrap()));
+    assert!(dp.routes.contains_key(&"10.0.2.0/24".parse::<IpNet>().unwrap()));
 }
 
 #[test]
@@ -848,7 +850,7 @@ fn restored_identities_move_to_the_kvstores_numbers() {
     assert_eq!(ep.identity, 1000, "etcd's number");
     let dp = d.datapath();
     assert_eq!(dp.endpoints.values().find(|e| e.ep_id == id).unwrap().sec_identity, 1000, "the datapath's endpoint entry follows");
-    assert_eq!(dp.ipcache[&Ipv4Net::from(ep.ipv4)].sec_identity, 1000, "and the ipcache");
+    assert_eq!(dp.ipcache[&IpNet::from(IpAddr::V4(ep.ipv4))].sec_identity, 1000, "and the ipcache");
     assert_eq!(d.kvstore_reclaim().unwrap(), 0);
 }
 

@@ -13,7 +13,7 @@ fn names() -> Names {
         ..Default::default()
     };
     n.endpoints.insert(
-        Ipv4Addr::new(10, 0, 1, 2),
+        Ipv4Addr::new(10, 0, 1, 2).into(),
         EndpointName {
             id: 101,
             identity: 300,
@@ -30,7 +30,7 @@ fn names() -> Names {
         },
     );
     n.endpoints.insert(
-        Ipv4Addr::new(10, 0, 1, 3),
+        Ipv4Addr::new(10, 0, 1, 3).into(),
         EndpointName {
             id: 102,
             identity: 301,
@@ -41,7 +41,7 @@ fn names() -> Names {
         },
     );
     n.services.insert(
-        (Ipv4Addr::new(10, 96, 0, 10), 80),
+        (Ipv4Addr::new(10, 96, 0, 10).into(), 80),
         ServiceName {
             namespace: "default".into(),
             name: "backend".into(),
@@ -66,8 +66,8 @@ fn ev(kind: &str, src: [u8; 4], dst: [u8; 4], syn: bool) -> MonitorEvent {
         is_reply: false,
         length: 60,
         packet: Some(Packet {
-            src: Ipv4Addr::from(src),
-            dst: Ipv4Addr::from(dst),
+            src: Ipv4Addr::from(src).into(),
+            dst: Ipv4Addr::from(dst).into(),
             l4: L4::Tcp {
                 src_port: 43210,
                 dst_port: 80,
@@ -242,7 +242,7 @@ struct FakePolicies;
 impl crate::names::Attributor for FakePolicies {
     fn attribute(&self, q: &crate::names::PolicyQuery) -> crate::names::Attribution {
         let p = |n: &str| crate::names::PolicyName { kind: "CiliumNetworkPolicy".into(), namespace: "default".into(), name: n.into() };
-        assert_eq!((q.src_identity, q.dst_identity, q.protocol, q.port, q.local), (300, 301, 6, 80, Ipv4Addr::new(10, 0, 1, 3)));
+        assert_eq!((q.src_identity, q.dst_identity, q.protocol, q.port, q.local), (300, 301, 6, 80, Ipv4Addr::new(10, 0, 1, 3).into()));
         if q.egress { crate::names::Attribution::default() } else { crate::names::Attribution { allowed_by: vec![p("allow-b")], denied_by: vec![] } }
     }
 }
