@@ -638,6 +638,27 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_flags() {
+        let v4 = ["--ipv4-range", "10.0.1.0/24"];
+        let with = |extra: &[&str]| load(args(&[&v4[..], extra].concat()));
+        assert_eq!(with(&[]).unwrap().pod_cidr6, None);
+        let s = with(&["--enable-ipv6", "--ipv6-range", "fd00:10:1::/112"]).unwrap();
+        assert_eq!(s.pod_cidr6.unwrap().to_string(), "fd00:10:1::/112");
+        let e = with(&["--enable-ipv6"]).unwrap_err();
+        assert_eq!(e.key, "ipv6-range");
+        let e = with(&["--ipv6-range", "fd00:10:1::/112"]).unwrap_err();
+        assert!(e.key == "ipv6-range" && e.reason.contains("--enable-ipv6"), "{e}");
+        let e = with(&["--enable-ipv6", "--ipv6-range", "fd00:10:1::5/112"]).unwrap_err();
+        assert!(e.reason.contains("fd00:10:1::/112"), "{e}");
+        let e = with(&["--enable-ipv6", "--ipv6-range", "10.0.0.0/8"]).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("ipv6-range", "10.0.0.0/8"));
+        let e = with(&["--enable-ipv6", "--ipv6-range", "fd00::/124"]).unwrap_err();
+        assert!(e.reason.contains("/120"), "{e}");
+        let e = with(&["--enable-ipv6", "--ipv6-range", "fd00:10:1::/112", "--enable-host-firewall"]).unwrap_err();
+        assert_eq!(e.key, "enable-ipv6");
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let e = load(args(&["--ipv4-range", "10.0.1.5/24"])).unwrap_err();
         assert_eq!(e.key, "ipv4-range");

@@ -109,7 +109,7 @@ fn pair(mode: cilium_lab::RoutingMode, logs: &Path, bin: &Path) -> anyhow::Resul
     let guard = LabGuard(name.clone());
     let manifest = logs.join(format!("{name}.yaml"));
     std::fs::write(&manifest, format!("{PODS}---{BENCH_POLICY}"))?;
-    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], cilium_lab::LabOptions { nodes: 2, kvstore: false, routing_mode: mode })?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], cilium_lab::LabOptions { nodes: 2, kvstore: false, routing_mode: mode, ipv6: false })?;
     lab.apply(cilium_lab::parse_files(&[manifest])?)?;
     lab.wait_for_cluster_view(Duration::from_secs(20))?;
     let server = &lab.state.pods["default/server"];
@@ -130,7 +130,7 @@ fn propagation(o: &Options, logs: &Path, bin: &Path) -> anyhow::Result<(Vec<f64>
         &dep,
         format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: many}}\nspec:\n  replicas: {}\n  selector: {{matchLabels: {{app: many}}}}\n  template:\n    metadata: {{labels: {{app: many}}}}\n    spec: {{containers: [{{name: c}}]}}\n", o.pods),
     )?;
-    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], cilium_lab::LabOptions { nodes: 3, kvstore: true, routing_mode: cilium_lab::RoutingMode::Tunnel })?;
+    let mut lab = cilium_lab::Lab::up(&name, bin, vec![], cilium_lab::LabOptions { nodes: 3, kvstore: true, routing_mode: cilium_lab::RoutingMode::Tunnel, ipv6: false })?;
     eprintln!("bench: {} pods on 3 nodes", o.pods);
     lab.apply(cilium_lab::parse_files(&[dep])?)?;
     lab.wait_for_cluster_view(Duration::from_secs(60))?;

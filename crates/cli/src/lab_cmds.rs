@@ -53,6 +53,12 @@ pub enum LabCmd {
         /// --kvstore for cluster-wide identity numbers).
         #[arg(long, default_value = "native", value_parser = ["native", "tunnel"])]
         routing_mode: String,
+        /// Dual-stack: the underlay, the world (fd00:ff::1, far away
+        /// 2001:db8:113::10) and every pod get IPv6 too (node<i>: fd00:ff::1<i>,
+        /// pods fd00:10:<i>::/112) and the agents run --enable-ipv6. The world
+        /// routes pods' IPv6 CIDRs to their nodes (no IPv6 masquerading).
+        #[arg(long)]
+        ipv6: bool,
     },
     /// Create or update objects, as kubectl apply.
     Apply {
@@ -102,9 +108,12 @@ pub enum LabCmd {
         /// Destination port (ignored for icmp).
         #[arg(long, default_value_t = 0)]
         port: u16,
-        /// tcp, udp or icmp (echo request).
+        /// tcp, udp or icmp (echo request; ICMPv6 with --ipv6).
         #[arg(long, default_value = "tcp")]
         protocol: String,
+        /// To the target's IPv6 address (labs made with `up --ipv6`).
+        #[arg(long)]
+        ipv6: bool,
         /// Seconds.
         #[arg(long, default_value_t = 2.0)]
         timeout: f64,
@@ -193,12 +202,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        LabCmd::Up { lab, files, agent_args, nodes, kvstore, routing_mode } => {
+        LabCmd::Up { lab, files, agent_args, nodes, kvstore, routing_mode, ipv6 } => {
             let routing_mode = cilium_lab::RoutingMode::parse(&routing_mode).context("--routing-mode")?;
             require_root()?;
             let objects = cilium_lab::parse_files(&files)?;
             let name = lab.get();
-            let mut l = Lab::up(&name, &bin_dir()?, agent_args, cilium_lab::LabOptions { nodes, kvstore, routing_mode })?;
+            let mut l = Lab::up(&name, &bin_dir()?, agent_args, cilium_lab::LabOptions { nodes, kvstore, routing_mode, ipv6 })?;
             for n in &l.state.nodes {
                 println!("lab {name} is up: node {} ({}), agent socket {}", n.name, n.ip, n.socket.display());
             }
@@ -249,7 +258,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
         LabCmd::Exec { lab, target, command } => {
             require_root()?;
             let l = Lab::open(&lab.get(), &bin_dir()?)?;
-            let (netns, _) = l.resolve(&target)?;
+            let (netns, _) = l.resolve(&target, false)?;
             if netns.is_empty() {
                 bail!("{target} is an address, not a pod, node or `world`");
             }
@@ -261,7 +270,7 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
                 .with_context(|| format!("running {}", command[0]))?;
             Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
         }
-        LabCmd::Probe { lab, from, to, port, protocol, timeout } => {
+        LabCmd::Probe { lab, from, to, port, protocol, ipv6, timeout } => {
             require_root()?;
             let kind = match protocol.to_ascii_lowercase().as_str() {
                 "tcp" => probe::Kind::Tcp,
@@ -270,12 +279,12 @@ pub fn run(cmd: LabCmd) -> anyhow::Result<i32> {
                 other => bail!("--protocol {other:?}: want tcp, udp or icmp"),
             };
             let l = Lab::open(&lab.get(), &bin_dir()?)?;
-            let (src_ns, _) = l.resolve(&from)?;
+            let (src_ns, _) = l.resolve(&from, false)?;
             if src_ns.is_empty() {
                 bail!("--from {from}: want a pod, a node or `world`");
             }
-            let (_, ip) = l.resolve(&to)?;
-            let ip = ip.with_context(|| format!("{to} has no address yet"))?;
+            let (_, ip) = l.resolve(&to, ipv6)?;
+            let ip = ip.with_context(|| format!("{to} has no {} address", if ipv6 { "IPv6" } else { "IPv4" }))?;
             // probe as a process of the pod or node would: under its node's
             // socket load balancer
             if let Some(cg) = l.cgroup_of(&from) {
@@ -370,6 +379,7 @@ fn get_pods(l: &Lab, output: &str, selector: Option<&str>) -> anyhow::Result<i32
             "name": p.name,
             "labels": p.labels,
             "ip": p.ip,
+            "ip6": p.ip6,
             "node": p.node,
             "identity": ep.map(|e| e.identity),
             "endpoint": ep.map(|e| e.id),
@@ -407,7 +417,10 @@ fn get_pods(l: &Lab, output: &str, selector: Option<&str>) -> anyhow::Result<i32
             p["namespace"].as_str().unwrap_or(""),
             p["name"].as_str().unwrap_or(""),
             p["status"].as_str().unwrap_or(""),
-            p["ip"].as_str().unwrap_or("-"),
+            match p["ip6"].as_str() {
+                Some(ip6) => format!("{},{ip6}", p["ip"].as_str().unwrap_or("-")),
+                None => p["ip"].as_str().unwrap_or("-").to_string(),
+            },
             p["identity"].as_u64().map(|i| i.to_string()).unwrap_or("-".into()),
             p["node"].as_str().unwrap_or(""),
             labels.join(",")

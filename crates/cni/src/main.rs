@@ -103,6 +103,14 @@ fn add(rt: &tokio::runtime::Runtime, client: &Client, conf: &NetConf, inv: &Invo
         let (ifname, ip, gw) = (inv.ifname.clone(), ipam.ip, ipam.gateway);
         let v6 = ipam.ipv6.as_ref().map(|v| (v.ip, v.gateway, host_link.mac));
         let pod_mac = sys::in_netns(netns_path, move || configure_pod(&ifname, ip, gw, v6)).map_err(dp_err("configuring the pod interface"))?;
+        if let Some(v) = &ipam.ipv6 {
+            // the node knows the pod's IPv6 address without neighbour
+            // discovery too (whose first packets would wait for the host
+            // side's link-local address to pass duplicate detection)
+            let (index, ip6) = (host_link.index, v.ip);
+            netlink::run(|h| async move { netlink::neighbour_permanent(&h, index, ip6.into(), pod_mac).await })
+                .map_err(dp_err("adding the pod's IPv6 neighbour entry"))?;
+        }
         let create = EndpointCreate {
             container_id: inv.container_id.clone(),
             ifname: inv.ifname.clone(),

@@ -62,6 +62,8 @@ fn host(e: Option<&Endpoint>, ip: &str, port: Option<u32>, o: Options) -> String
         Some(e) if !e.pod_name.is_empty() && !o.numeric => {
             format!("{}/{}", e.namespace, e.pod_name)
         }
+        // an IPv6 address with a port is bracketed, as JoinHostPort does
+        _ if ip.contains(':') && port.is_some_and(|p| p != 0) => format!("[{ip}]"),
         _ => ip.to_string(),
     };
     if let Some(p) = port.filter(|p| *p != 0) {

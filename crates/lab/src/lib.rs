@@ -16,7 +16,7 @@ pub mod sys;
 pub mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -37,6 +37,10 @@ pub const LAB_CGROUP_ROOT: &str = "/sys/fs/cgroup/unified/cilium-lab";
 pub const WORLD_IP: Ipv4Addr = Ipv4Addr::new(172, 30, 0, 1);
 /// An address further out in the world, on the world namespace's loopback.
 pub const WORLD_FAR_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The world's IPv6 address on the underlay (labs with IPv6).
+pub const WORLD_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 1);
+/// An IPv6 address further out in the world, on its loopback.
+pub const WORLD_FAR_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, 0x10);
 /// Service addresses; blackholed so an untranslated one can never leave.
 pub const SERVICE_CIDR: &str = "10.96.0.0/12";
 /// Where ClusterIPs are allocated from (inside SERVICE_CIDR).
@@ -57,6 +61,11 @@ pub struct NodeState {
     pub netns: String,
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
+    /// Labs with IPv6: the node's IPv6 address and pod CIDR.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub pod_cidr6: Option<String>,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub bpf_root: PathBuf,
@@ -78,6 +87,9 @@ pub struct PodState {
     pub node: String,
     pub netns: String,
     pub ip: Option<Ipv4Addr>,
+    /// Labs with IPv6.
+    #[serde(default)]
+    pub ip6: Option<Ipv6Addr>,
     pub container_id: String,
     /// (name, protocol, port)
     pub ports: Vec<(Option<String>, String, u16)>,
@@ -119,6 +131,9 @@ pub struct LabState {
     pub etcd_pid: Option<u32>,
     #[serde(default)]
     pub routing_mode: RoutingMode,
+    /// Nodes, pods and the world are dual-stack (agents run --enable-ipv6).
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 /// How `Lab::up` builds the lab.
@@ -133,11 +148,13 @@ pub struct LabOptions {
     /// world knows only node addresses; pods reach other nodes' pods
     /// through VXLAN between the nodes.
     pub routing_mode: RoutingMode,
+    /// Dual-stack: IPv6 on the underlay, the world and every pod.
+    pub ipv6: bool,
 }
 
 impl Default for LabOptions {
     fn default() -> Self {
-        LabOptions { nodes: 1, kvstore: false, routing_mode: RoutingMode::Native }
+        LabOptions { nodes: 1, kvstore: false, routing_mode: RoutingMode::Native, ipv6: false }
     }
 }
 
@@ -261,6 +278,9 @@ impl Lab {
                     netns: format!("cl-{name}-{node_name}"),
                     ip: Ipv4Addr::new(172, 30, 0, 10 + i),
                     pod_cidr: format!("10.0.{i}.0/24"),
+                    // fd00:ff::1i on the underlay, pods in fd00:10:i::/112
+                    ip6: opts.ipv6.then(|| Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 0x10 + u16::from(i))),
+                    pod_cidr6: opts.ipv6.then(|| format!("fd00:10:{i}::/112")),
                     socket: dir.join(&node_name).join("cilium.sock"),
                     state_dir: dir.join(&node_name).join("state"),
                     bpf_root: lab_bpf.join(&node_name),
@@ -287,6 +307,7 @@ impl Lab {
             kvstore,
             etcd_pid: None,
             routing_mode: opts.routing_mode,
+            ipv6: opts.ipv6,
         };
         let mut lab = Lab { state, dir, bin_dir: bin_dir.to_path_buf(), _lock: lock };
         // Record what we are about to make before making it, so `down`
@@ -307,7 +328,12 @@ impl Lab {
         sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_FAR_IP}/32"), "dev", "lo"])?;
         sys::ip(&["-n", &world, "route", "add", "blackhole", SERVICE_CIDR])?;
         sys::netns_sysctl(&world, "net.ipv4.ip_forward", "1")?;
-        sys::netns_sysctl(&world, "net.ipv6.conf.all.disable_ipv6", "1")?;
+        let ipv6 = self.state.ipv6;
+        sys::netns_sysctl(&world, "net.ipv6.conf.all.disable_ipv6", if ipv6 { "0" } else { "1" })?;
+        if ipv6 {
+            sys::netns_sysctl(&world, "net.ipv6.conf.all.forwarding", "1")?;
+            sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_FAR_IP6}/128"), "dev", "lo", "nodad"])?;
+        }
         if self.state.kvstore {
             // the world's underlay address exists once the first node is wired
             sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP}/32"), "dev", "lo"])?;
@@ -316,7 +342,7 @@ impl Lab {
         for i in 0..self.state.nodes.len() {
             let n = self.state.nodes[i].clone();
             sys::netns_add(&n.netns)?;
-            sys::netns_sysctl(&n.netns, "net.ipv6.conf.all.disable_ipv6", "1")?;
+            sys::netns_sysctl(&n.netns, "net.ipv6.conf.all.disable_ipv6", if ipv6 { "0" } else { "1" })?;
             sys::ip(&["-n", &n.netns, "link", "set", "lo", "up"])?;
             let peer = format!("to-{}", n.name);
             sys::ip(&["-n", &n.netns, "link", "add", "eth0", "type", "veth", "peer", "name", &peer, "netns", &world])?;
@@ -332,6 +358,16 @@ impl Lab {
             sys::ip(&["-n", &n.netns, "route", "add", "blackhole", SERVICE_CIDR])?;
             if self.state.routing_mode == RoutingMode::Native {
                 sys::ip(&["-n", &world, "route", "add", &n.pod_cidr, "via", &n.ip.to_string()])?;
+            }
+            if let (Some(ip6), Some(cidr6)) = (n.ip6, &n.pod_cidr6) {
+                // the same underlay in IPv6 (no masquerading: the world
+                // routes the pods' IPv6 CIDR to their node)
+                sys::ip(&["-n", &n.netns, "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"])?;
+                sys::ip(&["-n", &world, "addr", "add", &format!("{WORLD_IP6}/128"), "dev", &peer, "nodad"])?;
+                sys::ip(&["-n", &world, "route", "add", &format!("{ip6}/128"), "dev", &peer])?;
+                sys::ip(&["-n", &world, "route", "add", cidr6, "via", &ip6.to_string(), "dev", &peer])?;
+                sys::ip(&["-n", &n.netns, "route", "add", &format!("{WORLD_IP6}/128"), "dev", "eth0"])?;
+                sys::ip(&["-n", &n.netns, "route", "add", "default", "via", &WORLD_IP6.to_string(), "dev", "eth0"])?;
             }
             if i == 0 {
                 sys::ip(&["-n", &world, "route", "add", LB_POOL, "via", &n.ip.to_string()])?;
@@ -476,6 +512,9 @@ impl Lab {
             "--health-probe-interval=2".to_string(),
             format!("--routing-mode={}", self.state.routing_mode.as_str()),
         ];
+        if let Some(cidr6) = &n.pod_cidr6 {
+            args.extend(["--enable-ipv6".to_string(), format!("--ipv6-range={cidr6}")]);
+        }
         if self.state.routing_mode == RoutingMode::Tunnel {
             // the world has no route back to pod CIDRs (a flag of the
             // lab's own --agent-arg, given later, still wins)
@@ -905,6 +944,7 @@ impl Lab {
             node,
             netns: format!("cl-{}-{}", self.state.name, suffix(&format!("{ns}/{name}"), 12)),
             ip: None,
+            ip6: None,
             container_id: format!("lab-{}-{}-{}", self.state.name, ns, name),
             ports: spec
                 .containers
@@ -960,6 +1000,12 @@ impl Lab {
             p.cni_added_at_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_micros() as u64);
             let addr = res["ips"][0]["address"].as_str().ok_or_else(|| anyhow!("CNI result without an address: {res}"))?;
             p.ip = Some(addr.split('/').next().unwrap_or("").parse()?);
+            p.ip6 = res["ips"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse::<Ipv6Addr>().ok())
+                .next();
             let tcp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "TCP").map(|(_, _, port)| *port).collect();
             let udp: Vec<u16> = p.ports.iter().filter(|(_, proto, _)| proto == "UDP").map(|(_, _, port)| *port).collect();
             let pods_dir = self.dir.join("pods");
@@ -1031,20 +1077,22 @@ impl Lab {
     }
 
     /// The network namespace and address of `ns/pod`, a node name, `world`,
-    /// or an IP address (destination only).
-    pub fn resolve(&self, target: &str) -> anyhow::Result<(String, Option<Ipv4Addr>)> {
+    /// or an IP address (destination only): its IPv4 address, or with
+    /// `ipv6` its IPv6 one.
+    pub fn resolve(&self, target: &str, ipv6: bool) -> anyhow::Result<(String, Option<IpAddr>)> {
+        let pick = |v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>| if ipv6 { v6.map(IpAddr::V6) } else { v4.map(IpAddr::V4) };
         if target == "world" {
-            return Ok((self.state.world_netns.clone(), Some(WORLD_IP)));
+            return Ok((self.state.world_netns.clone(), pick(Some(WORLD_IP), self.state.ipv6.then_some(WORLD_IP6))));
         }
         if let Some(n) = self.state.nodes.iter().find(|n| n.name == target) {
-            return Ok((n.netns.clone(), Some(n.ip)));
+            return Ok((n.netns.clone(), pick(Some(n.ip), n.ip6)));
         }
-        if let Ok(ip) = target.parse::<Ipv4Addr>() {
+        if let Ok(ip) = target.parse::<IpAddr>() {
             return Ok((String::new(), Some(ip)));
         }
         let key = if target.contains('/') { target.to_string() } else { format!("default/{target}") };
         let p = self.state.pods.get(&key).ok_or_else(|| anyhow!("no pod {key} in lab {} (see `cilium lab get pods`)", self.state.name))?;
-        Ok((p.netns.clone(), p.ip))
+        Ok((p.netns.clone(), pick(p.ip, p.ip6)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! a verdict a script can read.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use serde::Serialize;
 pub struct ProbeResult {
     pub from: String,
     pub to: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub port: u16,
     pub protocol: String,
     pub reachable: bool,
@@ -32,12 +32,12 @@ pub enum Kind {
 /// Connects from the namespace at `netns` to `ip:port`. TCP: connect, send
 /// an HTTP request, read the first answer line. UDP: send a datagram, wait
 /// for the echo.
-pub fn probe(netns: PathBuf, ip: Ipv4Addr, port: u16, udp: bool, timeout: Duration) -> (bool, String, f64) {
+pub fn probe(netns: PathBuf, ip: IpAddr, port: u16, udp: bool, timeout: Duration) -> (bool, String, f64) {
     probe_kind(netns, ip, port, if udp { Kind::Udp } else { Kind::Tcp }, timeout)
 }
 
 /// [`probe`] for any [`Kind`].
-pub fn probe_kind(netns: PathBuf, ip: Ipv4Addr, port: u16, kind: Kind, timeout: Duration) -> (bool, String, f64) {
+pub fn probe_kind(netns: PathBuf, ip: IpAddr, port: u16, kind: Kind, timeout: Duration) -> (bool, String, f64) {
     let res = std::thread::spawn(move || -> (bool, String, f64) {
         if let Err(e) = cilium_datapath::sys::enter_netns(&netns) {
             return (false, format!("cannot enter namespace: {e}"), 0.0);
@@ -47,7 +47,10 @@ pub fn probe_kind(netns: PathBuf, ip: Ipv4Addr, port: u16, kind: Kind, timeout: 
         let (ok, detail) = match kind {
             Kind::Udp => udp_probe(addr, timeout),
             Kind::Tcp => tcp_probe(addr, timeout),
-            Kind::Icmp => icmp_probe(ip, timeout),
+            Kind::Icmp => match ip {
+                IpAddr::V4(v4) => icmp_probe(v4, timeout),
+                IpAddr::V6(v6) => icmp6_probe(v6, timeout),
+            },
         };
         (ok, detail, start.elapsed().as_secs_f64() * 1000.0)
     })
@@ -83,7 +86,7 @@ fn tcp_probe(addr: SocketAddr, timeout: Duration) -> (bool, String) {
 }
 
 fn udp_probe(addr: SocketAddr, timeout: Duration) -> (bool, String) {
-    let s = match UdpSocket::bind("0.0.0.0:0") {
+    let s = match UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }) {
         Ok(s) => s,
         Err(e) => return (false, format!("bind failed: {e}")),
     };
@@ -169,6 +172,63 @@ fn icmp_probe(ip: Ipv4Addr, timeout: Duration) -> (bool, String) {
         }
         let icmp = &b[ihl..];
         if icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
+            return (true, "echo reply".into());
+        }
+    }
+}
+
+/// An ICMPv6 echo over a raw socket (root; the kernel fills in the
+/// checksum), waiting for the matching reply.
+fn icmp6_probe(ip: Ipv6Addr, timeout: Duration) -> (bool, String) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMPV6) };
+    if fd < 0 {
+        return (false, format!("raw socket: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let id = (std::process::id() as u16) ^ (rand_u16());
+    let mut pkt = vec![128u8, 0, 0, 0];
+    pkt.extend_from_slice(&id.to_be_bytes());
+    pkt.extend_from_slice(&1u16.to_be_bytes());
+    pkt.extend_from_slice(b"cilium-lab-probe");
+    // SAFETY: an all-zero sockaddr_in6 is valid; the fields are set below.
+    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+    addr.sin6_family = libc::AF_INET6 as u16;
+    addr.sin6_addr = libc::in6_addr { s6_addr: ip.octets() };
+    // SAFETY: valid buffer and sockaddr of the stated lengths.
+    let sent = unsafe {
+        libc::sendto(sock.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0, (&addr as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
+    };
+    if sent < 0 {
+        return (false, format!("send failed: {}", std::io::Error::last_os_error()));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (false, format!("no echo reply within {timeout:?} (dropped)"));
+        }
+        let tv = libc::timeval { tv_sec: left.as_secs() as i64, tv_usec: left.subsec_micros() as i64 };
+        // SAFETY: setting a timeval socket option with its exact size.
+        unsafe {
+            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32);
+        }
+        // SAFETY: all-zero is a valid sockaddr_in6 to receive into.
+        let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_in6>() as u32;
+        // SAFETY: buf and from are valid for their lengths.
+        let n = unsafe {
+            libc::recvfrom(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_in6).cast(), &mut from_len)
+        };
+        if n < 8 {
+            continue;
+        }
+        // raw ICMPv6 sockets deliver the message without its IPv6 header
+        let b = &buf[..n as usize];
+        if from.sin6_addr.s6_addr == ip.octets() && b[0] == 129 && b[4..6] == id.to_be_bytes() {
             return (true, "echo reply".into());
         }
     }

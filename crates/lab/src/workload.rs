@@ -23,7 +23,11 @@ pub fn serve(w: Workload) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mut tasks = Vec::new();
         for port in &w.tcp {
-            let l = tokio::net::TcpListener::bind(("0.0.0.0", *port)).await?;
+            // dual-stack where the namespace has IPv6, IPv4 otherwise
+            let l = match tokio::net::TcpListener::bind(("::", *port)).await {
+                Ok(l) => l,
+                Err(_) => tokio::net::TcpListener::bind(("0.0.0.0", *port)).await?,
+            };
             let pod = w.pod.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -36,7 +40,10 @@ pub fn serve(w: Workload) -> anyhow::Result<()> {
             }));
         }
         for port in &w.udp {
-            let s = tokio::net::UdpSocket::bind(("0.0.0.0", *port)).await?;
+            let s = match tokio::net::UdpSocket::bind(("::", *port)).await {
+                Ok(s) => s,
+                Err(_) => tokio::net::UdpSocket::bind(("0.0.0.0", *port)).await?,
+            };
             let pod = w.pod.clone();
             tasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 65536];

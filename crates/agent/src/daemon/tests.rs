@@ -868,3 +868,73 @@ fn two_ports_on_one_node_port_are_refused_whole() {
     assert!(e.to_string().contains(":30080"), "{e}");
     assert_eq!(d.service_list(), before, "nothing stored");
 }
+
+#[test]
+fn ipv6_endpoints_get_both_addresses_in_the_datapath() {
+    let mut cfg = config();
+    cfg.pod_cidr6 = Some("fd00:10:1::/112".parse().unwrap());
+    let mut dp = FakeDatapath::default();
+    dp.links.insert("lxc1".into(), 101);
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.set_node_ips6(vec!["fd00:ff::11".parse().unwrap()]);
+    d.reconcile_datapath().unwrap();
+    pod(&mut d, "fe", "frontend");
+    let id = create(&mut d, "fe", 1);
+    let v = d.endpoint_view(id).unwrap();
+    let ip6: Ipv6Addr = "fd00:10:1::2".parse().unwrap();
+    assert_eq!(v.ipv6, Some(ip6), "the second address of the IPv6 pool (the first is the router)");
+    let dp = d.datapath();
+    assert_eq!(dp.endpoints[&101].ipv6, ip6.octets());
+    let net6 = IpNet::from(IpAddr::V6(ip6));
+    assert_eq!(dp.ipcache[&net6].sec_identity, v.identity);
+    assert_eq!(dp.routes.get(&net6).map(String::as_str), Some("lxc1"));
+    let host = |s: &str| dp.ipcache[&s.parse::<IpNet>().unwrap()].sec_identity;
+    assert_eq!((host("fd00:10:1::1/128"), host("fd00:ff::11/128")), (1, 1), "router and node addresses are the host");
+
+    // IPv6 CIDRs in policies get identities and ipcache entries, labelled
+    // as the IPv6 world
+    d.policy_import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: out}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [\"2001:db8::/32\", \"192.0.2.0/24\"]\n",
+        "p.yaml",
+        false,
+    )
+    .unwrap();
+    let id6 = d.datapath().ipcache[&"2001:db8::/32".parse::<IpNet>().unwrap()].sec_identity;
+    let labels = d.identities().get(id6).unwrap().labels.to_strings();
+    assert!(labels.contains(&"reserved:world-ipv6".to_string()) && labels.contains(&"reserved:world".to_string()), "{labels:?}");
+    let id4 = d.datapath().ipcache[&"192.0.2.0/24".parse::<IpNet>().unwrap()].sec_identity;
+    assert!(d.identities().get(id4).unwrap().labels.to_strings().contains(&"reserved:world-ipv4".to_string()));
+
+    d.endpoint_delete("c-fe", "eth0").unwrap();
+    let dp = d.datapath();
+    assert!(dp.ct_flushed.contains(&IpAddr::V6(ip6)));
+    assert!(!dp.routes.contains_key(&net6) && !dp.ipcache.contains_key(&net6));
+    assert!(d.ipam_allocate("c-next/eth0").unwrap().1.is_some());
+}
+
+#[test]
+fn ipv6_needs_enabling() {
+    let mut d = daemon(None);
+    assert_eq!(d.ipam_allocate("c-x/eth0").unwrap().1, None, "no IPv6 pool: no IPv6 address");
+    d.policy_import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: out}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [\"2001:db8::/32\"]\n",
+        "p.yaml",
+        false,
+    )
+    .unwrap();
+    assert!(d.datapath().ipcache.keys().all(|n| matches!(n, IpNet::V4(_))), "IPv6 prefixes wait for IPv6");
+    let e = d
+        .endpoint_create(&EndpointCreate {
+            container_id: "c-x".into(),
+            ifname: "eth0".into(),
+            netns: "/var/run/netns/x".into(),
+            host_ifname: "lxc1".into(),
+            ipv4: "10.0.1.2".parse().unwrap(),
+            ipv6: Some("fd00::2".parse().unwrap()),
+            mac: "02:00:00:00:00:01".into(),
+            namespace: "default".into(),
+            pod_name: "x".into(),
+        })
+        .unwrap_err();
+    assert!(matches!(&e, DaemonError::Invalid { field, value, .. } if field == "ipv6" && value == "fd00::2"), "{e}");
+}

@@ -262,3 +262,28 @@ fn policy_verdicts_name_the_policies_behind_them() {
     t.observation_point = Some("to-endpoint".into());
     assert!(Parser::default().flow(&t, &n).ingress_allowed_by.is_empty());
 }
+
+#[test]
+fn ipv6_flows_name_pods_by_their_ipv6_address_and_bracket_ports() {
+    let a6: std::net::Ipv6Addr = "fd00:10:1::2".parse().unwrap();
+    let mut n = names();
+    let frontend = n.endpoints[&std::net::IpAddr::from(Ipv4Addr::new(10, 0, 1, 2))].clone();
+    n.endpoints.insert(a6.into(), frontend);
+    let mut e = ev("drop", [0; 4], [0; 4], true);
+    e.drop_reason = Some((133, "Policy denied".into()));
+    e.src_identity = 300;
+    e.dst_identity = 10;
+    let world6: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
+    if let Some(p) = e.packet.as_mut() {
+        p.src = a6.into();
+        p.dst = world6.into();
+    }
+    e.ingress = false;
+    let f = Parser::default().flow(&e, &n);
+    let ip = f.ip.as_ref().unwrap();
+    assert_eq!((ip.source.as_str(), ip.destination.as_str(), ip.ip_version), ("fd00:10:1::2", "2001:db8::1", IpVersion::IPv6 as i32));
+    assert_eq!(f.source.as_ref().unwrap().pod_name, "frontend");
+    assert_eq!(f.destination.as_ref().unwrap().labels, vec!["reserved:world".to_string(), "reserved:world-ipv6".to_string()]);
+    let line = compact(&f);
+    assert!(line.contains("default/frontend:43210 (ID:300) -> [2001:db8::1]:80 (world)"), "{line}");
+}

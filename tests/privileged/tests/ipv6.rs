@@ -1,0 +1,127 @@
+//! IPv6 end to end: a dual-stack lab (`cilium lab up --ipv6`), pods with an
+//! IPv4 and an IPv6 address, real TCP, UDP and ICMPv6 through the datapath,
+//! and policies enforced on both families.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cilium_privileged_tests::lab::{TestLab, bin_dir};
+use serde_json::Value;
+
+const ABC: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, labels: {app: a}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, labels: {app: b}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}, {containerPort: 53, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, labels: {app: c}}
+spec: {containers: [{name: c, ports: [{containerPort: 80}]}]}
+"#;
+
+const POLICIES: &str = r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-in}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+  - fromEndpoints: [{matchLabels: {app: a}}]
+    icmps: [{fields: [{type: EchoRequest, family: IPv6}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: a-out}
+spec:
+  endpointSelector: {matchLabels: {app: a}}
+  egress:
+  - toEndpoints: [{matchLabels: {app: b}}]
+  - toCIDR: ["2001:db8:113::/48"]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: c-out}
+spec:
+  endpointSelector: {matchLabels: {app: c}}
+  egress:
+  - toEntities: [world-ipv6]
+"#;
+
+/// One probe over IPv6 (or IPv4): whether it was answered.
+fn probe(lab: &TestLab, from: &str, to: &str, port: u16, protocol: &str, ipv6: bool) -> bool {
+    let mut args = vec!["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol, "--timeout", "1"].into_iter().map(String::from).collect::<Vec<_>>();
+    if ipv6 {
+        args.push("--ipv6".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let v: Value = serde_json::from_str(lab.lab(&args).trim()).expect("probe json");
+    if ipv6 {
+        assert!(v["ip"].as_str().unwrap().contains(':'), "an IPv6 destination: {v}");
+    }
+    v["reachable"].as_bool().expect("reachable")
+}
+
+#[test]
+fn dual_stack_pods_under_policy() {
+    let lab = TestLab::create(&[ABC], &[], &["--ipv6"]);
+    let pods = lab.pods();
+    let a = pods.iter().find(|p| p["name"] == "a").unwrap();
+    assert!(a["ip"].as_str().unwrap().starts_with("10.0.1."), "{a}");
+    assert!(a["ip6"].as_str().unwrap().starts_with("fd00:10:1::"), "{a}");
+
+    // no policy: everything answers over IPv6
+    for (from, to, port, proto) in [("a", "b", 80, "tcp"), ("a", "b", 53, "udp"), ("a", "b", 0, "icmp"), ("world", "a", 80, "tcp"), ("a", "world", 80, "tcp"), ("c", "2001:db8:113::10", 80, "tcp")] {
+        assert!(probe(&lab, from, to, port, proto, true), "{from} -> {to}:{port}/{proto} over IPv6 without policy");
+    }
+
+    lab.apply(POLICIES);
+    let cases: &[(&str, &str, u16, &str, bool, bool)] = &[
+        // (from, to, port, protocol, ipv6, expected)
+        ("a", "b", 80, "tcp", true, true),
+        ("a", "b", 80, "tcp", false, true),
+        ("a", "b", 53, "udp", true, false),
+        ("a", "b", 0, "icmp", true, true),
+        ("c", "b", 80, "tcp", true, false),
+        ("world", "b", 80, "tcp", true, false),
+        ("a", "2001:db8:113::10", 80, "tcp", true, true),
+        ("a", "2001:db8:113::10", 443, "tcp", true, false),
+        ("a", "world", 80, "tcp", true, false),
+        // world-ipv6 is the IPv6 world only
+        ("c", "world", 80, "tcp", true, true),
+        ("c", "2001:db8:113::10", 443, "tcp", true, true),
+        ("c", "world", 80, "tcp", false, false),
+        ("c", "b", 80, "tcp", true, false),
+    ];
+    for (from, to, port, proto, ipv6, want) in cases {
+        assert_eq!(probe(&lab, from, to, *port, proto, *ipv6), *want, "{from} -> {to}:{port}/{proto} ipv6={ipv6}");
+    }
+
+    // Hubble shows the IPv6 drop with the pods' names
+    let server = format!("unix:///var/run/cilium-lab/{}/node1/hubble.sock", lab.name);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(bin_dir().join("hubble")).args(["observe", "--server", &server, "--all", "--verdict", "DROPPED", "-o", "json"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let found = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v.get("flow").cloned()).any(|f| {
+            f["IP"]["ipVersion"] == "IPv6" && f["source"]["pod_name"] == "c" && f["destination"]["pod_name"] == "b" && f["drop_reason_desc"] == "POLICY_DENIED"
+        });
+        if found {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no IPv6 policy drop c -> b in hubble observe:\n{text}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // the conntrack table lists IPv6 connections
+    let ct = lab.cilium_ok(&["bpf", "ct", "list", "global"]);
+    assert!(ct.contains("[fd00:10:1::"), "{ct}");
+}
