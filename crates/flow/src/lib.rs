@@ -6,7 +6,7 @@
 //! of Hubble's parser; it knows nothing of endpoints' names or the kernel.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use cilium_abi::{DropReason, Event, EventFlag, EventType, PolicyMatch, TracePoint};
 use serde::{Deserialize, Serialize};
@@ -70,9 +70,11 @@ impl fmt::Display for Packet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.l4 {
             L4::Tcp { src_port, dst_port, flags } => {
-                write!(f, "{}:{} -> {}:{} tcp {}", self.src, src_port, self.dst, dst_port, flags)
+                write!(f, "{} -> {} tcp {}", SocketAddr::new(self.src, *src_port), SocketAddr::new(self.dst, *dst_port), flags)
             }
-            L4::Udp { src_port, dst_port } => write!(f, "{}:{} -> {}:{} udp", self.src, src_port, self.dst, dst_port),
+            L4::Udp { src_port, dst_port } => {
+                write!(f, "{} -> {} udp", SocketAddr::new(self.src, *src_port), SocketAddr::new(self.dst, *dst_port))
+            }
             L4::Icmp { icmp_type, code } => {
                 write!(f, "{} -> {} {}", self.src, self.dst, icmp_name(*icmp_type, *code))
             }
@@ -308,6 +310,20 @@ mod tests {
         assert_eq!(p.l4, L4::Udp { src_port: 53, dst_port: 12345 });
         let p = decode_packet(&frame(1, &[8, 0])).unwrap();
         assert!(p.to_string().contains("EchoRequest"));
+    }
+
+    #[test]
+    fn decodes_ipv6() {
+        let seed = |name: &str| std::fs::read(format!("{}/../../fuzz/seeds/packet_decode/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let p = decode_packet(&seed("ipv6_tcp_syn")).unwrap();
+        assert_eq!(p.to_string(), "[fd00:10:1::2]:40000 -> [2001:db8::1]:80 tcp SYN");
+        let p = decode_packet(&seed("ipv6_icmp_echo")).unwrap();
+        assert_eq!(p.to_string(), "fd00:10:1::2 -> 2001:db8::1 icmpv6 EchoRequest");
+        let f = seed("ipv6_tcp_syn");
+        for n in 0..f.len() {
+            let _ = decode_packet(&f[..n]);
+        }
+        assert!(decode_packet(&f[..14 + 40 + 10]).is_none(), "a truncated TCP header");
     }
 
     #[test]
