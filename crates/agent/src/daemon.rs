@@ -315,6 +315,11 @@ impl<D: Datapath> Daemon<D> {
         &self.ipam
     }
 
+    /// The IPv6 pool, with IPv6 enabled.
+    pub fn ipam6(&self) -> Option<&Ipam6> {
+        self.ipam6.as_ref()
+    }
+
     pub fn repository(&self) -> &Repository {
         &self.repo
     }

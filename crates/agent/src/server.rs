@@ -161,6 +161,10 @@ async fn status(State(s): State<Shared>) -> Result<Json<Status>, ApiError> {
             enforcement: format!("{:?}", cfg.policy.mode).to_lowercase(),
             ipam_used: d.ipam().allocations().count(),
             ipam_available: d.ipam().available(),
+            ipam6: d.ipam6().map(|i| {
+                let used = i.allocations().count();
+                format!("{used}/{} allocated from {}, router {}", used.saturating_add(i.available()), i.cidr(), i.router())
+            }),
             maps: d
                 .datapath()
                 .pressure()

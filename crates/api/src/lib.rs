@@ -79,6 +79,9 @@ pub struct Status {
     pub enforcement: String,
     pub ipam_used: usize,
     pub ipam_available: usize,
+    /// With IPv6 enabled: "used/total allocated from CIDR, router IP".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam6: Option<String>,
     pub maps: Vec<MapStatus>,
     pub monitor_lost_events: u64,
     pub monitor_subscribers: usize,

@@ -320,6 +320,9 @@ pub async fn status(c: &Client, a: StatusArgs) -> anyhow::Result<i32> {
         None => println!("Hubble:                  Disabled"),
     }
     println!("IPAM:                    IPv4: {}/{} allocated from {}, router {}", s.ipam_used, s.ipam_used + s.ipam_available, s.pod_cidr, s.router_ip);
+    if let Some(v6) = &s.ipam6 {
+        println!("                         IPv6: {v6}");
+    }
     match s.routing_mode {
         cilium_api::RoutingMode::Native => println!("Routing:                 Network: Native   Host: Legacy"),
         cilium_api::RoutingMode::Tunnel => println!("Routing:                 Network: Tunnel [vxlan]   Host: Legacy"),
@@ -368,7 +371,7 @@ pub async fn endpoint(c: &Client, cmd: EndpointCmd) -> anyhow::Result<i32> {
             for e in eps {
                 let labels: Vec<&String> = e.labels.iter().filter(|l| !l.contains("io.cilium.k8s.namespace.labels") && !l.contains("io.cilium.k8s.policy")).collect();
                 let first = labels.first().map(|s| s.to_string()).unwrap_or_default();
-                rows.push(vec![e.id.to_string(), enf(e.ingress_enforced), enf(e.egress_enforced), e.identity.to_string(), first, String::new(), e.ipv4.to_string(), e.state.clone()]);
+                rows.push(vec![e.id.to_string(), enf(e.ingress_enforced), enf(e.egress_enforced), e.identity.to_string(), first, e.ipv6.map(|a| a.to_string()).unwrap_or_default(), e.ipv4.to_string(), e.state.clone()]);
                 for l in labels.iter().skip(1) {
                     rows.push(vec![String::new(), String::new(), String::new(), String::new(), l.to_string()]);
                 }

@@ -121,6 +121,22 @@ fn dual_stack_pods_under_policy() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // a restarted agent keeps the pods' IPv6 addresses and their policy
+    let before = lab.pods();
+    lab.lab(&["agent", "restart"]);
+    let after = lab.pods();
+    for p in &before {
+        let q = after.iter().find(|q| q["name"] == p["name"]).unwrap();
+        assert_eq!(p["ip6"], q["ip6"]);
+    }
+    let eps: Value = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
+    assert!(eps.as_array().unwrap().iter().all(|e| e["ipv6"].as_str().is_some_and(|a| a.starts_with("fd00:10:1::"))), "{eps}");
+    assert!(probe(&lab, "a", "b", 80, "tcp", true));
+    assert!(!probe(&lab, "c", "b", 80, "tcp", true));
+    let status = lab.cilium_ok(&["status"]);
+    assert!(status.contains("IPv6: 4/65534 allocated from fd00:10:1::/112, router fd00:10:1::1"), "{status}");
+    assert!(lab.cilium_ok(&["endpoint", "list"]).contains("fd00:10:1::"));
+
     // the conntrack table lists IPv6 connections
     let ct = lab.cilium_ok(&["bpf", "ct", "list", "global"]);
     assert!(ct.contains("[fd00:10:1::"), "{ct}");
