@@ -29,7 +29,7 @@ fn probe_matrix(pods: &[(String, PathBuf, Ipv4Addr)]) -> std::collections::BTree
             let (jobs, results) = (jobs.clone(), results.clone());
             std::thread::spawn(move || loop {
                 let Some((f, ns, t, ip, port)) = jobs.lock().unwrap().pop() else { return };
-                let (ok, _, _) = cilium_lab::probe::probe(ns, ip, port.1, port.0 == Protocol::Udp, Duration::from_millis(700));
+                let (ok, _, _) = cilium_lab::probe::probe(ns, ip.into(), port.1, port.0 == Protocol::Udp, Duration::from_millis(700));
                 results.lock().unwrap().insert((f, t, port), ok);
             })
         })
