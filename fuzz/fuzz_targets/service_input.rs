@@ -14,6 +14,7 @@ fuzz_target!(|data: &[u8]| {
     let cfg = DaemonConfig {
         node_name: "n".into(),
         pod_cidr: "10.0.1.0/24".parse().unwrap(),
+        pod_cidr6: None,
         mtu: 1500,
         routing_mode: cilium_api::RoutingMode::Native,
         policy: Default::default(),
