@@ -153,7 +153,7 @@ pub struct Daemon<D: Datapath> {
     /// Identities of the CIDRs policies name (node-local range).
     cidr_identities: BTreeMap<IpNet, u32>,
     /// Pods of other nodes with an address: their labels and identity.
-    remote_endpoints: BTreeMap<Ipv4Addr, (LabelSet, u32)>,
+    remote_endpoints: BTreeMap<IpAddr, (LabelSet, u32)>,
     /// The other nodes of the cluster, by name.
     nodes: BTreeMap<String, cilium_api::NodeMeta>,
     /// In kvstore mode, what the kvstore says of the rest of the cluster.
@@ -613,7 +613,13 @@ impl<D: Datapath> Daemon<D> {
     fn desired_ipcache(&self) -> BTreeMap<IpNet, IpcacheValue> {
         let tunnels = self.tunnel_cidrs();
         let tunnel_of = |ip: Ipv4Addr| tunnels.iter().find(|(c, _)| c.contains(&ip)).map(|(_, n)| ip_to_be(*n)).unwrap_or(0);
-        let at = |ip: Ipv4Addr, sec_identity: u32| (host_net(ip.into()), IpcacheValue { sec_identity, tunnel_endpoint: tunnel_of(ip), ..Default::default() });
+        let at = |ip: IpAddr, sec_identity: u32| {
+            let tunnel_endpoint = match ip {
+                IpAddr::V4(v4) => tunnel_of(v4),
+                IpAddr::V6(_) => 0,
+            };
+            (host_net(ip), IpcacheValue { sec_identity, tunnel_endpoint, ..Default::default() })
+        };
         let mut m = BTreeMap::new();
         for (cidr, node) in &tunnels {
             m.insert(IpNet::V4(*cidr), IpcacheValue { sec_identity: ReservedIdentity::World.code(), tunnel_endpoint: ip_to_be(*node), ..Default::default() });
@@ -626,7 +632,7 @@ impl<D: Datapath> Daemon<D> {
             m.entry(*net).or_insert_with(|| IpcacheValue { tunnel_endpoint, ..Default::default() }).sec_identity = *id;
         }
         let remote_node = ReservedIdentity::RemoteNode.code();
-        m.extend(self.other_nodes().map(|n| at(n.ip, remote_node)));
+        m.extend(self.other_nodes().map(|n| at(n.ip.into(), remote_node)));
         m.extend(self.remote_endpoints.iter().map(|(ip, (_, id))| at(*ip, *id)));
         for e in self.endpoints.values() {
             let v = IpcacheValue { sec_identity: e.rec.identity, ..Default::default() };

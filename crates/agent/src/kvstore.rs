@@ -18,7 +18,7 @@
 //! to make progress.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -96,7 +96,7 @@ const LOCAL_POLL: Duration = Duration::from_millis(20);
 /// An endpoint as published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct IpEntry {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     identity: u32,
     labels: String,
     node: String,

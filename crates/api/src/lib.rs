@@ -311,6 +311,9 @@ pub struct PodMeta {
     /// The pod's address, once it has one (status.podIP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<std::net::Ipv4Addr>,
+    /// Its IPv6 address in a dual-stack cluster (the other of status.podIPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The node it runs on (spec.nodeName).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,

@@ -1168,6 +1168,7 @@ fn pod_meta(p: &PodState) -> PodMeta {
             format!("{kind}/{}", o.rsplit('/').next().unwrap_or(""))
         }),
         ip: p.ip,
+        ip6: p.ip6,
         node: Some(p.node.clone()),
     }
 }

@@ -141,3 +141,52 @@ fn dual_stack_pods_under_policy() {
     let ct = lab.cilium_ok(&["bpf", "ct", "list", "global"]);
     assert!(ct.contains("[fd00:10:1::"), "{ct}");
 }
+
+/// a and c on node1, b on node2; b admits only a.
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: a, labels: {app: a}}
+spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, labels: {app: c}}
+spec: {nodeName: node1, containers: [{name: c, ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, labels: {app: b}}
+spec: {nodeName: node2, containers: [{name: c, ports: [{containerPort: 80}]}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: b-in}
+spec:
+  endpointSelector: {matchLabels: {app: b}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: a}}]
+"#;
+
+/// Other nodes' pods are known by their IPv6 addresses too: through the
+/// lab's pod updates, and through etcd in kvstore mode.
+#[test]
+fn ipv6_across_nodes_by_labels() {
+    for extra in [&[][..], &["--kvstore"][..]] {
+        let mut args = vec!["--ipv6", "--nodes", "2"];
+        args.extend_from_slice(extra);
+        let lab = TestLab::create(&[TWO_NODES], &[], &args);
+        let b = lab.pods().into_iter().find(|p| p["name"] == "b").unwrap();
+        assert!(b["ip6"].as_str().unwrap().starts_with("fd00:10:2::"), "{b}");
+        // the first packets may race the other node learning a's address
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !probe(&lab, "a", "b", 80, "tcp", true) {
+            assert!(Instant::now() < deadline, "{extra:?}: a -> b over IPv6 across nodes, allowed by labels");
+        }
+        assert!(!probe(&lab, "c", "b", 80, "tcp", true), "{extra:?}: c is not admitted");
+        assert!(probe(&lab, "a", "b", 80, "tcp", false), "{extra:?}: nor does IPv4 change");
+        let ipcache = lab.cilium_on("node2", &["bpf", "ipcache", "list"]);
+        let a6 = lab.pods().into_iter().find(|p| p["name"] == "a").unwrap()["ip6"].as_str().unwrap().to_string();
+        assert!(ipcache.contains(&format!("{a6}/128")), "{extra:?}: node2's ipcache has a's IPv6 address:\n{ipcache}");
+    }
+}

@@ -16,7 +16,7 @@
 //! tunnel endpoint), which the device's tc egress program reads.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use cilium_api::{NodeMeta, NodeView, RoutingMode};
 use cilium_datapath::Datapath;
@@ -34,8 +34,8 @@ use super::{Daemon, DaemonError, invalid};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KvView {
     pub nodes: BTreeMap<String, NodeMeta>,
-    /// Endpoint address -> (labels, node).
-    pub endpoints: BTreeMap<Ipv4Addr, (LabelSet, String)>,
+    /// Endpoint address (IPv4, or IPv6 in a dual-stack cluster) -> (labels, node).
+    pub endpoints: BTreeMap<IpAddr, (LabelSet, String)>,
 }
 
 /// The identity labels of another node: remote-node, and each of its
@@ -53,10 +53,19 @@ impl<D: Datapath> Daemon<D> {
     /// Addresses of other nodes that need an identity, with its labels:
     /// their pods, and with --enable-node-selector-labels the nodes
     /// themselves. A local endpoint's address is never another node's pod.
-    fn wanted_remote_endpoints(&self) -> BTreeMap<Ipv4Addr, LabelSet> {
-        let local: BTreeSet<Ipv4Addr> = self.endpoints.values().map(|e| e.rec.ipv4).collect();
-        let mut out: BTreeMap<Ipv4Addr, LabelSet> = if self.cfg.node_selector_labels {
-            self.other_nodes().filter(|n| !self.node_ips.contains(&n.ip)).map(|n| (n.ip, node_identity_labels(n))).collect()
+    fn wanted_remote_endpoints(&self) -> BTreeMap<IpAddr, LabelSet> {
+        let local: BTreeSet<IpAddr> = self.endpoints.values().flat_map(|e| std::iter::once(IpAddr::V4(e.rec.ipv4)).chain(e.rec.ipv6.map(IpAddr::V6))).collect();
+        // another node's pod is neither a local endpoint nor in this
+        // node's pod CIDRs; IPv6 addresses only matter with IPv6 enabled
+        let remote = |ip: &IpAddr| {
+            !local.contains(ip)
+                && match ip {
+                    IpAddr::V4(v4) => !self.cfg.pod_cidr.contains(v4),
+                    IpAddr::V6(v6) => self.cfg.pod_cidr6.is_some_and(|c| !c.contains(v6)),
+                }
+        };
+        let mut out: BTreeMap<IpAddr, LabelSet> = if self.cfg.node_selector_labels {
+            self.other_nodes().filter(|n| !self.node_ips.contains(&n.ip)).map(|n| (IpAddr::V4(n.ip), node_identity_labels(n))).collect()
         } else {
             BTreeMap::new()
         };
@@ -64,15 +73,19 @@ impl<D: Datapath> Daemon<D> {
             out.extend(
                 kv.endpoints
                     .iter()
-                    .filter(|(ip, (_, node))| *node != self.cfg.node_name && !local.contains(ip) && !self.cfg.pod_cidr.contains(*ip))
+                    .filter(|(ip, (_, node))| *node != self.cfg.node_name && remote(ip))
                     .map(|(ip, (labels, _))| (*ip, labels.clone())),
             );
             return out;
         }
-        out.extend(self.pods.values().filter_map(|p| {
-            let (ip, node) = (p.ip?, p.node.as_ref()?);
-            (*node != self.cfg.node_name && !local.contains(&ip) && !self.cfg.pod_cidr.contains(&ip)).then(|| (ip, self.labels_for(&p.namespace, &p.name)))
-        }));
+        for p in self.pods.values() {
+            if p.node.as_ref().is_none_or(|n| *n == self.cfg.node_name) {
+                continue;
+            }
+            for ip in p.ip.map(IpAddr::V4).into_iter().chain(p.ip6.map(IpAddr::V6)).filter(|ip| remote(ip)) {
+                out.insert(ip, self.labels_for(&p.namespace, &p.name));
+            }
+        }
         out
     }
 
@@ -80,7 +93,7 @@ impl<D: Datapath> Daemon<D> {
     /// pods gone or relabelled. Returns whether anything changed.
     fn sync_remote_endpoints(&mut self) -> Result<bool, DaemonError> {
         let wanted = self.wanted_remote_endpoints();
-        let stale: Vec<Ipv4Addr> = self.remote_endpoints.iter().filter(|(ip, (labels, _))| wanted.get(ip) != Some(labels)).map(|(ip, _)| *ip).collect();
+        let stale: Vec<IpAddr> = self.remote_endpoints.iter().filter(|(ip, (labels, _))| wanted.get(ip) != Some(labels)).map(|(ip, _)| *ip).collect();
         let mut changed = !stale.is_empty();
         for ip in stale {
             let (_, id) = self.remote_endpoints.remove(&ip).expect("listed");
@@ -207,7 +220,8 @@ impl<D: Datapath> Daemon<D> {
     /// Every node this agent knows, itself first.
     pub fn nodes(&self) -> Vec<NodeView> {
         let pods_on = |name: &str| match &self.kv {
-            Some(kv) => kv.endpoints.values().filter(|(_, n)| n == name).count(),
+            // every pod has one IPv4 address (and maybe an IPv6 one)
+            Some(kv) => kv.endpoints.iter().filter(|(ip, (_, n))| ip.is_ipv4() && n == name).count(),
             None => self.pods.values().filter(|p| p.ip.is_some() && p.node.as_deref() == Some(name)).count(),
         };
         let own_ip = self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
@@ -227,7 +241,7 @@ impl<D: Datapath> Daemon<D> {
             local: false,
             pods: pods_on(&n.name),
             labels: n.labels.clone(),
-            identity: self.remote_endpoints.get(&n.ip).map_or(cilium_abi::ReservedIdentity::RemoteNode.code(), |(_, id)| *id),
+            identity: self.remote_endpoints.get(&IpAddr::V4(n.ip)).map_or(cilium_abi::ReservedIdentity::RemoteNode.code(), |(_, id)| *id),
         }));
         out
     }
@@ -243,14 +257,20 @@ impl<D: Datapath> Daemon<D> {
 
     /// What this agent publishes: its node, and its endpoints with their
     /// identities and labels.
-    pub fn kvstore_published(&self) -> (NodeMeta, Vec<(Ipv4Addr, u32, LabelSet)>) {
+    pub fn kvstore_published(&self) -> (NodeMeta, Vec<(IpAddr, u32, LabelSet)>) {
         let me = NodeMeta {
             name: self.cfg.node_name.clone(),
             ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED),
             pod_cidr: self.cfg.pod_cidr.to_string(),
             labels: self.own_node_labels(),
         };
-        (me, self.endpoints.values().map(|e| (e.rec.ipv4, e.rec.identity, e.rec.labels.clone())).collect())
+        // each of an endpoint's addresses (its IPv6 one too, when it has one)
+        let eps = self
+            .endpoints
+            .values()
+            .flat_map(|e| std::iter::once(IpAddr::V4(e.rec.ipv4)).chain(e.rec.ipv6.map(IpAddr::V6)).map(move |ip| (ip, e.rec.identity, e.rec.labels.clone())))
+            .collect();
+        (me, eps)
     }
 
     /// After a restart in kvstore mode: the cluster-scope numbers this

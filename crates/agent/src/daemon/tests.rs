@@ -37,7 +37,7 @@ fn daemon(store: Option<StateStore>) -> Daemon<FakeDatapath> {
 fn pod(d: &mut Daemon<FakeDatapath>, name: &str, app: &str) {
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), app.to_string());
-    d.pod_upsert(PodMeta { namespace: "default".into(), name: name.into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
+    d.pod_upsert(PodMeta { namespace: "default".into(), name: name.into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, ip6: None, node: None }).unwrap();
 }
 
 fn create(d: &mut Daemon<FakeDatapath>, name: &str, n: u32) -> u16 {
@@ -139,10 +139,10 @@ fn pod_labels_are_kubernetes_labels() {
     let mut d = daemon(None);
     for (k, v) in [("app", "x;node:zone=a"), ("app", "a b"), ("-bad", "x")] {
         let labels = [(k.to_string(), v.to_string())].into();
-        let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap_err();
+        let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, ip6: None, node: None }).unwrap_err();
         assert!(e.to_string().contains(&format!("labels.{k}")), "{e}");
     }
-    let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels: BTreeMap::new(), service_account: "a;b".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap_err();
+    let e = d.pod_upsert(PodMeta { namespace: "default".into(), name: "p".into(), labels: BTreeMap::new(), service_account: "a;b".into(), ports: vec![], workload: None, ip: None, ip6: None, node: None }).unwrap_err();
     assert!(e.to_string().contains("service_account"), "{e}");
     let e = d.namespace_upsert(NamespaceMeta { name: "ns".into(), labels: [("team".to_string(), "x;y".to_string())].into() }).unwrap_err();
     assert!(e.to_string().contains("labels.team"), "{e}");
@@ -329,7 +329,7 @@ fn relabelling_one_pod_touches_only_its_entries() {
         let mut labels = BTreeMap::new();
         labels.insert("app".to_string(), format!("app{i}"));
         labels.insert("tier".to_string(), "web".to_string());
-        d.pod_upsert(PodMeta { namespace: "default".into(), name: format!("p{i}"), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
+        d.pod_upsert(PodMeta { namespace: "default".into(), name: format!("p{i}"), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, ip6: None, node: None }).unwrap();
     }
     d.policy_import(
         "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web}\nspec:\n  endpointSelector: {}\n  ingress: [{fromEndpoints: [{matchLabels: {tier: web}}]}]\n",
@@ -342,7 +342,7 @@ fn relabelling_one_pod_touches_only_its_entries() {
     // one pod leaves the web tier
     let mut labels = BTreeMap::new();
     labels.insert("app".to_string(), "app3".to_string());
-    d.pod_upsert(PodMeta { namespace: "default".into(), name: "p3".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, node: None }).unwrap();
+    d.pod_upsert(PodMeta { namespace: "default".into(), name: "p3".into(), labels, service_account: "default".into(), ports: vec![], workload: None, ip: None, ip6: None, node: None }).unwrap();
     let writes = d.datapath().policy_log.len();
     // each of the 8 endpoints (p3 included: the policy selects every pod)
     // drops the entry of p3's old identity: 8 writes, not a rewrite of all
@@ -816,7 +816,7 @@ fn tunnel_mode_routes_other_nodes_pod_cidrs_into_the_tunnel() {
     let labels: cilium_labels::LabelSet = [cilium_labels::Label::new("k8s", "app", "db")].into_iter().collect();
     let view = |nodes: Vec<cilium_api::NodeMeta>| cluster::KvView {
         nodes: nodes.into_iter().map(|n| (n.name.clone(), n)).collect(),
-        endpoints: [(Ipv4Addr::new(10, 0, 2, 7), (labels.clone(), "n2".to_string()))].into_iter().collect(),
+        endpoints: [(IpAddr::V4(Ipv4Addr::new(10, 0, 2, 7)), (labels.clone(), "n2".to_string()))].into_iter().collect(),
     };
     d.kvstore_sync(view(vec![node("n2", [172, 30, 0, 12], "10.0.2.0/24"), node("n3", [172, 30, 0, 13], "10.0.3.0/24")])).unwrap();
     let dp = d.datapath();
