@@ -175,7 +175,7 @@ pub struct Daemon<D: Datapath> {
     /// pods, services), so its snapshot is rebuilt only when needed.
     changes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// DNS names -> learned addresses -> expiry (Unix seconds).
-    fqdn: BTreeMap<String, BTreeMap<Ipv4Addr, u64>>,
+    fqdn: BTreeMap<String, BTreeMap<IpAddr, u64>>,
 }
 
 fn mac_string(mac: &[u8; 6]) -> String {

@@ -33,7 +33,7 @@ pub struct Provider {
     cached: Mutex<Cached>,
     /// (name, address) -> when what was last taught expires (by the
     /// answer's TTL), to skip the daemon for answers it already knows.
-    learned: Mutex<HashMap<(String, std::net::Ipv4Addr), u64>>,
+    learned: Mutex<HashMap<(String, std::net::IpAddr), u64>>,
 }
 
 impl Provider {

@@ -350,16 +350,8 @@ async fn fqdn_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
             if !g.fqdn_expired(now) {
                 return Ok(0);
             }
-            let in_use: std::collections::BTreeSet<std::net::Ipv4Addr> = g
-                .datapath()
-                .ct_dump()
-                .map_err(crate::daemon::DaemonError::from)?
-                .iter()
-                .filter_map(|(k, _)| match k.remote {
-                    std::net::IpAddr::V4(v4) => Some(v4),
-                    std::net::IpAddr::V6(_) => None,
-                })
-                .collect();
+            let in_use: std::collections::BTreeSet<std::net::IpAddr> =
+                g.datapath().ct_dump().map_err(crate::daemon::DaemonError::from)?.iter().map(|(k, _)| k.remote).collect();
             g.fqdn_gc(now, &in_use)
         })
         .await;

@@ -52,7 +52,7 @@ pub struct State {
     /// Addresses the DNS proxy learned: name -> address -> expiry (Unix
     /// seconds). Kept so `toFQDNs` rules allow the same after a restart.
     #[serde(default)]
-    pub fqdn: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, u64>>,
+    pub fqdn: BTreeMap<String, BTreeMap<std::net::IpAddr, u64>>,
     /// The other nodes of the cluster, by name.
     #[serde(default)]
     pub nodes: BTreeMap<String, cilium_api::NodeMeta>,

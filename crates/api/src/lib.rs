@@ -183,7 +183,7 @@ impl NodeHealth {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FqdnCacheEntry {
     pub name: String,
-    pub ip: Ipv4Addr,
+    pub ip: std::net::IpAddr,
     /// Unix seconds.
     pub expires: u64,
 }

@@ -2,7 +2,7 @@
 //! answers' addresses, names and TTLs, and the REFUSED answer it makes.
 //! Untrusted bytes: every error is a value, never a panic (fuzzed).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed DNS message: {0}")]
@@ -18,7 +18,7 @@ pub struct Message {
     pub qname: String,
     pub qtype: u16,
     /// A records: (owner name, address, TTL).
-    pub addrs: Vec<(String, Ipv4Addr, u32)>,
+    pub addrs: Vec<(String, IpAddr, u32)>,
     /// CNAME records: (owner, target).
     pub cnames: Vec<(String, String)>,
     /// The first question's labels as sent, and its class.
@@ -111,7 +111,11 @@ impl Message {
                 return Err(DnsError("truncated record"));
             }
             match rtype {
-                1 if rdlen == 4 => m.addrs.push((owner, Ipv4Addr::new(b[rdata], b[rdata + 1], b[rdata + 2], b[rdata + 3]), ttl)),
+                1 if rdlen == 4 => m.addrs.push((owner, Ipv4Addr::new(b[rdata], b[rdata + 1], b[rdata + 2], b[rdata + 3]).into(), ttl)),
+                28 if rdlen == 16 => {
+                    let a: [u8; 16] = b[rdata..rdata + 16].try_into().expect("16 bytes");
+                    m.addrs.push((owner, Ipv6Addr::from(a).into(), ttl));
+                }
                 5 => {
                     let (target, _) = name_at(b, rdata)?;
                     m.cnames.push((owner, target));
@@ -201,6 +205,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn aaaa_answers_carry_ipv6_addresses() {
+        let q = query(7, "api6.example.com");
+        // the A answer rewritten as AAAA: type 28, 16 bytes of address
+        let mut a = q.clone();
+        a[2] = 0x81;
+        a[3] = 0x80;
+        a[7] = 1;
+        a.extend_from_slice(&[0xc0, 12, 0, 28, 0, 1, 0, 0, 0, 60, 0, 16]);
+        let ip: std::net::Ipv6Addr = "2001:db8:113::10".parse().unwrap();
+        a.extend_from_slice(&ip.octets());
+        let m = Message::parse(&a).unwrap();
+        assert_eq!(m.addrs, vec![("api6.example.com".to_string(), IpAddr::V6(ip), 60)]);
+        // a wrong length is not an address
+        let n = a.len();
+        a[n - 17] = 15;
+        a.truncate(n - 1);
+        assert!(Message::parse(&a).unwrap().addrs.is_empty());
+    }
+
+    #[test]
     fn queries_answers_and_refusals() {
         let q = query(0x1234, "API.Example.com");
         let m = Message::parse(&q).unwrap();
@@ -209,7 +233,7 @@ pub(crate) mod tests {
         let m = Message::parse(&a).unwrap();
         assert!(m.response);
         assert_eq!(m.cnames, vec![("api.example.com".to_string(), "edge.example.net".to_string())]);
-        assert_eq!(m.addrs, vec![("edge.example.net".to_string(), Ipv4Addr::new(203, 0, 113, 10), 30)]);
+        assert_eq!(m.addrs, vec![("edge.example.net".to_string(), Ipv4Addr::new(203, 0, 113, 10).into(), 30)]);
         let r = Message::parse(&m.refused(&q)).unwrap();
         assert!(r.response && r.rcode == 5 && r.addrs.is_empty() && r.id == 0x1234 && r.qname == "api.example.com");
         for n in 0..a.len() {

@@ -250,7 +250,7 @@ where
     if let Ok(m) = Message::parse(&answer) {
         if m.id == q.id && m.rcode == 0 && !m.addrs.is_empty() {
             // every name of the chain leads to these addresses
-            let ips: Vec<Ipv4Addr> = m.addrs.iter().map(|(_, ip, _)| *ip).collect();
+            let ips: Vec<std::net::IpAddr> = m.addrs.iter().map(|(_, ip, _)| *ip).collect();
             let ttl = m.addrs.iter().map(|(_, _, t)| *t).min().unwrap_or(0);
             let mut names: Vec<String> = vec![q.qname.clone()];
             names.extend(m.cnames.iter().map(|(_, t)| t.clone()));

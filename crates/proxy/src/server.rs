@@ -25,7 +25,7 @@ pub struct ConnInfo {
 }
 
 /// Addresses a DNS answer taught: (name, addresses, TTL in seconds).
-pub type Learned = Vec<(String, Vec<Ipv4Addr>, u32)>;
+pub type Learned = Vec<(String, Vec<std::net::IpAddr>, u32)>;
 
 /// A DNS query or response, for Hubble.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub struct DnsRecord {
     pub query: String,
     pub qtypes: Vec<String>,
     pub rcode: u32,
-    pub ips: Vec<Ipv4Addr>,
+    pub ips: Vec<std::net::IpAddr>,
     pub ttl: u32,
     pub cnames: Vec<String>,
     pub latency: Duration,

@@ -190,3 +190,62 @@ fn ipv6_across_nodes_by_labels() {
         assert!(ipcache.contains(&format!("{a6}/128")), "{extra:?}: node2's ipcache has a's IPv6 address:\n{ipcache}");
     }
 }
+
+const DNS_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: kube-system}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {containers: [{name: dns}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, labels: {app: client}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: client-fqdn}
+spec:
+  endpointSelector: {matchLabels: {app: client}}
+  egress:
+  - toEndpoints:
+    - matchLabels: {"k8s:io.kubernetes.pod.namespace": kube-system, k8s-app: kube-dns}
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules:
+        dns: [{matchPattern: "*.example.com"}]
+  - toFQDNs: [{matchName: api6.example.com}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"#;
+
+/// toFQDNs learns AAAA answers: the name's IPv6 address opens once the
+/// proxy has seen it resolved.
+#[test]
+fn to_fqdns_learns_ipv6_answers() {
+    let lab = TestLab::create(&[DNS_PODS], &[], &["--ipv6"]);
+    let dns = lab.pods().into_iter().find(|p| p["name"] == "coredns").and_then(|p| p["ip"].as_str().map(str::to_string)).unwrap();
+    let out = lab.lab_output(&[
+        "exec", "kube-system/coredns", "--", "dnsmasq", "--port=53", "--no-resolv", "--no-hosts", "--bind-interfaces",
+        &format!("--listen-address={dns}"), "--address=/api6.example.com/2001:db8:113::10", "--pid-file=", "--user=root",
+    ]);
+    assert!(out.status.success(), "dnsmasq: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!probe(&lab, "client", "2001:db8:113::10", 80, "tcp", true), "nothing learned yet");
+    let mut answer = String::new();
+    for _ in 0..20 {
+        let o = lab.lab_output(&["exec", "default/client", "--", "dig", "+time=2", "+tries=1", &format!("@{dns}"), "api6.example.com", "AAAA"]);
+        answer = String::from_utf8_lossy(&o.stdout).into_owned();
+        if answer.contains("status: NOERROR") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answer.contains("2001:db8:113::10"), "{answer}");
+    assert!(probe(&lab, "client", "2001:db8:113::10", 80, "tcp", true), "the learned IPv6 address is allowed");
+    assert!(!probe(&lab, "client", "world", 80, "tcp", true), "another IPv6 address is not");
+    let list = lab.cilium_ok(&["fqdn", "cache", "list"]);
+    assert!(list.lines().any(|l| l.starts_with("api6.example.com.") && l.ends_with("2001:db8:113::10")), "{list}");
+}

@@ -4,7 +4,7 @@
 //! never cuts a connection that was allowed when it started.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use cilium_datapath::Datapath;
 
@@ -16,7 +16,7 @@ impl<D: Datapath> Daemon<D> {
     /// Gives the policy repository the learned addresses. Returns whether
     /// the rules changed.
     pub(crate) fn refresh_repo_fqdns(&mut self) -> bool {
-        let ips: BTreeMap<String, BTreeSet<IpAddr>> = self.fqdn.iter().map(|(n, m)| (n.clone(), m.keys().map(|ip| IpAddr::V4(*ip)).collect())).collect();
+        let ips: BTreeMap<String, BTreeSet<IpAddr>> = self.fqdn.iter().map(|(n, m)| (n.clone(), m.keys().copied().collect())).collect();
         self.repo.set_fqdn_ips(ips)
     }
 
@@ -34,7 +34,7 @@ impl<D: Datapath> Daemon<D> {
     /// configured minimum; at most the configured number of addresses per
     /// name, the soonest to expire going first) and returns once policy
     /// naming them is in the datapath.
-    pub fn fqdn_learn(&mut self, learned: Vec<(String, Vec<Ipv4Addr>, u32)>, now: u64) -> Result<(), DaemonError> {
+    pub fn fqdn_learn(&mut self, learned: Vec<(String, Vec<IpAddr>, u32)>, now: u64) -> Result<(), DaemonError> {
         let mut changed = false;
         for (name, ips, ttl) in learned {
             let name = cilium_policy::fqdn::normalize(&name);
@@ -58,7 +58,7 @@ impl<D: Datapath> Daemon<D> {
 
     /// Removes expired addresses no tracked connection uses; returns how
     /// many went.
-    pub fn fqdn_gc(&mut self, now: u64, in_use: &BTreeSet<Ipv4Addr>) -> Result<usize, DaemonError> {
+    pub fn fqdn_gc(&mut self, now: u64, in_use: &BTreeSet<IpAddr>) -> Result<usize, DaemonError> {
         let mut removed = 0;
         for m in self.fqdn.values_mut() {
             let before = m.len();
