@@ -1366,9 +1366,10 @@ impl<D: Datapath> Daemon<D> {
             "UDP" => Protocol::Udp,
             "SCTP" => Protocol::Sctp,
             "ICMP" => Protocol::Icmp,
+            "ICMPV6" => Protocol::Icmpv6,
             other => match Protocol::extended_by_name(other) {
                 Some(p) => p,
-                None => return Err(invalid("protocol", other, "want TCP, UDP, SCTP, ICMP, VRRP, IGMP, GRE, IPIP, IPV6, ESP or AH")),
+                None => return Err(invalid("protocol", other, "want TCP, UDP, SCTP, ICMP, ICMPv6, VRRP, IGMP, GRE, IPIP, IPV6, ESP or AH")),
             },
         };
         let (sl, s_ep, sp) = self.trace_party("src", &req.src)?;

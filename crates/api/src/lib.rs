@@ -416,9 +416,9 @@ pub struct TraceParty {
 pub struct PolicyTraceRequest {
     pub src: TraceParty,
     pub dst: TraceParty,
-    /// TCP, UDP, SCTP or ICMP.
+    /// TCP, UDP, SCTP, ICMP, ICMPv6 or an extended protocol's name.
     pub protocol: String,
-    /// Destination port (ICMP: type).
+    /// Destination port (ICMP, ICMPv6: type).
     pub dport: u16,
     /// An HTTP request to check against L7 rules too (method, path).
     #[serde(default, skip_serializing_if = "Option::is_none")]

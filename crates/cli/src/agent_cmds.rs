@@ -106,7 +106,7 @@ pub struct TraceArgs {
     /// Destination labels, repeatable.
     #[arg(short = 'd', long = "dst")]
     dst: Vec<String>,
-    /// Destination port and protocol: `80`, `80/TCP`, `53/UDP`, `8/ICMP`.
+    /// Destination port and protocol: `80`, `80/TCP`, `53/UDP`, `8/ICMP`, `128/ICMPv6`.
     #[arg(long, default_value = "0/TCP")]
     dport: String,
     /// Also check an HTTP request against L7 rules: its method...

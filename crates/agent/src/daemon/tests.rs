@@ -938,3 +938,33 @@ fn ipv6_needs_enabling() {
         .unwrap_err();
     assert!(matches!(&e, DaemonError::Invalid { field, value, .. } if field == "ipv6" && value == "fd00::2"), "{e}");
 }
+
+#[test]
+fn trace_tells_the_two_worlds_and_icmp_families_apart() {
+    let mut d = daemon(None);
+    pod(&mut d, "fe", "frontend");
+    let fe = create(&mut d, "fe", 1);
+    d.policy_import(
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: ping6}\nspec:\n  endpointSelector: {matchLabels: {app: frontend}}\n  ingress:\n  - fromEntities: [world-ipv6]\n    icmps: [{fields: [{type: EchoRequest, family: IPv6}]}]\n",
+        "p.yaml",
+        false,
+    )
+    .unwrap();
+    let dst = d.endpoint_view(fe).unwrap().identity;
+    let trace = |d: &Daemon<FakeDatapath>, src: u32, protocol: &str, dport: u16| {
+        let req = cilium_api::PolicyTraceRequest {
+            src: cilium_api::TraceParty { pod: None, identity: Some(src), labels: vec![] },
+            dst: cilium_api::TraceParty { pod: None, identity: Some(dst), labels: vec![] },
+            protocol: protocol.into(),
+            dport,
+            http: None,
+        };
+        d.policy_trace(&req).unwrap().verdict
+    };
+    let world6 = ReservedIdentity::WorldIpv6.code();
+    assert_eq!(trace(&d, world6, "ICMPv6", 128), "ALLOWED");
+    assert_eq!(trace(&d, world6, "ICMP", 8), "DENIED", "an ICMPv6 rule is not an ICMP one");
+    assert_eq!(trace(&d, ReservedIdentity::World.code(), "ICMPv6", 128), "DENIED", "world-ipv6 is not the IPv4 world");
+    // and the datapath entry is for ICMPv6 (58), type 128, from identity 10
+    assert!(d.datapath().policy.keys().any(|k| k.1 == fe && k.3 == world6 && k.4 == 58 && k.5 == 128u16.to_be()), "{:?}", d.datapath().policy.keys().filter(|k| k.1 == fe).collect::<Vec<_>>());
+}
