@@ -56,9 +56,9 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	/* Only TCP, UDP, SCTP, ICMP and ICMPv6, unless the agent lets pods use the
 	 * protocols without ports (VRRP, GRE, ...), which are tracked by
 	 * address pair. */
+	int icmp = p->family == 6 ? p->protocol == IPPROTO_ICMPV6 : p->protocol == IPPROTO_ICMP;
 	if (p->protocol != IPPROTO_TCP && p->protocol != IPPROTO_UDP &&
-	    p->protocol != IPPROTO_SCTP && p->protocol != IPPROTO_ICMP &&
-	    p->protocol != IPPROTO_ICMPV6 && !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
+	    p->protocol != IPPROTO_SCTP && !icmp && !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
 		return drop(skb, ep->ep_id, DROP_CT_UNKNOWN_PROTO, src_id, dst_id, dir_flag,
 			    metric_dir, p);
 	ct_lookup(p, egress, skb->len, now, &ct);
@@ -230,6 +230,13 @@ static __always_inline int endpoint_has_ipv6(const struct endpoint_info *ep)
 	return (a[0] | a[1] | a[2] | a[3]) != 0;
 }
 
+static __always_inline int icmp6_link_source_ok(const struct pkt *p, const struct endpoint_info *ep)
+{
+	const __u32 *s = p->saddr6;
+	return (s[0] | s[1] | s[2] | s[3]) == 0 || (bpf_ntohl(s[0]) & 0xffc00000) == 0xfe800000 ||
+	       addr6_eq(s, (const __u32 *)ep->ipv6);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int egress)
 {
 	__u32 ifindex = skb->ifindex;
@@ -251,7 +258,9 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		ret = parse_ipv6(skb, &p);
 	if (ret < 0)
 		return drop(skb, ep->ep_id, -ret, 0, 0, dir_flag, metric_dir, 0);
-	if (is_icmp6_link_control(&p))
+	/* the link's own ICMPv6; from the pod, only from its own or a
+	 * link-local (or the unspecified) address */
+	if (is_icmp6_link_control(&p) && (!egress || icmp6_link_source_ok(&p, ep)))
 		return TC_ACT_OK;
 
 	__u32 now = now_seconds();
@@ -411,9 +420,28 @@ static __always_inline int host_unparsed(struct __sk_buff *skb, int reason)
 	return drop(skb, h->ep_id, reason, 0, IDENTITY_HOST, EVENT_F_INGRESS, METRIC_INGRESS, 0);
 }
 
+/* IPv6 from the network goes to the stack, which routes it to the pod's
+ * veth, where its ingress policy is applied -- with the identity of the
+ * source address, which from outside must not be this node's own or one of
+ * its pods' (the real ones never arrive this way): spoofed, dropped here. */
+static __always_inline int from_netdev6(struct __sk_buff *skb)
+{
+	__u32 saddr[4];
+	struct ip6_key k;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + offsetof(struct ip6hdr, saddr), saddr, sizeof(saddr)) < 0)
+		return TC_ACT_OK;
+	__builtin_memcpy(k.addr, saddr, 16);
+	__u32 id = ipcache6_identity(saddr);
+	if (bpf_map_lookup_elem(&cilium_lxc_ip6, &k) || id == IDENTITY_HOST)
+		return drop(skb, 0, DROP_INVALID_SIP, id, 0, EVENT_F_INGRESS, METRIC_INGRESS, 0);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int cil_from_netdev(struct __sk_buff *skb)
 {
+	if (skb->protocol == ETH_P_IPV6_BE)
+		return from_netdev6(skb);
 	if (skb->protocol != ETH_P_IP_BE)
 		return TC_ACT_OK;
 	/* parsed once for both uses */

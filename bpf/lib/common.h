@@ -79,6 +79,7 @@ struct pkt {
 	__u16 inner_dport;
 	__u8 inner_protocol;
 	__u8 family;          /* 4 or 6 */
+	__u8 hop_limit;       /* IPv6 */
 	/* IPv6: the addresses (network order), and the quoted ones of an error */
 	__u32 saddr6[4];
 	__u32 daddr6[4];
@@ -256,6 +257,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 		return -DROP_INVALID;
 	__builtin_memset(p, 0, sizeof(*p));
 	p->family = 6;
+	p->hop_limit = ip6.hop_limit;
 	__builtin_memcpy(p->saddr6, ip6.saddr, 16);
 	__builtin_memcpy(p->daddr6, ip6.daddr, 16);
 
@@ -337,12 +339,27 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
+/* fe80::/10 (link-local unicast) or ff02::/16 (link-local multicast). */
+static __always_inline int ipv6_is_link_scope(const __u32 *a)
+{
+	__u32 w = bpf_ntohl(a[0]);
+	return (w & 0xffc00000) == 0xfe800000 || (w >> 16) == 0xff02;
+}
+
 /* Neighbour discovery and multicast listener messages: the link's own
- * plumbing (as ARP for IPv4), never routed, not subject to policy. */
+ * plumbing (as ARP for IPv4), not subject to policy -- only as the link
+ * carries them: to a link-scope destination, with the hop limit that
+ * proves they were never forwarded (255 for neighbour discovery, 1 for
+ * MLD). Anything else of these types is judged like any ICMPv6. */
 static __always_inline int is_icmp6_link_control(const struct pkt *p)
 {
-	return p->family == 6 && p->protocol == IPPROTO_ICMPV6 &&
-	       ((p->icmp_type >= 130 && p->icmp_type <= 137) || p->icmp_type == 143);
+	if (p->family != 6 || p->protocol != IPPROTO_ICMPV6 || !ipv6_is_link_scope(p->daddr6))
+		return 0;
+	if (p->icmp_type >= 133 && p->icmp_type <= 137)
+		return p->hop_limit == 255;
+	if ((p->icmp_type >= 130 && p->icmp_type <= 132) || p->icmp_type == 143)
+		return p->hop_limit == 1;
+	return 0;
 }
 
 static __always_inline __u32 now_seconds(void)

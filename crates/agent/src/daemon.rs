@@ -427,7 +427,10 @@ impl<D: Datapath> Daemon<D> {
                 .filter(|l| l.source == cilium_labels::SOURCE_CIDR)
                 .filter_map(|l| l.key.parse::<IpNet>().ok())
                 .max_by_key(|n| n.prefix_len());
-            if let Some(net) = prefix {
+            // a CIDR identity saved with other labels than this version
+            // gives it (e.g. before `world-ipv4` was among them) is not
+            // restored: a new one is allocated with the right labels
+            if let Some(net) = prefix.filter(|n| cilium_policy::rule::cidr_identity_labels(n) == *labels) {
                 if self.identities.restore(*id, labels).is_ok() {
                     self.cidr_identities.insert(net, *id);
                 }
@@ -458,7 +461,11 @@ impl<D: Datapath> Daemon<D> {
                                 rec.ipv6 = None;
                             }
                         }
-                        (None, Some(_)) => rec.ipv6 = None,
+                        (None, Some(ip6)) => {
+                            // IPv6 turned off: the address and its route go
+                            let _ = self.dp.unroute(host_net(ip6.into()));
+                            rec.ipv6 = None;
+                        }
                         _ => {}
                     }
                     self.endpoints.insert(id, Endpoint { rec, realized: None, state: EpState::Ready, error: None, stale: vec![] });
@@ -632,7 +639,9 @@ impl<D: Datapath> Daemon<D> {
             m.entry(*net).or_insert_with(|| IpcacheValue { tunnel_endpoint, ..Default::default() }).sec_identity = *id;
         }
         let remote_node = ReservedIdentity::RemoteNode.code();
-        m.extend(self.other_nodes().map(|n| at(n.ip.into(), remote_node)));
+        // other nodes (by both addresses, with IPv6)
+        let ipv6 = self.ipam6.is_some();
+        m.extend(self.other_nodes().flat_map(|n| std::iter::once(IpAddr::V4(n.ip)).chain(n.ip6.filter(|_| ipv6).map(IpAddr::V6))).map(|ip| at(ip, remote_node)));
         m.extend(self.remote_endpoints.iter().map(|(ip, (_, id))| at(*ip, *id)));
         for e in self.endpoints.values() {
             let v = IpcacheValue { sec_identity: e.rec.identity, ..Default::default() };
@@ -682,6 +691,14 @@ impl<D: Datapath> Daemon<D> {
         };
         self.save()?;
         Ok((ip, ip6))
+    }
+
+    /// Releases whatever addresses `owner` holds, in both pools.
+    fn ipam_release_owner(&mut self, owner: &str) {
+        self.ipam.release_owner(owner);
+        if let Some(i) = self.ipam6.as_mut() {
+            i.release_owner(owner);
+        }
     }
 
     pub fn ipam_release(&mut self, ip: IpAddr) -> Result<bool, DaemonError> {
@@ -848,7 +865,7 @@ impl<D: Datapath> Daemon<D> {
         if let Some(id) = found {
             self.endpoint_remove(id)?;
         }
-        self.ipam.release_owner(&owner);
+        self.ipam_release_owner(&owner);
         self.save()?;
         if let Some(id) = found {
             info!(endpoint = id, container_id, "endpoint deleted");
@@ -870,16 +887,14 @@ impl<D: Datapath> Daemon<D> {
             self.endpoint_delete(&c, &i)?;
             out.push(format!("{c}/{i}"));
         }
-        // addresses held by containers that never became endpoints
-        let orphans: Vec<String> = self
-            .ipam
-            .allocations()
-            .filter(|(_, o)| *o != "router")
-            .map(|(_, o)| o.to_string())
-            .filter(|o| !keep.iter().any(|(c, i)| *o == format!("{c}/{i}")))
-            .collect();
+        // addresses held by containers that never became endpoints (in
+        // either pool)
+        let owners4 = self.ipam.allocations().map(|(_, o)| o.to_string());
+        let owners6 = self.ipam6.iter().flat_map(|i| i.allocations().map(|(_, o)| o.to_string()).collect::<Vec<_>>());
+        let orphans: BTreeSet<String> =
+            owners4.chain(owners6).filter(|o| o != "router").filter(|o| !keep.iter().any(|(c, i)| *o == format!("{c}/{i}"))).collect();
         for o in orphans {
-            self.ipam.release_owner(&o);
+            self.ipam_release_owner(&o);
             out.push(o);
         }
         self.save()?;

@@ -42,7 +42,7 @@ pub fn setup(router: Ipv4Addr, router6: Option<Ipv6Addr>, tunnel: Option<Tunnel>
         sys::sysctl("net.ipv6.conf.default.disable_ipv6", "0")?;
         sys::sysctl("net.ipv6.conf.all.forwarding", "1")?;
     }
-    netlink::run(|h| async move {
+    let node = netlink::run(|h| async move {
         netlink::create_veth(&h, HOST_DEV, NET_DEV).await?;
         for dev in [HOST_DEV, NET_DEV] {
             let l = netlink::link(&h, dev)
@@ -90,5 +90,10 @@ pub fn setup(router: Ipv4Addr, router6: Option<Ipv6Addr>, tunnel: Option<Tunnel>
         // the L7 proxy's policy route (packets the datapath assigned to a proxy socket)
         netlink::proxy_routing(&h).await?;
         Ok(NodeNet { ips: addrs.into_iter().map(|(_, ip, _)| ip).collect(), ips6: if router6.is_some() { ips6 } else { Vec::new() }, devices })
-    })
+    })?;
+    if router6.is_some() && tunnel.is_some() {
+        // IPv6 is never tunnelled: the tunnel device sends none of its own
+        sys::sysctl(&format!("net.ipv6.conf.{TUNNEL_DEV}.disable_ipv6"), "1")?;
+    }
+    Ok(node)
 }

@@ -326,6 +326,9 @@ pub struct NodeMeta {
     pub name: String,
     pub ip: std::net::Ipv4Addr,
     pub pod_cidr: String,
+    /// Its IPv6 address in a dual-stack cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     /// The node's labels (the Kubernetes Node's).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,

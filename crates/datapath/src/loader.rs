@@ -532,7 +532,23 @@ impl Datapath for Loaded {
                     if is_full(&e) { DatapathError::MapFull { map, max, detail: e.to_string() } } else { map_err(map)(e) }
                 }
             };
+            let previous = self.hash::<u32, EndpointInfo>(MAP_LXC)?.get(&info.ifindex, 0).ok();
             self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
+            if let Some(old) = previous.filter(|_| info.ifindex != cilium_abi::HOST_ENDPOINT_IFINDEX) {
+                // an address the endpoint no longer has stops leading to it
+                if old.ipv4 != info.ipv4 {
+                    let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
+                    if ips.get(&old.ipv4, 0).ok() == Some(info.ifindex) {
+                        let _ = ips.remove(&old.ipv4);
+                    }
+                }
+                if has_ipv6(&old) && old.ipv6 != info.ipv6 {
+                    let mut ips6 = self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?;
+                    if ips6.get(&old.ipv6, 0).ok() == Some(info.ifindex) {
+                        let _ = ips6.remove(&old.ipv6);
+                    }
+                }
+            }
             if info.ifindex == cilium_abi::HOST_ENDPOINT_IFINDEX {
                 // the host endpoint's addresses are the node's, not a pod's
                 return Ok(());

@@ -428,7 +428,7 @@ impl Lab {
             .state
             .nodes
             .iter()
-            .map(|n| cilium_api::NodeMeta { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), labels: n.labels.clone() })
+            .map(|n| cilium_api::NodeMeta { name: n.name.clone(), ip: n.ip, pod_cidr: n.pod_cidr.clone(), ip6: n.ip6, labels: n.labels.clone() })
             .collect();
         for c in self.clients() {
             let _: bool = block_on(c.call("PUT", "/v1/cluster/nodes", Some(&nodes)))?;

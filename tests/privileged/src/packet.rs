@@ -232,6 +232,18 @@ pub fn icmp6_type(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8) -> Vec<u8> {
     ipv6(src, dst, 58, &[icmp_type, 0, 0, 0, 0, 0, 0, 0])
 }
 
+/// The same with a given hop limit (neighbour discovery: 255, MLD: 1).
+pub fn icmp6_hops(src: Ipv6Addr, dst: Ipv6Addr, icmp_type: u8, hop_limit: u8) -> Vec<u8> {
+    let mut p = icmp6_type(src, dst, icmp_type);
+    p[14 + 7] = hop_limit;
+    p
+}
+
+/// An IPv6 packet carrying `proto` with 8 bytes of zeros.
+pub fn ip6_proto(src: Ipv6Addr, dst: Ipv6Addr, proto: u8) -> Vec<u8> {
+    ipv6(src, dst, proto, &[0; 8])
+}
+
 /// An ICMPv6 destination unreachable (port unreachable) quoting `inner`.
 pub fn icmp6_unreachable(src: Ipv6Addr, dst: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
     let mut i = vec![1, 4, 0, 0, 0, 0, 0, 0];

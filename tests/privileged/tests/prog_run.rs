@@ -613,12 +613,44 @@ fn icmpv6_echo_by_type_and_neighbour_discovery_always() {
     assert_eq!(h.to_container(&packet::icmp6_echo(PEER6, POD6, true, 8)), SHOT, "another identifier");
     assert_eq!(h.to_container(&packet::icmp6_echo(PEER6, POD6, false, 9)), SHOT, "echo requests in are not allowed");
     assert_eq!(h.from_container(&packet::icmp_echo(POD, PEER, false, 7)), SHOT, "the ICMPv6 rule is not an ICMP one");
-    // neighbour solicitation/advertisement and router solicitation: the
-    // link's own, under any policy
-    for t in [133u8, 135, 136] {
-        assert_eq!(h.from_container(&packet::icmp6_type(POD6, PEER6, t)), OK, "type {t} out");
-        assert_eq!(h.to_container(&packet::icmp6_type(PEER6, POD6, t)), OK, "type {t} in");
+    // neighbour discovery and MLD as the link carries them (link-scope
+    // destination, hop limit 255 or 1): the link's own, under any policy
+    let ll = |last: u16| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, last);
+    let solicited = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x20);
+    let mld = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x16);
+    for (src, dst, t, hops) in [(ll(1), solicited, 135u8, 255u8), (Ipv6Addr::UNSPECIFIED, solicited, 135, 255), (POD6, ll(2), 136, 255), (ll(1), ll(2), 133, 255), (ll(1), mld, 143, 1)] {
+        assert_eq!(h.from_container(&packet::icmp6_hops(src, dst, t, hops)), OK, "type {t} out from {src} to {dst}");
+        assert_eq!(h.to_container(&packet::icmp6_hops(ll(2), dst, t, hops)), OK, "type {t} in");
     }
+    h.events();
+    // the same types otherwise are ordinary ICMPv6, judged: to a routable
+    // address, with a hop limit that could have been forwarded, or from a
+    // source the pod does not own
+    for (src, dst, t, hops) in [(POD6, PEER6, 135u8, 255u8), (POD6, OUTSIDE6, 143, 1), (ll(1), solicited, 135, 64), (ll(1), mld, 143, 255), (PEER6, solicited, 135, 255)] {
+        assert_eq!(h.from_container(&packet::icmp6_hops(src, dst, t, hops)), SHOT, "type {t} out from {src} to {dst}, hop limit {hops}");
+    }
+    assert_eq!(h.to_container(&packet::icmp6_hops(OUTSIDE6, POD6, 135, 255)), SHOT, "a neighbour solicitation from the world to the pod's global address");
+    assert!(h.drops().iter().all(|d| *d == DropReason::PolicyDenied.code() || *d == DropReason::InvalidSourceIp.code()));
+}
+
+#[test]
+fn icmp_of_the_other_family_is_an_unknown_protocol() {
+    let mut h = Harness::new6(0);
+    assert_eq!(h.from_container(&packet::ip6_proto(POD6, PEER6, 1)), SHOT, "ICMP (1) over IPv6");
+    assert_eq!(h.from_container(&packet::ip_proto(POD, PEER, 58)), SHOT, "ICMPv6 (58) over IPv4");
+    assert_eq!(h.drops(), vec![DropReason::CtUnknownL4Protocol.code(); 2]);
+}
+
+#[test]
+fn ipv6_from_the_network_with_a_node_or_pod_source_is_spoofed() {
+    const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, 0x11);
+    let mut h = Harness::new6(0);
+    h.ipcache6(NODE6, 1);
+    let from_netdev = |h: &mut Harness, pkt: &[u8]| h.dp.test_run(Program::FromNetdev, pkt, IFINDEX).unwrap().0;
+    assert_eq!(from_netdev(&mut h, &packet::tcp6(OUTSIDE6, 40000, POD6, 80, TCP_SYN)), OK, "the world's: to the stack");
+    assert_eq!(from_netdev(&mut h, &packet::tcp6(NODE6, 40000, POD6, 80, TCP_SYN)), SHOT, "the node's own address");
+    assert_eq!(from_netdev(&mut h, &packet::tcp6(POD6, 40000, PEER6, 80, TCP_SYN)), SHOT, "a local pod's address");
+    assert_eq!(h.drops(), vec![DropReason::InvalidSourceIp.code(); 2]);
 }
 
 #[test]

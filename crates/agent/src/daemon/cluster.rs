@@ -65,7 +65,10 @@ impl<D: Datapath> Daemon<D> {
                 }
         };
         let mut out: BTreeMap<IpAddr, LabelSet> = if self.cfg.node_selector_labels {
-            self.other_nodes().filter(|n| !self.node_ips.contains(&n.ip)).map(|n| (IpAddr::V4(n.ip), node_identity_labels(n))).collect()
+            self.other_nodes()
+                .filter(|n| !self.node_ips.contains(&n.ip))
+                .flat_map(|n| std::iter::once(IpAddr::V4(n.ip)).chain(n.ip6.filter(|_| self.ipam6.is_some()).map(IpAddr::V6)).map(move |ip| (ip, node_identity_labels(n))))
+                .collect()
         } else {
             BTreeMap::new()
         };
@@ -262,6 +265,7 @@ impl<D: Datapath> Daemon<D> {
             name: self.cfg.node_name.clone(),
             ip: self.node_ips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED),
             pod_cidr: self.cfg.pod_cidr.to_string(),
+            ip6: self.node_ips6.first().copied(),
             labels: self.own_node_labels(),
         };
         // each of an endpoint's addresses (its IPv6 one too, when it has one)

@@ -36,7 +36,14 @@ impl<D: Datapath> Daemon<D> {
     /// naming them is in the datapath.
     pub fn fqdn_learn(&mut self, learned: Vec<(String, Vec<IpAddr>, u32)>, now: u64) -> Result<(), DaemonError> {
         let mut changed = false;
+        let ipv6 = self.ipam6.is_some();
         for (name, ips, ttl) in learned {
+            // AAAA answers only matter with IPv6 (and must not push A
+            // answers out of the per-name budget otherwise)
+            let ips: Vec<IpAddr> = ips.into_iter().filter(|ip| ipv6 || ip.is_ipv4()).collect();
+            if ips.is_empty() {
+                continue;
+            }
             let name = cilium_policy::fqdn::normalize(&name);
             let expires = now + u64::from(ttl.max(self.cfg.fqdn_min_ttl));
             let entry = self.fqdn.entry(name).or_default();

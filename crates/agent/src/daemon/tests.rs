@@ -703,7 +703,7 @@ fn tunnel_daemon() -> Daemon<FakeDatapath> {
 }
 
 fn node(name: &str, ip: [u8; 4], cidr: &str) -> cilium_api::NodeMeta {
-    cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into(), labels: BTreeMap::new() }
+    cilium_api::NodeMeta { name: name.into(), ip: ip.into(), pod_cidr: cidr.into(), ip6: None, labels: BTreeMap::new() }
 }
 
 #[test]
@@ -967,4 +967,75 @@ fn trace_tells_the_two_worlds_and_icmp_families_apart() {
     assert_eq!(trace(&d, ReservedIdentity::World.code(), "ICMPv6", 128), "DENIED", "world-ipv6 is not the IPv4 world");
     // and the datapath entry is for ICMPv6 (58), type 128, from identity 10
     assert!(d.datapath().policy.keys().any(|k| k.1 == fe && k.3 == world6 && k.4 == 58 && k.5 == 128u16.to_be()), "{:?}", d.datapath().policy.keys().filter(|k| k.1 == fe).collect::<Vec<_>>());
+}
+
+fn daemon6() -> Daemon<FakeDatapath> {
+    let mut cfg = config();
+    cfg.pod_cidr6 = Some("fd00:10:1::/112".parse().unwrap());
+    let mut dp = FakeDatapath::default();
+    for i in 0..10u32 {
+        dp.links.insert(format!("lxc{i}"), 100 + i);
+    }
+    let mut d = Daemon::new(cfg, dp, None, vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d.reconcile_datapath().unwrap();
+    d
+}
+
+#[test]
+fn ipv6_addresses_are_released_with_the_endpoint_and_by_gc() {
+    let mut d = daemon6();
+    // CNI ADD failed after IPAM: DEL releases both addresses
+    let (_, ip6) = d.ipam_allocate("c-failed/eth0").unwrap();
+    d.endpoint_delete("c-failed", "eth0").unwrap();
+    assert!(d.ipam6().unwrap().owner(ip6.unwrap()).is_none());
+    // and GC finds orphans in the IPv6 pool too
+    let (ip4, ip6) = d.ipam_allocate("c-orphan/eth0").unwrap();
+    d.ipam.release(ip4);
+    let gone = d.endpoint_gc(&[]).unwrap();
+    assert_eq!(gone, vec!["c-orphan/eth0".to_string()]);
+    assert!(d.ipam6().unwrap().owner(ip6.unwrap()).is_none());
+}
+
+#[test]
+fn aaaa_answers_are_ignored_without_ipv6() {
+    let learn = |d: &mut Daemon<FakeDatapath>| {
+        d.fqdn_learn(vec![("api.example.com".into(), vec!["192.0.2.1".parse().unwrap(), "2001:db8::1".parse().unwrap()], 60)], 0).unwrap();
+        d.fqdn_cache().into_iter().map(|e| e.ip.to_string()).collect::<Vec<_>>()
+    };
+    assert_eq!(learn(&mut daemon(None)), vec!["192.0.2.1"]);
+    assert_eq!(learn(&mut daemon6()), vec!["192.0.2.1", "2001:db8::1"]);
+}
+
+#[test]
+fn other_nodes_are_remote_node_by_their_ipv6_address_too() {
+    let mut d = daemon6();
+    let own = node("n1", [172, 30, 0, 11], "10.0.1.0/24");
+    let n2 = cilium_api::NodeMeta { ip6: Some("fd00:ff::12".parse().unwrap()), ..node("n2", [172, 30, 0, 12], "10.0.2.0/24") };
+    d.nodes_set(vec![own, n2]).unwrap();
+    assert_eq!(d.datapath().ipcache[&"fd00:ff::12/128".parse::<IpNet>().unwrap()].sec_identity, ReservedIdentity::RemoteNode.code());
+    // without IPv6 the address is not written
+    let mut d = daemon(None);
+    let n2 = cilium_api::NodeMeta { ip6: Some("fd00:ff::12".parse().unwrap()), ..node("n2", [172, 30, 0, 12], "10.0.2.0/24") };
+    d.nodes_set(vec![node("n1", [172, 30, 0, 11], "10.0.1.0/24"), n2]).unwrap();
+    assert!(d.datapath().ipcache.keys().all(|n| matches!(n, IpNet::V4(_))));
+}
+
+#[test]
+fn cidr_identities_saved_with_older_labels_are_renumbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path());
+    let mut d = daemon(Some(store.clone()));
+    d.policy_import("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: out}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [\"192.0.2.0/24\"]\n", "p.yaml", false).unwrap();
+    let mut state = store.load().unwrap().unwrap();
+    let net: IpNet = "192.0.2.0/24".parse().unwrap();
+    let old_id = d.datapath().ipcache[&net].sec_identity;
+    // as an earlier version saved it: without reserved:world-ipv4
+    let now = cilium_policy::rule::cidr_identity_labels(&net).to_strings();
+    let old = LabelSet::parse_all(now.iter().map(String::as_str).filter(|l| *l != "reserved:world-ipv4"));
+    state.identities.insert(old_id, old);
+    let mut d2 = Daemon::new(config(), d.datapath().clone(), Some(store.clone()), vec![Ipv4Addr::new(172, 30, 0, 11)]).unwrap();
+    d2.restore(state).unwrap();
+    let id = d2.datapath().ipcache[&net].sec_identity;
+    let labels = d2.identities().get(id).unwrap().labels.to_strings();
+    assert!(labels.contains(&"reserved:world-ipv4".to_string()), "{labels:?}");
 }
