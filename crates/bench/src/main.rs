@@ -6,6 +6,7 @@
 //! kube-proxy's rulesets ([`services`]). Client, server and their softirq
 //! processing are pinned to one CPU. Writes BENCHMARKS.md.
 
+mod datapath;
 mod hubble;
 mod l7;
 mod multinode;
@@ -50,7 +51,7 @@ struct Args {
     /// New pods whose propagation to the other nodes is timed.
     #[arg(long, default_value_t = 50)]
     propagation_pods: u32,
-    /// Run one part only: pods, services, hubble, l7 or multinode.
+    /// Run one part only: pods, services, hubble, l7, multinode or datapath.
     #[arg(long)]
     only: Option<String>,
 }
@@ -309,8 +310,8 @@ fn main() -> anyhow::Result<()> {
     }
     cilium_datapath::sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
     if let Some(o) = &a.only {
-        if !["pods", "services", "hubble", "l7", "multinode"].contains(&o.as_str()) {
-            bail!("--only {o:?}: want pods, services, hubble, l7 or multinode");
+        if !["pods", "services", "hubble", "l7", "multinode", "datapath"].contains(&o.as_str()) {
+            bail!("--only {o:?}: want pods, services, hubble, l7, multinode or datapath");
         }
     }
     let part = |p: &str| a.only.as_deref().is_none_or(|o| o == p);
@@ -320,6 +321,7 @@ fn main() -> anyhow::Result<()> {
     let mn_opts = multinode::Options { rounds: a.rounds, seconds: a.seconds, pods: a.cluster_pods, additions: a.propagation_pods };
     let multinode_md = if part("multinode") { Some(multinode::run(&mn_opts, &logs, &bin)?) } else { None };
     let svc_opts = services::Options { counts: a.service_counts.clone(), rounds: a.service_rounds, seconds: a.service_seconds };
+    let datapath_md = if part("datapath") { Some(datapath::run(a.rounds)?) } else { None };
     let svc_md = if part("services") { Some(services::run(&svc_opts, &logs)?.markdown(&svc_opts)) } else { None };
 
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -356,6 +358,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(s) = svc_md {
         md.push('\n');
         md.push_str(&s);
+    }
+    if let Some(d) = datapath_md {
+        md.push('\n');
+        md.push_str(&d);
     }
     // one part of an existing report: replace its sections, keep the rest
     if a.only.is_some() {

@@ -406,6 +406,13 @@ impl Loaded {
     /// Runs a program once on a packet through BPF_PROG_RUN, as if it arrived
     /// on the interface `ifindex`. Returns the verdict and the packet after.
     pub fn test_run(&mut self, p: Program, packet: &[u8], ifindex: u32) -> Result<(i32, Vec<u8>)> {
+        let (ret, out, _) = self.test_run_repeat(p, packet, ifindex, 1)?;
+        Ok((ret, out))
+    }
+
+    /// [`Self::test_run`] `repeat` times in the kernel; also returns the
+    /// average time of one run (for the per-packet benchmark).
+    pub fn test_run_repeat(&mut self, p: Program, packet: &[u8], ifindex: u32, repeat: u32) -> Result<(i32, Vec<u8>, std::time::Duration)> {
         use aya::programs::TestRun as _;
         // struct __sk_buff with only ifindex (offset 40) set
         let mut ctx = vec![0u8; 192];
@@ -417,11 +424,12 @@ impl Loaded {
                 data_in: Some(packet),
                 data_out: Some(&mut out),
                 ctx_in: Some(&ctx),
+                repeat,
                 ..Default::default()
             })
             .map_err(|e| DatapathError::Program { name: p.name(), source: Box::new(e) })?;
         out.truncate(res.data_size_out as usize);
-        Ok((res.return_value as i32, out))
+        Ok((res.return_value as i32, out, res.duration))
     }
 
     fn ct_map(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>> {
