@@ -2,7 +2,7 @@
 //! a verdict a script can read.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -47,10 +47,7 @@ pub fn probe_kind(netns: PathBuf, ip: IpAddr, port: u16, kind: Kind, timeout: Du
         let (ok, detail) = match kind {
             Kind::Udp => udp_probe(addr, timeout),
             Kind::Tcp => tcp_probe(addr, timeout),
-            Kind::Icmp => match ip {
-                IpAddr::V4(v4) => icmp_probe(v4, timeout),
-                IpAddr::V6(v6) => icmp6_probe(v6, timeout),
-            },
+            Kind::Icmp => icmp_probe(ip, timeout),
         };
         (ok, detail, start.elapsed().as_secs_f64() * 1000.0)
     })
@@ -118,35 +115,31 @@ fn icmp_checksum(b: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// An ICMP echo over a raw socket (root), waiting for the matching reply.
-fn icmp_probe(ip: Ipv4Addr, timeout: Duration) -> (bool, String) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
-    if fd < 0 {
-        return (false, format!("raw socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+/// An ICMP (or ICMPv6) echo over a raw socket (root), waiting for the
+/// matching reply.
+fn icmp_probe(ip: IpAddr, timeout: Duration) -> (bool, String) {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let (domain, proto, request, reply) = match ip {
+        IpAddr::V4(_) => (Domain::IPV4, Protocol::ICMPV4, 8u8, 0u8),
+        IpAddr::V6(_) => (Domain::IPV6, Protocol::ICMPV6, 128, 129),
+    };
+    let sock = match Socket::new(domain, Type::RAW, Some(proto)) {
+        Ok(s) => s,
+        Err(e) => return (false, format!("raw socket: {e}")),
+    };
     let id = (std::process::id() as u16) ^ (rand_u16());
-    let mut pkt = vec![8u8, 0, 0, 0];
+    let mut pkt = vec![request, 0, 0, 0];
     pkt.extend_from_slice(&id.to_be_bytes());
     pkt.extend_from_slice(&1u16.to_be_bytes());
     pkt.extend_from_slice(b"cilium-lab-probe");
-    let c = icmp_checksum(&pkt);
-    pkt[2..4].copy_from_slice(&c.to_be_bytes());
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(ip.octets()) },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: valid buffer and sockaddr of the stated lengths.
-    let sent = unsafe {
-        libc::sendto(sock.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0, (&addr as *const libc::sockaddr_in).cast(), size_of::<libc::sockaddr_in>() as u32)
-    };
-    if sent < 0 {
-        return (false, format!("send failed: {}", std::io::Error::last_os_error()));
+    if ip.is_ipv4() {
+        // ICMPv6's checksum covers a pseudo-header: the kernel fills it in
+        let c = icmp_checksum(&pkt);
+        pkt[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    // connected: the socket only hears from `ip`
+    if let Err(e) = sock.connect(&SockAddr::from(SocketAddr::new(ip, 0))).and_then(|()| sock.send(&pkt)) {
+        return (false, format!("send failed: {e}"));
     }
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; 1500];
@@ -155,80 +148,15 @@ fn icmp_probe(ip: Ipv4Addr, timeout: Duration) -> (bool, String) {
         if left.is_zero() {
             return (false, format!("no echo reply within {timeout:?} (dropped)"));
         }
-        let tv = libc::timeval { tv_sec: left.as_secs() as i64, tv_usec: left.subsec_micros() as i64 };
-        // SAFETY: setting a timeval socket option with its exact size.
-        unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32);
-        }
-        // SAFETY: buf is valid for its length.
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            continue;
-        }
-        let b = &buf[..n as usize];
-        let ihl = ((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4;
-        if b.len() < ihl + 8 || b[12..16] != ip.octets() {
-            continue;
-        }
-        let icmp = &b[ihl..];
-        if icmp[0] == 0 && icmp[4..6] == id.to_be_bytes() {
-            return (true, "echo reply".into());
-        }
-    }
-}
-
-/// An ICMPv6 echo over a raw socket (root; the kernel fills in the
-/// checksum), waiting for the matching reply.
-fn icmp6_probe(ip: Ipv6Addr, timeout: Duration) -> (bool, String) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMPV6) };
-    if fd < 0 {
-        return (false, format!("raw socket: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let id = (std::process::id() as u16) ^ (rand_u16());
-    let mut pkt = vec![128u8, 0, 0, 0];
-    pkt.extend_from_slice(&id.to_be_bytes());
-    pkt.extend_from_slice(&1u16.to_be_bytes());
-    pkt.extend_from_slice(b"cilium-lab-probe");
-    // SAFETY: an all-zero sockaddr_in6 is valid; the fields are set below.
-    let mut addr: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-    addr.sin6_family = libc::AF_INET6 as u16;
-    addr.sin6_addr = libc::in6_addr { s6_addr: ip.octets() };
-    // SAFETY: valid buffer and sockaddr of the stated lengths.
-    let sent = unsafe {
-        libc::sendto(sock.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0, (&addr as *const libc::sockaddr_in6).cast(), size_of::<libc::sockaddr_in6>() as u32)
-    };
-    if sent < 0 {
-        return (false, format!("send failed: {}", std::io::Error::last_os_error()));
-    }
-    let deadline = Instant::now() + timeout;
-    let mut buf = [0u8; 1500];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (false, format!("no echo reply within {timeout:?} (dropped)"));
-        }
-        let tv = libc::timeval { tv_sec: left.as_secs() as i64, tv_usec: left.subsec_micros() as i64 };
-        // SAFETY: setting a timeval socket option with its exact size.
-        unsafe {
-            libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32);
-        }
-        // SAFETY: all-zero is a valid sockaddr_in6 to receive into.
-        let mut from: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-        let mut from_len = size_of::<libc::sockaddr_in6>() as u32;
-        // SAFETY: buf and from are valid for their lengths.
-        let n = unsafe {
-            libc::recvfrom(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0, (&mut from as *mut libc::sockaddr_in6).cast(), &mut from_len)
+        let _ = sock.set_read_timeout(Some(left));
+        let Ok(n) = (&sock).read(&mut buf) else { continue };
+        let b = &buf[..n];
+        // raw IPv4 sockets deliver the IP header too, IPv6 ones do not
+        let icmp = match ip {
+            IpAddr::V4(_) => b.get(((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4..).unwrap_or(&[]),
+            IpAddr::V6(_) => b,
         };
-        if n < 8 {
-            continue;
-        }
-        // raw ICMPv6 sockets deliver the message without its IPv6 header
-        let b = &buf[..n as usize];
-        if from.sin6_addr.s6_addr == ip.octets() && b[0] == 129 && b[4..6] == id.to_be_bytes() {
+        if icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
             return (true, "echo reply".into());
         }
     }
