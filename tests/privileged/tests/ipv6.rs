@@ -109,11 +109,14 @@ fn dual_stack_pods_under_policy() {
     let server = format!("unix:///var/run/cilium-lab/{}/node1/hubble.sock", lab.name);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = Command::new(bin_dir().join("hubble")).args(["observe", "--server", &server, "--all", "--verdict", "DROPPED", "-o", "json"]).output().unwrap();
+        let out = Command::new(bin_dir().join("hubble"))
+            .args(["observe", "--server", &server, "--all", "--verdict", "DROPPED", "--ip-version", "v6", "-o", "json"])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        let found = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v.get("flow").cloned()).any(|f| {
-            f["IP"]["ipVersion"] == "IPv6" && f["source"]["pod_name"] == "c" && f["destination"]["pod_name"] == "b" && f["drop_reason_desc"] == "POLICY_DENIED"
-        });
+        let flows: Vec<Value> = text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).filter_map(|v| v.get("flow").cloned()).collect();
+        assert!(flows.iter().all(|f| f["IP"]["ipVersion"] == "IPv6"), "--ip-version v6 lets only IPv6 flows through:\n{text}");
+        let found = flows.iter().any(|f| f["source"]["pod_name"] == "c" && f["destination"]["pod_name"] == "b" && f["drop_reason_desc"] == "POLICY_DENIED");
         if found {
             break;
         }
