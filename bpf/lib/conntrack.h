@@ -36,30 +36,38 @@ struct ct_result {
 };
 
 /*
- * The IPv6 half of ct_entry_op, a subprogram of its own: kept out of the
+ * The IPv6 half of ct_entry_op, in subprograms of their own: kept out of the
  * inlined IPv4 path, which stays as short as it was before IPv6 (measured
  * with BPF_PROG_RUN: inlining both costs IPv4 packets about 10 ns).
  */
-static __attribute__((noinline)) struct ct_entry *ct6_entry_op(const struct pkt *p, int local_src, int inner,
-								struct ct_entry *store)
+static __always_inline void ct6_key_of(struct ct6_key *k, const struct pkt *p, int local_src, int inner)
 {
-	struct ct6_key k;
 	const __u32 *s = inner ? p->inner_saddr6 : p->saddr6;
 	const __u32 *d = inner ? p->inner_daddr6 : p->daddr6;
 	__u16 sport = inner ? p->inner_sport : p->sport;
 	__u16 dport = inner ? p->inner_dport : p->dport;
-	__builtin_memcpy(k.local, local_src ? s : d, 16);
-	__builtin_memcpy(k.remote, local_src ? d : s, 16);
-	k.lport = local_src ? sport : dport;
-	k.rport = local_src ? dport : sport;
-	k.protocol = inner ? p->inner_protocol : p->protocol;
-	k.pad0 = 0;
-	k.pad1 = 0;
-	/* a subprogram may not return its caller's stack: a stored entry
-	 * comes back as a map value pointer, looked up again */
-	if (store && bpf_map_update_elem(&cilium_ct6, &k, store, BPF_ANY) < 0)
-		return 0;
+	__builtin_memcpy(k->local, local_src ? s : d, 16);
+	__builtin_memcpy(k->remote, local_src ? d : s, 16);
+	k->lport = local_src ? sport : dport;
+	k->rport = local_src ? dport : sport;
+	k->protocol = inner ? p->inner_protocol : p->protocol;
+	k->pad0 = 0;
+	k->pad1 = 0;
+}
+
+static __attribute__((noinline)) struct ct_entry *ct6_find(const struct pkt *p, int local_src, int inner)
+{
+	struct ct6_key k;
+	ct6_key_of(&k, p, local_src, inner);
 	return bpf_map_lookup_elem(&cilium_ct6, &k);
+}
+
+/* a subprogram may not return its caller's stack: 0 or a negative error */
+static __attribute__((noinline)) int ct6_store(const struct pkt *p, int local_src, struct ct_entry *e)
+{
+	struct ct6_key k;
+	ct6_key_of(&k, p, local_src, 0);
+	return bpf_map_update_elem(&cilium_ct6, &k, e, BPF_ANY);
 }
 
 /*
@@ -72,8 +80,11 @@ static __attribute__((noinline)) struct ct_entry *ct6_entry_op(const struct pkt 
 static __always_inline struct ct_entry *ct_entry_op(const struct pkt *p, int local_src, int inner,
 						    struct ct_entry *store)
 {
-	if (p->family == 6)
-		return ct6_entry_op(p, local_src, inner, store);
+	if (p->family == 6) {
+		if (!store)
+			return ct6_find(p, local_src, inner);
+		return ct6_store(p, local_src, store) < 0 ? 0 : store;
+	}
 	__u16 sport = inner ? p->inner_sport : p->sport;
 	__u16 dport = inner ? p->inner_dport : p->dport;
 	struct ct_key k;

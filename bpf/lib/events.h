@@ -19,8 +19,8 @@ static __always_inline __u64 event_submit_flags(__u64 record)
 {
 	__u64 avail = bpf_ringbuf_query(&cilium_events, BPF_RB_AVAIL_DATA);
 	__u64 mark = bpf_ringbuf_query(&cilium_events, BPF_RB_RING_SIZE) >> 3;
-	/* avail counts this record and its 8-byte header */
-	return avail > mark && avail <= mark + record + 8 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	/* avail counts this record and its 8-byte header, rounded up to 8 */
+	return avail > mark && avail <= mark + ((record + 8 + 7) & ~7ULL) ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline void metrics_update(struct __sk_buff *skb, __u8 reason, __u8 dir)

@@ -1,7 +1,7 @@
 //! Per-packet cost of the endpoint programs, measured in the kernel with
 //! BPF_PROG_RUN (`repeat`): the same loaded object the agent uses, private
-//! maps, one endpoint. Established TCP in both directions and both
-//! families, and a packet that emits a trace event. Medians of rounds; the
+//! maps, one endpoint. Established TCP the pod opened (its packets out and
+//! the replies in) in both families, and a packet that emits a trace event. Medians of rounds; the
 //! ratios compare with IPv4's established egress packet of the same run.
 
 use std::fmt::Write as _;
@@ -66,14 +66,14 @@ pub fn run(rounds: usize) -> anyhow::Result<String> {
     // traced, so each emits an event
     let cases: Vec<(&str, Program, Vec<u8>, u32)> = vec![
         ("IPv4 TCP, established, pod egress", Program::FromContainer, ipv4(POD, PEER, 6, &tcp_ack(40000, 80)), REPEAT),
-        ("IPv4 TCP, established, pod ingress", Program::ToContainer, ipv4(PEER, POD, 6, &tcp_ack(80, 40000)), REPEAT),
+        ("IPv4 TCP, established, reply into the pod", Program::ToContainer, ipv4(PEER, POD, 6, &tcp_ack(80, 40000)), REPEAT),
         ("IPv6 TCP, established, pod egress", Program::FromContainer, ipv6(POD6, PEER6, 6, &tcp_ack(40000, 80)), REPEAT),
-        ("IPv6 TCP, established, pod ingress", Program::ToContainer, ipv6(PEER6, POD6, 6, &tcp_ack(80, 40000)), REPEAT),
+        ("IPv6 TCP, established, reply into the pod", Program::ToContainer, ipv6(PEER6, POD6, 6, &tcp_ack(80, 40000)), REPEAT),
         ("IPv4 ICMP, traced (one event each)", Program::FromContainer, ipv4(POD, PEER, 1, &[13, 0, 0, 0, 0, 1, 0, 1]), 20_000),
     ];
     let mut rows = Vec::new();
     for (name, prog, pkt, repeat) in &cases {
-        // the first run creates the connection
+        // the first egress run creates the connection the replies belong to
         dp.test_run(*prog, pkt, IFINDEX)?;
         let mut ns = Vec::new();
         for _ in 0..rounds {

@@ -148,12 +148,21 @@ fn icmp_probe(ip: IpAddr, timeout: Duration) -> (bool, String) {
         if left.is_zero() {
             return (false, format!("no echo reply within {timeout:?} (dropped)"));
         }
-        let _ = sock.set_read_timeout(Some(left));
-        let Ok(n) = (&sock).read(&mut buf) else { continue };
+        // a zero timeout would mean none at all
+        let _ = sock.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        let n = match (&sock).read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted) => continue,
+            // the connected socket hears of ICMP errors (unreachable, ...)
+            Err(e) => return (false, format!("receive failed: {e}")),
+        };
         let b = &buf[..n];
         // raw IPv4 sockets deliver the IP header too, IPv6 ones do not
+        // (and what arrived before connect() was not filtered: the
+        // IPv4 header's source is checked again)
         let icmp = match ip {
-            IpAddr::V4(_) => b.get(((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4..).unwrap_or(&[]),
+            IpAddr::V4(v4) if b.len() >= 20 && b[12..16] == v4.octets() => b.get(((b[0] & 0x0f) as usize) * 4..).unwrap_or(&[]),
+            IpAddr::V4(_) => continue,
             IpAddr::V6(_) => b,
         };
         if icmp.len() >= 8 && icmp[0] == reply && icmp[4..6] == id.to_be_bytes() {
