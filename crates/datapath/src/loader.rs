@@ -348,11 +348,7 @@ impl Loaded {
 
     fn src_range_del(&mut self, key: &Lb4SrcRangeKey) -> Result<()> {
         let k = Key::new(key.prefixlen, SrcRangeLpm { rev_nat_index: key.rev_nat_index, pad: 0, addr: key.addr });
-        match self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.remove(&k) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-            Err(e) => Err(map_err(MAP_LB_SRC_RANGE)(e)),
-        }
+        absent_ok(self.lpm_mut::<SrcRangeLpm, u8>(MAP_LB_SRC_RANGE)?.remove(&k), MAP_LB_SRC_RANGE)
     }
 
     /// Attaches a pair of programs to an interface as cls_bpf filters
@@ -452,6 +448,25 @@ impl Loaded {
             .map_err(|source| DatapathError::Io { what: format!("deleting from {name}"), source })
     }
 
+    /// Removes the address keys of an endpoint that still lead to it,
+    /// except those `keep` (its new entry) still has.
+    fn forget_addresses(&mut self, old: &EndpointInfo, keep: Option<&EndpointInfo>) -> Result<()> {
+        let ifindex = old.ifindex;
+        if keep.is_none_or(|k| k.ipv4 != old.ipv4) {
+            let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
+            if ips.get(&old.ipv4, 0).ok() == Some(ifindex) {
+                absent_ok(ips.remove(&old.ipv4), MAP_LXC_IP)?;
+            }
+        }
+        if has_ipv6(old) && keep.is_none_or(|k| k.ipv6 != old.ipv6) {
+            let mut ips6 = self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?;
+            if ips6.get(&old.ipv6, 0).ok() == Some(ifindex) {
+                absent_ok(ips6.remove(&old.ipv6), MAP_LXC_IP6)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes the event ring buffer (once) for an [`crate::events::EventReader`].
     pub fn take_events(&mut self) -> Option<aya::maps::Map> {
         self.ebpf.take_map(MAP_EVENTS)
@@ -519,6 +534,15 @@ fn drop_incompatible_pin(path: &Path, name: &str, opts: &LoadOptions) {
     }
 }
 
+/// A map removal whose key may already be gone.
+fn absent_ok(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(map)(e)),
+    }
+}
+
 fn ipcache_key(prefix: Ipv4Net) -> Key<u32> {
     Key::new(prefix.prefix_len() as u32, ip_to_be(prefix.network()))
 }
@@ -544,18 +568,7 @@ impl Datapath for Loaded {
             self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.insert(info.ifindex, *info, 0).map_err(full(MAP_LXC))?;
             if let Some(old) = previous.filter(|_| info.ifindex != cilium_abi::HOST_ENDPOINT_IFINDEX) {
                 // an address the endpoint no longer has stops leading to it
-                if old.ipv4 != info.ipv4 {
-                    let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
-                    if ips.get(&old.ipv4, 0).ok() == Some(info.ifindex) {
-                        let _ = ips.remove(&old.ipv4);
-                    }
-                }
-                if has_ipv6(&old) && old.ipv6 != info.ipv6 {
-                    let mut ips6 = self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?;
-                    if ips6.get(&old.ipv6, 0).ok() == Some(info.ifindex) {
-                        let _ = ips6.remove(&old.ipv6);
-                    }
-                }
+                self.forget_addresses(&old, Some(info))?;
             }
             if info.ifindex == cilium_abi::HOST_ENDPOINT_IFINDEX {
                 // the host endpoint's addresses are the node's, not a pod's
@@ -573,26 +586,12 @@ impl Datapath for Loaded {
 
     fn endpoint_delete(&mut self, ifindex: u32) -> Result<()> {
         let r = (|| -> Result<()> {
-            let gone = |r: std::result::Result<(), aya::maps::MapError>, map: &'static str| match r {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(e) => Err(map_err(map)(e)),
-            };
             let existing = self.hash::<u32, EndpointInfo>(MAP_LXC)?.get(&ifindex, 0).ok();
             if let Some(info) = existing {
-                let mut ips = self.hash_mut::<u32, u32>(MAP_LXC_IP)?;
-                if ips.get(&info.ipv4, 0).ok() == Some(ifindex) {
-                    gone(ips.remove(&info.ipv4), MAP_LXC_IP)?;
-                }
-                if has_ipv6(&info) {
-                    let mut ips6 = self.hash_mut::<[u8; 16], u32>(MAP_LXC_IP6)?;
-                    if ips6.get(&info.ipv6, 0).ok() == Some(ifindex) {
-                        gone(ips6.remove(&info.ipv6), MAP_LXC_IP6)?;
-                    }
-                }
+                self.forget_addresses(&info, None)?;
             }
             let r = self.hash_mut::<u32, EndpointInfo>(MAP_LXC)?.remove(&ifindex);
-            gone(r, MAP_LXC)
+            absent_ok(r, MAP_LXC)
         })();
         self.count(MAP_LXC, "delete", r.is_ok());
         r
@@ -617,16 +616,9 @@ impl Datapath for Loaded {
     }
 
     fn ipcache_delete(&mut self, prefix: IpNet) -> Result<()> {
-        let absent_ok = |map: &'static str| {
-            move |r: std::result::Result<(), aya::maps::MapError>| match r {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(e) => Err(map_err(map)(e)),
-            }
-        };
         let (map, r) = match prefix {
-            IpNet::V4(p) => (MAP_IPCACHE, self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE).and_then(|mut m| absent_ok(MAP_IPCACHE)(m.remove(&ipcache_key(p))))),
-            IpNet::V6(p) => (MAP_IPCACHE6, self.lpm_mut::<[u8; 16], IpcacheValue>(MAP_IPCACHE6).and_then(|mut m| absent_ok(MAP_IPCACHE6)(m.remove(&ipcache6_key(p))))),
+            IpNet::V4(p) => (MAP_IPCACHE, self.lpm_mut::<u32, IpcacheValue>(MAP_IPCACHE).and_then(|mut m| absent_ok(m.remove(&ipcache_key(p)), MAP_IPCACHE))),
+            IpNet::V6(p) => (MAP_IPCACHE6, self.lpm_mut::<[u8; 16], IpcacheValue>(MAP_IPCACHE6).and_then(|mut m| absent_ok(m.remove(&ipcache6_key(p)), MAP_IPCACHE6))),
         };
         self.count(map, "delete", r.is_ok());
         r
@@ -665,11 +657,7 @@ impl Datapath for Loaded {
     fn policy_delete(&mut self, key: &PolicyKey) -> Result<()> {
         let r = (|| -> Result<()> {
             let mut m = self.lpm_mut::<PolicyLpm, PolicyEntry>(MAP_POLICY)?;
-            match m.remove(&to_lpm(key)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-                Err(aya::maps::MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-                Err(e) => Err(map_err(MAP_POLICY)(e)),
-            }
+            absent_ok(m.remove(&to_lpm(key)), MAP_POLICY)
         })();
         self.count(MAP_POLICY, "delete", r.is_ok());
         r

@@ -173,8 +173,21 @@ impl TestLab {
     }
 
     pub fn probe(&self, from: &str, to: &str, port: u16, protocol: &str) -> bool {
-        let out = self.lab(&["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol, "--timeout", "1"]);
-        let v: Value = serde_json::from_str(out.trim()).expect("probe json");
+        self.probe_family(from, to, port, protocol, false)
+    }
+
+    /// [`Self::probe`] to the target's IPv6 address with `ipv6` (labs made
+    /// with `--ipv6`).
+    pub fn probe_family(&self, from: &str, to: &str, port: u16, protocol: &str, ipv6: bool) -> bool {
+        let port = port.to_string();
+        let mut args = vec!["probe", "--from", from, "--to", to, "--port", &port, "--protocol", protocol, "--timeout", "1"];
+        if ipv6 {
+            args.push("--ipv6");
+        }
+        let v: Value = serde_json::from_str(self.lab(&args).trim()).expect("probe json");
+        if ipv6 {
+            assert!(v["ip"].as_str().is_some_and(|ip| ip.contains(':')), "an IPv6 destination: {v}");
+        }
         v["reachable"].as_bool().expect("reachable field")
     }
 

@@ -56,20 +56,6 @@ spec:
   - toEntities: [world-ipv6]
 "#;
 
-/// One probe over IPv6 (or IPv4): whether it was answered.
-fn probe(lab: &TestLab, from: &str, to: &str, port: u16, protocol: &str, ipv6: bool) -> bool {
-    let mut args = vec!["probe", "--from", from, "--to", to, "--port", &port.to_string(), "--protocol", protocol, "--timeout", "1"].into_iter().map(String::from).collect::<Vec<_>>();
-    if ipv6 {
-        args.push("--ipv6".into());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let v: Value = serde_json::from_str(lab.lab(&args).trim()).expect("probe json");
-    if ipv6 {
-        assert!(v["ip"].as_str().unwrap().contains(':'), "an IPv6 destination: {v}");
-    }
-    v["reachable"].as_bool().expect("reachable")
-}
-
 #[test]
 fn dual_stack_pods_under_policy() {
     let lab = TestLab::create(&[ABC], &[], &["--ipv6"]);
@@ -80,7 +66,7 @@ fn dual_stack_pods_under_policy() {
 
     // no policy: everything answers over IPv6
     for (from, to, port, proto) in [("a", "b", 80, "tcp"), ("a", "b", 53, "udp"), ("a", "b", 0, "icmp"), ("world", "a", 80, "tcp"), ("a", "world", 80, "tcp"), ("c", "2001:db8:113::10", 80, "tcp")] {
-        assert!(probe(&lab, from, to, port, proto, true), "{from} -> {to}:{port}/{proto} over IPv6 without policy");
+        assert!(lab.probe_family(from, to, port, proto, true), "{from} -> {to}:{port}/{proto} over IPv6 without policy");
     }
 
     lab.apply(POLICIES);
@@ -102,7 +88,7 @@ fn dual_stack_pods_under_policy() {
         ("c", "b", 80, "tcp", true, false),
     ];
     for (from, to, port, proto, ipv6, want) in cases {
-        assert_eq!(probe(&lab, from, to, *port, proto, *ipv6), *want, "{from} -> {to}:{port}/{proto} ipv6={ipv6}");
+        assert_eq!(lab.probe_family(from, to, *port, proto, *ipv6), *want, "{from} -> {to}:{port}/{proto} ipv6={ipv6}");
     }
 
     // Hubble shows the IPv6 drop with the pods' names
@@ -134,8 +120,8 @@ fn dual_stack_pods_under_policy() {
     }
     let eps: Value = serde_json::from_str(&lab.cilium_ok(&["endpoint", "list", "-o", "json"])).unwrap();
     assert!(eps.as_array().unwrap().iter().all(|e| e["ipv6"].as_str().is_some_and(|a| a.starts_with("fd00:10:1::"))), "{eps}");
-    assert!(probe(&lab, "a", "b", 80, "tcp", true));
-    assert!(!probe(&lab, "c", "b", 80, "tcp", true));
+    assert!(lab.probe_family("a", "b", 80, "tcp", true));
+    assert!(!lab.probe_family("c", "b", 80, "tcp", true));
     let status = lab.cilium_ok(&["status"]);
     assert!(status.contains("IPv6: 4/65534 allocated from fd00:10:1::/112, router fd00:10:1::1"), "{status}");
     assert!(lab.cilium_ok(&["endpoint", "list"]).contains("fd00:10:1::"));
@@ -183,11 +169,11 @@ fn ipv6_across_nodes_by_labels() {
         assert!(b["ip6"].as_str().unwrap().starts_with("fd00:10:2::"), "{b}");
         // the first packets may race the other node learning a's address
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !probe(&lab, "a", "b", 80, "tcp", true) {
+        while !lab.probe_family("a", "b", 80, "tcp", true) {
             assert!(Instant::now() < deadline, "{extra:?}: a -> b over IPv6 across nodes, allowed by labels");
         }
-        assert!(!probe(&lab, "c", "b", 80, "tcp", true), "{extra:?}: c is not admitted");
-        assert!(probe(&lab, "a", "b", 80, "tcp", false), "{extra:?}: nor does IPv4 change");
+        assert!(!lab.probe_family("c", "b", 80, "tcp", true), "{extra:?}: c is not admitted");
+        assert!(lab.probe_family("a", "b", 80, "tcp", false), "{extra:?}: nor does IPv4 change");
         let ipcache = lab.cilium_on("node2", &["bpf", "ipcache", "list"]);
         let a6 = lab.pods().into_iter().find(|p| p["name"] == "a").unwrap()["ip6"].as_str().unwrap().to_string();
         assert!(ipcache.contains(&format!("{a6}/128")), "{extra:?}: node2's ipcache has a's IPv6 address:\n{ipcache}");
@@ -236,7 +222,7 @@ fn to_fqdns_learns_ipv6_answers() {
         &format!("--listen-address={dns}"), "--address=/api6.example.com/2001:db8:113::10", "--pid-file=", "--user=root",
     ]);
     assert!(out.status.success(), "dnsmasq: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(!probe(&lab, "client", "2001:db8:113::10", 80, "tcp", true), "nothing learned yet");
+    assert!(!lab.probe_family("client", "2001:db8:113::10", 80, "tcp", true), "nothing learned yet");
     let mut answer = String::new();
     for _ in 0..20 {
         let o = lab.lab_output(&["exec", "default/client", "--", "dig", "+time=2", "+tries=1", &format!("@{dns}"), "api6.example.com", "AAAA"]);
@@ -247,8 +233,8 @@ fn to_fqdns_learns_ipv6_answers() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(answer.contains("2001:db8:113::10"), "{answer}");
-    assert!(probe(&lab, "client", "2001:db8:113::10", 80, "tcp", true), "the learned IPv6 address is allowed");
-    assert!(!probe(&lab, "client", "world", 80, "tcp", true), "another IPv6 address is not");
+    assert!(lab.probe_family("client", "2001:db8:113::10", 80, "tcp", true), "the learned IPv6 address is allowed");
+    assert!(!lab.probe_family("client", "world", 80, "tcp", true), "another IPv6 address is not");
     let list = lab.cilium_ok(&["fqdn", "cache", "list"]);
     assert!(list.lines().any(|l| l.starts_with("api6.example.com.") && l.ends_with("2001:db8:113::10")), "{list}");
 }
