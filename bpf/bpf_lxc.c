@@ -35,18 +35,36 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
 	return TC_ACT_SHOT;
 }
 
+/* An egress packet not traced where it leaves: the local endpoint it goes to
+ * traces it at its ingress (to-endpoint). */
+#define TRACE_POINT_NONE 0xff
+
+static __always_inline __u32 monitor_aggregation(void)
+{
+	__u32 idx = 0;
+	struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
+	return rt ? rt->monitor_aggregation : MONITOR_AGGREGATION_MEDIUM;
+}
+
 /*
  * The policy decision shared by both hooks. `egress` selects the endpoint's
  * egress (from-container) or ingress (to-container) policy; `peer_id` is the
- * identity of the other side. Returns TC_ACT_OK or TC_ACT_SHOT; when the
- * connection belongs to the L7 proxy, *proxy_port (network order) says which.
+ * identity of the other side; `out_point` is where an egress packet goes
+ * (to-stack, to-network, or TRACE_POINT_NONE for a local endpoint), its
+ * trace point unless aggregation is off (then: from-endpoint). Returns
+ * TC_ACT_OK or TC_ACT_SHOT; when the connection belongs to the L7 proxy,
+ * *proxy_port (network order) says which.
  */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
 				   struct pkt *p, int egress, __u32 peer_id, __u32 now,
-				   __u16 *proxy_port)
+				   __u16 *proxy_port, __u8 out_point)
 {
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
-	__u8 point = egress ? TRACE_FROM_LXC : TRACE_TO_LXC;
+	__u32 aggregation = monitor_aggregation();
+	__u8 point = !egress ? TRACE_TO_LXC
+		     : aggregation == MONITOR_AGGREGATION_NONE ? TRACE_FROM_LXC : out_point;
+	/* below MEDIUM every packet is traced, else those with new TCP flags */
+	int every_packet = aggregation < MONITOR_AGGREGATION_MEDIUM;
 	__u32 src_id = egress ? ep->sec_identity : peer_id;
 	__u32 dst_id = egress ? peer_id : ep->sec_identity;
 	__u8 dir_flag = egress ? 0 : EVENT_F_INGRESS;
@@ -62,10 +80,11 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 		return drop(skb, ep->ep_id, DROP_CT_UNKNOWN_PROTO, src_id, dst_id, dir_flag,
 			    metric_dir, p);
 	ct_lookup(p, egress, skb->len, now, &ct);
+	int traced = point != TRACE_POINT_NONE && (every_packet || ct.new_flags);
 
 	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
 		/* Replies of allowed connections pass without a policy lookup. */
-		if (ct.new_flags)
+		if (traced)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag | (ct.status == CT_REPLY ? EVENT_F_REPLY : EVENT_F_RELATED), p);
 		metrics_update(skb, 0, metric_dir);
 		return TC_ACT_OK;
@@ -78,7 +97,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {
 		/* Verdict cached for this connection at the current policy revision. */
 		*proxy_port = ct.entry->proxy_port;
-		if (ct.new_flags && !*proxy_port)
+		if (traced && !*proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 		metrics_update(skb, 0, metric_dir);
 		return TC_ACT_OK;
@@ -102,16 +121,17 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 		int ret = ct_create(p, egress, skb->len, now, src_id, rev, pol.proxy_port);
 		if (ret < 0)
 			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
-		if (!pol.proxy_port)
+		if (!pol.proxy_port && point != TRACE_POINT_NONE)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.status == CT_NEW) {
 		/* untracked ICMP and ICMP errors: every packet is judged and traced */
-		emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
+		if (point != TRACE_POINT_NONE)
+			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.entry) {
 		/* Re-checked after a policy change: remember the new revision. */
 		ct.entry->policy_rev = rev;
 		ct.entry->proxy_port = pol.proxy_port;
-		if (ct.new_flags && !pol.proxy_port)
+		if (traced && !pol.proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	}
 	metrics_update(skb, 0, metric_dir);
@@ -138,7 +158,8 @@ static __always_inline int host_enforce(struct __sk_buff *skb, struct pkt *p, in
 	__u16 proxy = 0;
 	if (!h)
 		return TC_ACT_OK;
-	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy);
+	/* its egress here is to a local endpoint, whose ingress follows */
+	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy, TRACE_POINT_NONE);
 }
 
 /* What the node sends out (to the network or the tunnel), for its host
@@ -158,7 +179,7 @@ static __always_inline int host_egress(struct __sk_buff *skb, struct pkt *p, __u
 		tracked.flags &= ~(EP_F_INGRESS_ENFORCE | EP_F_EGRESS_ENFORCE);
 		h = &tracked;
 	}
-	return enforce(skb, h, p, 1, dst_id, now_seconds(), &proxy);
+	return enforce(skb, h, p, 1, dst_id, now_seconds(), &proxy, TRACE_TO_NETWORK);
 }
 
 /* Translated by the service load balancer and sent on from a tc ingress
@@ -285,7 +306,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * packet goes straight to it. */
 		struct endpoint_info *dst = pkt_endpoint(&p, 0);
 		__u32 dst_id = dst ? dst->sec_identity : pkt_identity(&p, 0);
-		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy);
+		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, dst ? TRACE_POINT_NONE : TRACE_TO_STACK);
 		if (ret != TC_ACT_OK)
 			return ret;
 		/* The source's egress wants the L7 proxy: it goes there; the
@@ -295,7 +316,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		if (!dst)
 			/* to the node itself: its host firewall's ingress */
 			return dst_id == IDENTITY_HOST ? host_enforce(skb, &p, 0, ep->sec_identity) : TC_ACT_OK;
-		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy);
+		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy, TRACE_POINT_NONE);
 		if (ret != TC_ACT_OK)
 			return ret;
 		if (proxy)
@@ -312,7 +333,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 			struct endpoint_info *src = pkt_endpoint(&p, 1);
 			id = src ? src->sec_identity : pkt_identity(&p, 1);
 		}
-		return enforce(skb, ep, &p, 0, id, now, &proxy);
+		return enforce(skb, ep, &p, 0, id, now, &proxy, TRACE_POINT_NONE);
 	}
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
@@ -325,7 +346,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		if (ret != TC_ACT_OK)
 			return ret;
 	}
-	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy);
+	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy, TRACE_POINT_NONE);
 	if (ret == TC_ACT_OK && proxy) {
 		/* L7 ingress rules for what the node's stack sends (its own
 		 * connections, NodePort flows to this backend): the proxy is
@@ -371,7 +392,7 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || saddr_id == IDENTITY_HOST)
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, src_id, ep->sec_identity, EVENT_F_INGRESS, METRIC_INGRESS, p);
 	__u16 proxy = 0;
-	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy);
+	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy, TRACE_POINT_NONE);
 	if (ret != TC_ACT_OK)
 		return ret;
 	if (proxy)
@@ -608,9 +629,9 @@ struct abi_anchor {
 	struct lb_maglev_key lb_maglev_key;
 	struct lb_affinity_key lb_affinity_key;
 	struct lb_affinity_value lb_affinity_value;
-	struct lb_sock_key lb_sock_key;
 	struct lb4_nat_key lb4_nat_key;
 	struct lb4_nat_entry lb4_nat_entry;
+	struct lb_sock_key lb_sock_key;
 	struct lb4_src_range_key lb4_src_range_key;
 	enum lb_nat_dir lb_nat_dir;
 	enum lb_flags lb_flags;
@@ -625,6 +646,7 @@ struct abi_anchor {
 	enum policy_entry_flags policy_entry_flags;
 	enum ct_entry_flags ct_entry_flags;
 	enum metric_dir metric_dir;
+	enum monitor_aggregation monitor_aggregation;
 };
 
 __attribute__((noinline)) int cilium_abi_anchor(struct abi_anchor *a)

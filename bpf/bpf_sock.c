@@ -42,8 +42,18 @@ static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx)
 		return 0;
 	}
 	struct lb_sock_key skey = { .cookie = cookie, .address = backend->address, .port = backend->port };
-	struct lb4_reverse_nat rev = { .address = addr, .port = dport };
-	bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &rev, BPF_ANY);
+	struct lb4_reverse_nat *rev = bpf_map_lookup_elem(&cilium_lb4_sock_revnat, &skey);
+	if (rev) {
+		/* a socket sending to this backend again (UDP) */
+		rev->address = addr;
+		rev->port = dport;
+	} else {
+		struct lb4_reverse_nat new_rev = { .address = addr, .port = dport };
+		__u32 slot = (__u32)cookie % LB_SOCK_HINT_SLOTS;
+		__u32 *hint = bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot);
+		if (bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &new_rev, BPF_NOEXIST) == 0 && hint)
+			__sync_fetch_and_add(hint, 1);
+	}
 	ctx->user_ip4 = backend->address;
 	ctx->user_port = backend->port;
 	return 1;
@@ -89,18 +99,27 @@ int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
 }
 
 /* A translated socket goes away: so does its reverse entry (an LRU map that
- * fills up evicts on every insert, which new connections would pay for). */
+ * fills up evicts on every insert, which new connections would pay for);
+ * a socket never translated skips the map (cilium_lb4_sock_hint). An
+ * unconnected UDP socket has no single destination: its entries are left to
+ * the LRU. */
 SEC("cgroup/sock_release")
 int cil_sock_release(struct bpf_sock *ctx)
 {
 	if (ctx->family != 2 /* AF_INET */ || !ctx->dst_ip4)
 		return 1;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u32 slot = (__u32)cookie % LB_SOCK_HINT_SLOTS;
+	__u32 *hint = bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot);
+	if (hint && !*hint)
+		return 1; /* never translated (or its entry is gone) */
 	struct lb_sock_key skey = {
-		.cookie = bpf_get_socket_cookie(ctx),
+		.cookie = cookie,
 		.address = ctx->dst_ip4,
 		.port = (__u16)ctx->dst_port,
 	};
-	bpf_map_delete_elem(&cilium_lb4_sock_revnat, &skey);
+	if (bpf_map_delete_elem(&cilium_lb4_sock_revnat, &skey) == 0 && hint)
+		__sync_fetch_and_sub(hint, 1);
 	return 1;
 }
 

@@ -268,6 +268,21 @@ struct runtime_config {
 	__u32 maglev_size;       /* slots of every Maglev table (a prime) */
 	__u32 masq_addr;         /* node IPv4 pods' traffic to the world leaves from
 				  * (network byte order); 0: no masquerading */
+	__u32 monitor_aggregation; /* enum monitor_aggregation */
+};
+
+/* How much the endpoint programs trace (upstream's --monitor-aggregation
+ * levels). From LOWEST on, a packet is traced where it goes (to-endpoint,
+ * to-stack, to-proxy), not also where it comes from (from-endpoint); from
+ * MEDIUM on, only packets that open, close or reset a connection (TCP
+ * flags SYN, FIN, RST not seen before in their direction) and new non-TCP
+ * flows are. Drops and policy verdicts are always reported. */
+enum monitor_aggregation {
+	MONITOR_AGGREGATION_NONE = 0,
+	MONITOR_AGGREGATION_LOWEST = 1,
+	MONITOR_AGGREGATION_LOW = 2,
+	MONITOR_AGGREGATION_MEDIUM = 3,
+	MONITOR_AGGREGATION_MAXIMUM = 4,
 };
 
 /* ---- service load balancing ----

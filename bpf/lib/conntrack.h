@@ -114,14 +114,22 @@ static __always_inline __u32 ct_lifetime(const struct ct_entry *e, __u8 protocol
 }
 
 /* TCP flags whose first appearance in a direction is reported as a trace
- * event, as upstream's "medium" monitor aggregation: a connection reports its
- * opening, its closing and resets, not every ACK. */
+ * event from MEDIUM monitor aggregation on, as upstream: a connection
+ * reports its opening, its closing and resets, not every ACK. */
 #define TRACE_TCP_FLAGS (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)
 
 static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, __u32 len,
 				       int reply, __u32 now)
 {
 	__u8 new_flags;
+	if (p->protocol == IPPROTO_TCP && !reply && (e->flags & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)) &&
+	    (p->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) == TCP_FLAG_SYN) {
+		/* a new SYN on a closed tuple reopens it: a new connection,
+		 * whose opening and closing are reported again */
+		e->flags &= ~(CT_F_TX_CLOSING | CT_F_RX_CLOSING | CT_F_SEEN_REPLY);
+		e->tx_flags_seen = 0;
+		e->rx_flags_seen = 0;
+	}
 	if (reply) {
 		e->rx_packets += 1;
 		e->rx_bytes += len;
@@ -142,10 +150,6 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
 			e->flags |= CT_F_TX_CLOSING | CT_F_RX_CLOSING;
 		else if (p->tcp_flags & TCP_FLAG_FIN)
 			e->flags |= reply ? CT_F_RX_CLOSING : CT_F_TX_CLOSING;
-		else if ((p->tcp_flags & TCP_FLAG_SYN) && !reply &&
-			 (e->flags & (CT_F_TX_CLOSING | CT_F_RX_CLOSING)))
-			/* a new SYN on a closed tuple reopens it */
-			e->flags &= ~(CT_F_TX_CLOSING | CT_F_RX_CLOSING | CT_F_SEEN_REPLY);
 	}
 	__u32 lifetime = now + ct_lifetime(e, p->protocol);
 	if (e->lifetime != lifetime)

@@ -41,6 +41,22 @@ struct {
 	__uint(max_entries, 262144);
 } cilium_lb4_sock_revnat SEC(".maps");
 
+/* How many reverse entries may exist for the sockets whose cookie falls in
+ * each slot (cookie modulo the size): incremented when an entry is made,
+ * decremented when the release of its socket removes it. A socket whose slot
+ * is zero has none, so its release skips the map, a random access to a large
+ * table that every socket (most never translated) would otherwise pay for.
+ * Entries the LRU evicts leave their slot higher than it should be, which
+ * only costs a later release a needless removal. */
+#define LB_SOCK_HINT_SLOTS 16384
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, LB_SOCK_HINT_SLOTS);
+} cilium_lb4_sock_hint SEC(".maps");
+
 static __always_inline struct lb4_service *lb4_lookup_service(__u32 addr, __u16 dport, __u8 proto)
 {
 	struct lb4_key key = { .address = addr, .dport = dport, .backend_slot = 0, .proto = proto };

@@ -197,6 +197,38 @@ impl TracePoint {
 }
 
 abi_enum!(
+    /// How much the endpoint programs trace (upstream's --monitor-aggregation).
+    MonitorAggregation: u32 = "monitor_aggregation" {
+        /// Every packet, where it leaves an endpoint (from-endpoint) and where it
+        /// reaches one (to-endpoint).
+        None = 0 => "MONITOR_AGGREGATION_NONE",
+        /// Every packet, only where it goes (to-endpoint, to-stack, to-proxy).
+        Lowest = 1 => "MONITOR_AGGREGATION_LOWEST",
+        /// As lowest.
+        Low = 2 => "MONITOR_AGGREGATION_LOW",
+        /// Where it goes, only packets that open, close or reset a connection.
+        Medium = 3 => "MONITOR_AGGREGATION_MEDIUM",
+        /// As medium.
+        Maximum = 4 => "MONITOR_AGGREGATION_MAXIMUM",
+    }
+);
+
+impl MonitorAggregation {
+    /// Upstream's names and numbers: none (disabled), lowest, low, medium,
+    /// max (maximum), or 0 to 4.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "none" | "disabled" | "0" => MonitorAggregation::None,
+            "lowest" | "1" => MonitorAggregation::Lowest,
+            "low" | "2" => MonitorAggregation::Low,
+            "medium" | "3" => MonitorAggregation::Medium,
+            "max" | "maximum" | "4" => MonitorAggregation::Maximum,
+            _ => return None,
+        })
+    }
+}
+
+abi_enum!(
     /// Which part of a policy entry matched.
     PolicyMatch: u8 = "policy_match" {
         None = 0 => "POLICY_MATCH_NONE",
@@ -356,6 +388,7 @@ pub fn all_enums() -> Vec<(&'static str, Vec<(&'static str, i64)>)> {
         one::<DropReason>(),
         one::<EventType>(),
         one::<TracePoint>(),
+        one::<MonitorAggregation>(),
         one::<PolicyMatch>(),
         one::<EventFlag>(),
         one::<EndpointFlag>(),

@@ -179,6 +179,8 @@ abi_struct!(
         policy_rev: u32,
         maglev_size: u32,
         masq_addr: u32,
+        /// MonitorAggregation code.
+        monitor_aggregation: u32,
     }
 );
 

@@ -110,6 +110,15 @@ pub struct Config {
     #[arg(long, env = "CILIUM_BPF_EVENTS_RING_SIZE", default_value_t = 1 << 21)]
     pub bpf_events_ring_size: u32,
 
+    /// How much the datapath traces for Hubble and `cilium monitor`: none
+    /// (every packet, where it leaves and where it reaches an endpoint),
+    /// lowest or low (every packet, where it goes), medium or maximum (where
+    /// it goes, only packets that open, close or reset a connection), or 0-4.
+    /// Drops and policy verdicts are always reported. The default is what
+    /// upstream's Helm chart installs.
+    #[arg(long, env = "CILIUM_MONITOR_AGGREGATION", default_value = "medium")]
+    pub monitor_aggregation: String,
+
     /// Slots of each Maglev table (a prime; upstream's --bpf-lb-maglev-table-size).
     #[arg(long, env = "CILIUM_BPF_LB_MAGLEV_TABLE_SIZE", default_value_t = 16381)]
     pub bpf_lb_maglev_table_size: u32,
@@ -284,6 +293,7 @@ pub struct Settings {
     pub events_bytes: u32,
     pub maglev_table_size: u32,
     pub lb_algorithm: cilium_lb::Algorithm,
+    pub monitor_aggregation: cilium_abi::MonitorAggregation,
     /// Empty: detect.
     pub devices: Vec<String>,
     pub log_level: tracing::Level,
@@ -513,6 +523,8 @@ impl Config {
             return Err(bad("bpf-lb-maglev-table-size", m, "must be a prime between 251 and 65521 (e.g. 16381)"));
         }
         let lb_algorithm = cilium_lb::Algorithm::parse(&self.bpf_lb_algorithm).ok_or_else(|| bad("bpf-lb-algorithm", &self.bpf_lb_algorithm, "want random or maglev"))?;
+        let monitor_aggregation = cilium_abi::MonitorAggregation::parse(&self.monitor_aggregation)
+            .ok_or_else(|| bad("monitor-aggregation", &self.monitor_aggregation, "want none, lowest, low, medium, maximum or 0-4"))?;
         let log_level: tracing::Level = self.log_level.parse().map_err(|_| bad("log-level", &self.log_level, "want error, warn, info, debug or trace"))?;
         let json_logs = match self.log_format.as_str() {
             "text" => false,
@@ -613,6 +625,7 @@ impl Config {
             events_bytes: self.bpf_events_ring_size,
             maglev_table_size: m,
             lb_algorithm,
+            monitor_aggregation,
             devices: self.devices,
             log_level,
             json_logs,
@@ -677,6 +690,18 @@ mod tests {
         assert_eq!((e.key.as_str(), e.value.as_str()), ("bpf-lb-algorithm", "round-robin"));
         let s = load(args(&["--ipv4-range", "10.0.1.0/24", "--bpf-lb-algorithm", "maglev", "--bpf-lb-maglev-table-size", "251"])).unwrap();
         assert_eq!((s.lb_algorithm, s.maglev_table_size), (cilium_lb::Algorithm::Maglev, 251));
+        let e = load(args(&["--ipv4-range", "10.0.1.0/24", "--monitor-aggregation", "5"])).unwrap_err();
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("monitor-aggregation", "5"));
+    }
+
+    #[test]
+    fn monitor_aggregation_levels() {
+        use cilium_abi::MonitorAggregation as M;
+        let level = |v: &[&str]| load(args(&[&["--ipv4-range", "10.0.1.0/24"], v].concat())).unwrap().monitor_aggregation;
+        assert_eq!(level(&[]), M::Medium, "upstream's Helm default");
+        for (v, want) in [("none", M::None), ("disabled", M::None), ("0", M::None), ("lowest", M::Lowest), ("Low", M::Low), ("3", M::Medium), ("max", M::Maximum), ("maximum", M::Maximum)] {
+            assert_eq!(level(&["--monitor-aggregation", v]), want, "{v}");
+        }
     }
 
     #[test]

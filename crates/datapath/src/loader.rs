@@ -10,7 +10,7 @@ use aya::programs::{CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 use cilium_abi::{
     Ct6Key, CtEntry, CtKey, EndpointInfo, IpcacheValue, Lb4Backend, Lb4Key, Lb4Service, Lb4SrcRangeKey, LbMaglevKey, MetricsKey,
-    MetricsValue, PolicyEntry, PolicyKey, RuntimeConfig,
+    MetricsValue, MonitorAggregation, PolicyEntry, PolicyKey, RuntimeConfig,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tracing::{info, warn};
@@ -77,6 +77,7 @@ const MAP_LB_BACKENDS: &str = "cilium_lb4_backends";
 const MAP_LB_MAGLEV: &str = "cilium_lb4_maglev";
 const MAP_LB_AFFINITY: &str = "cilium_lb_affinity";
 const MAP_LB_SOCK_REVNAT: &str = "cilium_lb4_sock_revnat";
+const MAP_LB_SOCK_HINT: &str = "cilium_lb4_sock_hint";
 const MAP_LB_NAT: &str = "cilium_lb4_nat";
 const MAP_LB_SRC_RANGE: &str = "cilium_lb4_source_range";
 
@@ -98,6 +99,7 @@ const ALL_MAPS: &[&str] = &[
     MAP_LB_MAGLEV,
     MAP_LB_AFFINITY,
     MAP_LB_SOCK_REVNAT,
+    MAP_LB_SOCK_HINT,
     MAP_LB_NAT,
     MAP_LB_SRC_RANGE,
 ];
@@ -281,26 +283,34 @@ impl Loaded {
         prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         let mut loaded = Loaded { ebpf, sock, opts, ops: Default::default() };
         loaded.set_maglev_size()?;
+        loaded.set_monitor_aggregation(MonitorAggregation::Medium)?;
         Ok(loaded)
+    }
+
+    /// How much the endpoint programs trace (medium after loading).
+    pub fn set_monitor_aggregation(&mut self, level: MonitorAggregation) -> Result<()> {
+        self.update_runtime(|rt| rt.monitor_aggregation = level.code()).map(|_| ())
     }
 
     /// The node address pods' traffic to the world leaves from (BPF
     /// masquerading); None turns masquerading off.
     pub fn set_masquerade(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
-        let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
-        let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
-        let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
-        rt.masq_addr = addr.map(crate::ip_to_be).unwrap_or(0);
-        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
+        self.update_runtime(|rt| rt.masq_addr = addr.map(crate::ip_to_be).unwrap_or(0)).map(|_| ())
     }
 
     fn set_maglev_size(&mut self) -> Result<()> {
         let size = self.opts.maglev_size;
+        self.update_runtime(|rt| rt.maglev_size = size).map(|_| ())
+    }
+
+    /// Changes the runtime configuration (cilium_runtime, index 0); returns it as written.
+    fn update_runtime(&mut self, change: impl FnOnce(&mut RuntimeConfig)) -> Result<RuntimeConfig> {
         let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
         let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
         let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
-        rt.maglev_size = size;
-        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))
+        change(&mut rt);
+        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))?;
+        Ok(rt)
     }
 
     fn map_dump<K: Pod + Default, V: Pod + Default>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
@@ -669,12 +679,7 @@ impl Datapath for Loaded {
     }
 
     fn bump_policy_revision(&mut self) -> Result<u32> {
-        let m = self.ebpf.map_mut(MAP_RUNTIME).ok_or_else(|| DatapathError::Netlink("runtime map missing".into()))?;
-        let mut a: Array<&mut MapData, RuntimeConfig> = Array::try_from(m).map_err(map_err(MAP_RUNTIME))?;
-        let mut rt = a.get(&0, 0).map_err(map_err(MAP_RUNTIME))?;
-        rt.policy_rev = rt.policy_rev.wrapping_add(1);
-        a.set(0, rt, 0).map_err(map_err(MAP_RUNTIME))?;
-        Ok(rt.policy_rev)
+        Ok(self.update_runtime(|rt| rt.policy_rev = rt.policy_rev.wrapping_add(1))?.policy_rev)
     }
 
     fn attach(&mut self, ifname: &str) -> Result<()> {

@@ -502,7 +502,9 @@ impl Parser {
                 });
                 // the direction of the connection, seen from the endpoint
                 f.traffic_direction = match point {
-                    TraceObservationPoint::FromEndpoint => dir(ev.is_reply),
+                    // where an endpoint's packet leaves it (with aggregation,
+                    // to-stack and to-network take from-endpoint's place)
+                    TraceObservationPoint::FromEndpoint | TraceObservationPoint::ToStack | TraceObservationPoint::ToNetwork => dir(ev.is_reply),
                     TraceObservationPoint::ToEndpoint => dir(!ev.is_reply),
                     _ => TrafficDirection::Unknown as i32,
                 };

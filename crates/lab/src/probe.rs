@@ -63,6 +63,13 @@ fn tcp_probe(addr: SocketAddr, timeout: Duration) -> (bool, String) {
         }
         Err(e) => return (false, format!("connect failed: {e}")),
     };
+    // what the application sees as its peer: the address it asked for, also
+    // when the socket load balancer connected it to a service's backend
+    match s.peer_addr() {
+        Ok(peer) if peer != addr => return (false, format!("connected, but the socket's peer is {peer}, not {addr}")),
+        Ok(_) => {}
+        Err(e) => return (false, format!("getpeername failed: {e}")),
+    }
     let _ = s.set_read_timeout(Some(timeout));
     let _ = s.set_write_timeout(Some(timeout));
     let req = format!("GET /probe HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");

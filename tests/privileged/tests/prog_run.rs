@@ -7,11 +7,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, RingBuf};
 use cilium_abi::{
-    DropReason, EndpointFlag, EndpointInfo, Event, EventFlag, EventType, IpcacheValue, POLICY_KEY_DIR_EGRESS,
+    DropReason, EndpointFlag, EndpointInfo, Event, EventFlag, EventType, IpcacheValue, MonitorAggregation, POLICY_KEY_DIR_EGRESS,
     POLICY_PREFIX_FULL, POLICY_PREFIX_L3, PolicyEntry, PolicyKey, PolicyMatch, TracePoint,
 };
 use cilium_datapath::{Datapath, LoadOptions, Loaded, Program, ip_to_be};
-use cilium_privileged_tests::packet::{self, TCP_ACK, TCP_FIN, TCP_SYN};
+use cilium_privileged_tests::packet::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 use cilium_privileged_tests::require_root;
 
 const OK: i32 = 0;
@@ -151,7 +151,7 @@ fn no_enforcement_passes_and_traces() {
     let ev = h.events();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].r#type, EventType::Trace.code());
-    assert_eq!(ev[0].subtype, TracePoint::FromLxc.code());
+    assert_eq!(ev[0].subtype, TracePoint::ToStack.code(), "traced where it goes: the node's stack");
     assert_eq!((ev[0].src_identity, ev[0].dst_identity), (EP_IDENTITY, PEER_IDENTITY));
     assert_eq!(ev[0].len_cap, 0, "traces carry the tuple, not the packet");
     assert_eq!((ev[0].saddr, ev[0].daddr, ev[0].sport, ev[0].dport, ev[0].protocol), (ip_to_be(POD), ip_to_be(PEER), 1000, 80, 6));
@@ -369,6 +369,45 @@ fn local_destination_is_delivered_directly() {
     assert!(ev.iter().any(|e| e.r#type == EventType::Trace.code() && e.subtype == TracePoint::ToLxc.code() && e.source_ep == 43));
 }
 
+/// The trace points and packets each --monitor-aggregation level reports,
+/// for a connection to a local endpoint and one to the world.
+#[test]
+fn monitor_aggregation_levels() {
+    let traces = |h: &mut Harness| -> Vec<(u8, u8)> {
+        h.events().iter().filter(|e| e.r#type == EventType::Trace.code()).map(|e| (e.subtype, e.tcp_flags)).collect()
+    };
+    let (to_ep, from_ep, to_stack) = (TracePoint::ToLxc.code(), TracePoint::FromLxc.code(), TracePoint::ToStack.code());
+    let connection = |h: &mut Harness, peer: Ipv4Addr, sport: u16| {
+        assert_ne!(h.from_container(&packet::tcp(POD, sport, peer, 80, TCP_SYN)), SHOT);
+        assert_ne!(h.from_container(&packet::tcp(POD, sport, peer, 80, TCP_ACK)), SHOT);
+        assert_ne!(h.from_container(&packet::tcp(POD, sport, peer, 80, TCP_ACK)), SHOT);
+        assert_ne!(h.from_container(&packet::tcp(POD, sport, peer, 80, TCP_RST | TCP_ACK)), SHOT);
+    };
+    for (level, local, world) in [
+        (MonitorAggregation::None, vec![from_ep, to_ep, from_ep, to_ep, from_ep, to_ep, from_ep, to_ep], vec![from_ep; 4]),
+        (MonitorAggregation::Lowest, vec![to_ep; 4], vec![to_stack; 4]),
+        (MonitorAggregation::Low, vec![to_ep; 4], vec![to_stack; 4]),
+        (MonitorAggregation::Medium, vec![to_ep; 2], vec![to_stack; 2]),
+        (MonitorAggregation::Maximum, vec![to_ep; 2], vec![to_stack; 2]),
+    ] {
+        let mut h = Harness::new(0);
+        add_local_peer(&mut h, 0);
+        h.dp.set_monitor_aggregation(level).unwrap();
+        connection(&mut h, PEER, 1000);
+        assert_eq!(traces(&mut h).iter().map(|t| t.0).collect::<Vec<_>>(), local, "{level:?}, to a local endpoint");
+        connection(&mut h, OUTSIDE, 1001);
+        let world_traces = traces(&mut h);
+        assert_eq!(world_traces.iter().map(|t| t.0).collect::<Vec<_>>(), world, "{level:?}, to the world");
+        if level >= MonitorAggregation::Medium {
+            // the opening and the reset, not the ACKs between
+            assert_eq!(world_traces.iter().map(|t| t.1).collect::<Vec<_>>(), vec![TCP_SYN, TCP_RST | TCP_ACK]);
+            // a new connection on the closed tuple is reported again
+            connection(&mut h, OUTSIDE, 1001);
+            assert_eq!(traces(&mut h).len(), 2, "{level:?}: a reused tuple's connection");
+        }
+    }
+}
+
 #[test]
 fn local_destination_ingress_policy_applies() {
     let mut h = Harness::new(0);
@@ -567,7 +606,7 @@ fn ipv6_events_carry_the_ipv6_tuple() {
     assert_eq!(h.from_container(&packet::tcp6(POD6, 1000, PEER6, 80, TCP_SYN)), OK);
     let ev = h.events();
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].r#type, ev[0].subtype), (EventType::Trace.code(), TracePoint::FromLxc.code()));
+    assert_eq!((ev[0].r#type, ev[0].subtype), (EventType::Trace.code(), TracePoint::ToStack.code()));
     assert_eq!(ev[0].ip_version, 6);
     assert_eq!((Ipv6Addr::from(ev[0].saddr6), Ipv6Addr::from(ev[0].daddr6)), (POD6, PEER6));
     assert_eq!((ev[0].sport, ev[0].dport, ev[0].protocol), (1000, 80, 6));

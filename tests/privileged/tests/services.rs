@@ -106,7 +106,8 @@ fn cluster_ip_tcp_and_udp_reach_every_backend() {
             let pod = lab.probe_pod("default/client", "10.96.0.10", port, proto).unwrap_or_else(|| panic!("10.96.0.10:{port}/{proto} unreachable"));
             seen.insert(pod);
         }
-        // the UDP probe also checks the answer comes from the ClusterIP
+        // the probes also check what the socket sees: the UDP answer comes
+        // from the ClusterIP, the TCP peer (getpeername) is the ClusterIP
         assert_eq!(seen, web, "{proto}: both backends answer");
     }
     // host-originated traffic is translated too
@@ -392,6 +393,43 @@ fn local_traffic_policies_keep_external_traffic_on_this_nodes_endpoints() {
     assert!(list.contains("172.30.0.11:30077/TCP") && list.contains("10.96.0.77:80/TCP"), "{list}");
 }
 
+/// One UDP socket talking to two services: each answer shows its own
+/// ClusterIP as the source (the socket keeps a reverse entry per backend).
+#[test]
+fn one_udp_socket_hears_each_service_from_its_frontend() {
+    let lab = TestLab::up(&[WORKLOADS, SERVICES]);
+    lab.apply(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: echo, labels: {app: echo}}
+spec: {containers: [{name: e, ports: [{containerPort: 7000, protocol: UDP}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo}
+spec:
+  clusterIP: 10.96.0.70
+  selector: {app: echo}
+  ports: [{port: 70, protocol: UDP, targetPort: 7000}]
+"#,
+    );
+    assert!(lab.probe("default/client", "10.96.0.70", 70, "udp"));
+    // sendto each frontend in turn on one socket; print each answer's source
+    let script = [
+        "import socket",
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+        "s.settimeout(2)",
+        "for dst in [('10.96.0.10', 53), ('10.96.0.70', 70), ('10.96.0.10', 53), ('10.96.0.70', 70)]:",
+        "    s.sendto(b'probe', dst)",
+        "    _, src = s.recvfrom(1500)",
+        "    print('%s:%d' % src)",
+    ]
+    .join("\n");
+    let out = lab.lab(&["exec", "default/client", "--", "python3", "-c", &script]);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["10.96.0.10:53", "10.96.0.70:70", "10.96.0.10:53", "10.96.0.70:70"], "{out}");
+}
+
 /// Entries of the node's socket reverse-translation map.
 fn sock_revnat_entries(lab: &TestLab) -> usize {
     let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/cilium_lb4_sock_revnat", lab.name);
@@ -407,4 +445,26 @@ fn a_closed_socket_leaves_no_reverse_entry() {
         assert!(lab.probe("default/client", "10.96.0.10", 80, "tcp"));
     }
     assert_eq!(sock_revnat_entries(&lab), 0, "every probe's socket is closed: its entry went with it");
+    // each entry was counted in its socket's hint slot when made and
+    // uncounted when removed: none left (a miscount skips a removal)
+    assert_eq!(sock_hint_total(&lab), 0);
+}
+
+/// The sum of the node's socket reverse-entry hint counters.
+fn sock_hint_total(lab: &TestLab) -> u64 {
+    let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/cilium_lb4_sock_hint", lab.name);
+    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &path]).output().expect("bpftool");
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
+    let entries = entries.as_array().expect("entries");
+    assert_eq!(entries.len(), 16384, "one counter per slot");
+    entries
+        .iter()
+        .map(|e| match &e["value"] {
+            serde_json::Value::Number(n) => n.as_u64().unwrap(),
+            // without BTF: little-endian bytes as hex strings
+            serde_json::Value::Array(b) => b.iter().rev().fold(0, |acc, x| acc << 8 | u64::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()),
+            other => panic!("hint value {other}"),
+        })
+        .sum()
 }
