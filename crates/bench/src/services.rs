@@ -231,42 +231,57 @@ pub fn run(o: &Options, logs: &Path) -> anyhow::Result<Report> {
     let mut report = Report { rates: vec![], program: vec![], change: vec![], agent_rss_mb: vec![] };
     for &n in &o.counts {
         let target = cluster_ip(n - 1);
-        for system in SYSTEMS {
+        let endpoint = |system: System| match system {
+            System::Direct => (base.client(), base_server, RR_PORT, None),
+            System::Ours => (client_ns.clone(), target, SERVICE_PORT, Some(client_cgroup.clone())),
+            System::OursPodIp => (client_ns.clone(), server_ip, RR_PORT, Some(client_cgroup.clone())),
+            _ => (base.client(), target, SERVICE_PORT, None),
+        };
+        // ours: every service programmed from an empty table, the measured one last
+        eprintln!("bench services: {n} services, programming ours");
+        clear_rules(&router)?;
+        let _: Vec<(String, String)> = rt.block_on(api.call("PUT", "/v1/k8s/services", Some(&Vec::<cilium_api::K8sService>::new())))?;
+        let list: Vec<cilium_api::K8sService> = (0..n).map(|i| k8s_service(i, &[server_ip])).collect();
+        let started = Instant::now();
+        let rejected: Vec<(String, String)> = rt.block_on(api.call("PUT", "/v1/k8s/services", Some(&list)))?;
+        report.program.push((n, System::Ours, started.elapsed().as_secs_f64() * 1000.0));
+        if let Some((s, e)) = rejected.first() {
+            bail!("agent rejected {s}: {e}");
+        }
+        // one change: a backend added to and removed from service 0
+        let mut times = Vec::new();
+        for k in 0..40 {
+            let backends = if k % 2 == 0 { vec![server_ip, Ipv4Addr::new(10, 0, 1, 250)] } else { vec![server_ip] };
+            let one = k8s_service(0, &backends);
+            let started = Instant::now();
+            let _: Vec<u16> = rt.block_on(api.call("PUT", "/v1/k8s/service", Some(&one)))?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        report.change.push((n, median(times.clone()), crate::percentile(times, 0.99)));
+        std::thread::sleep(std::time::Duration::from_millis(400)); // let the write-behind save finish
+        report.agent_rss_mb.push((n, crate::rss_mb(agent_pid)?));
+        // The baseline and ours need no rules in the router: measured in
+        // turn within each round, so a drift of the machine between
+        // phases does not land on one of them.
+        let interleaved = [System::Direct, System::OursPodIp, System::Ours];
+        let mut rrs = vec![Vec::new(); interleaved.len()];
+        let mut crrs = vec![Vec::new(); interleaved.len()];
+        for round in 0..o.rounds {
+            for (i, &system) in interleaved.iter().enumerate() {
+                eprintln!("bench services: {n} services, {}, round {}", system.label(), round + 1);
+                let (ns, ip, port, cgroup) = endpoint(system);
+                rrs[i].push(rr_via(&ns, cgroup.as_deref(), ip, port, o.seconds)?);
+                crrs[i].push(crr_via(&ns, cgroup.as_deref(), ip, port, o.seconds)?);
+            }
+        }
+        for (i, &system) in interleaved.iter().enumerate() {
+            report.rates.push((n, system, median(rrs[i].clone()), median(crrs[i].clone())));
+        }
+        for system in [System::IptablesLegacy, System::IptablesNft, System::Nftables] {
             eprintln!("bench services: {n} services, {}", system.label());
-            let (ns, ip, port, cgroup) = match system {
-                System::Direct => (base.client(), base_server, RR_PORT, None),
-                System::Ours => (client_ns.clone(), target, SERVICE_PORT, Some(client_cgroup.clone())),
-                System::OursPodIp => (client_ns.clone(), server_ip, RR_PORT, Some(client_cgroup.clone())),
-                _ => (base.client(), target, SERVICE_PORT, None),
-            };
-            let ms = if system == System::Ours {
-                clear_rules(&router)?;
-                // program every service from an empty table, the measured one last
-                let _: Vec<(String, String)> = rt.block_on(api.call("PUT", "/v1/k8s/services", Some(&Vec::<cilium_api::K8sService>::new())))?;
-                let list: Vec<cilium_api::K8sService> = (0..n).map(|i| k8s_service(i, &[server_ip])).collect();
-                let started = Instant::now();
-                let rejected: Vec<(String, String)> = rt.block_on(api.call("PUT", "/v1/k8s/services", Some(&list)))?;
-                let ms = started.elapsed().as_secs_f64() * 1000.0;
-                if let Some((s, e)) = rejected.first() {
-                    bail!("agent rejected {s}: {e}");
-                }
-                // one change: a backend added to and removed from service 0
-                let mut times = Vec::new();
-                for k in 0..40 {
-                    let backends = if k % 2 == 0 { vec![server_ip, Ipv4Addr::new(10, 0, 1, 250)] } else { vec![server_ip] };
-                    let one = k8s_service(0, &backends);
-                    let started = Instant::now();
-                    let _: Vec<u16> = rt.block_on(api.call("PUT", "/v1/k8s/service", Some(&one)))?;
-                    times.push(started.elapsed().as_secs_f64() * 1000.0);
-                }
-                report.change.push((n, median(times.clone()), crate::percentile(times, 0.99)));
-                std::thread::sleep(std::time::Duration::from_millis(400)); // let the write-behind save finish
-                report.agent_rss_mb.push((n, crate::rss_mb(agent_pid)?));
-                ms
-            } else {
-                install(system, &router, n, base_server)?
-            };
+            let ms = install(system, &router, n, base_server)?;
             report.program.push((n, system, ms));
+            let (ns, ip, port, cgroup) = endpoint(system);
             let mut rrs = Vec::new();
             let mut crrs = Vec::new();
             for _ in 0..o.rounds {
@@ -320,7 +335,9 @@ impl Report {
         md.push_str("\"cilium-rs, pod IP\" is the same client reaching the server's pod IP through our datapath,\n");
         md.push_str("so the difference between the two columns is what the service costs.\n");
         md.push_str("Ratios are to connecting to the pod IP with no rules in the baseline topology, measured\n");
-        let _ = writeln!(md, "in the same run; medians of {} rounds × {} s, pinned to CPU 0.\n", o.rounds, o.seconds);
+        let _ = writeln!(md, "in the same run; medians of {} rounds × {} s, pinned to CPU 0. The baseline and both of ours", o.rounds, o.seconds);
+        md.push_str("take turns within each round (no rules in the router), so a drift of the machine\n");
+        md.push_str("between phases lands on all three; kube-proxy's rulesets follow, each loaded once.\n\n");
         for (title, idx) in [("New connections per second (connect, 2-byte echo, close)", 1usize), ("Request/response per second (one connection, 2-byte echo)", 0)] {
             let _ = writeln!(md, "### {title}\n");
             md.push_str("| Services |");
