@@ -39,13 +39,6 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
  * traces it at its ingress (to-endpoint). */
 #define TRACE_POINT_NONE 0xff
 
-static __always_inline __u32 monitor_aggregation(void)
-{
-	__u32 idx = 0;
-	struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
-	return rt ? rt->monitor_aggregation : MONITOR_AGGREGATION_MEDIUM;
-}
-
 /*
  * The policy decision shared by both hooks. `egress` selects the endpoint's
  * egress (from-container) or ingress (to-container) policy; `peer_id` is the
@@ -60,7 +53,9 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 				   __u16 *proxy_port, __u8 out_point)
 {
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
-	__u32 aggregation = monitor_aggregation();
+	__u32 idx = 0;
+	const struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
+	__u32 aggregation = rt ? rt->monitor_aggregation : MONITOR_AGGREGATION_MEDIUM;
 	__u8 point = !egress ? TRACE_TO_LXC
 		     : aggregation == MONITOR_AGGREGATION_NONE ? TRACE_FROM_LXC : out_point;
 	/* below MEDIUM every packet is traced, else those with new TCP flags */
@@ -91,7 +86,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	}
 
 	__u16 enforce_flag = egress ? EP_F_EGRESS_ENFORCE : EP_F_INGRESS_ENFORCE;
-	__u32 rev = policy_revision();
+	__u32 rev = rt ? rt->policy_rev : 0;
 	struct policy_result pol = { .verdict = 1, .proxy_port = 0, .match_type = POLICY_MATCH_ALL };
 
 	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {

@@ -12,13 +12,6 @@ struct policy_result {
 	__u8 pad;
 };
 
-static __always_inline __u32 policy_revision(void)
-{
-	__u32 idx = 0;
-	struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
-	return rt ? rt->policy_rev : 0;
-}
-
 /*
  * Looks up the verdict for traffic between the endpoint and a peer identity.
  * Two lookups: the peer's identity and the wildcard identity 0. A deny in
