@@ -301,6 +301,10 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * packet goes straight to it. */
 		struct endpoint_info *dst = pkt_endpoint(&p, 0);
 		__u32 dst_id = dst ? dst->sec_identity : pkt_identity(&p, 0);
+		/* traced where it goes: a local endpoint's ingress traces it, else
+		 * it goes to the stack (to the node too: under the host firewall
+		 * the host's ingress then traces or drops it as well; telling the
+		 * two apart here costs the verifier more than this program has) */
 		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, dst ? TRACE_POINT_NONE : TRACE_TO_STACK);
 		if (ret != TC_ACT_OK)
 			return ret;

@@ -22,7 +22,7 @@ static __always_inline __u32 maglev_size(void)
 	return rt ? rt->maglev_size : 0;
 }
 
-static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx)
+static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx, int connecting)
 {
 	__u8 proto = ctx->protocol;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -48,9 +48,11 @@ static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx)
 		rev->address = addr;
 		rev->port = dport;
 	} else {
+		/* counted only for a connect(): its socket's release knows the
+		 * backend and removes the entry (sendto()'s are left to the LRU) */
 		struct lb4_reverse_nat new_rev = { .address = addr, .port = dport };
 		__u32 slot = (__u32)cookie % LB_SOCK_HINT_SLOTS;
-		__u32 *hint = bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot);
+		__u32 *hint = connecting ? bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot) : 0;
 		if (bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &new_rev, BPF_NOEXIST) == 0 && hint)
 			__sync_fetch_and_add(hint, 1);
 	}
@@ -77,13 +79,13 @@ static __always_inline int sock4_revnat(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int cil_sock4_connect(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate(ctx);
+	return sock4_xlate(ctx, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int cil_sock4_sendmsg(struct bpf_sock_addr *ctx)
 {
-	return sock4_xlate(ctx);
+	return sock4_xlate(ctx, 0);
 }
 
 SEC("cgroup/recvmsg4")
@@ -102,7 +104,9 @@ int cil_sock4_getpeername(struct bpf_sock_addr *ctx)
  * fills up evicts on every insert, which new connections would pay for);
  * a socket never translated skips the map (cilium_lb4_sock_hint). An
  * unconnected UDP socket has no single destination: its entries are left to
- * the LRU. */
+ * the LRU. A count can be too high (a failed or repeated connect leaves its
+ * entry to the LRU) or, after an upgrade that reused older entries, too low:
+ * either only costs a needless removal or leaves an entry to the LRU. */
 SEC("cgroup/sock_release")
 int cil_sock_release(struct bpf_sock *ctx)
 {

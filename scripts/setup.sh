@@ -12,6 +12,7 @@ packages=(
   clang-19 llvm-19 libbpf-dev bpftool   # compiling and inspecting the C datapath
   make gcc                              # jemalloc, the agent's allocator, is built from C
   iproute2 curl iperf3                  # the lab, the demo, the benchmarks
+  python3-minimal                       # a test's UDP client (one socket, two services)
   iptables nftables                     # the kube-proxy rulesets the service benchmark compares with
   dnsmasq-base bind9-dnsutils           # DNS through a ClusterIP (tests)
   prometheus                            # scrapes the agent's and Hubble's metrics (tests)

@@ -41,9 +41,9 @@ struct {
 	__uint(max_entries, 262144);
 } cilium_lb4_sock_revnat SEC(".maps");
 
-/* How many reverse entries may exist for the sockets whose cookie falls in
- * each slot (cookie modulo the size): incremented when an entry is made,
- * decremented when the release of its socket removes it. A socket whose slot
+/* How many reverse entries may exist for the connected sockets whose cookie
+ * falls in each slot (cookie modulo the size): incremented when connect()
+ * makes an entry, decremented when the release of its socket removes it. A socket whose slot
  * is zero has none, so its release skips the map, a random access to a large
  * table that every socket (most never translated) would otherwise pay for.
  * Entries the LRU evicts leave their slot higher than it should be, which

@@ -227,9 +227,14 @@ impl Loaded {
     /// changed, in which case they are replaced and a warning says so.
     pub fn load(opts: LoadOptions) -> Result<Loaded> {
         let mut pins = Vec::new();
+        // the policy revision goes on from where it was, also when the
+        // runtime map is replaced: conntrack entries remember revisions, and
+        // one of an older policy must never match again
+        let mut policy_rev = None;
         if let Some(dir) = &opts.pin_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|source| DatapathError::Io { what: format!("creating {}", dir.display()), source })?;
+            policy_rev = pinned_policy_revision(&dir.join(MAP_RUNTIME));
             for name in ALL_MAPS {
                 let path = dir.join(name);
                 drop_incompatible_pin(&path, name, &opts);
@@ -284,6 +289,9 @@ impl Loaded {
         let mut loaded = Loaded { ebpf, sock, opts, ops: Default::default() };
         loaded.set_maglev_size()?;
         loaded.set_monitor_aggregation(MonitorAggregation::Medium)?;
+        if let Some(rev) = policy_rev {
+            loaded.update_runtime(|rt| rt.policy_rev = rt.policy_rev.max(rev))?;
+        }
         Ok(loaded)
     }
 
@@ -502,6 +510,15 @@ impl Loaded {
         LpmTrie::try_from(m).map_err(map_err(name))
     }
 
+}
+
+/// The policy revision in a pinned runtime map of any size (it is the first
+/// field of every version of the struct).
+fn pinned_policy_revision(path: &Path) -> Option<u32> {
+    let fd = crate::sys::obj_get(path).ok()?;
+    // a buffer larger than any runtime_config: the kernel writes its size
+    let value: [u32; 16] = crate::sys::map_lookup(std::os::fd::AsFd::as_fd(&fd), &0u32).ok()??;
+    Some(value[0])
 }
 
 /// Removes a pinned map whose shape no longer matches what this build loads,

@@ -194,6 +194,20 @@ fn unknown_addresses_fall_back_to_identity_labels_and_services_are_named() {
     );
 }
 
+/// With monitor aggregation a pod's packet leaving towards the stack is
+/// traced as to-stack: the direction is the connection's, as from-endpoint's.
+#[test]
+fn to_stack_traces_carry_the_connection_direction() {
+    let n = names();
+    let mut e = ev("trace", [10, 0, 1, 2], [1, 1, 1, 1], true);
+    e.observation_point = Some("to-stack".into());
+    let f = Parser::default().flow(&e, &n);
+    assert_eq!(f.trace_observation_point, TraceObservationPoint::ToStack as i32);
+    assert_eq!(f.traffic_direction, TrafficDirection::Egress as i32);
+    e.is_reply = true;
+    assert_eq!(Parser::default().flow(&e, &n).traffic_direction, TrafficDirection::Ingress as i32, "a reply of a connection the pod accepted");
+}
+
 #[test]
 fn json_uses_proto_names_and_enum_strings() {
     let mut e = ev("drop", [10, 0, 1, 2], [10, 0, 1, 3], true);
