@@ -271,12 +271,13 @@ struct runtime_config {
 	__u32 monitor_aggregation; /* enum monitor_aggregation */
 };
 
-/* How much the endpoint programs trace (upstream's --monitor-aggregation
- * levels). From LOWEST on, a packet is traced where it goes (to-endpoint,
- * to-stack, to-proxy), not also where it comes from (from-endpoint); from
- * MEDIUM on, only packets that open, close or reset a connection (TCP
- * flags SYN, FIN, RST not seen before in their direction) and new non-TCP
- * flows are. Drops and policy verdicts are always reported. */
+/* How much enforce() traces (upstream's --monitor-aggregation levels). From
+ * LOWEST on, a packet is traced where it goes (to-endpoint, to-stack,
+ * to-network), not also where it leaves a pod (from-endpoint, which takes
+ * to-stack's place at NONE); from MEDIUM on, only a connection's first
+ * packet and those showing TCP flags SYN, FIN or RST not seen before in
+ * their direction. to-proxy traces, drops and policy verdicts do not
+ * depend on it. */
 enum monitor_aggregation {
 	MONITOR_AGGREGATION_NONE = 0,
 	MONITOR_AGGREGATION_LOWEST = 1,

@@ -199,10 +199,10 @@ impl TracePoint {
 abi_enum!(
     /// How much the endpoint programs trace (upstream's --monitor-aggregation).
     MonitorAggregation: u32 = "monitor_aggregation" {
-        /// Every packet, where it leaves an endpoint (from-endpoint) and where it
-        /// reaches one (to-endpoint).
+        /// Every packet, where it leaves a pod (from-endpoint, in to-stack's
+        /// place) and where it reaches one (to-endpoint).
         None = 0 => "MONITOR_AGGREGATION_NONE",
-        /// Every packet, only where it goes (to-endpoint, to-stack, to-proxy).
+        /// Every packet, only where it goes (to-endpoint, to-stack, to-network).
         Lowest = 1 => "MONITOR_AGGREGATION_LOWEST",
         /// As lowest.
         Low = 2 => "MONITOR_AGGREGATION_LOW",

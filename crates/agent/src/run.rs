@@ -47,11 +47,11 @@ fn setup(s: &Settings) -> anyhow::Result<(Daemon<Loaded>, aya::maps::Map, Option
         endpoints_max: 65_536,
         events_bytes: s.events_bytes,
         maglev_size: s.maglev_table_size,
+        monitor_aggregation: s.monitor_aggregation,
     })
     .context("loading the datapath")?;
     let events = dp.take_events().context("event ring buffer missing")?;
     dp.attach_cgroup(&s.cgroup_root).with_context(|| format!("attaching the socket load balancer to {}", s.cgroup_root.display()))?;
-    dp.set_monitor_aggregation(s.monitor_aggregation).context("configuring monitor aggregation")?;
     dp.set_masquerade(if s.masquerade { node.ips.first().copied() } else { None }).context("configuring masquerading")?;
     for dev in &devices {
         dp.attach_netdev(dev).with_context(|| format!("attaching the service load balancer to device {dev} (see --devices)"))?;

@@ -55,7 +55,7 @@ fn tcp_ack(sport: u16, dport: u16) -> Vec<u8> {
 }
 
 pub fn run(rounds: usize) -> anyhow::Result<String> {
-    let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 22, maglev_size: 251 })?;
+    let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 22, maglev_size: 251, ..Default::default() })?;
     // the ring is not read here: keep it to drain it between runs
     let mut ring = aya::maps::RingBuf::try_from(dp.take_events().ok_or_else(|| anyhow::anyhow!("event ring missing"))?)?;
     dp.endpoint_upsert(&EndpointInfo { ifindex: IFINDEX, ipv4: ip_to_be(POD), sec_identity: 1000, ep_id: 42, ipv6: POD6.octets(), ..Default::default() })?;

@@ -122,6 +122,8 @@ pub struct LoadOptions {
     pub events_bytes: u32,
     /// Slots of each Maglev table (a prime).
     pub maglev_size: u32,
+    /// How much the endpoint programs trace.
+    pub monitor_aggregation: MonitorAggregation,
 }
 
 impl Default for LoadOptions {
@@ -134,6 +136,7 @@ impl Default for LoadOptions {
             endpoints_max: 65_536,
             events_bytes: 1 << 21,
             maglev_size: 16381,
+            monitor_aggregation: MonitorAggregation::Medium,
         }
     }
 }
@@ -287,15 +290,18 @@ impl Loaded {
             .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         prog.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         let mut loaded = Loaded { ebpf, sock, opts, ops: Default::default() };
-        loaded.set_maglev_size()?;
-        loaded.set_monitor_aggregation(MonitorAggregation::Medium)?;
-        if let Some(rev) = policy_rev {
-            loaded.update_runtime(|rt| rt.policy_rev = rt.policy_rev.max(rev))?;
-        }
+        let (maglev_size, monitor_aggregation) = (loaded.opts.maglev_size, loaded.opts.monitor_aggregation.code());
+        loaded.update_runtime(|rt| {
+            rt.maglev_size = maglev_size;
+            rt.monitor_aggregation = monitor_aggregation;
+            if let Some(rev) = policy_rev {
+                rt.policy_rev = rt.policy_rev.max(rev);
+            }
+        })?;
         Ok(loaded)
     }
 
-    /// How much the endpoint programs trace (medium after loading).
+    /// How much the endpoint programs trace, changed after loading.
     pub fn set_monitor_aggregation(&mut self, level: MonitorAggregation) -> Result<()> {
         self.update_runtime(|rt| rt.monitor_aggregation = level.code()).map(|_| ())
     }
@@ -304,11 +310,6 @@ impl Loaded {
     /// masquerading); None turns masquerading off.
     pub fn set_masquerade(&mut self, addr: Option<std::net::Ipv4Addr>) -> Result<()> {
         self.update_runtime(|rt| rt.masq_addr = addr.map(crate::ip_to_be).unwrap_or(0)).map(|_| ())
-    }
-
-    fn set_maglev_size(&mut self) -> Result<()> {
-        let size = self.opts.maglev_size;
-        self.update_runtime(|rt| rt.maglev_size = size).map(|_| ())
     }
 
     /// Changes the runtime configuration (cilium_runtime, index 0); returns it as written.

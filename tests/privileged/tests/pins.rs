@@ -33,7 +33,7 @@ fn a_replaced_runtime_map_keeps_the_policy_revision() {
     let runtime = runtime.to_str().unwrap();
     bpftool(&["map", "create", runtime, "type", "array", "key", "4", "value", "12", "entries", "1", "name", "cilium_runtime"]);
     bpftool(&["map", "update", "pinned", runtime, "key", "0", "0", "0", "0", "value", "77", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0", "0"]);
-    let opts = LoadOptions { pin_dir: Some(dir.clone()), ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251 };
+    let opts = LoadOptions { pin_dir: Some(dir.clone()), ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251, ..Default::default() };
     let mut dp = Loaded::load(opts.clone()).expect("load over the old pins");
     assert_eq!(dp.bump_policy_revision().unwrap(), 78, "the revision went on from the old map's");
     drop(dp);

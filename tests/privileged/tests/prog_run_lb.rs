@@ -29,7 +29,7 @@ struct Harness {
 impl Harness {
     fn new() -> Harness {
         require_root();
-        let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251 })
+        let mut dp = Loaded::load(LoadOptions { pin_dir: None, ct_max: 16384, policy_max: 4096, ipcache_max: 1024, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251, ..Default::default() })
             .expect("load datapath");
         let ring = RingBuf::try_from(dp.take_events().unwrap()).unwrap();
         Harness { dp, ring }

@@ -18,7 +18,7 @@ const POD: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
 
 fn load() -> Loaded {
     require_root();
-    Loaded::load(LoadOptions { pin_dir: None, ct_max: 4096, policy_max: 1 << 20, ipcache_max: 1 << 16, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251 }).unwrap()
+    Loaded::load(LoadOptions { pin_dir: None, ct_max: 4096, policy_max: 1 << 20, ipcache_max: 1 << 16, endpoints_max: 64, events_bytes: 1 << 16, maglev_size: 251, ..Default::default() }).unwrap()
 }
 
 fn write(dp: &mut Loaded, ep: u16, policy: &cilium_policy::EndpointPolicy) {

@@ -430,12 +430,12 @@ spec:
     assert_eq!(out.lines().collect::<Vec<_>>(), ["10.96.0.10:53", "10.96.0.70:70", "10.96.0.10:53", "10.96.0.70:70"], "{out}");
 }
 
-/// Entries of the node's socket reverse-translation map.
-fn sock_revnat_entries(lab: &TestLab) -> usize {
-    let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/cilium_lb4_sock_revnat", lab.name);
+/// The entries of one of node1's pinned maps, as `bpftool -j map dump` prints them.
+fn pinned_map_dump(lab: &TestLab, map: &str) -> Vec<serde_json::Value> {
+    let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/{map}", lab.name);
     let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &path]).output().expect("bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("bpftool json").as_array().map(|a| a.len()).unwrap_or(0)
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stdout));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("bpftool json").as_array().cloned().unwrap_or_default()
 }
 
 #[test]
@@ -444,7 +444,7 @@ fn a_closed_socket_leaves_no_reverse_entry() {
     for _ in 0..10 {
         assert!(lab.probe("default/client", "10.96.0.10", 80, "tcp"));
     }
-    assert_eq!(sock_revnat_entries(&lab), 0, "every probe's socket is closed: its entry went with it");
+    assert_eq!(pinned_map_dump(&lab, "cilium_lb4_sock_revnat").len(), 0, "every probe's socket is closed: its entry went with it");
     // each entry was counted in its socket's hint slot when made and
     // uncounted when removed: none left (a miscount skips a removal)
     assert_eq!(sock_hint_total(&lab), 0);
@@ -452,19 +452,7 @@ fn a_closed_socket_leaves_no_reverse_entry() {
 
 /// The sum of the node's socket reverse-entry hint counters.
 fn sock_hint_total(lab: &TestLab) -> u64 {
-    let path = format!("/sys/fs/bpf/cilium-lab/{}/node1/cilium_lb4_sock_hint", lab.name);
-    let out = std::process::Command::new("bpftool").args(["-j", "map", "dump", "pinned", &path]).output().expect("bpftool");
-    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
-    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool json");
-    let entries = entries.as_array().expect("entries");
+    let entries = pinned_map_dump(lab, "cilium_lb4_sock_hint");
     assert_eq!(entries.len(), 16384, "one counter per slot");
-    entries
-        .iter()
-        .map(|e| match &e["value"] {
-            serde_json::Value::Number(n) => n.as_u64().unwrap(),
-            // without BTF: little-endian bytes as hex strings
-            serde_json::Value::Array(b) => b.iter().rev().fold(0, |acc, x| acc << 8 | u64::from_str_radix(x.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()),
-            other => panic!("hint value {other}"),
-        })
-        .sum()
+    entries.iter().map(|e| e["formatted"]["value"].as_u64().unwrap_or_else(|| panic!("hint entry {e}"))).sum()
 }
