@@ -48,9 +48,15 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
  * TC_ACT_OK or TC_ACT_SHOT; when the connection belongs to the L7 proxy,
  * *proxy_port (network order) says which.
  */
+/*
+ * `pair`: the packet goes between two endpoints of this node, whose
+ * connection has one conntrack entry for both (conntrack.h); `shared`, the
+ * caller's lookup both of a pair's hooks use, so a packet is looked up and
+ * counted once (else enforce() looks it up).
+ */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
 				   struct pkt *p, int egress, __u32 peer_id, __u32 now,
-				   __u16 *proxy_port, __u8 out_point)
+				   __u16 *proxy_port, __u8 out_point, int pair, struct ct_result *shared)
 {
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
 	__u32 idx = 0;
@@ -74,10 +80,19 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	    p->protocol != IPPROTO_SCTP && !icmp && !(ep->flags & EP_F_EXTENDED_PROTOCOLS))
 		return drop(skb, ep->ep_id, DROP_CT_UNKNOWN_PROTO, src_id, dst_id, dir_flag,
 			    metric_dir, p);
-	ct_lookup(p, egress, skb->len, now, &ct);
+	if (shared)
+		ct = *shared;
+	else
+		ct_lookup(p, egress, pair, skb->len, now, &ct);
 	int traced = point != TRACE_POINT_NONE && (every_packet || ct.new_flags);
+	/* a pair's acceptor keeps its verdict in the peer fields */
+	int peer = pair && !egress;
+	/* A pair's connection its acceptor has not let in yet is new to the
+	 * acceptor: at its ingress, and at its egress sending on it. */
+	int unaccepted = pair && ct.entry && !(ct.entry->flags & CT_F_PEER_VERDICT) &&
+			 ct.status == (egress ? CT_REPLY : CT_ESTABLISHED);
 
-	if (ct.status == CT_REPLY || ct.status == CT_RELATED) {
+	if ((ct.status == CT_REPLY && !unaccepted) || ct.status == CT_RELATED) {
 		/* Replies of allowed connections pass without a policy lookup. */
 		if (traced)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag | (ct.status == CT_REPLY ? EVENT_F_REPLY : EVENT_F_RELATED), p);
@@ -89,9 +104,10 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	__u32 rev = rt ? rt->policy_rev : 0;
 	struct policy_result pol = { .verdict = 1, .proxy_port = 0, .match_type = POLICY_MATCH_ALL };
 
-	if (ct.status == CT_ESTABLISHED && ct.entry && ct.entry->policy_rev == rev) {
+	if (ct.status == CT_ESTABLISHED && ct.entry && !unaccepted &&
+	    (peer ? ct.entry->peer_policy_rev : ct.entry->policy_rev) == rev) {
 		/* Verdict cached for this connection at the current policy revision. */
-		*proxy_port = ct.entry->proxy_port;
+		*proxy_port = peer ? ct.entry->peer_proxy_port : ct.entry->proxy_port;
 		if (traced && !*proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 		metrics_update(skb, 0, metric_dir);
@@ -100,7 +116,7 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 
 	if (ep->flags & enforce_flag) {
 		policy_lookup(ep, peer_id, egress, p, &pol);
-		if (ct.status == CT_NEW)
+		if (ct.status == CT_NEW || unaccepted)
 			emit_verdict(skb, ep->ep_id, src_id, dst_id, p, pol.verdict,
 				     pol.match_type,
 				     dir_flag | ((pol.verdict < 0 && (ep->flags & EP_F_AUDIT))
@@ -113,9 +129,14 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 
 	*proxy_port = pol.proxy_port;
 	if (ct.status == CT_NEW && !p->untracked && !p->is_icmp_error) {
-		int ret = ct_create(p, egress, skb->len, now, src_id, rev, pol.proxy_port);
-		if (ret < 0)
-			return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
+		if (peer) {
+			/* the entry its opener's egress just made */
+			ct_set_peer_verdict(p, 0, rev, pol.proxy_port);
+		} else {
+			int ret = ct_create(p, egress, pair, skb->len, now, src_id, rev, pol.proxy_port);
+			if (ret < 0)
+				return drop(skb, ep->ep_id, -ret, src_id, dst_id, dir_flag, metric_dir, p);
+		}
 		if (!pol.proxy_port && point != TRACE_POINT_NONE)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.status == CT_NEW) {
@@ -123,9 +144,15 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 		if (point != TRACE_POINT_NONE)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	} else if (ct.entry) {
-		/* Re-checked after a policy change: remember the new revision. */
-		ct.entry->policy_rev = rev;
-		ct.entry->proxy_port = pol.proxy_port;
+		/* Re-checked after a policy change (or let in by a pair's
+		 * acceptor): remember the new revision. What an acceptor sends
+		 * on a connection it has not let in is judged packet by packet. */
+		if (peer)
+			ct_set_peer_verdict(p, ct.entry, rev, pol.proxy_port);
+		else if (!unaccepted) {
+			ct.entry->policy_rev = rev;
+			ct.entry->proxy_port = pol.proxy_port;
+		}
 		if (traced && !pol.proxy_port)
 			emit_trace(skb, ep->ep_id, point, src_id, dst_id, dir_flag, p);
 	}
@@ -154,7 +181,7 @@ static __always_inline int host_enforce(struct __sk_buff *skb, struct pkt *p, in
 	if (!h)
 		return TC_ACT_OK;
 	/* its egress here is to a local endpoint, whose ingress follows */
-	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy, TRACE_POINT_NONE);
+	return enforce(skb, h, p, egress, peer_id, now_seconds(), &proxy, TRACE_POINT_NONE, 0, 0);
 }
 
 /* What the node sends out (to the network or the tunnel), for its host
@@ -174,7 +201,7 @@ static __always_inline int host_egress(struct __sk_buff *skb, struct pkt *p, __u
 		tracked.flags &= ~(EP_F_INGRESS_ENFORCE | EP_F_EGRESS_ENFORCE);
 		h = &tracked;
 	}
-	return enforce(skb, h, p, 1, dst_id, now_seconds(), &proxy, TRACE_TO_NETWORK);
+	return enforce(skb, h, p, 1, dst_id, now_seconds(), &proxy, TRACE_TO_NETWORK, 0, 0);
 }
 
 /* Translated by the service load balancer and sent on from a tc ingress
@@ -305,17 +332,26 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * it goes to the stack (to the node too: under the host firewall
 		 * the host's ingress then traces or drops it as well; telling the
 		 * two apart here costs the verifier more than this program has) */
-		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, dst ? TRACE_POINT_NONE : TRACE_TO_STACK);
+		if (!dst) {
+			ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, TRACE_TO_STACK, 0, 0);
+			if (ret != TC_ACT_OK)
+				return ret;
+			if (proxy)
+				return to_proxy(skb, ep, &p, ep->sec_identity, dst_id, 0, proxy);
+			/* to the node itself: its host firewall's ingress */
+			return dst_id == IDENTITY_HOST ? host_enforce(skb, &p, 0, ep->sec_identity) : TC_ACT_OK;
+		}
+		/* a pair: one conntrack lookup for both ends' hooks */
+		struct ct_result pair_ct;
+		ct_lookup(&p, 1, 1, skb->len, now, &pair_ct);
+		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, TRACE_POINT_NONE, 1, &pair_ct);
 		if (ret != TC_ACT_OK)
 			return ret;
 		/* The source's egress wants the L7 proxy: it goes there; the
 		 * destination's ingress is applied to the proxy's own connection. */
 		if (proxy)
 			return to_proxy(skb, ep, &p, ep->sec_identity, dst_id, 0, proxy);
-		if (!dst)
-			/* to the node itself: its host firewall's ingress */
-			return dst_id == IDENTITY_HOST ? host_enforce(skb, &p, 0, ep->sec_identity) : TC_ACT_OK;
-		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy, TRACE_POINT_NONE);
+		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy, TRACE_POINT_NONE, 1, &pair_ct);
 		if (ret != TC_ACT_OK)
 			return ret;
 		if (proxy)
@@ -328,11 +364,14 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		 * whose identity the mark carries. L7 rules of this endpoint were
 		 * applied by the proxy, so an entry that would redirect allows. */
 		__u32 id = proxy_identity(skb);
+		struct endpoint_info *src = 0;
 		if (!id) {
-			struct endpoint_info *src = pkt_endpoint(&p, 1);
+			/* the listener's, from the original destination: another
+			 * endpoint of this node makes the connection a pair */
+			src = pkt_endpoint(&p, 1);
 			id = src ? src->sec_identity : pkt_identity(&p, 1);
 		}
-		return enforce(skb, ep, &p, 0, id, now, &proxy, TRACE_POINT_NONE);
+		return enforce(skb, ep, &p, 0, id, now, &proxy, TRACE_POINT_NONE, !!src, 0);
 	}
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
@@ -345,7 +384,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		if (ret != TC_ACT_OK)
 			return ret;
 	}
-	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy, TRACE_POINT_NONE);
+	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy, TRACE_POINT_NONE, 0, 0);
 	if (ret == TC_ACT_OK && proxy) {
 		/* L7 ingress rules for what the node's stack sends (its own
 		 * connections, NodePort flows to this backend): the proxy is
@@ -391,7 +430,7 @@ static __always_inline int to_local_endpoint(struct __sk_buff *skb, struct pkt *
 	if (bpf_map_lookup_elem(&cilium_lxc_ip, &p->saddr) || saddr_id == IDENTITY_HOST)
 		return drop(skb, ep->ep_id, DROP_INVALID_SIP, src_id, ep->sec_identity, EVENT_F_INGRESS, METRIC_INGRESS, p);
 	__u16 proxy = 0;
-	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy, TRACE_POINT_NONE);
+	int ret = enforce(skb, ep, p, 0, src_id, now_seconds(), &proxy, TRACE_POINT_NONE, 0, 0);
 	if (ret != TC_ACT_OK)
 		return ret;
 	if (proxy)

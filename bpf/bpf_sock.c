@@ -42,20 +42,32 @@ static __always_inline int sock4_xlate(struct bpf_sock_addr *ctx, int connecting
 		return 0;
 	}
 	struct lb_sock_key skey = { .cookie = cookie, .address = backend->address, .port = backend->port };
-	struct lb4_reverse_nat *rev = bpf_map_lookup_elem(&cilium_lb4_sock_revnat, &skey);
+	struct lb4_reverse_nat new_rev = { .address = addr, .port = dport };
+	struct lb4_reverse_nat *rev;
+	if (connecting) {
+		/* A connect() is nearly always the socket's first: inserted
+		 * without looking first (a lookup of a key not there costs a
+		 * cache miss per connection), and counted, as its socket's
+		 * release knows the backend and removes the entry. */
+		__u32 slot = (__u32)cookie % LB_SOCK_HINT_SLOTS;
+		if (bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &new_rev, BPF_NOEXIST) == 0) {
+			__u32 *hint = bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot);
+			if (hint)
+				__sync_fetch_and_add(hint, 1);
+			goto translate;
+		}
+	}
+	/* A socket sending to this backend again (UDP) keeps its entry,
+	 * pointed at the frontend it asked for last; sendto()'s new entries
+	 * are left to the LRU (their sockets have no single destination). */
+	rev = bpf_map_lookup_elem(&cilium_lb4_sock_revnat, &skey);
 	if (rev) {
-		/* a socket sending to this backend again (UDP) */
 		rev->address = addr;
 		rev->port = dport;
-	} else {
-		/* counted only for a connect(): its socket's release knows the
-		 * backend and removes the entry (sendto()'s are left to the LRU) */
-		struct lb4_reverse_nat new_rev = { .address = addr, .port = dport };
-		__u32 slot = (__u32)cookie % LB_SOCK_HINT_SLOTS;
-		__u32 *hint = connecting ? bpf_map_lookup_elem(&cilium_lb4_sock_hint, &slot) : 0;
-		if (bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &new_rev, BPF_NOEXIST) == 0 && hint)
-			__sync_fetch_and_add(hint, 1);
+	} else if (!connecting) {
+		bpf_map_update_elem(&cilium_lb4_sock_revnat, &skey, &new_rev, BPF_NOEXIST);
 	}
+translate:
 	ctx->user_ip4 = backend->address;
 	ctx->user_port = backend->port;
 	return 1;

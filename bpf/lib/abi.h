@@ -243,7 +243,12 @@ enum ct_entry_flags {
 	CT_F_TX_CLOSING = 1,
 	CT_F_RX_CLOSING = 2,
 	CT_F_SEEN_REPLY = 4,
-	CT_F_EGRESS = 8,         /* the endpoint opened it (created by its egress hook) */
+	CT_F_EGRESS = 8,         /* the key's local side opened it (the endpoint's
+				  * egress hook created it) */
+	CT_F_PAIR = 16,          /* a connection between two endpoints of this node:
+				  * one entry for both (see conntrack.h) */
+	CT_F_PEER_VERDICT = 32,  /* a pair's: the accepting endpoint's ingress verdict
+				  * is in peer_policy_rev and peer_proxy_port */
 };
 
 struct ct_entry {
@@ -251,15 +256,15 @@ struct ct_entry {
 	__u64 tx_bytes;
 	__u64 rx_packets;
 	__u64 rx_bytes;
-	__u32 lifetime;          /* CLOCK_BOOTTIME seconds at which it expires */
+	__u32 lifetime;          /* CLOCK_MONOTONIC seconds at which it expires */
 	__u32 src_sec_id;        /* identity of the connection's originator */
 	__u32 policy_rev;        /* runtime.policy_rev when the verdict was taken */
 	__u16 flags;             /* enum ct_entry_flags */
 	__u8 tx_flags_seen;      /* SYN/FIN/RST seen (and traced) from the originator */
 	__u8 rx_flags_seen;      /* SYN/FIN/RST seen (and traced) in replies */
 	__u16 proxy_port;        /* network byte order */
-	__u16 rev_nat_index;     /* service reverse NAT, 0 = none */
-	__u32 pad;
+	__u16 peer_proxy_port;   /* a pair's: the acceptor's ingress redirect */
+	__u32 peer_policy_rev;   /* a pair's: the acceptor's ingress verdict revision */
 };
 
 /* Global runtime state, array index 0. */
@@ -348,7 +353,7 @@ struct lb_affinity_key {
 
 struct lb_affinity_value {
 	__u32 backend_id;
-	__u32 last_used;         /* CLOCK_BOOTTIME seconds */
+	__u32 last_used;         /* CLOCK_MONOTONIC seconds */
 };
 
 /* Per-packet load balancing (tc on the node's devices): one entry per
@@ -380,7 +385,7 @@ struct lb4_nat_entry {
 	__u16 rev_nat_index;     /* the service's ID */
 	__u32 backend_id;        /* fwd: the backend; snat fwd: the backend's address;
 				  * snat rev: the frontend port (network byte order) */
-	__u32 last_seen;         /* CLOCK_BOOTTIME seconds */
+	__u32 last_seen;         /* CLOCK_MONOTONIC seconds */
 };
 
 /* loadBalancerSourceRanges: (service, client prefix) -> allowed */

@@ -287,6 +287,8 @@ abi_enum!(
         RxClosing = 2 => "CT_F_RX_CLOSING",
         SeenReply = 4 => "CT_F_SEEN_REPLY",
         Egress = 8 => "CT_F_EGRESS",
+        Pair = 16 => "CT_F_PAIR",
+        PeerVerdict = 32 => "CT_F_PEER_VERDICT",
     }
 );
 

@@ -168,8 +168,10 @@ abi_struct!(
         tx_flags_seen: u8,
         rx_flags_seen: u8,
         proxy_port: u16,
-        rev_nat_index: u16,
-        pad: u32,
+        /// A pair's (CT_F_PAIR): the accepting endpoint's ingress redirect.
+        peer_proxy_port: u16,
+        /// A pair's: the revision of the accepting endpoint's ingress verdict.
+        peer_policy_rev: u32,
     }
 );
 

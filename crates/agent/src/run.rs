@@ -371,7 +371,7 @@ async fn ct_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
         let d = daemon.clone();
         let res = tokio::task::spawn_blocking(move || {
             let mut g = d.lock().unwrap_or_else(|p| p.into_inner());
-            g.datapath_mut().ct_gc(sys::boottime_secs())
+            g.datapath_mut().ct_gc(sys::monotonic_secs())
         })
         .await;
         match res {

@@ -396,37 +396,46 @@ async fn bpf_policy(State(s): State<Shared>, UrlPath(id): UrlPath<u16>) -> Resul
 
 async fn bpf_ct(State(s): State<Shared>) -> Result<Json<Vec<CtEntry>>, ApiError> {
     with(&s, |d| {
-        let now = cilium_datapath::sys::boottime_secs() as i64;
-        let mut out = Vec::new();
-        for (k, v) in d.datapath().ct_dump()? {
-            let mut flags = Vec::new();
-            for f in [CtEntryFlag::TxClosing, CtEntryFlag::RxClosing, CtEntryFlag::SeenReply] {
-                if v.flags & f as u16 != 0 {
-                    flags.push(format!("{f:?}"));
-                }
-            }
-            let local = std::net::SocketAddr::new(k.local, k.lport).to_string();
-            let remote = std::net::SocketAddr::new(k.remote, k.rport).to_string();
-            let opened_here = v.flags & CtEntryFlag::Egress as u16 != 0;
-            let (src, dst) = if opened_here { (local, remote) } else { (remote, local) };
-            out.push(CtEntry {
-                protocol: k.protocol,
-                src,
-                dst,
-                direction: if opened_here { "OUT" } else { "IN" }.to_string(),
-                expires_in_secs: v.lifetime as i64 - now,
-                flags,
-                tx_packets: v.tx_packets,
-                tx_bytes: v.tx_bytes,
-                rx_packets: v.rx_packets,
-                rx_bytes: v.rx_bytes,
-                src_identity: v.src_sec_id,
-            });
-        }
-        Ok(out)
+        let now = cilium_datapath::sys::monotonic_secs() as i64;
+        Ok(d.datapath().ct_dump()?.iter().flat_map(|(k, v)| ct_rows(k, v, now)).collect::<Vec<_>>())
     })
     .await
     .map(Json)
+}
+
+/// The rows `cilium bpf ct list` shows for one entry: the end that keeps
+/// it, or both ends of a connection between two local endpoints (one entry
+/// for both, listed as each end's, as upstream keeps them).
+fn ct_rows(k: &cilium_datapath::CtConn, v: &cilium_abi::CtEntry, now: i64) -> Vec<CtEntry> {
+    let flags: Vec<String> =
+        [CtEntryFlag::TxClosing, CtEntryFlag::RxClosing, CtEntryFlag::SeenReply].into_iter().filter(|&f| v.flags & f as u16 != 0).map(|f| format!("{f:?}")).collect();
+    let local = std::net::SocketAddr::new(k.local, k.lport).to_string();
+    let remote = std::net::SocketAddr::new(k.remote, k.rport).to_string();
+    let opened_here = v.flags & CtEntryFlag::Egress as u16 != 0;
+    let (src, dst) = if opened_here { (local, remote) } else { (remote, local) };
+    let directions: &[&str] = if v.flags & CtEntryFlag::Pair as u16 != 0 {
+        &["OUT", "IN"]
+    } else if opened_here {
+        &["OUT"]
+    } else {
+        &["IN"]
+    };
+    directions
+        .iter()
+        .map(|direction| CtEntry {
+            protocol: k.protocol,
+            src: src.clone(),
+            dst: dst.clone(),
+            direction: direction.to_string(),
+            expires_in_secs: v.lifetime as i64 - now,
+            flags: flags.clone(),
+            tx_packets: v.tx_packets,
+            tx_bytes: v.tx_bytes,
+            rx_packets: v.rx_packets,
+            rx_bytes: v.rx_bytes,
+            src_identity: v.src_sec_id,
+        })
+        .collect()
 }
 
 async fn bpf_ipcache(State(s): State<Shared>) -> Result<Json<Vec<IpcacheEntry>>, ApiError> {
@@ -519,4 +528,37 @@ pub fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(flags: u16) -> cilium_abi::CtEntry {
+        cilium_abi::CtEntry { flags, lifetime: 110, tx_packets: 3, rx_packets: 2, ..Default::default() }
+    }
+
+    #[test]
+    fn a_local_pairs_entry_is_listed_as_both_ends() {
+        let k = cilium_datapath::CtConn {
+            local: "10.0.1.5".parse().unwrap(),
+            remote: "10.0.1.9".parse().unwrap(),
+            lport: 80,
+            rport: 40000,
+            protocol: 6,
+        };
+        // kept from the acceptor's side (the lower address), opened by the other end
+        let rows = ct_rows(&k, &entry(CtEntryFlag::Pair as u16 | CtEntryFlag::SeenReply as u16), 100);
+        assert_eq!(rows.iter().map(|r| r.direction.as_str()).collect::<Vec<_>>(), ["OUT", "IN"]);
+        for r in &rows {
+            assert_eq!((r.src.as_str(), r.dst.as_str()), ("10.0.1.9:40000", "10.0.1.5:80"));
+            assert_eq!((r.expires_in_secs, r.tx_packets, r.rx_packets), (10, 3, 2));
+            assert_eq!(r.flags, ["SeenReply"]);
+        }
+        // an endpoint's own: one row, its direction
+        let out = ct_rows(&k, &entry(CtEntryFlag::Egress as u16), 100);
+        assert_eq!(out.iter().map(|r| (r.direction.as_str(), r.src.as_str())).collect::<Vec<_>>(), [("OUT", "10.0.1.5:80")]);
+        let inn = ct_rows(&k, &entry(0), 100);
+        assert_eq!(inn.iter().map(|r| (r.direction.as_str(), r.src.as_str())).collect::<Vec<_>>(), [("IN", "10.0.1.9:40000")]);
+    }
 }

@@ -41,9 +41,10 @@ pub fn sysctl(key: &str, value: &str) -> Result<()> {
     std::fs::write(&path, value).map_err(|source| DatapathError::Io { what: format!("writing {path}"), source })
 }
 
-/// Seconds of CLOCK_BOOTTIME, the clock conntrack lifetimes use.
-pub fn boottime_secs() -> u32 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+/// Seconds of CLOCK_MONOTONIC, the datapath's clock in seconds (conntrack
+/// lifetimes; `now_seconds()` in bpf/lib/common.h).
+pub fn monotonic_secs() -> u32 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u32)
         .unwrap_or(0)
 }

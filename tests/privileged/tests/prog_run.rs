@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, RingBuf};
 use cilium_abi::{
-    DropReason, EndpointFlag, EndpointInfo, Event, EventFlag, EventType, IpcacheValue, MonitorAggregation, POLICY_KEY_DIR_EGRESS,
+    CtEntryFlag, DropReason, EndpointFlag, EndpointInfo, Event, EventFlag, EventType, IpcacheValue, MonitorAggregation, POLICY_KEY_DIR_EGRESS,
     POLICY_PREFIX_FULL, POLICY_PREFIX_L3, PolicyEntry, PolicyKey, PolicyMatch, TracePoint,
 };
 use cilium_datapath::{Datapath, LoadOptions, Loaded, Program, ip_to_be};
@@ -78,13 +78,18 @@ impl Harness {
     }
 
     fn rule(&mut self, egress: bool, identity: u32, proto: u8, port: Option<u16>, deny: bool) {
+        self.rule_of(EP_ID, egress, identity, proto, port, deny)
+    }
+
+    /// A rule of the endpoint `ep_id`.
+    fn rule_of(&mut self, ep_id: u16, egress: bool, identity: u32, proto: u8, port: Option<u16>, deny: bool) {
         let key = PolicyKey {
             prefixlen: match (proto, port) {
                 (0, _) => POLICY_PREFIX_L3,
                 (_, None) => 80,
                 (_, Some(_)) => POLICY_PREFIX_FULL,
             },
-            ep_id: EP_ID,
+            ep_id,
             gen_dir: if egress { POLICY_KEY_DIR_EGRESS } else { 0 },
             identity,
             protocol: proto,
@@ -337,8 +342,12 @@ fn policy_generation_switch_is_atomic() {
 const REDIRECT: i32 = 7;
 
 fn add_local_peer(h: &mut Harness, flags: u16) {
+    add_local_peer_at(h, flags, 999)
+}
+
+fn add_local_peer_at(h: &mut Harness, flags: u16, ifindex: u32) {
     h.dp.endpoint_upsert(&EndpointInfo {
-        ifindex: 999,
+        ifindex,
         ipv4: ip_to_be(PEER),
         sec_identity: PEER_IDENTITY,
         ep_id: 43,
@@ -406,6 +415,141 @@ fn monitor_aggregation_levels() {
             assert_eq!(traces(&mut h).len(), 2, "{level:?}: a reused tuple's connection");
         }
     }
+}
+
+const PEER_EP_ID: u16 = 43;
+
+/// A device standing for the local peer's own device, for packets the
+/// peer sends (BPF_PROG_RUN wants a packet's ifindex to exist); removed
+/// when dropped.
+struct PeerDevice {
+    name: String,
+    ifindex: u32,
+}
+
+impl PeerDevice {
+    fn new() -> PeerDevice {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // this kernel has veth, not dummy (deleting one end removes both)
+        let name = format!("cpr{}x{n}", std::process::id());
+        let other = format!("cpq{}x{n}", std::process::id());
+        let ok = std::process::Command::new("ip").args(["link", "add", &name, "type", "veth", "peer", "name", &other]).status().unwrap().success();
+        assert!(ok, "ip link add {name} type veth");
+        let mut dev = PeerDevice { ifindex: 0, name };
+        dev.ifindex = std::fs::read_to_string(format!("/sys/class/net/{}/ifindex", dev.name)).unwrap().trim().parse().unwrap();
+        dev
+    }
+}
+
+impl Drop for PeerDevice {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.name]).status();
+    }
+}
+
+/// A local peer with a device of its own, so it can send too.
+fn add_sending_peer(h: &mut Harness, flags: u16) -> PeerDevice {
+    let dev = PeerDevice::new();
+    add_local_peer_at(h, flags, dev.ifindex);
+    dev
+}
+
+fn from_peer(h: &mut Harness, dev: &PeerDevice, pkt: &[u8]) -> i32 {
+    h.dp.test_run(Program::FromContainer, pkt, dev.ifindex).unwrap().0
+}
+
+/// A connection between two endpoints of the node keeps one conntrack
+/// entry, whichever end opened it and whichever has the lower address, and
+/// both ends' policies still apply to it.
+#[test]
+fn a_local_pair_keeps_one_entry_for_both_ends() {
+    for opener_is_pod in [true, false] {
+        let mut h = Harness::new(EGRESS | INGRESS);
+        let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
+        let pod = |h: &mut Harness, p: &[u8]| h.from_container(p);
+        let peer = |h: &mut Harness, p: &[u8]| from_peer(h, &dev, p);
+        // the opener may send to the acceptor's port 80, the acceptor accept it
+        if opener_is_pod {
+            h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+            h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 6, Some(80), false);
+        } else {
+            h.rule_of(PEER_EP_ID, true, EP_IDENTITY, 6, Some(80), false);
+            h.rule(false, PEER_IDENTITY, 6, Some(80), false);
+        }
+        let open = |h: &mut Harness, p: &[u8]| if opener_is_pod { pod(h, p) } else { peer(h, p) };
+        let accept = |h: &mut Harness, p: &[u8]| if opener_is_pod { peer(h, p) } else { pod(h, p) };
+        let (a, b) = if opener_is_pod { (POD, PEER) } else { (PEER, POD) };
+        assert_eq!(open(&mut h, &packet::tcp(a, 1000, b, 80, TCP_SYN)), REDIRECT, "opener {a}");
+        assert_eq!(accept(&mut h, &packet::tcp(b, 80, a, 1000, TCP_SYN | TCP_ACK)), REDIRECT, "the reply, by conntrack");
+        assert_eq!(open(&mut h, &packet::tcp(a, 1000, b, 80, TCP_ACK)), REDIRECT);
+        let entries = h.dp.ct_dump().unwrap();
+        assert_eq!(entries.len(), 1, "opener {a}: {entries:?}");
+        let flags = entries[0].1.flags;
+        for f in [CtEntryFlag::Pair, CtEntryFlag::PeerVerdict, CtEntryFlag::SeenReply] {
+            assert_ne!(flags & f as u16, 0, "{f:?}");
+        }
+        assert_eq!((entries[0].1.tx_packets, entries[0].1.rx_packets), (2, 1), "each packet counted once");
+        // neither end lets a new connection the other way in
+        assert_eq!(accept(&mut h, &packet::tcp(b, 80, a, 1001, TCP_SYN)), SHOT);
+        assert_eq!(accept(&mut h, &packet::tcp(b, 2000, a, 80, TCP_SYN)), SHOT);
+    }
+}
+
+/// The acceptor's verdict is its own: denied by its ingress, the connection
+/// stays shut while the opener retries, and what the acceptor sends on it
+/// is judged by its egress policy; a policy change rechecks each end.
+#[test]
+fn a_local_pairs_acceptor_keeps_its_own_verdict() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 6, Some(80), false);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), SHOT, "the peer's ingress denies");
+    let ev = h.events();
+    assert!(ev.iter().any(|e| e.r#type == EventType::PolicyVerdict.code() && e.source_ep == PEER_EP_ID && e.verdict < 0));
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), SHOT, "a retry too");
+    assert!(h.events().iter().any(|e| e.r#type == EventType::PolicyVerdict.code() && e.source_ep == PEER_EP_ID), "judged again");
+    // the peer answering on a connection it never let in: its egress decides
+    assert_eq!(from_peer(&mut h, &dev, &packet::tcp(PEER, 80, POD, 1000, TCP_SYN | TCP_ACK)), SHOT);
+    assert_eq!(h.drops(), vec![DropReason::PolicyDenied.code()]);
+    // let in: established both ways
+    h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 6, Some(80), false);
+    h.dp.bump_policy_revision().unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), REDIRECT);
+    assert_eq!(from_peer(&mut h, &dev, &packet::tcp(PEER, 80, POD, 1000, TCP_SYN | TCP_ACK)), REDIRECT);
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), REDIRECT);
+    // the acceptor's rule goes: its ingress closes the connection, although
+    // the opener's egress still allows it
+    let key = PolicyKey {
+        prefixlen: POLICY_PREFIX_FULL,
+        ep_id: PEER_EP_ID,
+        gen_dir: 0,
+        identity: EP_IDENTITY,
+        protocol: 6,
+        dport: 80u16.to_be(),
+        ..Default::default()
+    };
+    h.dp.policy_delete(&key).unwrap();
+    h.events();
+    h.dp.bump_policy_revision().unwrap();
+    assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), SHOT);
+    let d = h.events().into_iter().find(|e| e.r#type == EventType::Drop.code()).expect("drop");
+    assert_eq!(d.source_ep, PEER_EP_ID);
+}
+
+/// ICMP errors between two local endpoints are related to their pair's
+/// connection, both ways.
+#[test]
+fn icmp_errors_within_a_local_pair_are_related() {
+    let mut h = Harness::new(EGRESS | INGRESS);
+    let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 17, Some(53), false);
+    h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 17, Some(53), false);
+    let query = packet::udp(POD, 4000, PEER, 53);
+    assert_eq!(h.from_container(&query), REDIRECT);
+    assert_eq!(from_peer(&mut h, &dev, &packet::icmp_unreachable(PEER, POD, &query)), REDIRECT, "the peer's error about the query");
+    let other = packet::udp(POD, 4001, PEER, 53);
+    assert_eq!(from_peer(&mut h, &dev, &packet::icmp_unreachable(PEER, POD, &other)), SHOT, "about a query never sent");
 }
 
 #[test]
