@@ -464,11 +464,9 @@ fn from_peer(h: &mut Harness, dev: &PeerDevice, pkt: &[u8]) -> i32 {
 /// both ends' policies still apply to it.
 #[test]
 fn a_local_pair_keeps_one_entry_for_both_ends() {
-    for opener_is_pod in [true, false] {
-        let mut h = Harness::new(EGRESS | INGRESS);
+    for (v6, opener_is_pod) in [(false, true), (false, false), (true, true), (true, false)] {
+        let mut h = if v6 { Harness::new6(EGRESS | INGRESS) } else { Harness::new(EGRESS | INGRESS) };
         let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
-        let pod = |h: &mut Harness, p: &[u8]| h.from_container(p);
-        let peer = |h: &mut Harness, p: &[u8]| from_peer(h, &dev, p);
         // the opener may send to the acceptor's port 80, the acceptor accept it
         if opener_is_pod {
             h.rule(true, PEER_IDENTITY, 6, Some(80), false);
@@ -477,22 +475,31 @@ fn a_local_pair_keeps_one_entry_for_both_ends() {
             h.rule_of(PEER_EP_ID, true, EP_IDENTITY, 6, Some(80), false);
             h.rule(false, PEER_IDENTITY, 6, Some(80), false);
         }
-        let open = |h: &mut Harness, p: &[u8]| if opener_is_pod { pod(h, p) } else { peer(h, p) };
-        let accept = |h: &mut Harness, p: &[u8]| if opener_is_pod { peer(h, p) } else { pod(h, p) };
-        let (a, b) = if opener_is_pod { (POD, PEER) } else { (PEER, POD) };
-        assert_eq!(open(&mut h, &packet::tcp(a, 1000, b, 80, TCP_SYN)), REDIRECT, "opener {a}");
-        assert_eq!(accept(&mut h, &packet::tcp(b, 80, a, 1000, TCP_SYN | TCP_ACK)), REDIRECT, "the reply, by conntrack");
-        assert_eq!(open(&mut h, &packet::tcp(a, 1000, b, 80, TCP_ACK)), REDIRECT);
+        // a TCP packet the opener (or the acceptor) sends, run at the sender's hook
+        let send = |h: &mut Harness, by_opener: bool, sport: u16, dport: u16, flags: u8| -> i32 {
+            let from_pod = by_opener == opener_is_pod;
+            let pkt = match (v6, from_pod) {
+                (false, true) => packet::tcp(POD, sport, PEER, dport, flags),
+                (false, false) => packet::tcp(PEER, sport, POD, dport, flags),
+                (true, true) => packet::tcp6(POD6, sport, PEER6, dport, flags),
+                (true, false) => packet::tcp6(PEER6, sport, POD6, dport, flags),
+            };
+            if from_pod { h.from_container(&pkt) } else { from_peer(h, &dev, &pkt) }
+        };
+        let case = format!("IPv6 {v6}, the pod opens {opener_is_pod}");
+        assert_eq!(send(&mut h, true, 1000, 80, TCP_SYN), REDIRECT, "{case}");
+        assert_eq!(send(&mut h, false, 80, 1000, TCP_SYN | TCP_ACK), REDIRECT, "{case}: the reply, by conntrack");
+        assert_eq!(send(&mut h, true, 1000, 80, TCP_ACK), REDIRECT, "{case}");
         let entries = h.dp.ct_dump().unwrap();
-        assert_eq!(entries.len(), 1, "opener {a}: {entries:?}");
+        assert_eq!(entries.len(), 1, "{case}: {entries:?}");
         let flags = entries[0].1.flags;
         for f in [CtEntryFlag::Pair, CtEntryFlag::PeerVerdict, CtEntryFlag::SeenReply] {
-            assert_ne!(flags & f as u16, 0, "{f:?}");
+            assert_ne!(flags & f as u16, 0, "{case}: {f:?}");
         }
-        assert_eq!((entries[0].1.tx_packets, entries[0].1.rx_packets), (2, 1), "each packet counted once");
+        assert_eq!((entries[0].1.tx_packets, entries[0].1.rx_packets), (2, 1), "{case}: each packet counted once");
         // neither end lets a new connection the other way in
-        assert_eq!(accept(&mut h, &packet::tcp(b, 80, a, 1001, TCP_SYN)), SHOT);
-        assert_eq!(accept(&mut h, &packet::tcp(b, 2000, a, 80, TCP_SYN)), SHOT);
+        assert_eq!(send(&mut h, false, 80, 1001, TCP_SYN), SHOT, "{case}");
+        assert_eq!(send(&mut h, false, 2000, 80, TCP_SYN), SHOT, "{case}");
     }
 }
 
