@@ -49,15 +49,17 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
  * *proxy_port (network order) says which.
  */
 /*
- * `pair`: the packet goes between two endpoints of this node, whose
- * connection has one conntrack entry for both (conntrack.h); `shared`, the
+ * `pair_kind` (conntrack.h): CT_PAIR when the packet goes between two
+ * endpoints of this node, whose connection has one conntrack entry for both;
+ * `shared`, the
  * caller's lookup both of a pair's hooks use, so a packet is looked up and
  * counted once (else enforce() looks it up).
  */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
 				   struct pkt *p, int egress, __u32 peer_id, __u32 now,
-				   __u16 *proxy_port, __u8 out_point, int pair, struct ct_result *shared)
+				   __u16 *proxy_port, __u8 out_point, int pair_kind, struct ct_result *shared)
 {
+	int pair = pair_kind == CT_PAIR;
 	__u8 metric_dir = egress ? METRIC_EGRESS : METRIC_INGRESS;
 	__u32 idx = 0;
 	const struct runtime_config *rt = bpf_map_lookup_elem(&cilium_runtime, &idx);
@@ -83,12 +85,19 @@ static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_
 	if (shared)
 		ct = *shared;
 	else
-		ct_lookup(p, egress, pair, skb->len, now, &ct);
+		ct_lookup(p, egress, pair_kind, skb->len, now, &ct);
 	int traced = point != TRACE_POINT_NONE && (every_packet || ct.new_flags);
 	/* a pair's acceptor keeps its verdict in the peer fields */
 	int peer = pair && !egress;
 	/* A pair's connection its acceptor has not let in yet is new to the
-	 * acceptor: at its ingress, and at its egress sending on it. */
+	 * acceptor: at its ingress, at its egress sending on it, and for ICMP
+	 * errors about it either way (judged as unrelated to any connection). */
+	if (pair && ct.status == CT_RELATED && !(ct.entry->flags & CT_F_PEER_VERDICT) &&
+	    !ct_hook_opened(&ct, egress)) {
+		ct.status = CT_NEW;
+		ct.entry = 0;
+		ct.key_src = 0;
+	}
 	int unaccepted = pair && ct.entry && !(ct.entry->flags & CT_F_PEER_VERDICT) &&
 			 ct.status == (egress ? CT_REPLY : CT_ESTABLISHED);
 
@@ -343,15 +352,15 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		}
 		/* a pair: one conntrack lookup for both ends' hooks */
 		struct ct_result pair_ct;
-		ct_lookup(&p, 1, 1, skb->len, now, &pair_ct);
-		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, TRACE_POINT_NONE, 1, &pair_ct);
+		ct_lookup(&p, 1, CT_PAIR, skb->len, now, &pair_ct);
+		ret = enforce(skb, ep, &p, 1, dst_id, now, &proxy, TRACE_POINT_NONE, CT_PAIR, &pair_ct);
 		if (ret != TC_ACT_OK)
 			return ret;
 		/* The source's egress wants the L7 proxy: it goes there; the
 		 * destination's ingress is applied to the proxy's own connection. */
 		if (proxy)
 			return to_proxy(skb, ep, &p, ep->sec_identity, dst_id, 0, proxy);
-		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy, TRACE_POINT_NONE, 1, &pair_ct);
+		ret = enforce(skb, dst, &p, 0, ep->sec_identity, now, &proxy, TRACE_POINT_NONE, CT_PAIR, &pair_ct);
 		if (ret != TC_ACT_OK)
 			return ret;
 		if (proxy)
@@ -371,7 +380,7 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 			src = pkt_endpoint(&p, 1);
 			id = src ? src->sec_identity : pkt_identity(&p, 1);
 		}
-		return enforce(skb, ep, &p, 0, id, now, &proxy, TRACE_POINT_NONE, !!src, 0);
+		return enforce(skb, ep, &p, 0, id, now, &proxy, TRACE_POINT_NONE, src ? CT_PAIR : 0, 0);
 	}
 	/* Traffic between local endpoints is delivered directly (above) and
 	 * never arrives here: a local endpoint's address as source is spoofed. */
@@ -384,7 +393,9 @@ static __always_inline int handle(struct __sk_buff *skb, int egress)
 		if (ret != TC_ACT_OK)
 			return ret;
 	}
-	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy, TRACE_POINT_NONE, 0, 0);
+	/* an ICMP error from the node may be about a pair's packet (its TTL ran
+	 * out on the way to another endpoint of this node) */
+	ret = enforce(skb, ep, &p, 0, src_id, now, &proxy, TRACE_POINT_NONE, CT_PAIR_ICMP_FROM_NODE, 0);
 	if (ret == TC_ACT_OK && proxy) {
 		/* L7 ingress rules for what the node's stack sends (its own
 		 * connections, NodePort flows to this backend): the proxy is

@@ -37,11 +37,19 @@ enum ct_status {
 	CT_RELATED = 3,
 };
 
+/* ct_lookup()'s `pair`: the endpoint's own entries (0); a pair's shared
+ * entry; or the endpoint's own, where an ICMP error reaching it may also be
+ * about a pair's packet (from the node's stack). */
+#define CT_PAIR 1
+#define CT_PAIR_ICMP_FROM_NODE 2
+
 struct ct_result {
 	enum ct_status status;
 	struct ct_entry *entry;   /* the entry the packet belongs to, if any */
 	__u8 new_flags;           /* SYN/FIN/RST not seen before in this direction */
-	__u8 pad[3];
+	__u8 key_src;             /* whether the packet's source is the key's local
+				   * side (an ICMP error's: the quoted destination) */
+	__u8 pad[2];
 };
 
 /*
@@ -209,17 +217,20 @@ static __always_inline __u8 ct_account(struct ct_entry *e, const struct pkt *p, 
 /*
  * Classifies a packet seen by the endpoint's egress or ingress hook: related
  * to a connection (ICMP error), a reply of one the other side opened,
- * established in the direction it was opened, or new. With `pair`, the
- * packet goes between two endpoints of this node and the pair's shared entry
- * is looked up (`egress` then names the hook whose checks an ICMP error gets).
+ * established in the direction it was opened, or new. With `pair_kind`
+ * CT_PAIR, the packet goes between two endpoints of this node and the pair's
+ * shared entry is looked up (`egress` then names the hook whose checks an
+ * ICMP error gets).
  */
-static __always_inline void ct_lookup(const struct pkt *p, int egress, int pair, __u32 len, __u32 now,
+static __always_inline void ct_lookup(const struct pkt *p, int egress, int pair_kind, __u32 len, __u32 now,
 				      struct ct_result *res)
 {
 	struct ct_entry *e;
+	int pair = pair_kind == CT_PAIR;
 
 	res->entry = 0;
 	res->new_flags = 0;
+	res->key_src = 0;
 	res->status = CT_NEW;
 
 	if (p->is_icmp_error) {
@@ -240,10 +251,22 @@ static __always_inline void ct_lookup(const struct pkt *p, int egress, int pair,
 			return;
 		/* the endpoint is the quoted packet's destination when the error
 		 * leaves it, its source when the error reaches it */
-		e = ct_entry_op(p, ct_local_src(p, egress, pair, 1), 1, 0);
+		int inner_src = ct_local_src(p, egress, pair, 1);
+		e = ct_entry_op(p, inner_src, 1, 0);
+		if (!e && pair_kind == CT_PAIR_ICMP_FROM_NODE && !egress) {
+			/* reaching an endpoint from outside its pairs (the node's
+			 * stack, when a packet's TTL ran out on the way to another
+			 * endpoint of this node): about a pair's packet, maybe */
+			inner_src = ct_local_src(p, egress, 1, 1);
+			e = ct_entry_op(p, inner_src, 1, 0);
+			if (e && !(e->flags & CT_F_PAIR))
+				e = 0;
+		}
 		if (e && e->lifetime >= now) {
 			res->status = CT_RELATED;
 			res->entry = e;
+			/* the error's source is the quoted packet's destination */
+			res->key_src = !inner_src;
 		}
 		return;
 	}
@@ -259,7 +282,24 @@ static __always_inline void ct_lookup(const struct pkt *p, int egress, int pair,
 	int opened_here = 1 ^ (((e->flags & CT_F_EGRESS) >> 3) ^ (local_src & 1));
 	res->status = opened_here ? CT_ESTABLISHED : CT_REPLY;
 	res->entry = e;
+	res->key_src = local_src;
+	/* What a pair's acceptor sends before letting the connection in is
+	 * judged by its egress policy alone and leaves the entry as it is. */
+	if (pair && egress && !opened_here && !(e->flags & CT_F_PEER_VERDICT))
+		return;
 	res->new_flags = ct_account(e, p, len, !opened_here, now);
+}
+
+/*
+ * Whether the endpoint of the hook that made `res` opened the connection:
+ * the packet's source at egress, its destination at ingress; key_src says
+ * whether the source is the key's local side, CT_F_EGRESS whether that side
+ * opened it. (No branch: see lt_bit.)
+ */
+static __always_inline int ct_hook_opened(const struct ct_result *res, int egress)
+{
+	__u32 ep_is_key_local = (res->key_src ^ (egress ? 0 : 1)) & 1;
+	return 1 ^ ep_is_key_local ^ ((res->entry->flags & CT_F_EGRESS) >> 3);
 }
 
 /* Creates the entry of a new connection seen by the egress or ingress hook

@@ -352,7 +352,7 @@ async fn fqdn_gc(daemon: Arc<Mutex<Daemon<Loaded>>>) {
                 return Ok(0);
             }
             let in_use: std::collections::BTreeSet<std::net::IpAddr> =
-                g.datapath().ct_dump().map_err(crate::daemon::DaemonError::from)?.iter().map(|(k, _)| k.remote).collect();
+                g.datapath().ct_dump().map_err(crate::daemon::DaemonError::from)?.iter().flat_map(|(k, _)| [k.local, k.remote]).collect();
             g.fqdn_gc(now, &in_use)
         })
         .await;

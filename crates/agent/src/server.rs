@@ -405,7 +405,8 @@ async fn bpf_ct(State(s): State<Shared>) -> Result<Json<Vec<CtEntry>>, ApiError>
 
 /// The rows `cilium bpf ct list` shows for one entry: the end that keeps
 /// it, or both ends of a connection between two local endpoints (one entry
-/// for both, listed as each end's, as upstream keeps them).
+/// for both, listed as each end's, as upstream keeps them) — the opener's
+/// alone until the acceptor has let the connection in.
 fn ct_rows(k: &cilium_datapath::CtConn, v: &cilium_abi::CtEntry, now: i64) -> Vec<CtEntry> {
     let flags: Vec<String> =
         [CtEntryFlag::TxClosing, CtEntryFlag::RxClosing, CtEntryFlag::SeenReply].into_iter().filter(|&f| v.flags & f as u16 != 0).map(|f| format!("{f:?}")).collect();
@@ -413,9 +414,10 @@ fn ct_rows(k: &cilium_datapath::CtConn, v: &cilium_abi::CtEntry, now: i64) -> Ve
     let remote = std::net::SocketAddr::new(k.remote, k.rport).to_string();
     let opened_here = v.flags & CtEntryFlag::Egress as u16 != 0;
     let (src, dst) = if opened_here { (local, remote) } else { (remote, local) };
-    let directions: &[&str] = if v.flags & CtEntryFlag::Pair as u16 != 0 {
+    let pair = v.flags & CtEntryFlag::Pair as u16 != 0;
+    let directions: &[&str] = if pair && v.flags & CtEntryFlag::PeerVerdict as u16 != 0 {
         &["OUT", "IN"]
-    } else if opened_here {
+    } else if pair || opened_here {
         &["OUT"]
     } else {
         &["IN"]
@@ -548,13 +550,16 @@ mod tests {
             protocol: 6,
         };
         // kept from the acceptor's side (the lower address), opened by the other end
-        let rows = ct_rows(&k, &entry(CtEntryFlag::Pair as u16 | CtEntryFlag::SeenReply as u16), 100);
+        let rows = ct_rows(&k, &entry(CtEntryFlag::Pair as u16 | CtEntryFlag::PeerVerdict as u16 | CtEntryFlag::SeenReply as u16), 100);
         assert_eq!(rows.iter().map(|r| r.direction.as_str()).collect::<Vec<_>>(), ["OUT", "IN"]);
         for r in &rows {
             assert_eq!((r.src.as_str(), r.dst.as_str()), ("10.0.1.9:40000", "10.0.1.5:80"));
             assert_eq!((r.expires_in_secs, r.tx_packets, r.rx_packets), (10, 3, 2));
             assert_eq!(r.flags, ["SeenReply"]);
         }
+        // not let in by its acceptor (denied, or taken by the opener's L7 proxy): the opener's only
+        let rows = ct_rows(&k, &entry(CtEntryFlag::Pair as u16), 100);
+        assert_eq!(rows.iter().map(|r| (r.direction.as_str(), r.src.as_str())).collect::<Vec<_>>(), [("OUT", "10.0.1.9:40000")]);
         // an endpoint's own: one row, its direction
         let out = ct_rows(&k, &entry(CtEntryFlag::Egress as u16), 100);
         assert_eq!(out.iter().map(|r| (r.direction.as_str(), r.src.as_str())).collect::<Vec<_>>(), [("OUT", "10.0.1.5:80")]);

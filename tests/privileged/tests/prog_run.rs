@@ -519,6 +519,10 @@ fn a_local_pairs_acceptor_keeps_its_own_verdict() {
     // the peer answering on a connection it never let in: its egress decides
     assert_eq!(from_peer(&mut h, &dev, &packet::tcp(PEER, 80, POD, 1000, TCP_SYN | TCP_ACK)), SHOT);
     assert_eq!(h.drops(), vec![DropReason::PolicyDenied.code()]);
+    let entries = h.dp.ct_dump().unwrap();
+    assert_eq!(entries.len(), 1);
+    let e = entries[0].1;
+    assert_eq!((e.rx_packets, e.flags & CtEntryFlag::SeenReply as u16), (0, 0), "the refused answer left the opener's entry as it was");
     // let in: established both ways
     h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 6, Some(80), false);
     h.dp.bump_policy_revision().unwrap();
@@ -557,6 +561,51 @@ fn icmp_errors_within_a_local_pair_are_related() {
     assert_eq!(from_peer(&mut h, &dev, &packet::icmp_unreachable(PEER, POD, &query)), REDIRECT, "the peer's error about the query");
     let other = packet::udp(POD, 4001, PEER, 53);
     assert_eq!(from_peer(&mut h, &dev, &packet::icmp_unreachable(PEER, POD, &other)), SHOT, "about a query never sent");
+}
+
+/// An ICMP error from outside the pair (the node's stack, when a packet's
+/// TTL runs out on the way) about a pair's packet reaches its sender,
+/// whichever end has the lower address; and no ICMP error passes an end
+/// that never let the connection in.
+#[test]
+fn icmp_errors_about_a_local_pair() {
+    for opener_is_pod in [true, false] {
+        let mut h = Harness::new(EGRESS | INGRESS);
+        let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
+        let (a, b) = if opener_is_pod { (POD, PEER) } else { (PEER, POD) };
+        if opener_is_pod {
+            h.rule(true, PEER_IDENTITY, 17, Some(53), false);
+            h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 17, Some(53), false);
+        } else {
+            h.rule_of(PEER_EP_ID, true, EP_IDENTITY, 17, Some(53), false);
+            h.rule(false, PEER_IDENTITY, 17, Some(53), false);
+        }
+        let query = packet::udp(a, 4000, b, 53);
+        let run = |h: &mut Harness, pod: bool, egress: bool, pkt: &[u8]| {
+            let prog = if egress { Program::FromContainer } else { Program::ToContainer };
+            h.dp.test_run(prog, pkt, if pod { IFINDEX } else { dev.ifindex }).unwrap().0
+        };
+        assert_eq!(run(&mut h, opener_is_pod, true, &query), REDIRECT);
+        // the opener's ingress lets nothing from the world in but this error
+        let error = packet::icmp_unreachable(OUTSIDE, a, &query);
+        assert_eq!(run(&mut h, opener_is_pod, false, &error), OK, "opener {a}: related");
+        let other = packet::udp(a, 4001, b, 53);
+        assert_eq!(run(&mut h, opener_is_pod, false, &packet::icmp_unreachable(OUTSIDE, a, &other)), SHOT, "opener {a}: unrelated");
+    }
+    // the peer's ingress lets nothing in: the pod's query is refused, and
+    // neither end's ICMP error about it gets through the peer
+    let mut h = Harness::new(EGRESS | INGRESS);
+    let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
+    h.rule(true, PEER_IDENTITY, 17, Some(53), false);
+    h.rule(true, PEER_IDENTITY, 1, None, false);
+    let query = packet::udp(POD, 4000, PEER, 53);
+    assert_eq!(h.from_container(&query), SHOT);
+    let reply = packet::udp(PEER, 53, POD, 4000);
+    assert_eq!(h.from_container(&packet::icmp_unreachable(POD, PEER, &reply)), SHOT, "into the peer");
+    assert_eq!(from_peer(&mut h, &dev, &packet::icmp_unreachable(PEER, POD, &query)), SHOT, "out of the peer");
+    let drops = h.drops();
+    assert_eq!(drops.len(), 3, "{drops:?}");
+    assert!(drops.iter().all(|&d| d == DropReason::PolicyDenied.code()), "{drops:?}");
 }
 
 #[test]
