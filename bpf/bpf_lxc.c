@@ -46,14 +46,11 @@ static __always_inline int drop(struct __sk_buff *skb, __u16 ep_id, int reason, 
  * (to-stack, to-network, or TRACE_POINT_NONE for a local endpoint), its
  * trace point unless aggregation is off (then: from-endpoint). Returns
  * TC_ACT_OK or TC_ACT_SHOT; when the connection belongs to the L7 proxy,
- * *proxy_port (network order) says which.
- */
-/*
- * `pair_kind` (conntrack.h): CT_PAIR when the packet goes between two
- * endpoints of this node, whose connection has one conntrack entry for both;
- * `shared`, the
- * caller's lookup both of a pair's hooks use, so a packet is looked up and
- * counted once (else enforce() looks it up).
+ * *proxy_port (network order) says which. `pair_kind` (conntrack.h):
+ * CT_PAIR when the packet goes between two endpoints of this node, whose
+ * connection has one conntrack entry for both; `shared`, the caller's lookup
+ * that both of a pair's hooks use, so a packet is looked up and counted once
+ * (else enforce() looks it up).
  */
 static __always_inline int enforce(struct __sk_buff *skb, const struct endpoint_info *ep,
 				   struct pkt *p, int egress, __u32 peer_id, __u32 now,

@@ -37,9 +37,9 @@ enum ct_status {
 	CT_RELATED = 3,
 };
 
-/* ct_lookup()'s `pair`: the endpoint's own entries (0); a pair's shared
- * entry; or the endpoint's own, where an ICMP error reaching it may also be
- * about a pair's packet (from the node's stack). */
+/* ct_lookup()'s `pair_kind`: the endpoint's own entries (0); a pair's shared
+ * entry (CT_PAIR); or the endpoint's own, where an ICMP error reaching it may
+ * also be about a pair's packet (from the node's stack). */
 #define CT_PAIR 1
 #define CT_PAIR_ICMP_FROM_NODE 2
 
@@ -87,13 +87,6 @@ static __attribute__((noinline)) int ct6_store(const struct pkt *p, int local_sr
 	return bpf_map_update_elem(&cilium_ct6, &k, e, BPF_ANY);
 }
 
-/*
- * Whether a key is taken with the packet's source as its local side: the
- * endpoint's own side (its source when leaving it, `egress`; for an ICMP
- * error, `inner`, the quoted packet's destination then), or for a pair the
- * lower address, then the lower port, of the tuple looked at. Any fixed order
- * does; the raw values are compared.
- */
 /* 1 when a < b, computed without a branch: the verifier then follows one
  * path with an unknown bit instead of two with a known one each, which
  * doubled everything after it and made the program too large to verify. */
@@ -107,6 +100,13 @@ static __always_inline __u64 eq_bit(__u64 a, __u64 b)
 	return ((a ^ b) - 1) >> 63;
 }
 
+/*
+ * Whether a key is taken with the packet's source as its local side: the
+ * endpoint's own side (its source when leaving it, `egress`; for an ICMP
+ * error, `inner`, the quoted packet's destination then), or for a pair the
+ * lower address, then the lower port, of the tuple looked at. Any fixed order
+ * does; the raw values are compared.
+ */
 static __always_inline int ct_local_src(const struct pkt *p, int egress, int pair, int inner)
 {
 	if (!pair)
