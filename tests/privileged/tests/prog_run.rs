@@ -459,6 +459,16 @@ fn from_peer(h: &mut Harness, dev: &PeerDevice, pkt: &[u8]) -> i32 {
     h.dp.test_run(Program::FromContainer, pkt, dev.ifindex).unwrap().0
 }
 
+/// The opener (the pod, or its local peer) may send to the other's `port`,
+/// and the other accept it.
+fn allow_pair(h: &mut Harness, opener_is_pod: bool, proto: u8, port: u16) {
+    let (opener, acceptor, acceptor_identity) =
+        if opener_is_pod { (EP_ID, PEER_EP_ID, PEER_IDENTITY) } else { (PEER_EP_ID, EP_ID, EP_IDENTITY) };
+    let opener_identity = if opener_is_pod { EP_IDENTITY } else { PEER_IDENTITY };
+    h.rule_of(opener, true, acceptor_identity, proto, Some(port), false);
+    h.rule_of(acceptor, false, opener_identity, proto, Some(port), false);
+}
+
 /// A connection between two endpoints of the node keeps one conntrack
 /// entry, whichever end opened it and whichever has the lower address, and
 /// both ends' policies still apply to it.
@@ -467,14 +477,7 @@ fn a_local_pair_keeps_one_entry_for_both_ends() {
     for (v6, opener_is_pod) in [(false, true), (false, false), (true, true), (true, false)] {
         let mut h = if v6 { Harness::new6(EGRESS | INGRESS) } else { Harness::new(EGRESS | INGRESS) };
         let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
-        // the opener may send to the acceptor's port 80, the acceptor accept it
-        if opener_is_pod {
-            h.rule(true, PEER_IDENTITY, 6, Some(80), false);
-            h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 6, Some(80), false);
-        } else {
-            h.rule_of(PEER_EP_ID, true, EP_IDENTITY, 6, Some(80), false);
-            h.rule(false, PEER_IDENTITY, 6, Some(80), false);
-        }
+        allow_pair(&mut h, opener_is_pod, 6, 80);
         // a TCP packet the opener (or the acceptor) sends, run at the sender's hook
         let send = |h: &mut Harness, by_opener: bool, sport: u16, dport: u16, flags: u8| -> i32 {
             let from_pod = by_opener == opener_is_pod;
@@ -573,13 +576,7 @@ fn icmp_errors_about_a_local_pair() {
         let mut h = Harness::new(EGRESS | INGRESS);
         let dev = add_sending_peer(&mut h, EGRESS | INGRESS);
         let (a, b) = if opener_is_pod { (POD, PEER) } else { (PEER, POD) };
-        if opener_is_pod {
-            h.rule(true, PEER_IDENTITY, 17, Some(53), false);
-            h.rule_of(PEER_EP_ID, false, EP_IDENTITY, 17, Some(53), false);
-        } else {
-            h.rule_of(PEER_EP_ID, true, EP_IDENTITY, 17, Some(53), false);
-            h.rule(false, PEER_IDENTITY, 17, Some(53), false);
-        }
+        allow_pair(&mut h, opener_is_pod, 17, 53);
         let query = packet::udp(a, 4000, b, 53);
         let run = |h: &mut Harness, pod: bool, egress: bool, pkt: &[u8]| {
             let prog = if egress { Program::FromContainer } else { Program::ToContainer };
