@@ -83,19 +83,7 @@ impl Harness {
 
     /// A rule of the endpoint `ep_id`.
     fn rule_of(&mut self, ep_id: u16, egress: bool, identity: u32, proto: u8, port: Option<u16>, deny: bool) {
-        let key = PolicyKey {
-            prefixlen: match (proto, port) {
-                (0, _) => POLICY_PREFIX_L3,
-                (_, None) => 80,
-                (_, Some(_)) => POLICY_PREFIX_FULL,
-            },
-            ep_id,
-            gen_dir: if egress { POLICY_KEY_DIR_EGRESS } else { 0 },
-            identity,
-            protocol: proto,
-            dport: port.unwrap_or(0).to_be(),
-            ..Default::default()
-        };
+        let key = rule_key(ep_id, egress, identity, proto, port);
         let entry = PolicyEntry { flags: deny as u8, match_type: PolicyMatch::L3L4.code(), ..Default::default() };
         self.dp.policy_insert(&key, &entry).unwrap();
     }
@@ -118,6 +106,24 @@ impl Harness {
 
     fn drops(&mut self) -> Vec<u8> {
         self.events().iter().filter(|e| e.r#type == EventType::Drop.code()).map(|e| e.subtype).collect()
+    }
+}
+
+/// The policy map key of a rule of endpoint `ep_id`: for `identity`, on
+/// protocol `proto` (0: any) and `port` (None: any).
+fn rule_key(ep_id: u16, egress: bool, identity: u32, proto: u8, port: Option<u16>) -> PolicyKey {
+    PolicyKey {
+        prefixlen: match (proto, port) {
+            (0, _) => POLICY_PREFIX_L3,
+            (_, None) => 80,
+            (_, Some(_)) => POLICY_PREFIX_FULL,
+        },
+        ep_id,
+        gen_dir: if egress { POLICY_KEY_DIR_EGRESS } else { 0 },
+        identity,
+        protocol: proto,
+        dport: port.unwrap_or(0).to_be(),
+        ..Default::default()
     }
 }
 
@@ -262,16 +268,7 @@ fn policy_change_rechecks_established_connections() {
     h.rule(true, PEER_IDENTITY, 6, Some(80), false);
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_SYN)), OK);
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
-    let key = PolicyKey {
-        prefixlen: POLICY_PREFIX_FULL,
-        ep_id: EP_ID,
-        gen_dir: POLICY_KEY_DIR_EGRESS,
-        identity: PEER_IDENTITY,
-        protocol: 6,
-        dport: 80u16.to_be(),
-        ..Default::default()
-    };
-    h.dp.policy_delete(&key).unwrap();
+    h.dp.policy_delete(&rule_key(EP_ID, true, PEER_IDENTITY, 6, Some(80))).unwrap();
     // without a revision bump the cached verdict still holds
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), OK);
     h.dp.bump_policy_revision().unwrap();
@@ -534,16 +531,7 @@ fn a_local_pairs_acceptor_keeps_its_own_verdict() {
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), REDIRECT);
     // the acceptor's rule goes: its ingress closes the connection, although
     // the opener's egress still allows it
-    let key = PolicyKey {
-        prefixlen: POLICY_PREFIX_FULL,
-        ep_id: PEER_EP_ID,
-        gen_dir: 0,
-        identity: EP_IDENTITY,
-        protocol: 6,
-        dport: 80u16.to_be(),
-        ..Default::default()
-    };
-    h.dp.policy_delete(&key).unwrap();
+    h.dp.policy_delete(&rule_key(PEER_EP_ID, false, EP_IDENTITY, 6, Some(80))).unwrap();
     h.events();
     h.dp.bump_policy_revision().unwrap();
     assert_eq!(h.from_container(&packet::tcp(POD, 1000, PEER, 80, TCP_ACK)), SHOT);
@@ -729,15 +717,7 @@ fn spoofed_local_source_is_dropped_at_ingress() {
 #[test]
 fn l7_entries_drop_until_the_proxy_exists() {
     let mut h = Harness::new(INGRESS);
-    let key = PolicyKey {
-        prefixlen: POLICY_PREFIX_FULL,
-        ep_id: EP_ID,
-        gen_dir: 0,
-        identity: PEER_IDENTITY,
-        protocol: 6,
-        dport: 80u16.to_be(),
-        ..Default::default()
-    };
+    let key = rule_key(EP_ID, false, PEER_IDENTITY, 6, Some(80));
     let entry = PolicyEntry { proxy_port: cilium_abi::POLICY_PROXY_PORT_PENDING.to_be(), ..Default::default() };
     h.dp.policy_insert(&key, &entry).unwrap();
     assert_eq!(h.to_container(&packet::tcp(PEER, 1000, POD, 80, TCP_SYN)), SHOT);
@@ -763,15 +743,7 @@ fn conntrack_dump_gc_and_flush_in_batches() {
 /// An egress entry of the endpoint for `identity` on TCP `port` that
 /// redirects to `proxy_port`.
 fn l7_rule(h: &mut Harness, identity: u32, port: u16, proxy_port: u16) {
-    let key = PolicyKey {
-        prefixlen: POLICY_PREFIX_FULL,
-        ep_id: EP_ID,
-        gen_dir: POLICY_KEY_DIR_EGRESS,
-        identity,
-        protocol: 6,
-        dport: port.to_be(),
-        ..Default::default()
-    };
+    let key = rule_key(EP_ID, true, identity, 6, Some(port));
     let entry = PolicyEntry { proxy_port: proxy_port.to_be(), match_type: PolicyMatch::L3L4.code(), ..Default::default() };
     h.dp.policy_insert(&key, &entry).unwrap();
 }
