@@ -17,7 +17,7 @@ packages=(
   dnsmasq-base bind9-dnsutils           # DNS through a ClusterIP (tests)
   prometheus                            # scrapes the agent's and Hubble's metrics (tests)
   etcd-server                           # the kvstore (tests, `cilium lab up --kvstore`)
-  nginx dnsperf                         # the L7 benchmark: reverse-proxy anchor, DNS load
+  nginx dnsperf wrk                     # the L7 benchmark: reverse-proxy anchor, DNS and HTTP load
   containerd crun busybox-static        # CNI interop test (ctr run --cni)
 )
 missing=()

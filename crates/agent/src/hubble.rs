@@ -12,7 +12,8 @@ use cilium_api::HubbleStatus;
 use cilium_hubble::Flow;
 use cilium_hubble::metrics::Metrics;
 use cilium_hubble::names::Names;
-use cilium_hubble::parser::Parser;
+use cilium_hubble::parser::{L7Flow, Parser};
+use cilium_hubble::ring::LazyFlow;
 use cilium_hubble::server::{Hubble, PeerInfo};
 use prometheus_client::registry::Registry;
 use tracing::{error, warn};
@@ -87,18 +88,33 @@ impl HubbleRuntime {
     pub fn ingest(&self, flows: Vec<Arc<Flow>>) {
         for f in &flows {
             self.metrics.observe(f);
-            if let Some(tx) = &self.export {
-                match tx.try_send(f.clone()) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(_)) => {
-                        self.lost_export.fetch_add(1, Ordering::Relaxed);
-                        self.metrics.lost("observer_events_queue", 1);
-                    }
-                    Err(TrySendError::Disconnected(_)) => {}
-                }
-            }
+            self.export(f);
         }
         self.hubble.ring.push_all(flows);
+    }
+
+    /// Takes an L7 flow: metrics from the record, and the ring builds the
+    /// flow when someone reads it (the exporter, when there is one, now).
+    pub fn ingest_l7(&self, f: L7Flow) {
+        self.metrics.observe_l7(&f.view());
+        let lazy = LazyFlow::new(f);
+        if self.export.is_some() {
+            self.export(&lazy.flow());
+        }
+        self.hubble.ring.push_lazy(lazy);
+    }
+
+    fn export(&self, f: &Arc<Flow>) {
+        if let Some(tx) = &self.export {
+            match tx.try_send(f.clone()) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    self.lost_export.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.lost("observer_events_queue", 1);
+                }
+                Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
     }
 
     /// Records the datapath's running count of lost events.
@@ -163,15 +179,15 @@ impl FlowMaker {
         self.parser.flow(ev, &self.names())
     }
 
-    pub fn http_flow(&self, r: &cilium_hubble::parser::HttpRecord) -> Flow {
+    pub fn http_flow(&self, r: cilium_hubble::parser::HttpRecord) -> L7Flow {
         self.parser.http_flow(r, &self.names())
     }
 
-    pub fn dns_flow(&self, r: &cilium_hubble::parser::DnsRecord) -> Flow {
+    pub fn dns_flow(&self, r: cilium_hubble::parser::DnsRecord) -> L7Flow {
         self.parser.dns_flow(r, &self.names())
     }
 
-    pub fn kafka_flow(&self, r: &cilium_hubble::parser::KafkaRecord) -> Flow {
+    pub fn kafka_flow(&self, r: cilium_hubble::parser::KafkaRecord) -> L7Flow {
         self.parser.kafka_flow(r, &self.names())
     }
 }

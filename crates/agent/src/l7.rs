@@ -124,7 +124,7 @@ impl AccessLog for HubbleLog {
             code: u32::from(r.code),
             headers: r.headers,
         };
-        self.hubble.ingest(vec![Arc::new(self.maker.http_flow(&rec))]);
+        self.hubble.ingest_l7(self.maker.http_flow(rec));
     }
 
     fn log_dns(&self, r: cilium_proxy::DnsRecord) {
@@ -138,7 +138,7 @@ impl AccessLog for HubbleLog {
             ttl: r.ttl,
             cnames: r.cnames,
         };
-        self.hubble.ingest(vec![Arc::new(self.maker.dns_flow(&rec))]);
+        self.hubble.ingest_l7(self.maker.dns_flow(rec));
     }
 
     fn log_kafka(&self, r: cilium_proxy::KafkaRecord) {
@@ -151,7 +151,7 @@ impl AccessLog for HubbleLog {
             topic: r.topic,
             error_code: i32::from(r.error_code),
         };
-        self.hubble.ingest(vec![Arc::new(self.maker.kafka_flow(&rec))]);
+        self.hubble.ingest_l7(self.maker.kafka_flow(rec));
     }
 }
 

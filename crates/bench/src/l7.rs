@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::{LabGuard, median, percentile, pin_pid, rss_mb};
+use crate::{LabGuard, median, percentile, pin_pid, pin_pid_to, rss_mb};
 
 const PODS: &str = r#"
 apiVersion: v1
@@ -40,6 +40,9 @@ spec:
 "#;
 
 const NGINX_PORT: u16 = 8081;
+
+/// Concurrent connections of the throughput measurement.
+const WRK_CONNS: u32 = 32;
 
 /// Two clients of one DNS server pod: one through DNS rules (the DNS proxy),
 /// one with the same L4 policy and no DNS rules.
@@ -240,6 +243,35 @@ fn http_rr(netns: &str, addr: SocketAddr, secs: u64) -> anyhow::Result<(f64, f64
     })
 }
 
+/// wrk from inside `netns`, pinned to CPU 0, with `conns` keep-alive
+/// connections for `secs`: (requests/s, p50 µs, p99 µs). Fails on any
+/// error or non-2xx response.
+fn http_wrk(netns: &str, addr: SocketAddr, conns: u32, secs: u64) -> anyhow::Result<(f64, f64, f64)> {
+    let out = cilium_lab::sys::command_in(netns, None, "taskset")?
+        .args(["-c", "0", "wrk", "-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--latency", &format!("http://{addr}/bench")])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    anyhow::ensure!(out.status.success(), "wrk: {text}{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(!text.contains("Non-2xx") && !text.contains("Socket errors"), "wrk saw errors: {text}");
+    let micros = |v: &str| -> Option<f64> {
+        let v = v.trim();
+        let (n, scale) = if let Some(n) = v.strip_suffix("us") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1e3)
+        } else {
+            (v.strip_suffix('s')?, 1e6)
+        };
+        n.parse::<f64>().ok().map(|n| n * scale)
+    };
+    let pct = |p: &str| text.lines().find_map(|l| l.trim().strip_prefix(p).and_then(micros));
+    let rps = text.lines().find_map(|l| l.trim().strip_prefix("Requests/sec:").and_then(|v| v.trim().parse::<f64>().ok()));
+    match (rps, pct("50%"), pct("99%")) {
+        (Some(r), Some(p50), Some(p99)) => Ok((r, p50, p99)),
+        _ => anyhow::bail!("wrk output: {text}"),
+    }
+}
+
 /// Opens `n` connections through the proxy, each after one request, and
 /// keeps them idle: returns the agent's resident memory growth per
 /// connection in KB.
@@ -288,7 +320,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
     std::fs::write(
         &conf,
         format!(
-            "worker_processes 1;\npid {pid};\nerror_log {err};\ndaemon off;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 600s;\n  upstream s {{ server {server_ip}:8080; keepalive 16; keepalive_requests 100000000; }}\n  server {{\n    listen {ip}:{NGINX_PORT};\n    location / {{ proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
+            "worker_processes 1;\npid {pid};\nerror_log {err};\ndaemon off;\nevents {{ worker_connections 1024; }}\nhttp {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 600s;\n  upstream s {{ server {server_ip}:8080; keepalive 64; keepalive_requests 100000000; }}\n  server {{\n    listen {ip}:{NGINX_PORT};\n    location / {{ proxy_pass http://s; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
             pid = logs.join("nginx.pid").display(),
             err = logs.join("nginx.err").display(),
             ip = node.ip,
@@ -296,15 +328,19 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
     )?;
     let nginx = cilium_lab::sys::spawn_daemon(&node.netns, None, Path::new("/usr/sbin/nginx"), &["-c".into(), conf.display().to_string()], &logs.join("nginx.log"))?;
     std::thread::sleep(Duration::from_millis(500));
-    for p in [agent, server_pid, nginx] {
-        pin_pid(p);
-    }
-    // nginx's worker is its child
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{nginx}/task/{nginx}/children")) {
-        for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-            pin_pid(c);
+    // the proxies: the agent, nginx and its worker (a child)
+    let pin_proxies = |cpu: usize| {
+        for p in [agent, nginx] {
+            pin_pid_to(p, cpu);
         }
-    }
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{nginx}/task/{nginx}/children")) {
+            for c in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                pin_pid_to(c, cpu);
+            }
+        }
+    };
+    pin_pid(server_pid);
+    pin_proxies(0);
     drop(lab);
 
     let targets: [(&str, SocketAddr); 3] = [
@@ -325,6 +361,19 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
             res[i].0.push(rps);
             res[i].1.push(p50);
             res[i].2.push(p99);
+        }
+    }
+    // throughput: the proxies on CPU 1 of their own, client and server on CPU 0
+    pin_proxies(1);
+    let mut thr: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![(vec![], vec![], vec![]); 3];
+    for round in 0..rounds {
+        eprintln!("bench l7: throughput round {}/{rounds}", round + 1);
+        let order: Vec<usize> = (0..3).map(|i| (i + round) % 3).collect();
+        for i in order {
+            let (rps, p50, p99) = http_wrk(&client_ns, targets[i].1, WRK_CONNS, seconds).with_context(|| targets[i].0.to_string())?;
+            thr[i].0.push(rps);
+            thr[i].1.push(p50);
+            thr[i].2.push(p99);
         }
     }
     cilium_lab::sys::stop(nginx, Duration::from_secs(2));
@@ -358,6 +407,16 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
         res[1].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
         res[2].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
     ));
+    let t = |i: usize| (median(thr[i].0.clone()), median(thr[i].1.clone()), median(thr[i].2.clone()));
+    md.push_str("\n### Throughput\n\n| Path | Requests/s | Ratio to L4 | p50 | p99 |\n|---|---|---|---|---|\n");
+    for (i, (label, _)) in targets.iter().enumerate() {
+        let (r, p50, p99) = t(i);
+        md.push_str(&format!("| {label} | {r:.0} | **{:.3}** | {p50:.0} µs | {p99:.0} µs |\n", r / t(0).0));
+    }
+    md.push_str(&format!("\nRounds (requests/s, L4 / L7 / nginx): {} / {} / {}.\n",
+        thr[0].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
+        thr[1].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", "),
+        thr[2].0.iter().map(|v| format!("{v:.0}")).collect::<Vec<_>>().join(", ")));
     md.push_str(&dns_md);
     Ok(md)
 }

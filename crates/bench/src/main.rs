@@ -75,13 +75,18 @@ fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Pins every thread of a process to one CPU.
+/// Pins every thread of a process to CPU 0.
 fn pin_pid(pid: u32) {
+    pin_pid_to(pid, CPU)
+}
+
+/// Pins every thread of a process to `cpu`.
+fn pin_pid_to(pid: u32, cpu: usize) {
     if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in rd.flatten() {
             if let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() {
                 let mut set = nix::sched::CpuSet::new();
-                let _ = set.set(CPU);
+                let _ = set.set(cpu);
                 let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
             }
         }

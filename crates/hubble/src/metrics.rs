@@ -222,6 +222,17 @@ impl Metrics {
             Some(layer4::Protocol::Sctp(_)) => "SCTP",
             None => "",
         };
+        if let Some(l7) = &f.l7 {
+            return self.observe_l7(&L7View {
+                record: l7.record.as_ref(),
+                response: l7.r#type == 2,
+                latency_ns: l7.latency_ns,
+                ingress: f.traffic_direction == TrafficDirection::Ingress as i32,
+                verdict: f.verdict,
+                drop_reason: f.drop_reason_desc,
+                protocol,
+            });
+        }
         let et = f.event_type.as_ref().map(|e| e.r#type).unwrap_or(0);
         let verdict = Verdict::try_from(f.verdict)
             .map(|v| v.as_str_name())
@@ -231,16 +242,10 @@ impl Metrics {
                 crate::parser::MSG_DROP => ("Drop", String::new()),
                 crate::parser::MSG_POLICY_VERDICT => ("PolicyVerdict", String::new()),
                 crate::parser::MSG_TRACE => ("Trace", crate::printer::flow_type(f)),
-                _ if f.l7.is_some() => ("L7", String::new()),
                 _ => ("Unknown", String::new()),
             };
-            let protocol = if f.l7.is_some() {
-                l7_protocol(f).to_string()
-            } else {
-                protocol.to_string()
-            };
             m.get_or_create(&FlowLabels {
-                protocol,
+                protocol: protocol.into(),
                 subtype: sub,
                 r#type: ty.into(),
                 verdict: verdict.into(),
@@ -327,69 +332,74 @@ impl Metrics {
             })
             .inc();
         }
-        if let Some(l7) = &f.l7 {
-            match &l7.record {
-                Some(layer7::Record::Dns(d)) => {
-                    let labels = DnsLabels {
-                        rcode: if l7.r#type == 2 {
-                            rcode(d.rcode)
-                        } else {
-                            String::new()
-                        },
-                        qtypes: d.qtypes.join(","),
-                        ips_returned: if l7.r#type == 2 {
-                            d.ips.len().to_string()
-                        } else {
-                            String::new()
-                        },
-                    };
-                    let m = if l7.r#type == 2 {
-                        &self.dns_responses
-                    } else {
-                        &self.dns_queries
-                    };
-                    if let Some(m) = m {
-                        m.get_or_create(&labels).inc();
-                    }
+    }
+
+    /// Counts one L7 flow (from the flow, or from an L7 record not yet
+    /// built into one).
+    pub fn observe_l7(&self, v: &L7View) {
+        let verdict = Verdict::try_from(v.verdict).map(|v| v.as_str_name()).unwrap_or("VERDICT_UNKNOWN");
+        if let Some(m) = &self.flows {
+            let protocol = match v.record {
+                Some(layer7::Record::Dns(_)) => "DNS",
+                Some(layer7::Record::Http(_)) => "HTTP",
+                Some(layer7::Record::Kafka(_)) => "Kafka",
+                None => "",
+            };
+            m.get_or_create(&FlowLabels { protocol: protocol.into(), subtype: String::new(), r#type: "L7".into(), verdict: verdict.into() }).inc();
+        }
+        if let (Some(m), true) = (&self.drops, v.verdict == Verdict::Dropped as i32) {
+            let reason = DropReason::try_from(v.drop_reason).map(|d| d.as_str_name()).unwrap_or("DROP_REASON_UNKNOWN");
+            m.get_or_create(&DropLabels { reason: reason.into(), protocol: v.protocol.into() }).inc();
+        }
+        let reporter = if v.ingress { "server" } else { "client" };
+        match v.record {
+            Some(layer7::Record::Dns(d)) => {
+                let labels = DnsLabels {
+                    rcode: if v.response { rcode(d.rcode) } else { String::new() },
+                    qtypes: d.qtypes.join(","),
+                    ips_returned: if v.response { d.ips.len().to_string() } else { String::new() },
+                };
+                if let Some(m) = if v.response { &self.dns_responses } else { &self.dns_queries } {
+                    m.get_or_create(&labels).inc();
                 }
-                Some(layer7::Record::Http(h)) => {
-                    let reporter = if f.traffic_direction == TrafficDirection::Ingress as i32 {
-                        "server"
-                    } else {
-                        "client"
-                    };
-                    let resp = l7.r#type == 2;
-                    let labels = HttpLabels {
-                        method: h.method.clone(),
-                        protocol: h.protocol.clone(),
-                        status: if resp {
-                            h.code.to_string()
-                        } else {
-                            String::new()
-                        },
-                        reporter: reporter.into(),
-                    };
-                    if let Some(m) = if resp {
-                        &self.http_responses
-                    } else {
-                        &self.http_requests
-                    } {
-                        m.get_or_create(&labels).inc();
-                    }
-                    if let (true, Some(m)) = (resp, &self.http_duration) {
-                        m.get_or_create(&labels).observe(l7.latency_ns as f64 / 1e9);
-                    }
-                }
-                Some(layer7::Record::Kafka(k)) => {
-                    if let Some(m) = &self.kafka_requests {
-                        let reporter = if f.traffic_direction == TrafficDirection::Ingress as i32 { "server" } else { "client" };
-                        m.get_or_create(&KafkaLabels { topic: k.topic.clone(), api_key: k.api_key.clone(), error_code: k.error_code.to_string(), reporter: reporter.into() }).inc();
-                    }
-                }
-                None => {}
             }
+            Some(layer7::Record::Http(h)) => {
+                let labels = HttpLabels {
+                    method: h.method.clone(),
+                    protocol: h.protocol.clone(),
+                    status: if v.response { h.code.to_string() } else { String::new() },
+                    reporter: reporter.into(),
+                };
+                if let Some(m) = if v.response { &self.http_responses } else { &self.http_requests } {
+                    m.get_or_create(&labels).inc();
+                }
+                if let (true, Some(m)) = (v.response, &self.http_duration) {
+                    m.get_or_create(&labels).observe(v.latency_ns as f64 / 1e9);
+                }
+            }
+            Some(layer7::Record::Kafka(k)) => {
+                if let Some(m) = &self.kafka_requests {
+                    m.get_or_create(&KafkaLabels { topic: k.topic.clone(), api_key: k.api_key.clone(), error_code: k.error_code.to_string(), reporter: reporter.into() }).inc();
+                }
+            }
+            None => {}
         }
     }
+}
+
+/// What the metrics read of an L7 flow.
+#[derive(Debug, Clone, Copy)]
+pub struct L7View<'a> {
+    pub record: Option<&'a layer7::Record>,
+    /// A response (else a request).
+    pub response: bool,
+    pub latency_ns: u64,
+    /// Reported by the server's side (ingress policy), else the client's.
+    pub ingress: bool,
+    pub verdict: i32,
+    pub drop_reason: i32,
+    /// The L4 protocol's name ("TCP", "UDP").
+    pub protocol: &'static str,
 }
 
 #[cfg(test)]
@@ -414,15 +424,6 @@ mod tests {
         assert!(text.contains(r#"hubble_kafka_requests_total{topic="orders",api_key="produce",error_code="0",reporter="server"} 2"#), "{text}");
         assert!(text.contains(r#"hubble_kafka_requests_total{topic="secrets",api_key="produce",error_code="29",reporter="server"} 1"#), "{text}");
         assert!(Metrics::register(&mut Registry::default(), &["kafka:labelsContext=source_pod".to_string()]).is_ok());
-    }
-}
-
-fn l7_protocol(f: &Flow) -> &'static str {
-    match f.l7.as_ref().and_then(|l| l.record.as_ref()) {
-        Some(layer7::Record::Dns(_)) => "DNS",
-        Some(layer7::Record::Http(_)) => "HTTP",
-        Some(layer7::Record::Kafka(_)) => "Kafka",
-        None => "",
     }
 }
 

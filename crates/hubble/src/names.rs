@@ -4,6 +4,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use crate::proto::flow::Endpoint;
 
 /// A workload owning a pod (upstream: from the pod's owner references).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +84,39 @@ pub struct Names {
     pub services: HashMap<(IpAddr, u16), ServiceName>,
     /// ifindex -> name.
     pub interfaces: HashMap<u32, String>,
+    /// Flows' endpoints built from this snapshot, shared by the L7 flows
+    /// that name them.
+    pub endpoint_cache: EndpointCache,
+}
+
+/// Endpoints by (address, identity), built once per snapshot (a copy of a
+/// snapshot starts empty).
+#[derive(Debug, Default)]
+pub struct EndpointCache(Mutex<HashMap<(IpAddr, u32), Arc<Endpoint>>>);
+
+/// Entries kept at most (then the cache starts over).
+const ENDPOINT_CACHE: usize = 4096;
+
+impl Clone for EndpointCache {
+    fn clone(&self) -> Self {
+        EndpointCache::default()
+    }
+}
+
+impl EndpointCache {
+    /// The endpoint `make` builds from `names`, built once.
+    pub fn get(&self, names: &Names, ip: IpAddr, identity: u32, make: fn(&Names, IpAddr, u32) -> Endpoint) -> Arc<Endpoint> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = m.get(&(ip, identity)) {
+            return e.clone();
+        }
+        if m.len() >= ENDPOINT_CACHE {
+            m.clear();
+        }
+        let e = Arc::new(make(names, ip, identity));
+        m.insert((ip, identity), e.clone());
+        e
+    }
 }
 
 /// The namespace a label list names (`k8s:io.kubernetes.pod.namespace=…`).

@@ -70,6 +70,18 @@ impl Default for Parser {
     }
 }
 
+/// A version-4-shaped UUID from a per-process seed and a sequence number.
+fn uuid(a: u64, n: u64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (a >> 32) as u32,
+        (a >> 16) as u16,
+        (a & 0xfff) as u16,
+        (n >> 48) & 0xfff,
+        n & 0xffff_ffff_ffff
+    )
+}
+
 /// The observation point of a trace, from the datapath's point name.
 pub fn observation_point(name: &str) -> TraceObservationPoint {
     match name {
@@ -236,35 +248,71 @@ pub struct KafkaRecord {
     pub error_code: i32,
 }
 
-impl Parser {
-    /// An L7 flow; a response flows from the server to the client and is a
+/// An L7 flow resolved when the proxy reported it (names, service, UUID
+/// number) and built into a [`Flow`] only when someone reads it: the
+/// proxy's hot path pays for no strings it does not already have.
+#[derive(Debug, Clone)]
+pub struct L7Flow {
+    pub meta: L7Meta,
+    pub udp: bool,
+    pub record: pb::layer7::Record,
+    source: std::sync::Arc<Endpoint>,
+    destination: std::sync::Arc<Endpoint>,
+    service: Option<pb::Service>,
+    node_name: String,
+    seed: u64,
+    seq: u64,
+}
+
+impl L7Flow {
+    /// What the metrics count of it.
+    pub fn view(&self) -> crate::metrics::L7View<'_> {
+        crate::metrics::L7View {
+            record: Some(&self.record),
+            response: self.meta.response,
+            latency_ns: self.meta.latency_ns,
+            ingress: self.meta.ingress,
+            verdict: if self.meta.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            drop_reason: 0,
+            protocol: if self.udp { "UDP" } else { "TCP" },
+        }
+    }
+
+    /// The flow; a response flows from the server to the client and is a
     /// reply.
-    fn l7_flow(&self, c: &L7Meta, udp: bool, record: pb::layer7::Record, names: &Names) -> Flow {
-        let (src, dst, sid, did) = if c.response { (c.server, c.client, c.server_identity, c.client_identity) } else { (c.client, c.server, c.client_identity, c.server_identity) };
+    pub fn build(self) -> Flow {
+        let c = &self.meta;
+        let (src, dst) = if c.response { (c.server, c.client) } else { (c.client, c.server) };
         let l7_type = if c.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
         let (sport, dport) = (u32::from(src.port()), u32::from(dst.port()));
-        let l4 = if udp { layer4::Protocol::Udp(pb::Udp { source_port: sport, destination_port: dport }) } else { layer4::Protocol::Tcp(pb::Tcp { source_port: sport, destination_port: dport, flags: None }) };
+        let l4 = if self.udp { layer4::Protocol::Udp(pb::Udp { source_port: sport, destination_port: dport }) } else { layer4::Protocol::Tcp(pb::Tcp { source_port: sport, destination_port: dport, flags: None }) };
+        let (mut source_names, mut destination_names) = (Vec::new(), Vec::new());
+        if let pb::layer7::Record::Dns(d) = &self.record {
+            if c.response { source_names = vec![d.query.clone()] } else { destination_names = vec![d.query.clone()] }
+        }
+        let (mut source_service, mut destination_service) = (None, None);
+        if c.response { source_service = self.service } else { destination_service = self.service }
         let mut f = Flow {
             time: Some(timestamp(c.time_ns)),
-            uuid: self.uuid(),
+            uuid: uuid(self.seed, self.seq),
             emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
             verdict: if c.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
             ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
             l4: Some(Layer4 { protocol: Some(l4) }),
-            source: Some(endpoint(names, (*src.ip()).into(), sid)),
-            destination: Some(endpoint(names, (*dst.ip()).into(), did)),
+            source: Some(std::sync::Arc::unwrap_or_clone(self.source)),
+            destination: Some(std::sync::Arc::unwrap_or_clone(self.destination)),
             r#type: FlowType::L7 as i32,
-            node_name: names.node_name.clone(),
-            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: c.latency_ns, record: Some(record) }),
+            node_name: self.node_name,
+            l7: Some(pb::Layer7 { r#type: l7_type as i32, latency_ns: c.latency_ns, record: Some(self.record) }),
             event_type: Some(CiliumEventType { r#type: MSG_ACCESS_LOG, sub_type: 0 }),
             traffic_direction: if c.ingress { TrafficDirection::Ingress } else { TrafficDirection::Egress } as i32,
             is_reply: Some(pbjson_types::BoolValue { value: c.response }),
+            source_names,
+            destination_names,
+            source_service,
+            destination_service,
             ..Default::default()
         };
-        if let Some(svc) = names.services.get(&(IpAddr::V4(*c.server.ip()), c.server.port())) {
-            let s = Some(pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() });
-            if c.response { f.source_service = s } else { f.destination_service = s }
-        }
         #[allow(deprecated)]
         {
             f.reply = c.response;
@@ -272,45 +320,58 @@ impl Parser {
         }
         f
     }
+}
+
+impl Parser {
+    /// Resolves an L7 record's names now (they may change before it is read).
+    fn l7(&self, meta: L7Meta, udp: bool, record: pb::layer7::Record, names: &Names) -> L7Flow {
+        let (src, dst, sid, did) = if meta.response { (meta.server, meta.client, meta.server_identity, meta.client_identity) } else { (meta.client, meta.server, meta.client_identity, meta.server_identity) };
+        L7Flow {
+            meta,
+            udp,
+            record,
+            source: names.endpoint_cache.get(names, (*src.ip()).into(), sid, endpoint),
+            destination: names.endpoint_cache.get(names, (*dst.ip()).into(), did, endpoint),
+            service: names.services.get(&(IpAddr::V4(*meta.server.ip()), meta.server.port())).map(|svc| pb::Service { name: svc.name.clone(), namespace: svc.namespace.clone() }),
+            node_name: names.node_name.clone(),
+            seed: self.seed,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
 
     /// The L7 flow of a DNS query or response (egress of the client).
-    pub fn dns_flow(&self, r: &DnsRecord, names: &Names) -> Flow {
+    pub fn dns_flow(&self, r: DnsRecord, names: &Names) -> L7Flow {
+        let response = r.meta.response;
         let dns = pb::Dns {
             query: format!("{}.", r.query),
-            ips: if r.meta.response { r.ips.clone() } else { vec![] },
+            rrtypes: if response && !r.ips.is_empty() { vec!["A".into()] } else { vec![] },
+            ips: if response { r.ips } else { vec![] },
             ttl: r.ttl,
             cnames: r.cnames.iter().map(|c| format!("{c}.")).collect(),
             observation_source: "proxy".into(),
             rcode: r.rcode,
-            qtypes: r.qtypes.clone(),
-            rrtypes: if r.meta.response && !r.ips.is_empty() { vec!["A".into()] } else { vec![] },
+            qtypes: r.qtypes,
         };
-        let mut f = self.l7_flow(&r.meta, true, pb::layer7::Record::Dns(dns), names);
-        if r.meta.response {
-            f.source_names = vec![format!("{}.", r.query)];
-        } else {
-            f.destination_names = vec![format!("{}.", r.query)];
-        }
-        f
+        self.l7(r.meta, true, pb::layer7::Record::Dns(dns), names)
     }
 
     /// The L7 flow of an HTTP request or response.
-    pub fn http_flow(&self, r: &HttpRecord, names: &Names) -> Flow {
+    pub fn http_flow(&self, r: HttpRecord, names: &Names) -> L7Flow {
         let http = pb::Http {
             code: r.code,
-            method: r.method.clone(),
-            url: r.url.clone(),
-            protocol: r.protocol.clone(),
-            headers: r.headers.iter().map(|(k, v)| pb::HttpHeader { key: k.clone(), value: v.clone() }).collect(),
+            method: r.method,
+            url: r.url,
+            protocol: r.protocol,
+            headers: r.headers.into_iter().map(|(key, value)| pb::HttpHeader { key, value }).collect(),
         };
-        self.l7_flow(&r.meta, false, pb::layer7::Record::Http(http), names)
+        self.l7(r.meta, false, pb::layer7::Record::Http(http), names)
     }
 
     /// The L7 flow of a Kafka request (forwarded, or denied with the error
     /// code the proxy answered).
-    pub fn kafka_flow(&self, r: &KafkaRecord, names: &Names) -> Flow {
-        let kafka = pb::Kafka { error_code: r.error_code, api_version: r.api_version, api_key: r.api_key.clone(), correlation_id: r.correlation_id, topic: r.topic.clone() };
-        self.l7_flow(&r.meta, false, pb::layer7::Record::Kafka(kafka), names)
+    pub fn kafka_flow(&self, r: KafkaRecord, names: &Names) -> L7Flow {
+        let kafka = pb::Kafka { error_code: r.error_code, api_version: r.api_version, api_key: r.api_key, correlation_id: r.correlation_id, topic: r.topic };
+        self.l7(r.meta, false, pb::layer7::Record::Kafka(kafka), names)
     }
 
     /// Names the policies behind a policy verdict or a policy drop.
@@ -342,16 +403,7 @@ impl Parser {
     }
 
     fn uuid(&self) -> String {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let a = self.seed;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
-            (a >> 32) as u32,
-            (a >> 16) as u16,
-            (a & 0xfff) as u16,
-            (n >> 48) & 0xfff,
-            n & 0xffff_ffff_ffff
-        )
+        uuid(self.seed, self.seq.fetch_add(1, Ordering::Relaxed))
     }
 
     /// The flow of one datapath event.

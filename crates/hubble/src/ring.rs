@@ -1,13 +1,53 @@
 //! The flow ring: the last N flows, overwritten oldest first. Writers never
 //! wait for readers; a follower that falls more than N flows behind is told
-//! how many it lost.
+//! how many it lost. L7 flows are kept as the proxy reported them and built
+//! when first read.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::watch;
 
+use crate::parser::L7Flow;
 use crate::proto::flow::Flow;
+
+/// A flow in the ring.
+#[derive(Debug, Clone)]
+enum Slot {
+    Built(Arc<Flow>),
+    Lazy(Arc<LazyFlow>),
+}
+
+impl Slot {
+    fn flow(&self) -> Arc<Flow> {
+        match self {
+            Slot::Built(f) => f.clone(),
+            Slot::Lazy(l) => l.flow(),
+        }
+    }
+}
+
+/// An L7 flow built on first read (once, for every reader).
+#[derive(Debug)]
+pub struct LazyFlow {
+    flow: OnceLock<Arc<Flow>>,
+    pending: Mutex<Option<L7Flow>>,
+}
+
+impl LazyFlow {
+    pub fn new(f: L7Flow) -> Arc<LazyFlow> {
+        Arc::new(LazyFlow { flow: OnceLock::new(), pending: Mutex::new(Some(f)) })
+    }
+
+    pub fn flow(&self) -> Arc<Flow> {
+        self.flow
+            .get_or_init(|| {
+                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+                Arc::new(pending.map(L7Flow::build).unwrap_or_default())
+            })
+            .clone()
+    }
+}
 
 /// The ring.
 #[derive(Debug)]
@@ -20,7 +60,7 @@ pub struct Ring {
 
 #[derive(Debug)]
 struct Inner {
-    flows: VecDeque<Arc<Flow>>,
+    flows: VecDeque<Slot>,
     /// Sequence number of `flows[0]`.
     first: u64,
 }
@@ -74,9 +114,22 @@ impl Ring {
 
     /// Adds flows, overwriting the oldest.
     pub fn push_all(&self, flows: impl IntoIterator<Item = Arc<Flow>>) {
+        self.push_slots(flows.into_iter().map(Slot::Built));
+    }
+
+    pub fn push(&self, f: Arc<Flow>) {
+        self.push_all([f]);
+    }
+
+    /// Adds an L7 flow that is built when first read.
+    pub fn push_lazy(&self, f: Arc<LazyFlow>) {
+        self.push_slots([Slot::Lazy(f)]);
+    }
+
+    fn push_slots(&self, slots: impl IntoIterator<Item = Slot>) {
         let mut g = self.lock();
         let mut n = 0u64;
-        for f in flows {
+        for f in slots {
             if g.flows.len() == self.capacity {
                 g.flows.pop_front();
                 g.first += 1;
@@ -91,17 +144,14 @@ impl Ring {
         }
     }
 
-    pub fn push(&self, f: Arc<Flow>) {
-        self.push_all([f]);
-    }
-
     /// Everything held now, oldest first, and the sequence after the last.
     pub fn snapshot(&self) -> (Vec<Arc<Flow>>, u64) {
         let g = self.lock();
-        (
-            g.flows.iter().cloned().collect(),
-            g.first + g.flows.len() as u64,
-        )
+        let slots: Vec<Slot> = g.flows.iter().cloned().collect();
+        let end = g.first + g.flows.len() as u64;
+        drop(g);
+        // built outside the lock: writers never wait for a reader's building
+        (slots.iter().map(Slot::flow).collect(), end)
     }
 
     /// Flows from sequence `from` on.
@@ -110,14 +160,10 @@ impl Ring {
         let end = g.first + g.flows.len() as u64;
         let start = from.max(g.first);
         let lost = g.first.saturating_sub(from);
-        let flows = g
-            .flows
-            .iter()
-            .skip((start - g.first) as usize)
-            .cloned()
-            .collect();
+        let slots: Vec<Slot> = g.flows.iter().skip((start - g.first) as usize).cloned().collect();
+        drop(g);
         Read {
-            flows,
+            flows: slots.iter().map(Slot::flow).collect(),
             lost,
             next: end.max(from),
         }

@@ -301,3 +301,89 @@ fn ipv6_flows_name_pods_by_their_ipv6_address_and_bracket_ports() {
     let line = compact(&f);
     assert!(line.contains("default/frontend:43210 (ID:300) -> [2001:db8::1]:80 (world)"), "{line}");
 }
+
+fn l7_meta(response: bool) -> L7Meta {
+    L7Meta {
+        time_ns: 1_700_000_000_123_000_000,
+        client: "10.0.1.2:40000".parse().unwrap(),
+        server: "10.96.0.10:80".parse().unwrap(),
+        client_identity: 300,
+        server_identity: 301,
+        ingress: true,
+        response,
+        denied: false,
+        latency_ns: if response { 2_000_000 } else { 0 },
+    }
+}
+
+/// An L7 flow keeps the names of when it was reported, however late it is
+/// read; a response goes from the server to the client.
+#[test]
+fn l7_flows_are_named_when_reported_and_built_when_read() {
+    let p = Parser::default();
+    let mut n = names();
+    let req = HttpRecord { meta: l7_meta(false), method: "GET".into(), url: "http://backend/api".into(), protocol: "HTTP/1.1".into(), code: 0, headers: vec![("Host".into(), "backend".into())] };
+    let resp = HttpRecord { meta: l7_meta(true), code: 200, headers: vec![], ..req.clone() };
+    let (a, b) = (p.http_flow(req, &n), p.http_flow(resp, &n));
+    // the pod is renamed before anyone reads the flows
+    n.endpoints.get_mut(&IpAddr::from(Ipv4Addr::new(10, 0, 1, 2))).unwrap().pod_name = "renamed".into();
+    let ring = crate::ring::Ring::new(4);
+    ring.push_lazy(crate::ring::LazyFlow::new(a));
+    ring.push_lazy(crate::ring::LazyFlow::new(b));
+    let (flows, _) = ring.snapshot();
+    let (req, resp) = (&flows[0], &flows[1]);
+    assert_eq!(req.source.as_ref().unwrap().pod_name, "frontend");
+    assert_eq!(req.destination_service.as_ref().unwrap().name, "backend");
+    assert_eq!(resp.source_service.as_ref().unwrap().name, "backend");
+    assert_eq!(resp.destination.as_ref().unwrap().pod_name, "frontend");
+    assert_eq!(resp.ip.as_ref().unwrap().source, "10.96.0.10");
+    assert_ne!(req.uuid, resp.uuid);
+    #[allow(deprecated)]
+    {
+        assert_eq!(req.summary, "HTTP/1.1 GET http://backend/api");
+        assert!(resp.reply);
+    }
+    match &resp.l7.as_ref().unwrap().record {
+        Some(pb::layer7::Record::Http(h)) => assert_eq!((h.code, h.method.as_str()), (200, "GET")),
+        other => panic!("{other:?}"),
+    }
+    // a second read gets the same flow, built once
+    assert!(std::sync::Arc::ptr_eq(&ring.snapshot().0[1], resp));
+}
+
+/// The metrics count an L7 record exactly as they count the flow built
+/// from it.
+#[test]
+fn l7_metrics_from_the_record_match_the_built_flow() {
+    let p = Parser::default();
+    let n = names();
+    let records = [
+        p.http_flow(HttpRecord { meta: l7_meta(true), method: "GET".into(), url: "http://b/".into(), protocol: "HTTP/1.1".into(), code: 403, headers: vec![] }, &n),
+        p.http_flow(HttpRecord { meta: L7Meta { denied: true, ..l7_meta(false) }, method: "POST".into(), url: "http://b/".into(), protocol: "HTTP/1.1".into(), code: 0, headers: vec![] }, &n),
+        p.dns_flow(DnsRecord { meta: L7Meta { ingress: false, ..l7_meta(true) }, query: "a.example".into(), qtypes: vec!["A".into()], rcode: 0, ips: vec!["1.2.3.4".into()], ttl: 60, cnames: vec![] }, &n),
+        p.kafka_flow(KafkaRecord { meta: l7_meta(false), api_key: "produce".into(), api_version: 3, correlation_id: 1, topic: "t".into(), error_code: 29 }, &n),
+    ];
+    let families = ["flow", "drop", "dns", "http", "kafka"].map(String::from);
+    let (mut ra, mut rb) = (prometheus_client::registry::Registry::default(), prometheus_client::registry::Registry::default());
+    let (a, b) = (crate::metrics::Metrics::register(&mut ra, &families).unwrap(), crate::metrics::Metrics::register(&mut rb, &families).unwrap());
+    for r in records {
+        a.observe_l7(&r.view());
+        b.observe(&r.build());
+    }
+    let text = |reg: &prometheus_client::registry::Registry| {
+        let mut t = String::new();
+        prometheus_client::encoding::text::encode(&mut t, reg).unwrap();
+        t
+    };
+    let (ta, tb) = (text(&ra), text(&rb));
+    assert!(ta.contains(r#"hubble_http_responses_total{method="GET",protocol="HTTP/1.1",status="403",reporter="server"} 1"#), "{ta}");
+    assert!(ta.contains(r#"hubble_drop_total{reason="DROP_REASON_UNKNOWN",protocol="TCP"} 1"#), "{ta}");
+    assert!(ta.contains(r#"protocol="DNS""#), "{ta}");
+    // the same series (a family's order of series is its hash map's)
+    let sorted = |t: &str| {
+        let mut v: Vec<&str> = t.lines().collect();
+        v.sort();
+        v.join("\n")
+    };
+    assert_eq!(sorted(&ta), sorted(&tb));
+}
