@@ -54,7 +54,7 @@ impl LazyFlow {
 pub struct Ring {
     capacity: usize,
     inner: Mutex<Inner>,
-    /// The sequence number the next flow gets (= flows ever written).
+    /// Wakes followers (the flows ever written, when they were woken).
     written: watch::Sender<u64>,
 }
 
@@ -105,7 +105,8 @@ impl Ring {
 
     /// Flows ever written.
     pub fn seen(&self) -> u64 {
-        *self.written.borrow()
+        let g = self.lock();
+        g.first + g.flows.len() as u64
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -139,7 +140,9 @@ impl Ring {
         }
         let end = g.first + g.flows.len() as u64;
         drop(g);
-        if n > 0 {
+        // only followers need waking; one subscribing now reads the ring
+        // after subscribing, so it sees these flows without being woken
+        if n > 0 && self.written.receiver_count() > 0 {
             self.written.send_replace(end);
         }
     }

@@ -26,6 +26,9 @@ pub struct Request {
     pub version: u8,
     /// Header names as sent, in order.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// A header rule changed the headers: the head must be encoded again
+    /// (else it is forwarded as it came).
+    pub modified: bool,
 }
 
 /// A response head.
@@ -95,6 +98,7 @@ impl Request {
                     target: r.path.unwrap_or("").to_string(),
                     version: r.version.unwrap_or(1),
                     headers: r.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
+                    modified: false,
                 };
                 Ok(Some((req, n)))
             }

@@ -227,12 +227,12 @@ struct Side {
 }
 
 impl Side {
-    /// Reads a message head; `None` at a clean end of stream.
-    async fn head<T>(&mut self, parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>) -> Result<Option<T>, ConnError> {
+    /// Reads a message head, left at the start of the buffer (its length
+    /// returned with it); `None` at a clean end of stream.
+    async fn head<T>(&mut self, parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, HttpError>) -> Result<Option<(T, usize)>, ConnError> {
         loop {
             if !self.buf.is_empty() {
-                if let Some((h, n)) = parse(&self.buf)? {
-                    self.buf.drain(..n);
+                if let Some(h) = parse(&self.buf)? {
                     return Ok(Some(h));
                 }
             }
@@ -358,7 +358,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
                 return Ok(());
             }
         }
-        let mut req = match client.head(Request::parse).await {
+        let (mut req, head_len) = match client.head(Request::parse).await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(ConnError::Http(e)) => {
@@ -402,6 +402,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
         if !allowed {
             log.log(record(false, true, 0, Duration::ZERO, &req));
             // read and drop the body, so the connection stays usable
+            client.buf.drain(..head_len);
             client.body(framing, None).await?;
             client.s.write_all(&access_denied(close)).await?;
             log.log(record(true, true, 403, started.elapsed(), &req));
@@ -416,6 +417,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
                 Ok(s) => upstream = Some(Side { s, buf: Vec::new() }),
                 Err(e) => {
                     warn!(server = %info.server, error = %e, "proxy cannot reach the destination");
+                    client.buf.drain(..head_len);
                     client.body(framing, None).await?;
                     client.s.write_all(&error_response(503, "Service Unavailable")).await?;
                     log.log(record(true, false, 503, started.elapsed(), &req));
@@ -424,38 +426,42 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
             }
         }
         let up = upstream.as_mut().expect("connected above");
-        let mut head = req.encode();
-        let framing = match framing {
+        // the head (as it came, unless a header rule changed it) and the
+        // body bytes already read go out in one write
+        let (framing, take) = match framing {
             Framing::Length(n) => {
-                let take = (n.min(client.buf.len() as u64)) as usize;
-                head.extend_from_slice(&client.buf[..take]);
-                client.buf.drain(..take);
-                Framing::Length(n - take as u64)
+                let take = n.min((client.buf.len() - head_len) as u64);
+                (Framing::Length(n - take), take as usize)
             }
-            f => f,
+            f => (f, 0),
         };
-        up.s.write_all(&head).await?;
+        if req.modified {
+            let mut head = req.encode();
+            head.extend_from_slice(&client.buf[head_len..head_len + take]);
+            up.s.write_all(&head).await?;
+        } else {
+            up.s.write_all(&client.buf[..head_len + take]).await?;
+        }
+        client.buf.drain(..head_len + take);
         client.body(framing, Some(&mut up.s)).await?;
-        // the response, after any interim (1xx) ones
-        let resp = loop {
-            let Some(resp) = up.head(Response::parse).await? else { return Err(ConnError::Truncated) };
+        // the response, after any interim (1xx) ones, forwarded as it came
+        let (resp, head_len) = loop {
+            let Some((resp, n)) = up.head(Response::parse).await? else { return Err(ConnError::Truncated) };
             if (100..200).contains(&resp.code) && resp.code != 101 {
-                client.s.write_all(&encode_response(&resp)).await?;
+                client.s.write_all(&up.buf[..n]).await?;
+                up.buf.drain(..n);
                 continue;
             }
-            break resp;
+            break (resp, n);
         };
         log.log(record(true, false, resp.code, started.elapsed(), &req));
-        // the head and the body bytes already read go out in one write
-        let mut out = encode_response(&resp);
         if resp.code != 101 {
             if let Framing::Length(n) = resp.framing(&req.method)? {
-                let take = (n.min(up.buf.len() as u64)) as usize;
-                out.extend_from_slice(&up.buf[..take]);
-                up.buf.drain(..take);
-                let rest = n - take as u64;
-                client.s.write_all(&out).await?;
-                up.body(Framing::Length(rest), Some(&mut client.s)).await?;
+                // the head and the body bytes already read go out in one write
+                let take = n.min((up.buf.len() - head_len) as u64);
+                client.s.write_all(&up.buf[..head_len + take as usize]).await?;
+                up.buf.drain(..head_len + take as usize);
+                up.body(Framing::Length(n - take), Some(&mut client.s)).await?;
                 if close || resp.wants_close() {
                     return Ok(());
                 }
@@ -464,7 +470,8 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
                 continue;
             }
         }
-        client.s.write_all(&out).await?;
+        client.s.write_all(&up.buf[..head_len]).await?;
+        up.buf.drain(..head_len);
         if resp.code == 101 {
             // protocol switch: from here on, bytes both ways
             client.s.write_all(&up.buf).await?;
@@ -480,18 +487,6 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
         client.release();
         up.release();
     }
-}
-
-fn encode_response(r: &Response) -> Vec<u8> {
-    let mut out = format!("HTTP/1.{} {} {}\r\n", r.version, r.code, r.reason).into_bytes();
-    for (n, v) in &r.headers {
-        out.extend_from_slice(n.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out
 }
 
 /// A provider that allows everything and a log that drops everything.
@@ -515,6 +510,49 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::{Open, Quiet};
     use super::*;
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (a, l.accept().await.unwrap().0)
+    }
+
+    /// Reads until `want` bytes arrived.
+    async fn read_n(s: &mut TcpStream, want: usize) -> Vec<u8> {
+        let mut got = vec![0u8; want];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.expect("bytes in time").unwrap();
+        got
+    }
+
+    /// Heads and bodies reach the other side byte for byte as they were
+    /// sent (spacing and case of headers too), pipelined requests one after
+    /// the other, an interim 100 before its response.
+    #[tokio::test]
+    async fn messages_are_forwarded_as_they_came() {
+        let (mut client, proxied) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let info = ConnInfo { client: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), server: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2), ingress: true, udp: false };
+        let task = tokio::spawn(async move {
+            let drain = Drain::default();
+            serve_conn(proxied, Some(upstream), info, &Open, &Quiet, &drain).await
+        });
+        let one = b"POST /a?x=1 HTTP/1.1\r\nhOST:   example\r\nX-Odd:a  b \r\nContent-Length: 5\r\n\r\nhello";
+        let two = b"GET /b HTTP/1.1\r\nHost: example\r\n\r\n";
+        client.write_all(&[&one[..], &two[..]].concat()).await.unwrap();
+        assert_eq!(read_n(&mut server, one.len()).await, one.to_vec());
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n";
+        let r1 = b"HTTP/1.1 201 Made  It\r\ncontent-LENGTH: 3\r\nX-A:1\r\n\r\nabc";
+        server.write_all(&[&interim[..], &r1[..]].concat()).await.unwrap();
+        assert_eq!(read_n(&mut client, interim.len() + r1.len()).await, [&interim[..], &r1[..]].concat());
+        // the second request only after the first response
+        assert_eq!(read_n(&mut server, two.len()).await, two.to_vec());
+        let r2 = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n";
+        server.write_all(r2).await.unwrap();
+        assert_eq!(read_n(&mut client, r2.len()).await, r2.to_vec());
+        drop(client);
+        task.await.unwrap().unwrap();
+    }
 
     /// What one idle HTTP/1 connection costs in task state (its buffers are
     /// released between requests): the benchmark's per-connection memory
