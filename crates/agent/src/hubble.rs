@@ -13,7 +13,6 @@ use cilium_hubble::Flow;
 use cilium_hubble::metrics::Metrics;
 use cilium_hubble::names::Names;
 use cilium_hubble::parser::{L7Flow, Parser};
-use cilium_hubble::ring::LazyFlow;
 use cilium_hubble::server::{Hubble, PeerInfo};
 use prometheus_client::registry::Registry;
 use tracing::{error, warn};
@@ -94,14 +93,13 @@ impl HubbleRuntime {
     }
 
     /// Takes an L7 flow: metrics from the record, and the ring builds the
-    /// flow when someone reads it (the exporter, when there is one, now).
+    /// flow for each reader (the exporter, when there is one, now).
     pub fn ingest_l7(&self, f: L7Flow) {
         self.metrics.observe_l7(&f.view());
-        let lazy = LazyFlow::new(f);
         if self.export.is_some() {
-            self.export(&lazy.flow());
+            self.export(&Arc::new(f.clone().build()));
         }
-        self.hubble.ring.push_lazy(lazy);
+        self.hubble.ring.push_l7(f);
     }
 
     fn export(&self, f: &Arc<Flow>) {

@@ -274,28 +274,31 @@ fn http_wrk(netns: &str, addr: SocketAddr, conns: u32, secs: u64) -> anyhow::Res
 }
 
 /// Opens `n` connections through the proxy, each after one request, and
-/// keeps them idle: returns the agent's resident memory growth per
-/// connection in KB.
+/// keeps them idle, twice: returns the agent's resident memory growth per
+/// connection in KB over the second batch. The first batch brings Hubble's
+/// flow ring to what these connections put in it (their datapath and L7
+/// flows), so the second measures the connections alone.
 fn idle_memory(netns: &str, addr: SocketAddr, agent: u32, n: usize) -> anyhow::Result<f64> {
-    // fill Hubble's flow ring first (each request is two L7 flows), so the
-    // growth measured is the connections', not the flow history's
-    http_rr(netns, addr, 1)?;
-    std::thread::sleep(Duration::from_millis(300));
+    let batch = move || {
+        crate::in_ns(netns, move || {
+            let mut v = Vec::new();
+            for _ in 0..n {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                s.write_all(b"GET /idle HTTP/1.1\r\nHost: server\r\n\r\n")?;
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf)?;
+                v.push(s);
+            }
+            Ok(v)
+        })
+    };
+    let first = batch()?;
+    std::thread::sleep(Duration::from_secs(1));
     let before = rss_mb(agent)?;
-    let held = crate::in_ns(netns, move || {
-        let mut v = Vec::new();
-        for _ in 0..n {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.write_all(b"GET /idle HTTP/1.1\r\nHost: server\r\n\r\n")?;
-            let mut buf = [0u8; 512];
-            let _ = s.read(&mut buf)?;
-            v.push(s);
-        }
-        Ok(v)
-    })?;
+    let second = batch()?;
     std::thread::sleep(Duration::from_secs(1));
     let after = rss_mb(agent)?;
-    drop(held);
+    drop((first, second));
     Ok((after - before) * 1024.0 / n as f64)
 }
 
@@ -414,10 +417,10 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
          \nBoth: port 80 carries an HTTP rule (`GET /.*`), so each request is parsed, checked and\n\
          reported to Hubble (a request and a response flow) by the proxy; port 8080 has the same L3/L4\n\
          policy without L7 rules. nginx 1.22 (Debian) runs in the node's namespace with keep-alive\n\
-         upstream connections to port 8080. Idle memory, measured first on a fresh agent whose Hubble flow\n\
-         ring was filled beforehand (one second of requests), so it does not count flow history: 1000\n\
-         connections each after one request (each also holds its upstream connection), the agent's RSS\n\
-         growth / 1000.\n"
+         upstream connections to port 8080. Idle memory, measured first on a fresh agent: 1000\n\
+         connections each after one request (each also holds its upstream connection) are opened and\n\
+         kept, which also fills Hubble's flow ring with what such connections put in it; then the\n\
+         agent's RSS growth over 1000 more, / 1000.\n"
     ));
     md.push_str(&dns_md);
     Ok(md)

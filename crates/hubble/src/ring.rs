@@ -1,10 +1,10 @@
 //! The flow ring: the last N flows, overwritten oldest first. Writers never
 //! wait for readers; a follower that falls more than N flows behind is told
 //! how many it lost. L7 flows are kept as the proxy reported them and built
-//! when first read.
+//! when read.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -15,37 +15,24 @@ use crate::proto::flow::Flow;
 #[derive(Debug, Clone)]
 enum Slot {
     Built(Arc<Flow>),
-    Lazy(Arc<LazyFlow>),
+    /// Built for each read and never kept: an L7 record stays a fraction
+    /// of a flow's size while no one is watching.
+    Lazy(Arc<L7Flow>),
 }
 
 impl Slot {
     fn flow(&self) -> Arc<Flow> {
         match self {
             Slot::Built(f) => f.clone(),
-            Slot::Lazy(l) => l.flow(),
+            Slot::Lazy(l) => Arc::new(L7Flow::clone(l).build()),
         }
     }
-}
 
-/// An L7 flow built on first read (once, for every reader).
-#[derive(Debug)]
-pub struct LazyFlow {
-    flow: OnceLock<Arc<Flow>>,
-    pending: Mutex<Option<L7Flow>>,
-}
-
-impl LazyFlow {
-    pub fn new(f: L7Flow) -> Arc<LazyFlow> {
-        Arc::new(LazyFlow { flow: OnceLock::new(), pending: Mutex::new(Some(f)) })
-    }
-
-    pub fn flow(&self) -> Arc<Flow> {
-        self.flow
-            .get_or_init(|| {
-                let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
-                Arc::new(pending.map(L7Flow::build).unwrap_or_default())
-            })
-            .clone()
+    fn time_ns(&self) -> i128 {
+        match self {
+            Slot::Built(f) => f.time.as_ref().map(crate::server::ts_ns).unwrap_or(0),
+            Slot::Lazy(l) => i128::from(l.meta.time_ns),
+        }
     }
 }
 
@@ -122,9 +109,16 @@ impl Ring {
         self.push_all([f]);
     }
 
-    /// Adds an L7 flow that is built when first read.
-    pub fn push_lazy(&self, f: Arc<LazyFlow>) {
-        self.push_slots([Slot::Lazy(f)]);
+    /// Adds an L7 flow, built when read.
+    pub fn push_l7(&self, f: L7Flow) {
+        self.push_slots([Slot::Lazy(Arc::new(f))]);
+    }
+
+    /// Flows held now, and how many of them are from `since_ns` on (by
+    /// their time; nothing is built).
+    pub fn count_since(&self, since_ns: i128) -> (usize, usize) {
+        let g = self.lock();
+        (g.flows.len(), g.flows.iter().rev().take_while(|s| s.time_ns() >= since_ns).count())
     }
 
     fn push_slots(&self, slots: impl IntoIterator<Item = Slot>) {

@@ -119,16 +119,11 @@ impl Hubble {
     }
 
     fn status(&self) -> obs::ServerStatusResponse {
-        let (flows, _) = self.ring.snapshot();
         let now = now_ts();
         let minute_ago = ts_ns(&now) - 60_000_000_000;
-        let recent = flows
-            .iter()
-            .rev()
-            .take_while(|f| flow_ns(f) >= minute_ago)
-            .count();
+        let (held, recent) = self.ring.count_since(minute_ago);
         obs::ServerStatusResponse {
-            num_flows: flows.len() as u64,
+            num_flows: held as u64,
             max_flows: self.ring.capacity() as u64,
             seen_flows: self.ring.seen(),
             uptime_ns: self.started.elapsed().as_nanos() as u64,

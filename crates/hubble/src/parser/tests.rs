@@ -328,8 +328,8 @@ fn l7_flows_are_named_when_reported_and_built_when_read() {
     // the pod is renamed before anyone reads the flows
     n.endpoints.get_mut(&IpAddr::from(Ipv4Addr::new(10, 0, 1, 2))).unwrap().pod_name = "renamed".into();
     let ring = crate::ring::Ring::new(4);
-    ring.push_lazy(crate::ring::LazyFlow::new(a));
-    ring.push_lazy(crate::ring::LazyFlow::new(b));
+    ring.push_l7(a);
+    ring.push_l7(b);
     let (flows, _) = ring.snapshot();
     let (req, resp) = (&flows[0], &flows[1]);
     assert_eq!(req.source.as_ref().unwrap().pod_name, "frontend");
@@ -347,8 +347,10 @@ fn l7_flows_are_named_when_reported_and_built_when_read() {
         Some(pb::layer7::Record::Http(h)) => assert_eq!((h.code, h.method.as_str()), (200, "GET")),
         other => panic!("{other:?}"),
     }
-    // a second read gets the same flow, built once
-    assert!(std::sync::Arc::ptr_eq(&ring.snapshot().0[1], resp));
+    // each read builds the same flow
+    assert_eq!(&ring.snapshot().0[1], resp);
+    assert_eq!(ring.count_since(0), (2, 2));
+    assert_eq!(ring.count_since(1_700_000_000_123_000_001), (2, 0));
 }
 
 /// The metrics count an L7 record exactly as they count the flow built
