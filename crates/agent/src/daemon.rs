@@ -1429,7 +1429,7 @@ impl<D: Datapath> Daemon<D> {
         if !h.host.is_empty() {
             headers.push(("host".into(), h.host.clone().into_bytes()));
         }
-        let request = cilium_proxy::http::Request { modified: false, method: h.method.to_ascii_uppercase(), target: h.path.clone(), version: 1, headers };
+        let request = cilium_proxy::http::Request { reencode: false, method: h.method.to_ascii_uppercase(), target: h.path.clone(), version: 1, headers };
         let mut out = format!("\nHTTP {} {}:\n", request.method, request.target);
         let mut allowed = true;
         for (name, labels, peer, egress, is_ep) in [("Egress of the source", src.0, dst.0, true, src.1), ("Ingress of the destination", dst.0, src.0, false, dst.1)] {

@@ -79,7 +79,7 @@ fn as_request(req: &http::Request<h2::RecvStream>) -> Request {
         target: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
         version: 1,
         headers,
-        modified: false,
+        reencode: false,
     }
 }
 

@@ -26,9 +26,10 @@ pub struct Request {
     pub version: u8,
     /// Header names as sent, in order.
     pub headers: Vec<(String, Vec<u8>)>,
-    /// A header rule changed the headers: the head must be encoded again
-    /// (else it is forwarded as it came).
-    pub modified: bool,
+    /// Forward the head encoded again rather than as it came: a header
+    /// rule changed the headers, or a line ended in a bare LF (which the
+    /// parser takes and the next server might read differently).
+    pub reencode: bool,
 }
 
 /// A response head.
@@ -76,6 +77,11 @@ fn framing(headers: &[(String, Vec<u8>)]) -> Result<Option<Framing>, HttpError> 
     Ok(len.map(Framing::Length))
 }
 
+/// Every line of `head` ends in CRLF.
+fn crlf_only(head: &[u8]) -> bool {
+    head.iter().enumerate().all(|(i, &b)| b != b'\n' || (i > 0 && head[i - 1] == b'\r'))
+}
+
 impl Request {
     /// Parses a request head at the start of `buf`: `Ok(None)` when more
     /// bytes are needed, else the head and its length in bytes.
@@ -98,7 +104,7 @@ impl Request {
                     target: r.path.unwrap_or("").to_string(),
                     version: r.version.unwrap_or(1),
                     headers: r.headers.iter().map(|h| (h.name.to_string(), h.value.to_vec())).collect(),
-                    modified: false,
+                    reencode: !crlf_only(&buf[..n]),
                 };
                 Ok(Some((req, n)))
             }

@@ -183,7 +183,7 @@ impl Compiled {
                 continue;
             }
             let value = m.value.clone().unwrap_or_default().into_bytes();
-            req.modified |= matches!(m.mismatch, Mismatch::Add | Mismatch::Delete | Mismatch::Replace);
+            req.reencode |= matches!(m.mismatch, Mismatch::Add | Mismatch::Delete | Mismatch::Replace);
             match m.mismatch {
                 Mismatch::Add => req.headers.push((m.name.clone(), value)),
                 Mismatch::Delete => req.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&m.name)),
@@ -243,20 +243,20 @@ mod tests {
         let mut r = req("GET / HTTP/1.1\r\nX-Token: bad\r\n\r\n");
         assert_eq!(HttpRules::compile(&[hm(None)]).unwrap().check(&mut r), Verdict::Denied);
         assert_eq!(HttpRules::compile(&[hm(Some("LOG"))]).unwrap().check(&mut r), Verdict::Allowed(vec!["header X-Token mismatch".into()]));
-        assert!(!r.modified, "LOG leaves the head as it came");
+        assert!(!r.reencode, "LOG leaves the head as it came");
         let mut a = r.clone();
         HttpRules::compile(&[hm(Some("ADD"))]).unwrap().check(&mut a);
         assert_eq!(a.headers.iter().filter(|(n, _)| n == "X-Token").count(), 2);
-        assert!(a.modified);
+        assert!(a.reencode);
         let mut d = r.clone();
         HttpRules::compile(&[hm(Some("DELETE"))]).unwrap().check(&mut d);
         assert!(!d.headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("x-token")));
         let mut p = r.clone();
         HttpRules::compile(&[hm(Some("REPLACE"))]).unwrap().check(&mut p);
         assert_eq!(value_of(&p, "x-token"), Some("ok"));
-        assert!(d.modified && p.modified);
+        assert!(d.reencode && p.reencode);
         let mut good = req("GET / HTTP/1.1\r\nX-Token: ok\r\n\r\n");
         assert_eq!(HttpRules::compile(&[hm(Some("REPLACE"))]).unwrap().check(&mut good), Verdict::Allowed(vec![]));
-        assert!(!good.modified, "a matching header is not replaced");
+        assert!(!good.reencode, "a matching header is not replaced");
     }
 }

@@ -435,7 +435,7 @@ async fn serve_conn(conn: TcpStream, upstream: Option<TcpStream>, info: ConnInfo
             }
             f => (f, 0),
         };
-        if req.modified {
+        if req.reencode {
             let mut head = req.encode();
             head.extend_from_slice(&client.buf[head_len..head_len + take]);
             up.s.write_all(&head).await?;
@@ -552,6 +552,22 @@ mod tests {
         assert_eq!(read_n(&mut client, r2.len()).await, r2.to_vec());
         drop(client);
         task.await.unwrap().unwrap();
+    }
+
+    /// A head with bare-LF line ends goes on encoded again with CRLF (a
+    /// server could split it differently from the proxy's parser).
+    #[tokio::test]
+    async fn bare_lf_heads_are_encoded_again() {
+        let (mut client, proxied) = pair().await;
+        let (upstream, mut server) = pair().await;
+        let info = ConnInfo { client: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 1), server: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2), ingress: true, udp: false };
+        tokio::spawn(async move {
+            let drain = Drain::default();
+            serve_conn(proxied, Some(upstream), info, &Open, &Quiet, &drain).await
+        });
+        client.write_all(b"GET /x HTTP/1.1\nHost: example\r\n\n").await.unwrap();
+        let want = b"GET /x HTTP/1.1\r\nHost: example\r\n\r\n";
+        assert_eq!(read_n(&mut server, want.len()).await, want.to_vec());
     }
 
     /// What one idle HTTP/1 connection costs in task state (its buffers are
