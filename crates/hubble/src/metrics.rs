@@ -106,6 +106,34 @@ pub struct Metrics {
     http_duration: Option<Family<HttpLabels, Histogram>>,
     kafka_requests: Option<Family<KafkaLabels, Counter>>,
     lost: Family<LostLabels, Counter>,
+    /// The series HTTP flows counted recently, by what names them.
+    http_series: std::sync::Mutex<Vec<(HttpKey, L7Series)>>,
+}
+
+/// HTTP label sets kept with their series (a proxy sees few; past this,
+/// flows are counted through the families' maps).
+const HTTP_SERIES: usize = 64;
+
+/// What names an HTTP flow's series.
+#[derive(Debug, PartialEq)]
+struct HttpKey {
+    response: bool,
+    ingress: bool,
+    verdict: i32,
+    drop_reason: i32,
+    l4: &'static str,
+    code: u32,
+    method: String,
+    protocol: String,
+}
+
+/// The series one L7 flow counts in (handles share the families' values).
+#[derive(Debug)]
+struct L7Series {
+    flows: Option<Counter>,
+    drops: Option<Counter>,
+    count: Option<Counter>,
+    duration: Option<Histogram>,
 }
 
 /// An unknown family name.
@@ -199,6 +227,7 @@ impl Metrics {
             http_duration,
             kafka_requests: family(reg, has("kafka"), "kafka_requests", "Kafka requests, by topic, API key, error code and reporter"),
             lost,
+            http_series: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -337,19 +366,12 @@ impl Metrics {
     /// Counts one L7 flow (from the flow, or from an L7 record not yet
     /// built into one).
     pub fn observe_l7(&self, v: &L7View) {
-        let verdict = Verdict::try_from(v.verdict).map(|v| v.as_str_name()).unwrap_or("VERDICT_UNKNOWN");
-        if let Some(m) = &self.flows {
-            let protocol = match v.record {
-                Some(layer7::Record::Dns(_)) => "DNS",
-                Some(layer7::Record::Http(_)) => "HTTP",
-                Some(layer7::Record::Kafka(_)) => "Kafka",
-                None => "",
-            };
-            m.get_or_create(&FlowLabels { protocol: protocol.into(), subtype: String::new(), r#type: "L7".into(), verdict: verdict.into() }).inc();
+        if let Some(layer7::Record::Http(h)) = v.record {
+            return self.observe_http(v, h);
         }
-        if let (Some(m), true) = (&self.drops, v.verdict == Verdict::Dropped as i32) {
-            let reason = DropReason::try_from(v.drop_reason).map(|d| d.as_str_name()).unwrap_or("DROP_REASON_UNKNOWN");
-            m.get_or_create(&DropLabels { reason: reason.into(), protocol: v.protocol.into() }).inc();
+        let s = self.l7_series(v, |_| {});
+        for c in [s.flows, s.drops].into_iter().flatten() {
+            c.inc();
         }
         let reporter = if v.ingress { "server" } else { "client" };
         match v.record {
@@ -363,20 +385,7 @@ impl Metrics {
                     m.get_or_create(&labels).inc();
                 }
             }
-            Some(layer7::Record::Http(h)) => {
-                let labels = HttpLabels {
-                    method: h.method.clone(),
-                    protocol: h.protocol.clone(),
-                    status: if v.response { h.code.to_string() } else { String::new() },
-                    reporter: reporter.into(),
-                };
-                if let Some(m) = if v.response { &self.http_responses } else { &self.http_requests } {
-                    m.get_or_create(&labels).inc();
-                }
-                if let (true, Some(m)) = (v.response, &self.http_duration) {
-                    m.get_or_create(&labels).observe(v.latency_ns as f64 / 1e9);
-                }
-            }
+            Some(layer7::Record::Http(_)) => unreachable!("counted by observe_http"),
             Some(layer7::Record::Kafka(k)) => {
                 if let Some(m) = &self.kafka_requests {
                     m.get_or_create(&KafkaLabels { topic: k.topic.clone(), api_key: k.api_key.clone(), error_code: k.error_code.to_string(), reporter: reporter.into() }).inc();
@@ -384,6 +393,65 @@ impl Metrics {
             }
             None => {}
         }
+    }
+}
+
+impl Metrics {
+    /// Counts an HTTP flow through the series its labels name, found by
+    /// comparing a few fields rather than building and hashing label strings.
+    fn observe_http(&self, v: &L7View, h: &crate::proto::flow::Http) {
+        let count = |s: &L7Series| {
+            for c in [&s.flows, &s.drops, &s.count].into_iter().flatten() {
+                c.inc();
+            }
+            if let Some(d) = &s.duration {
+                d.observe(v.latency_ns as f64 / 1e9);
+            }
+        };
+        let mut cache = self.http_series.lock().unwrap_or_else(|p| p.into_inner());
+        let same = |k: &HttpKey| k.code == h.code && k.response == v.response && k.ingress == v.ingress && k.verdict == v.verdict && k.drop_reason == v.drop_reason && k.l4 == v.protocol && k.method == h.method && k.protocol == h.protocol;
+        if let Some((_, s)) = cache.iter().find(|(k, _)| same(k)) {
+            return count(s);
+        }
+        let labels = HttpLabels {
+            method: h.method.clone(),
+            protocol: h.protocol.clone(),
+            status: if v.response { h.code.to_string() } else { String::new() },
+            reporter: if v.ingress { "server" } else { "client" }.into(),
+        };
+        let s = self.l7_series(v, |s| {
+            s.count = (if v.response { &self.http_responses } else { &self.http_requests }).as_ref().map(|m| m.get_or_create(&labels).clone());
+            s.duration = self.http_duration.as_ref().filter(|_| v.response).map(|m| m.get_or_create(&labels).clone());
+        });
+        count(&s);
+        if cache.len() < HTTP_SERIES {
+            let key = HttpKey { response: v.response, ingress: v.ingress, verdict: v.verdict, drop_reason: v.drop_reason, l4: v.protocol, code: h.code, method: h.method.clone(), protocol: h.protocol.clone() };
+            cache.push((key, s));
+        }
+    }
+
+    /// The flows (and, if dropped, drops) series of an L7 flow, with what
+    /// `more` adds.
+    fn l7_series(&self, v: &L7View, more: impl FnOnce(&mut L7Series)) -> L7Series {
+        let verdict = Verdict::try_from(v.verdict).map(|v| v.as_str_name()).unwrap_or("VERDICT_UNKNOWN");
+        let protocol = match v.record {
+            Some(layer7::Record::Dns(_)) => "DNS",
+            Some(layer7::Record::Http(_)) => "HTTP",
+            Some(layer7::Record::Kafka(_)) => "Kafka",
+            None => "",
+        };
+        let mut s = L7Series {
+            flows: self.flows.as_ref().map(|m| m.get_or_create(&FlowLabels { protocol: protocol.into(), subtype: String::new(), r#type: "L7".into(), verdict: verdict.into() }).clone()),
+            drops: None,
+            count: None,
+            duration: None,
+        };
+        if v.verdict == Verdict::Dropped as i32 {
+            let reason = DropReason::try_from(v.drop_reason).map(|d| d.as_str_name()).unwrap_or("DROP_REASON_UNKNOWN");
+            s.drops = self.drops.as_ref().map(|m| m.get_or_create(&DropLabels { reason: reason.into(), protocol: v.protocol.into() }).clone());
+        }
+        more(&mut s);
+        s
     }
 }
 

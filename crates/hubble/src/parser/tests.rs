@@ -354,13 +354,16 @@ fn l7_flows_are_named_when_reported_and_built_when_read() {
 }
 
 /// The metrics count an L7 record exactly as they count the flow built
-/// from it.
+/// from it, each series as often as it was seen.
 #[test]
 fn l7_metrics_from_the_record_match_the_built_flow() {
     let p = Parser::default();
     let n = names();
+    let resp = |code: u32| HttpRecord { meta: l7_meta(true), method: "GET".into(), url: "http://b/".into(), protocol: "HTTP/1.1".into(), code, headers: vec![] };
     let records = [
-        p.http_flow(HttpRecord { meta: l7_meta(true), method: "GET".into(), url: "http://b/".into(), protocol: "HTTP/1.1".into(), code: 403, headers: vec![] }, &n),
+        p.http_flow(resp(403), &n),
+        p.http_flow(resp(403), &n),
+        p.http_flow(resp(200), &n),
         p.http_flow(HttpRecord { meta: L7Meta { denied: true, ..l7_meta(false) }, method: "POST".into(), url: "http://b/".into(), protocol: "HTTP/1.1".into(), code: 0, headers: vec![] }, &n),
         p.dns_flow(DnsRecord { meta: L7Meta { ingress: false, ..l7_meta(true) }, query: "a.example".into(), qtypes: vec!["A".into()], rcode: 0, ips: vec!["1.2.3.4".into()], ttl: 60, cnames: vec![] }, &n),
         p.kafka_flow(KafkaRecord { meta: l7_meta(false), api_key: "produce".into(), api_version: 3, correlation_id: 1, topic: "t".into(), error_code: 29 }, &n),
@@ -378,7 +381,11 @@ fn l7_metrics_from_the_record_match_the_built_flow() {
         t
     };
     let (ta, tb) = (text(&ra), text(&rb));
-    assert!(ta.contains(r#"hubble_http_responses_total{method="GET",protocol="HTTP/1.1",status="403",reporter="server"} 1"#), "{ta}");
+    assert!(ta.contains(r#"hubble_http_responses_total{method="GET",protocol="HTTP/1.1",status="403",reporter="server"} 2"#), "{ta}");
+    assert!(ta.contains(r#"hubble_http_responses_total{method="GET",protocol="HTTP/1.1",status="200",reporter="server"} 1"#), "{ta}");
+    assert!(ta.contains(r#"hubble_http_request_duration_seconds_count{method="GET",protocol="HTTP/1.1",status="403",reporter="server"} 2"#), "{ta}");
+    assert!(ta.contains(r#"hubble_flows_processed_total{protocol="HTTP",subtype="",type="L7",verdict="FORWARDED"} 3"#), "{ta}");
+    assert!(ta.contains(r#"hubble_http_requests_total{method="POST",protocol="HTTP/1.1",status="",reporter="server"} 1"#), "{ta}");
     assert!(ta.contains(r#"hubble_drop_total{reason="DROP_REASON_UNKNOWN",protocol="TCP"} 1"#), "{ta}");
     assert!(ta.contains(r#"protocol="DNS""#), "{ta}");
     // the same series (a family's order of series is its hash map's)
