@@ -407,7 +407,7 @@ pub fn run(rounds: usize, seconds: u64, logs: &Path, bin: &Path) -> anyhow::Resu
         "\n### Requests/s: each proxy on a CPU of its own\n\n{thr_md}\n\
          wrk (Debian; one thread, {WRK_CONNS} keep-alive connections, {seconds} s, `GET /bench`) from the client pod\n\
          and the server workload on CPU 0; the agent (and so the proxy) and nginx (one worker) on CPU 1,\n\
-         as upstream benchmarks pin Envoy to one core; {rounds} rounds, rotating which path goes first.\n\
+         so each proxy has that one CPU to itself; {rounds} rounds, rotating which path goes first.\n\
          The L4 path never uses CPU 1: its rate is what CPU 0 can do for client and server alone.\n\
          \n### Round trip: everything on one CPU, one connection\n\n{rr_md}\n\
          One keep-alive connection from the client pod, sequential `GET /bench` requests; client, server\n\
