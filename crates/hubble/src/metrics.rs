@@ -115,7 +115,7 @@ pub struct Metrics {
 const HTTP_SERIES: usize = 64;
 
 /// What names an HTTP flow's series.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 struct HttpKey {
     response: bool,
     ingress: bool,

@@ -250,7 +250,7 @@ pub struct KafkaRecord {
 
 /// An L7 flow resolved when the proxy reported it (names, service, UUID
 /// number) and built into a [`Flow`] only when someone reads it: the
-/// proxy's hot path pays for no strings it does not already have.
+/// proxy's hot path formats nothing and copies no endpoint.
 #[derive(Debug, Clone)]
 pub struct L7Flow {
     pub meta: L7Meta,
@@ -272,15 +272,20 @@ impl L7Flow {
             response: self.meta.response,
             latency_ns: self.meta.latency_ns,
             ingress: self.meta.ingress,
-            verdict: if self.meta.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            verdict: self.verdict(),
             drop_reason: 0,
             protocol: if self.udp { "UDP" } else { "TCP" },
         }
     }
 
+    fn verdict(&self) -> i32 {
+        (if self.meta.denied { Verdict::Dropped } else { Verdict::Forwarded }) as i32
+    }
+
     /// The flow; a response flows from the server to the client and is a
     /// reply.
     pub fn build(self) -> Flow {
+        let verdict = self.verdict();
         let c = &self.meta;
         let (src, dst) = if c.response { (c.server, c.client) } else { (c.client, c.server) };
         let l7_type = if c.response { pb::L7FlowType::Response } else { pb::L7FlowType::Request };
@@ -296,7 +301,7 @@ impl L7Flow {
             time: Some(timestamp(c.time_ns)),
             uuid: uuid(self.seed, self.seq),
             emitter: Some(Emitter { name: "Hubble".into(), version: crate::VERSION.into() }),
-            verdict: if c.denied { Verdict::Dropped } else { Verdict::Forwarded } as i32,
+            verdict,
             ip: Some(pb::Ip { source: src.ip().to_string(), destination: dst.ip().to_string(), ip_version: IpVersion::IPv4 as i32, ..Default::default() }),
             l4: Some(Layer4 { protocol: Some(l4) }),
             source: Some(std::sync::Arc::unwrap_or_clone(self.source)),
