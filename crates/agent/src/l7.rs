@@ -204,9 +204,10 @@ fn tcp_listener(inherited: &mut crate::handoff::Inherited, port: u16) -> anyhow:
 ///
 /// The proxy runs on a thread of its own with a single-threaded runtime, out
 /// of the agent's two-worker runtime, where a woken task may also wake the
-/// other worker to look for work (HTTP through the proxy measured 0.336× L4
-/// before this and the single conntrack entry for local pairs, 0.36–0.37×
-/// after; the two were not measured apart).
+/// other worker to look for work (in the L7 benchmark's one-CPU round trip,
+/// HTTP through the proxy measured 0.336× L4 before this and the single
+/// conntrack entry for local pairs, 0.36–0.37× after; the two were not
+/// measured apart).
 pub fn start(provider: Arc<dyn PolicyProvider>, log: Arc<dyn AccessLog>, mut inherited: crate::handoff::Inherited) -> anyhow::Result<L7Handle> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("the L7 proxy's runtime")?;
     // listeners register with, and tasks spawn on, the proxy's runtime

@@ -385,18 +385,16 @@ impl Metrics {
                     m.get_or_create(&labels).inc();
                 }
             }
-            Some(layer7::Record::Http(_)) => unreachable!("counted by observe_http"),
             Some(layer7::Record::Kafka(k)) => {
                 if let Some(m) = &self.kafka_requests {
                     m.get_or_create(&KafkaLabels { topic: k.topic.clone(), api_key: k.api_key.clone(), error_code: k.error_code.to_string(), reporter: reporter.into() }).inc();
                 }
             }
-            None => {}
+            // HTTP: counted above
+            Some(layer7::Record::Http(_)) | None => {}
         }
     }
-}
 
-impl Metrics {
     /// Counts an HTTP flow through the series its labels name, found by
     /// comparing a few fields rather than building and hashing label strings.
     fn observe_http(&self, v: &L7View, h: &crate::proto::flow::Http) {

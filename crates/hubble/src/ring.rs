@@ -105,10 +105,6 @@ impl Ring {
         self.push_slots(flows.into_iter().map(Slot::Built));
     }
 
-    pub fn push(&self, f: Arc<Flow>) {
-        self.push_all([f]);
-    }
-
     /// Adds an L7 flow, built when read.
     pub fn push_l7(&self, f: L7Flow) {
         self.push_slots([Slot::Lazy(Arc::new(f))]);
